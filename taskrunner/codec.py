@@ -1,0 +1,100 @@
+"""JSON payloads via pydantic: a task's arguments and its result.
+
+Arguments are bound to the function's signature with defaults applied, validated
+by a pydantic model built once per task, and stored as a JSON object keyed by
+parameter name. The same model validates them again in the worker and rebuilds
+typed values (models, datetimes, UUIDs, enums, Decimals). Results go through a
+cached ``TypeAdapter`` of the return annotation. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Callable
+from typing import Any, get_type_hints
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model
+
+from taskrunner.exceptions import ConfigurationError
+
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+_MODEL_CONFIG = ConfigDict(extra="forbid", populate_by_name=True, arbitrary_types_allowed=False)
+
+
+class ArgsCodec:
+    """Binds, validates and (de)serialises one task's arguments."""
+
+    def __init__(self, fn: Callable[..., Any], name: str) -> None:
+        self.signature = inspect.signature(fn)
+        try:
+            hints = get_type_hints(fn)
+        except (NameError, TypeError) as exc:
+            raise ConfigurationError(f"task {name}: cannot resolve annotations: {exc}") from exc
+        fields: dict[str, Any] = {}
+        for index, param in enumerate(self.signature.parameters.values()):
+            annotation = hints.get(param.name, Any)
+            if param.kind is inspect.Parameter.VAR_POSITIONAL:
+                annotation = tuple[annotation, ...]  # type: ignore[valid-type]
+            elif param.kind is inspect.Parameter.VAR_KEYWORD:
+                annotation = dict[str, annotation]  # type: ignore[valid-type]
+            default = ... if param.default is inspect.Parameter.empty else param.default
+            fields[f"p{index}"] = (annotation, Field(default, alias=param.name))
+        try:
+            self.model: type[BaseModel] = create_model(  # type: ignore[call-overload]
+                f"{name}.args", __config__=_MODEL_CONFIG, **fields
+            )
+        except Exception as exc:
+            raise ConfigurationError(f"task {name}: unsupported signature: {exc}") from exc
+        self.result = ResultCodec(hints.get("return", Any))
+
+    def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The call's arguments by parameter name, defaults applied (TypeError if they don't fit)."""
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return dict(bound.arguments)
+
+    def encode(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        """Validate a call against the signature and return its JSON (ValidationError if bad)."""
+        model = self.model.model_validate(self.bind(args, kwargs))
+        return model.model_dump_json(by_alias=True)
+
+    def decode(self, payload: str) -> tuple[list[Any], dict[str, Any]]:
+        """Validate a stored payload and return positional and keyword arguments for the call."""
+        model = self.model.model_validate_json(payload)
+        values = {field.alias or name: getattr(model, name)
+                  for name, field in type(model).model_fields.items()}
+        return self._split(values)
+
+    def _split(self, values: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+        positional: list[Any] = []
+        keyword: dict[str, Any] = {}
+        for param in self.signature.parameters.values():
+            value = values[param.name]
+            if param.kind in _POSITIONAL:
+                positional.append(value)
+            elif param.kind is inspect.Parameter.VAR_POSITIONAL:
+                positional.extend(value)
+            elif param.kind is inspect.Parameter.VAR_KEYWORD:
+                keyword.update(value)
+            else:
+                keyword[param.name] = value
+        return positional, keyword
+
+
+class ResultCodec:
+    """Serialises a task's return value and rebuilds it into the annotated type."""
+
+    def __init__(self, annotation: Any) -> None:
+        self.adapter: TypeAdapter[Any] = TypeAdapter(annotation)
+
+    def encode(self, value: Any) -> str:
+        return self.adapter.dump_json(value).decode()
+
+    def decode(self, payload: str) -> Any:
+        return self.adapter.validate_json(payload)
+
+
+def canonical_json(value: Any) -> str:
+    """Stable JSON for hashing (sorted keys, no spaces); values must already be JSON-able."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)

@@ -1,0 +1,117 @@
+"""The exceptions taskrunner raises.
+
+Every error taskrunner defines derives from one root, so ``except TaskrunnerError``
+catches all of them (pydantic's ``ValidationError`` for bad task arguments and the
+builtin ``TimeoutError`` of ``Job.result(timeout=...)`` are deliberately left as
+they are, because callers already know them)::
+
+    TaskrunnerError
+    ├── ConfigurationError        a task, option or setting is invalid (raised at declaration)
+    │   └── UnknownOptionError    a task option that no middleware owns
+    ├── EmbeddedRedisError        the embedded redis-server cannot be found or started
+    ├── JobError                  the outcome of a job you asked about
+    │   ├── JobNotFound           no job with that id (or its result expired)
+    │   ├── JobFailed             the job failed for good: remote type, message, traceback
+    │   ├── JobAborted            the job was aborted
+    │   ├── JobRejected           a unique-job lock rejected the job when it ran
+    │   └── JobDeadLettered       the job went to the dead letters
+    ├── LockConflictError         a unique-job lock is held by another job
+    ├── LostLease                 this worker no longer owns the job it ran
+    ├── TaskTimeout               a task ran past its timeout (also a TimeoutError)
+    └── Retry                     raised by a task to ask for another attempt
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+
+class TaskrunnerError(Exception):
+    """Root of every taskrunner exception."""
+
+
+class ConfigurationError(TaskrunnerError, ValueError):
+    """A task, option or setting is invalid; raised where it is declared."""
+
+
+class UnknownOptionError(ConfigurationError, TypeError):
+    """A task option that no middleware owns."""
+
+
+class EmbeddedRedisError(TaskrunnerError):
+    """The embedded redis-server cannot be found or started."""
+
+
+class JobError(TaskrunnerError):
+    """Base for the outcomes of a job that are not a result."""
+
+    def __init__(self, job_id: str, message: str) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+
+
+class JobNotFound(JobError):
+    """No job with this id exists (it never did, or its result expired)."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id, f"no job {job_id!r}")
+
+
+class JobFailed(JobError):
+    """The job failed for good. Carries the remote exception's type, message and traceback."""
+
+    def __init__(self, job_id: str, exc_type: str, exc_message: str, traceback: str) -> None:
+        super().__init__(job_id, f"job {job_id} failed: {exc_type}: {exc_message}")
+        self.exc_type = exc_type
+        self.exc_message = exc_message
+        self.traceback = traceback
+
+
+class JobAborted(JobError):
+    """The job was aborted before it finished."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id, f"job {job_id} was aborted")
+
+
+class JobRejected(JobError):
+    """A unique-job lock rejected the job when it came to run."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id, f"job {job_id} was rejected by its unique lock")
+
+
+class JobDeadLettered(JobError):
+    """The job went to the dead letters; ``reason`` says why."""
+
+    def __init__(self, job_id: str, reason: str) -> None:
+        super().__init__(job_id, f"job {job_id} was dead-lettered: {reason}")
+        self.reason = reason
+
+
+class LockConflictError(TaskrunnerError):
+    """A unique-job lock is held by another job (``holder``)."""
+
+    def __init__(self, lock: str, holder: str) -> None:
+        super().__init__(f"unique lock {lock} is held by job {holder}")
+        self.lock = lock
+        self.holder = holder
+
+
+class LostLease(TaskrunnerError):
+    """This worker's lease on a job was taken over; it must not commit anything."""
+
+
+class Retry(TaskrunnerError):  # noqa: N818 - a request, not an error; named like arq's and Celery's
+    """Raise inside a task to ask for another attempt, after ``delay`` seconds if given.
+
+    The attempt counts towards ``max_retries``; when none are left the job fails for good.
+    """
+
+    def __init__(self, delay: float | timedelta | None = None) -> None:
+        super().__init__("retry requested")
+        self.delay = delay.total_seconds() if isinstance(delay, timedelta) else delay
+
+
+class TaskTimeout(TaskrunnerError, TimeoutError):
+    """A task ran longer than its ``timeout``; counts as a failed attempt."""

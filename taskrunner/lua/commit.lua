@@ -1,0 +1,56 @@
+-- Record what happens next to a job and acknowledge its entry, in one step,
+-- only while the caller's lease (fencing token) is still the job's lease.
+-- KEYS: stream, job, delayed, dead, seq, lock_1 .. lock_n
+-- ARGV: group, entry_id, token, job_id, outcome, now_ms, payload, ttl_ms,
+--       due_ms, done_channel, events_channel
+-- outcome: succeeded | failed | aborted | rejected | dead   (final)
+--          retry | reschedule                               (back to the delayed set)
+--          handback                                         (back to the stream at once)
+-- Returns 1 committed, 0 lost lease (nothing changed).
+local stream, job, delayed, dead, seq = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local group, entry, job_id, outcome = ARGV[1], ARGV[2], ARGV[4], ARGV[5]
+
+if redis.call('HGET', job, 'lease') ~= ARGV[3] then
+  return 0
+end
+redis.call('XACK', stream, group, entry)
+redis.call('XDEL', stream, entry)
+
+if outcome == 'retry' or outcome == 'reschedule' then
+  local member = string.format('%016x', redis.call('INCR', seq)) .. ':' .. job_id
+  redis.call('ZADD', delayed, ARGV[9], member)
+  redis.call('HSET', job, 'status', 'scheduled', 'member', member, 'due', ARGV[9], 'lease', '')
+  if outcome == 'retry' then
+    redis.call('HSET', job, 'error', ARGV[7])
+  else
+    redis.call('HINCRBY', job, 'reschedules', 1)
+    redis.call('HINCRBY', job, 'attempts', -1)
+  end
+  redis.call('PUBLISH', ARGV[11], 'due')
+  return 1
+end
+if outcome == 'handback' then
+  local new_entry = redis.call('XADD', stream, '*', 'job', job_id)
+  redis.call('HSET', job, 'status', 'queued', 'entry', new_entry, 'lease', '')
+  redis.call('HINCRBY', job, 'attempts', -1)
+  return 1
+end
+
+redis.call('HSET', job, 'status', outcome, 'finished', ARGV[6], 'lease', '')
+if outcome == 'succeeded' then
+  redis.call('HSET', job, 'result', ARGV[7])
+elseif ARGV[7] ~= '' then
+  redis.call('HSET', job, 'error', ARGV[7])
+end
+if outcome == 'dead' then
+  redis.call('ZADD', dead, ARGV[6], job_id)
+else
+  redis.call('PEXPIRE', job, ARGV[8])
+end
+for i = 6, #KEYS do
+  if redis.call('GET', KEYS[i]) == job_id then
+    redis.call('DEL', KEYS[i])
+  end
+end
+redis.call('PUBLISH', ARGV[10], outcome)
+return 1

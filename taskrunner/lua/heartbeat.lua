@@ -1,0 +1,21 @@
+-- Renew one running job's lease: reset its stream entry's idle time and renew
+-- the unique locks it holds, only while the lease is still the caller's, so a
+-- late heartbeat never takes an entry back from the worker that reclaimed it.
+-- KEYS: stream, job, lock_1 .. lock_n
+-- ARGV: group, consumer, entry_id, token, lock_ttl_ms, job_id
+-- Returns 1 renewed, 0 lost lease, 2 renewed but an abort was requested.
+local stream, job = KEYS[1], KEYS[2]
+local h = redis.call('HMGET', job, 'lease', 'abort')
+if h[1] ~= ARGV[4] then
+  return 0
+end
+redis.call('XCLAIM', stream, ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
+for i = 3, (tonumber(ARGV[5]) > 0 and #KEYS or 2) do
+  if redis.call('GET', KEYS[i]) == ARGV[6] then
+    redis.call('PEXPIRE', KEYS[i], ARGV[5])
+  end
+end
+if h[2] then
+  return 2
+end
+return 1

@@ -1,0 +1,72 @@
+"""Retries: any exception (or ``raise Retry(delay=...)``) schedules another attempt."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from datetime import timedelta
+
+from pydantic import Field, field_validator
+
+from taskrunner.exceptions import Retry
+from taskrunner.job import ErrorInfo
+from taskrunner.middleware.base import (
+    ExecuteNext,
+    ExecutionContext,
+    Middleware,
+    Outcome,
+    TaskOptions,
+)
+
+logger = logging.getLogger("taskrunner.retry")
+
+
+class RetryOptions(TaskOptions):
+    max_retries: int | None = Field(default=None, ge=0)
+    """Retries after the first attempt (0 disables); None uses the runner's default."""
+    retry_delay: float | None = Field(default=None, ge=0)
+    """Base of the exponential backoff in seconds; None uses the runner's default."""
+
+    @field_validator("retry_delay", mode="before")
+    @classmethod
+    def _seconds(cls, value: object) -> object:
+        return value.total_seconds() if isinstance(value, timedelta) else value
+
+
+class RetryMiddleware(Middleware):
+    """Turns a failed attempt into a retry through the delayed set while retries are left.
+
+    Backoff: ``retry_delay * 2 ** (attempt - 1)``, capped at ``max_delay``, with equal
+    jitter (the delay is drawn from its upper half). ``Retry(delay=...)`` overrides it.
+    """
+
+    Options = RetryOptions
+
+    def __init__(self, max_retries: int = 3, retry_delay: float = 1.0, max_delay: float = 300.0):
+        self.max_retries = max_retries
+        self.retry_delay = retry_delay
+        self.max_delay = max_delay
+
+    async def execute(self, ctx: ExecutionContext, call_next: ExecuteNext) -> Outcome:
+        try:
+            return await call_next(ctx)
+        except Exception as exc:
+            opts = self.options(ctx.task, RetryOptions)
+            limit = self.max_retries if opts.max_retries is None else opts.max_retries
+            if ctx.job.attempt > limit:
+                raise
+            delay = self.backoff(ctx.job.attempt, opts)
+            if isinstance(exc, Retry) and exc.delay is not None:
+                delay = exc.delay
+            logger.info(
+                "job %s %s attempt %d failed (%s: %s); retry %d of %d in %.3fs",
+                ctx.job.id, ctx.job.task, ctx.job.attempt, type(exc).__name__, exc,
+                ctx.job.attempt, limit, delay,
+            )
+            return Outcome.retry(time.time() + delay, ErrorInfo.from_exception(exc))
+
+    def backoff(self, attempt: int, opts: RetryOptions) -> float:
+        base = self.retry_delay if opts.retry_delay is None else opts.retry_delay
+        delay = min(self.max_delay, base * 2 ** (attempt - 1))
+        return delay / 2 + random.uniform(0, delay / 2)

@@ -1,0 +1,46 @@
+"""Timeouts: a task that runs too long is cancelled through anyio; a failed attempt."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import anyio
+from pydantic import Field, field_validator
+
+from taskrunner.exceptions import TaskTimeout
+from taskrunner.middleware.base import (
+    ExecuteNext,
+    ExecutionContext,
+    Middleware,
+    Outcome,
+    TaskOptions,
+)
+
+
+class TimeoutOptions(TaskOptions):
+    timeout: float | None = Field(default=None, gt=0)
+    """Seconds (or a timedelta) an attempt may run; None uses the runner's default."""
+
+    @field_validator("timeout", mode="before")
+    @classmethod
+    def _seconds(cls, value: object) -> object:
+        return value.total_seconds() if isinstance(value, timedelta) else value
+
+
+class TimeoutMiddleware(Middleware):
+    """Cancels an attempt after its timeout and raises ``TaskTimeout`` in its place."""
+
+    Options = TimeoutOptions
+
+    def __init__(self, default: float | None = None) -> None:
+        self.default = default
+
+    async def execute(self, ctx: ExecutionContext, call_next: ExecuteNext) -> Outcome:
+        opts = self.options(ctx.task, TimeoutOptions)
+        limit = self.default if opts.timeout is None else opts.timeout
+        if limit is None:
+            return await call_next(ctx)
+        with anyio.move_on_after(limit):
+            return await call_next(ctx)
+        # Only reached when the deadline cancelled the attempt.
+        raise TaskTimeout(f"task {ctx.job.task} exceeded its timeout of {limit:g}s")

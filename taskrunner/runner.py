@@ -1,0 +1,290 @@
+"""TaskRunner: declares tasks, holds settings and the middleware chain, owns the connection."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from datetime import timedelta
+from types import TracebackType
+from typing import Any, ParamSpec, TypeVar, overload
+
+import anyio
+import pydantic
+from redis.asyncio import Redis
+
+from taskrunner import scripts
+from taskrunner.client import Client
+from taskrunner.embedded import EmbeddedRedis
+from taskrunner.exceptions import ConfigurationError, TaskrunnerError, UnknownOptionError
+from taskrunner.job import Job
+from taskrunner.keys import DEFAULT_NAMESPACE
+from taskrunner.middleware.base import EnqueueContext, Middleware, TaskOptions
+from taskrunner.middleware.lease import LeaseMiddleware
+from taskrunner.middleware.retry import RetryMiddleware
+from taskrunner.middleware.timeout import TimeoutMiddleware
+from taskrunner.task import Call, Task, TaskDefinition
+from taskrunner.worker import Worker
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+logger = logging.getLogger("taskrunner")
+
+ENQUEUE_BATCH = 1000
+"""Calls per pipeline in ``enqueue_many``."""
+
+
+def _seconds(value: float | timedelta) -> float:
+    return value.total_seconds() if isinstance(value, timedelta) else float(value)
+
+
+class TaskRunner:
+    """The application object: ``tr = TaskRunner()``, ``@tr.task``, ``async with tr``.
+
+    The Redis URL comes from the argument, else ``TASKRUNNER_REDIS_URL``, else an
+    embedded redis-server for the current directory (see ``taskrunner.embedded``).
+
+    Built-in middleware, outermost first: lease (heartbeats, reclaim, abort), retry,
+    timeout; then ``middleware`` in the order given.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        queue: str = "default",
+        namespace: str = DEFAULT_NAMESPACE,
+        middleware: Sequence[Middleware] = (),
+        result_ttl: float | timedelta = timedelta(days=1),
+        max_retries: int = 3,
+        retry_delay: float | timedelta = 1.0,
+        timeout: float | timedelta | None = None,
+        heartbeat_interval: float | timedelta = 5.0,
+        stale_after: float | timedelta = 30.0,
+        socket_timeout: float = 10.0,
+    ) -> None:
+        self.url = url
+        self.queue = queue
+        self.namespace = namespace
+        self.result_ttl = _seconds(result_ttl)
+        self.socket_timeout = socket_timeout
+        self.block_ms = int(max(0.1, min(5.0, socket_timeout / 2)) * 1000)
+        self.max_idle_wait = 5.0
+        self.lease = LeaseMiddleware(_seconds(heartbeat_interval), _seconds(stale_after))
+        self.middleware: list[Middleware] = [
+            self.lease,
+            RetryMiddleware(max_retries=max_retries, retry_delay=_seconds(retry_delay)),
+            TimeoutMiddleware(None if timeout is None else _seconds(timeout)),
+            *middleware,
+        ]
+        self._option_owners = self._collect_option_owners()
+        self.registry: dict[str, TaskDefinition] = {}
+        self._client: Client | None = None
+        self._embedded: EmbeddedRedis | None = None
+        self._entered = 0
+
+    # -- declaring tasks -----------------------------------------------------------------
+
+    @overload
+    def task(self, fn: Callable[P, Awaitable[R]], /) -> Task[P, R]: ...
+
+    @overload
+    def task(
+        self,
+        *,
+        name: str | None = None,
+        queue: str | None = None,
+        timeout: float | timedelta | None = None,
+        max_retries: int | None = None,
+        retry_delay: float | timedelta | None = None,
+        **options: Any,
+    ) -> Callable[[Callable[P, Awaitable[R]]], Task[P, R]]: ...
+
+    def task(
+        self,
+        fn: Callable[P, Awaitable[R]] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        queue: str | None = None,
+        **options: Any,
+    ) -> Task[P, R] | Callable[[Callable[P, Awaitable[R]]], Task[P, R]]:
+        """Declare an async function as a task, bare (``@tr.task``) or with options.
+
+        ``name`` defaults to the function's qualified name; ``queue`` to the runner's.
+        Every other option belongs to a middleware (``timeout``, ``max_retries``,
+        ``retry_delay``, and those of user middleware); an option no middleware owns
+        raises ``UnknownOptionError`` here.
+        """
+        owned = self._validate_options(options, name or (fn.__qualname__ if fn else "task"))
+
+        def decorate(func: Callable[P, Awaitable[R]]) -> Task[P, R]:
+            if not callable(func) or not _is_async(func):
+                raise ConfigurationError(f"@task needs an async function, got {func!r}")
+            task_name = name or func.__qualname__
+            if task_name in self.registry:
+                raise ConfigurationError(f"a task named {task_name!r} is already declared")
+            definition = TaskDefinition(func, task_name, queue or self.queue, dict(owned))
+            self.registry[task_name] = definition
+            return Task(self, definition)
+
+        return decorate(fn) if fn is not None else decorate
+
+    def _collect_option_owners(self) -> dict[str, type[TaskOptions]]:
+        owners: dict[str, type[TaskOptions]] = {}
+        for mw in self.middleware:
+            if mw.Options is None:
+                continue
+            for option in mw.Options.model_fields:
+                if option in owners and owners[option] is not mw.Options:
+                    raise ConfigurationError(f"two middleware claim the task option {option!r}")
+                owners[option] = mw.Options
+        return owners
+
+    def _validate_options(
+        self, options: dict[str, Any], task: str
+    ) -> dict[type[TaskOptions], TaskOptions]:
+        grouped: dict[type[TaskOptions], dict[str, Any]] = {}
+        for option, value in options.items():
+            model = self._option_owners.get(option)
+            if model is None:
+                known = ", ".join(sorted(self._option_owners)) or "none"
+                raise UnknownOptionError(
+                    f"task {task}: unknown option {option!r} (no middleware owns it; "
+                    f"known options: name, queue, {known})"
+                )
+            if value is not None:
+                grouped.setdefault(model, {})[option] = value
+        try:
+            return {model: model(**values) for model, values in grouped.items()}
+        except pydantic.ValidationError as exc:
+            raise ConfigurationError(f"task {task}: invalid option: {exc}") from exc
+
+    def queues(self) -> list[str]:
+        """Every queue a declared task uses (the runner's default queue when none)."""
+        found = {d.queue for d in self.registry.values()} | {self.queue}
+        return sorted(found)
+
+    # -- connection ----------------------------------------------------------------------
+
+    async def __aenter__(self) -> TaskRunner:
+        if self._entered == 0:
+            await self._connect()
+        self._entered += 1
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._entered -= 1
+        if self._entered == 0:
+            with anyio.CancelScope(shield=True):
+                await self._disconnect()
+
+    async def _connect(self) -> None:
+        url = self.url or os.environ.get("TASKRUNNER_REDIS_URL")
+        if not url:
+            self._embedded = EmbeddedRedis()
+            url = await anyio.to_thread.run_sync(self._embedded.acquire)
+        self.resolved_url = url
+        redis = self._redis(url)
+        try:
+            await redis.ping()  # type: ignore[misc]
+            await scripts.load_all(redis)
+        except Exception:
+            await redis.aclose()
+            self._release_embedded()
+            raise
+        self._client = Client(redis, self.namespace, self.result_ttl)
+
+    def _redis(self, url: str) -> Redis:
+        return Redis.from_url(
+            url, decode_responses=True, socket_timeout=self.socket_timeout,
+            socket_connect_timeout=self.socket_timeout, health_check_interval=30,
+        )
+
+    def blocking_connection(self) -> Redis:
+        """A separate client for blocking reads, so they never delay heartbeats."""
+        return self._redis(self.resolved_url)
+
+    async def _disconnect(self) -> None:
+        if self._client is not None:
+            await self._client.redis.aclose()
+            self._client = None
+        self._release_embedded()
+
+    def _release_embedded(self) -> None:
+        if self._embedded is not None:
+            self._embedded.release()
+            self._embedded = None
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            raise TaskrunnerError("not connected: use `async with tr:` first")
+        return self._client
+
+    # -- enqueueing ----------------------------------------------------------------------
+
+    async def enqueue_many(self, calls: Iterable[Call[R]]) -> list[Job[R]]:
+        """Validate every call, then write them in pipelined batches (order kept)."""
+        contexts = [self._context(call) for call in calls]
+        enqueuers = [mw for mw in self.middleware if type(mw).enqueue is not Middleware.enqueue]
+        jobs: list[Job[Any]] = []
+        for start in range(0, len(contexts), ENQUEUE_BATCH):
+            batch = contexts[start : start + ENQUEUE_BATCH]
+            jobs.extend(await self.client.write_many(batch, enqueuers))
+        return jobs
+
+    def _context(self, call: Call[Any]) -> EnqueueContext:
+        definition, opts = call.task, call.options
+        payload = definition.codec.encode(call.args, call.kwargs)
+        now = time.time()
+        due: float | None = None
+        if opts.at is not None:
+            due = opts.at.timestamp()
+        elif opts.delay is not None:
+            due = now + _seconds(opts.delay)
+        if due is not None and due <= now:
+            due = None
+        return EnqueueContext(
+            task=definition, args=call.args, kwargs=call.kwargs, payload=payload,
+            job_id=opts.job_id or uuid.uuid4().hex, queue=opts.queue or definition.queue,
+            due=due, now=now,
+        )
+
+    def job(self, job_id: str, queue: str | None = None) -> Job[Any]:
+        """A handle to an existing job by id (results decode by its task when declared)."""
+        return Job(self.client, job_id, queue or self.queue)
+
+    # -- working -------------------------------------------------------------------------
+
+    def worker(
+        self,
+        *,
+        queues: Sequence[str] | None = None,
+        concurrency: int = 100,
+        burst: bool = False,
+        grace_period: float = 30.0,
+        handle_signals: bool | None = None,
+        max_deliveries: int = 5,
+    ) -> Worker:
+        """A worker for this runner's tasks. ``await worker.run()`` runs it in the
+        foreground (handling SIGINT/SIGTERM); ``async with tr.worker():`` runs it in the
+        background of the caller, leaving signals to the host (e.g. uvicorn)."""
+        return Worker(
+            self, queues=queues, concurrency=concurrency, burst=burst, grace_period=grace_period,
+            handle_signals=handle_signals if handle_signals is not None else True,
+            max_deliveries=max_deliveries,
+        )
+
+
+def _is_async(fn: Callable[..., Any]) -> bool:
+    import inspect
+
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004
+    )

@@ -1,0 +1,139 @@
+"""Tasks: the typed wrapper ``@tr.task`` returns, and calls ready to enqueue."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+
+from taskrunner.codec import ArgsCodec
+from taskrunner.middleware.base import TaskOptions
+
+if TYPE_CHECKING:
+    from taskrunner.job import Job
+    from taskrunner.runner import TaskRunner
+
+P = ParamSpec("P")
+R = TypeVar("R")
+O = TypeVar("O", bound=TaskOptions)
+
+
+class TaskDefinition:
+    """What the runtime knows of a task: name, function, queue, codec and options."""
+
+    __slots__ = ("codec", "fn", "name", "options", "queue")
+
+    def __init__(
+        self,
+        fn: Callable[..., Awaitable[Any]],
+        name: str,
+        queue: str,
+        options: dict[type[TaskOptions], TaskOptions],
+    ) -> None:
+        self.fn = fn
+        self.name = name
+        self.queue = queue
+        self.options = options
+        self.codec = ArgsCodec(fn, name)
+
+    def options_for(self, model: type[O]) -> O:
+        """The validated options of one middleware (its defaults when none were given)."""
+        found = self.options.get(model)
+        if found is None:
+            found = self.options[model] = model()
+        return found  # type: ignore[return-value]
+
+    def __repr__(self) -> str:
+        return f"TaskDefinition({self.name!r}, queue={self.queue!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class EnqueueOptions:
+    """Per-enqueue options: when, under which id, on which queue."""
+
+    delay: float | timedelta | None = None
+    at: datetime | None = None
+    job_id: str | None = None
+    queue: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Call(Generic[R]):
+    """One call of a task with its arguments, ready for ``enqueue_many``."""
+
+    task: TaskDefinition
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    options: EnqueueOptions
+
+
+class _Enqueuer(Generic[P, R]):
+    __slots__ = ("_definition", "_enqueue_options", "_runner")
+
+    def __init__(self, runner: TaskRunner, definition: TaskDefinition, opts: EnqueueOptions):
+        self._runner = runner
+        self._definition = definition
+        self._enqueue_options = opts
+
+    def call(self, *args: P.args, **kwargs: P.kwargs) -> Call[R]:
+        """A call of this task for ``enqueue_many`` (nothing is validated or sent yet)."""
+        return Call(self._definition, args, kwargs, self._enqueue_options)
+
+    async def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> Job[R]:
+        """Validate the arguments, send the job, and return its handle.
+
+        A wrong argument raises pydantic's ``ValidationError`` (or ``TypeError`` when
+        it does not fit the signature) and writes nothing.
+        """
+        jobs = await self._runner.enqueue_many([self.call(*args, **kwargs)])
+        return jobs[0]
+
+    async def enqueue_many(self, calls: Iterable[Call[R]]) -> list[Job[R]]:
+        """Enqueue many calls, one pipelined round trip per batch.
+
+        Every call is validated before anything is written: one bad call raises and
+        writes nothing. Returns the handles in the order of ``calls``.
+        """
+        return await self._runner.enqueue_many(calls)
+
+
+class BoundTask(_Enqueuer[P, R]):
+    """A task with per-enqueue options (``task.options(delay=10)``)."""
+
+
+class Task(_Enqueuer[P, R]):
+    """A function declared with ``@tr.task``. Calling it still just runs the coroutine."""
+
+    __slots__ = ("__wrapped__", "fn", "name", "queue")
+
+    def __init__(self, runner: TaskRunner, definition: TaskDefinition) -> None:
+        super().__init__(runner, definition, EnqueueOptions())
+        self.fn = definition.fn
+        self.name = definition.name
+        self.queue = definition.queue
+        self.__wrapped__ = definition.fn
+
+    @property
+    def definition(self) -> TaskDefinition:
+        return self._definition
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Awaitable[R]:
+        return self.fn(*args, **kwargs)  # type: ignore[no-any-return]
+
+    def options(
+        self,
+        *,
+        delay: float | timedelta | None = None,
+        at: datetime | None = None,
+        job_id: str | None = None,
+        queue: str | None = None,
+    ) -> BoundTask[P, R]:
+        """Options for the next enqueue: ``delay`` seconds (or timedelta) or ``at`` a time,
+        a caller-chosen ``job_id`` (enqueue is idempotent while that job exists), a queue.
+        """
+        opts = EnqueueOptions(delay=delay, at=at, job_id=job_id, queue=queue)
+        return BoundTask(self._runner, self._definition, opts)
+
+    def __repr__(self) -> str:
+        return f"Task({self.name!r}, queue={self.queue!r})"

