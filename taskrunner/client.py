@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import anyio
 from redis.asyncio import Redis
@@ -45,8 +45,13 @@ class Client:
     def write_call(self, ctx: EnqueueContext) -> scripts.ScriptCall:
         due_ms = int(ctx.due * 1000) if ctx.due is not None else 0
         return scripts.enqueue(
-            self.keys(ctx.queue), ctx.job_id, ctx.task.name, ctx.payload,
-            int(ctx.now * 1000), due_ms, ctx.locks,
+            self.keys(ctx.queue),
+            ctx.job_id,
+            ctx.task.name,
+            ctx.payload,
+            int(ctx.now * 1000),
+            due_ms,
+            ctx.locks,
         )
 
     def job_from_reply(self, ctx: EnqueueContext, reply: Sequence[Any]) -> Job[Any]:
@@ -73,13 +78,13 @@ class Client:
     # -- reading -------------------------------------------------------------------
 
     async def state(self, queue: str, job_id: str) -> dict[str, str]:
-        state: dict[str, str] = await self.redis.hgetall(self.keys(queue).job(job_id))  # type: ignore[misc]
+        state = cast(dict[str, str], await self.redis.hgetall(self.keys(queue).job(job_id)))
         if not state:
             raise JobNotFound(job_id)
         return state
 
     async def field(self, queue: str, job_id: str, name: str) -> str:
-        value: str | None = await self.redis.hget(self.keys(queue).job(job_id), name)  # type: ignore[misc]
+        value = cast(str | None, await self.redis.hget(self.keys(queue).job(job_id), name))
         if value is None:
             raise JobNotFound(job_id)
         return value

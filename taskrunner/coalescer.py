@@ -61,8 +61,9 @@ class Coalescer:
                 results = await scripts.run_many(self._redis, [slot.call for slot in batch])
                 break
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                logger.warning("redis unavailable (%s); retrying %d commits in %.2fs",
-                               exc, len(batch), delay)
+                logger.warning(
+                    "redis unavailable (%s); retrying %d commits in %.2fs", exc, len(batch), delay
+                )
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 2.0)
         for slot, result in zip(batch, results, strict=True):

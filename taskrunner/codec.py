@@ -33,15 +33,15 @@ class ArgsCodec:
             raise ConfigurationError(f"task {name}: cannot resolve annotations: {exc}") from exc
         fields: dict[str, Any] = {}
         for index, param in enumerate(self.signature.parameters.values()):
-            annotation = hints.get(param.name, Any)
+            annotation: Any = hints.get(param.name, Any)
             if param.kind is inspect.Parameter.VAR_POSITIONAL:
-                annotation = tuple[annotation, ...]  # type: ignore[valid-type]
+                annotation = tuple.__class_getitem__((annotation, ...))
             elif param.kind is inspect.Parameter.VAR_KEYWORD:
-                annotation = dict[str, annotation]  # type: ignore[valid-type]
+                annotation = dict.__class_getitem__((str, annotation))
             default = ... if param.default is inspect.Parameter.empty else param.default
             fields[f"p{index}"] = (annotation, Field(default, alias=param.name))
         try:
-            self.model: type[BaseModel] = create_model(  # type: ignore[call-overload]
+            self.model: type[BaseModel] = create_model(
                 f"{name}.args", __config__=_MODEL_CONFIG, **fields
             )
         except Exception as exc:
@@ -49,7 +49,7 @@ class ArgsCodec:
         self.result = ResultCodec(hints.get("return", Any))
 
     def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-        """The call's arguments by parameter name, defaults applied (TypeError if they don't fit)."""
+        """The call's arguments by name, defaults applied (TypeError if they don't fit)."""
         bound = self.signature.bind(*args, **kwargs)
         bound.apply_defaults()
         return dict(bound.arguments)
@@ -62,8 +62,10 @@ class ArgsCodec:
     def decode(self, payload: str) -> tuple[list[Any], dict[str, Any]]:
         """Validate a stored payload and return positional and keyword arguments for the call."""
         model = self.model.model_validate_json(payload)
-        values = {field.alias or name: getattr(model, name)
-                  for name, field in type(model).model_fields.items()}
+        values = {
+            field.alias or name: getattr(model, name)
+            for name, field in type(model).model_fields.items()
+        }
         return self._split(values)
 
     def _split(self, values: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:

@@ -102,7 +102,7 @@ class LostLease(TaskrunnerError):
     """This worker's lease on a job was taken over; it must not commit anything."""
 
 
-class Retry(TaskrunnerError):  # noqa: N818 - a request, not an error; named like arq's and Celery's
+class Retry(TaskrunnerError):  # a request, not an error: named like arq's and Celery's
     """Raise inside a task to ask for another attempt, after ``delay`` seconds if given.
 
     The attempt counts towards ``max_retries``; when none are left the job fails for good.

@@ -65,7 +65,11 @@ class ErrorInfo(BaseModel):
     @classmethod
     def from_exception(cls, exc: BaseException) -> ErrorInfo:
         kind = type(exc)
-        name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+        name = (
+            kind.__qualname__
+            if kind.__module__ == "builtins"
+            else f"{kind.__module__}.{kind.__qualname__}"
+        )
         text = "".join(traceback.format_exception(exc))
         return cls(type=name, message=str(exc), traceback=text)
 

@@ -25,8 +25,17 @@ DEFAULT_NAMESPACE = "taskrunner"
 class QueueKeys:
     """The keys of one queue in one namespace (computed once; used on every job)."""
 
-    __slots__ = ("dead", "delayed", "events", "namespace", "prefix", "queue", "seq", "stream",
-                 "workers")
+    __slots__ = (
+        "dead",
+        "delayed",
+        "events",
+        "namespace",
+        "prefix",
+        "queue",
+        "seq",
+        "stream",
+        "workers",
+    )
 
     def __init__(self, namespace: str, queue: str) -> None:
         self.namespace = namespace

@@ -106,10 +106,12 @@ class TaskRunner:
     def task(
         self,
         fn: Callable[P, Awaitable[R]] | None = None,
-        /,
         *,
         name: str | None = None,
         queue: str | None = None,
+        timeout: float | timedelta | None = None,
+        max_retries: int | None = None,
+        retry_delay: float | timedelta | None = None,
         **options: Any,
     ) -> Task[P, R] | Callable[[Callable[P, Awaitable[R]]], Task[P, R]]:
         """Declare an async function as a task, bare (``@tr.task``) or with options.
@@ -119,6 +121,7 @@ class TaskRunner:
         ``retry_delay``, and those of user middleware); an option no middleware owns
         raises ``UnknownOptionError`` here.
         """
+        options.update(timeout=timeout, max_retries=max_retries, retry_delay=retry_delay)
         owned = self._validate_options(options, name or (fn.__qualname__ if fn else "task"))
 
         def decorate(func: Callable[P, Awaitable[R]]) -> Task[P, R]:
@@ -192,7 +195,7 @@ class TaskRunner:
         self.resolved_url = url
         redis = self._redis(url)
         try:
-            await redis.ping()  # type: ignore[misc]
+            await redis.ping()
             await scripts.load_all(redis)
         except Exception:
             await redis.aclose()
@@ -202,8 +205,11 @@ class TaskRunner:
 
     def _redis(self, url: str) -> Redis:
         return Redis.from_url(
-            url, decode_responses=True, socket_timeout=self.socket_timeout,
-            socket_connect_timeout=self.socket_timeout, health_check_interval=30,
+            url,
+            decode_responses=True,
+            socket_timeout=self.socket_timeout,
+            socket_connect_timeout=self.socket_timeout,
+            health_check_interval=30,
         )
 
     def blocking_connection(self) -> Redis:
@@ -251,9 +257,14 @@ class TaskRunner:
         if due is not None and due <= now:
             due = None
         return EnqueueContext(
-            task=definition, args=call.args, kwargs=call.kwargs, payload=payload,
-            job_id=opts.job_id or uuid.uuid4().hex, queue=opts.queue or definition.queue,
-            due=due, now=now,
+            task=definition,
+            args=call.args,
+            kwargs=call.kwargs,
+            payload=payload,
+            job_id=opts.job_id or uuid.uuid4().hex,
+            queue=opts.queue or definition.queue,
+            due=due,
+            now=now,
         )
 
     def job(self, job_id: str, queue: str | None = None) -> Job[Any]:
@@ -276,7 +287,11 @@ class TaskRunner:
         foreground (handling SIGINT/SIGTERM); ``async with tr.worker():`` runs it in the
         background of the caller, leaving signals to the host (e.g. uvicorn)."""
         return Worker(
-            self, queues=queues, concurrency=concurrency, burst=burst, grace_period=grace_period,
+            self,
+            queues=queues,
+            concurrency=concurrency,
+            burst=burst,
+            grace_period=grace_period,
             handle_signals=handle_signals if handle_signals is not None else True,
             max_deliveries=max_deliveries,
         )

@@ -12,7 +12,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
@@ -66,11 +66,12 @@ async def load_all(redis: Redis) -> None:
 async def run(redis: Redis, call: ScriptCall) -> Any:
     """Run one script by SHA, loading the scripts first if the server lost them."""
     args = (call.script.sha, len(call.keys), *call.keys, *call.args)
+    client = cast(Any, redis)  # redis-py types keys_and_args as str only
     try:
-        return await redis.evalsha(*args)  # type: ignore[no-untyped-call]
+        return await client.evalsha(*args)
     except NoScriptError:
         await load_all(redis)
-        return await redis.evalsha(*args)  # type: ignore[no-untyped-call]
+        return await client.evalsha(*args)
 
 
 async def run_many(redis: Redis, calls: Sequence[ScriptCall]) -> list[Any]:
@@ -91,9 +92,9 @@ async def run_many(redis: Redis, calls: Sequence[ScriptCall]) -> list[Any]:
 
 
 async def _pipeline(redis: Redis, calls: Sequence[ScriptCall]) -> list[Any]:
-    pipe = redis.pipeline(transaction=False)
+    pipe = cast(Any, redis.pipeline(transaction=False))
     for call in calls:
-        pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)  # type: ignore[no-untyped-call]
+        pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
     return list(await pipe.execute(raise_on_error=False))
 
 
@@ -113,8 +114,17 @@ def enqueue(
     return ScriptCall(
         ENQUEUE,
         [keys.job(job_id), keys.stream, keys.delayed, keys.seq, *(k for k, _ in locks)],
-        [job_id, task, args, keys.queue, now_ms, due_ms, keys.events, len(locks),
-         *(ttl for _, ttl in locks)],
+        [
+            job_id,
+            task,
+            args,
+            keys.queue,
+            now_ms,
+            due_ms,
+            keys.events,
+            len(locks),
+            *(ttl for _, ttl in locks),
+        ],
     )
 
 
@@ -157,8 +167,19 @@ def commit(
     return ScriptCall(
         COMMIT,
         [keys.stream, keys.job(job_id), keys.delayed, keys.dead, keys.seq, *locks],
-        [GROUP, entry_id, token, job_id, outcome, now_ms, payload, ttl_ms, due_ms,
-         keys.done(job_id), keys.events],
+        [
+            GROUP,
+            entry_id,
+            token,
+            job_id,
+            outcome,
+            now_ms,
+            payload,
+            ttl_ms,
+            due_ms,
+            keys.done(job_id),
+            keys.events,
+        ],
     )
 
 

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 P = ParamSpec("P")
 R = TypeVar("R")
-O = TypeVar("O", bound=TaskOptions)
+OptionsT = TypeVar("OptionsT", bound=TaskOptions)
 
 
 class TaskDefinition:
@@ -37,7 +37,7 @@ class TaskDefinition:
         self.options = options
         self.codec = ArgsCodec(fn, name)
 
-    def options_for(self, model: type[O]) -> O:
+    def options_for(self, model: type[OptionsT]) -> OptionsT:
         """The validated options of one middleware (its defaults when none were given)."""
         found = self.options.get(model)
         if found is None:
@@ -119,7 +119,7 @@ class Task(_Enqueuer[P, R]):
         return self._definition
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Awaitable[R]:
-        return self.fn(*args, **kwargs)  # type: ignore[no-any-return]
+        return self.fn(*args, **kwargs)
 
     def options(
         self,

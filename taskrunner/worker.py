@@ -14,14 +14,14 @@ import secrets
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
@@ -149,7 +149,7 @@ class Worker:
 
     # -- hooks for middleware ------------------------------------------------------------
 
-    def spawn(self, fn: Callable[[], Awaitable[Any]]) -> None:
+    def spawn(self, fn: Callable[[], Coroutine[Any, Any, Any]]) -> None:
         """Run a background service (heartbeats, reclaim timer) until the worker stops."""
         assert self._services is not None, "spawn() is for on_worker_start hooks"
         self._services.start_soon(fn)
@@ -217,8 +217,12 @@ class Worker:
             for _ in range(self.concurrency):
                 jobs.start_soon(self._consumer, receive.clone())
             receive.close()
-            logger.info("worker %s ready: queues %s, concurrency %d",
-                        self.id, ",".join(self.queues), self.concurrency)
+            logger.info(
+                "worker %s ready: queues %s, concurrency %d",
+                self.id,
+                ",".join(self.queues),
+                self.concurrency,
+            )
             task_status.started()
             await self._read(blocking)
             send.close()
@@ -264,8 +268,11 @@ class Worker:
     ) -> list[tuple[str, list[tuple[str, dict[str, str]]]]]:
         try:
             reply = await blocking.xreadgroup(
-                GROUP, self.id, streams,  # type: ignore[arg-type]
-                count=self._free, block=None if self.burst else block_ms,
+                GROUP,
+                self.id,
+                streams,  # type: ignore[arg-type]
+                count=self._free,
+                block=None if self.burst else block_ms,
             )
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
@@ -277,16 +284,14 @@ class Worker:
             logger.warning("redis unavailable while reading (%s); retrying", exc)
             await anyio.sleep(0.5)
             return []
-        return reply or []  # type: ignore[no-any-return]
+        return cast(list[tuple[str, list[tuple[str, dict[str, str]]]]], reply or [])
 
     async def _burst_done(self) -> bool:
         """In burst mode: stop when nothing runs, nothing is ready and nothing is due."""
         if self.running or self._free < self.concurrency:
             await self._slot_event()
             return False
-        if await self._promote_due():
-            return False
-        return True
+        return not await self._promote_due()
 
     async def _claim(
         self, keys: QueueKeys, entries: Sequence[tuple[str, dict[str, str]]]
@@ -298,19 +303,26 @@ class Worker:
             token = self.next_token()
             ids.append(job_id)
             tokens.append(token)
-            calls.append(scripts.claim(keys, job_id, self.id, entry_id, token, now,
-                                       self.max_deliveries))
+            calls.append(
+                scripts.claim(keys, job_id, self.id, entry_id, token, now, self.max_deliveries)
+            )
         replies = await scripts.run_many(self.redis, calls)
         claimed = []
-        for (entry_id, fields), job_id, token, reply in zip(entries, ids, tokens, replies,
-                                                            strict=True):
+        for (entry_id, fields), job_id, token, reply in zip(
+            entries, ids, tokens, replies, strict=True
+        ):
             item = self._claimed(keys, job_id, entry_id, token, reply, fields)
             if item is not None:
                 claimed.append(item)
         return claimed
 
     def _claimed(
-        self, keys: QueueKeys, job_id: str, entry_id: str, token: str, reply: list[Any],
+        self,
+        keys: QueueKeys,
+        job_id: str,
+        entry_id: str,
+        token: str,
+        reply: list[Any],
         fields: dict[str, str],
     ) -> Claimed | None:
         verdict = str(reply[0])
@@ -321,9 +333,17 @@ class Worker:
         if verdict in ("gone", "final"):
             return None
         return Claimed(
-            keys=keys, job_id=job_id, entry_id=entry_id, token=token, verdict=verdict,
-            task_name=str(reply[1]), payload=str(reply[2]), attempt=int(reply[3]),
-            locks=str(reply[4]).split(), deliveries=int(reply[5]), reclaimed=reply[6] == 1,
+            keys=keys,
+            job_id=job_id,
+            entry_id=entry_id,
+            token=token,
+            verdict=verdict,
+            task_name=str(reply[1]),
+            payload=str(reply[2]),
+            attempt=int(reply[3]),
+            locks=str(reply[4]).split(),
+            deliveries=int(reply[5]),
+            reclaimed=reply[6] == 1,
         )
 
     async def _dead_letter_orphan(
@@ -333,11 +353,19 @@ class Worker:
         now = now_ms()
         reason = f"stream entry {entry_id} has no job: {fields!r}"
         pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(keys.job(job_id), mapping={
-            "task": fields.get("task", ""), "queue": keys.queue, "status": "dead",
-            "enqueued": now, "finished": now, "attempts": 0, "args": "",
-            "error": ErrorInfo(type="DeadLetter", message=reason).model_dump_json(),
-        })
+        pipe.hset(
+            keys.job(job_id),
+            mapping={
+                "task": fields.get("task", ""),
+                "queue": keys.queue,
+                "status": "dead",
+                "enqueued": now,
+                "finished": now,
+                "attempts": 0,
+                "args": "",
+                "error": ErrorInfo(type="DeadLetter", message=reason).model_dump_json(),
+            },
+        )
         pipe.zadd(keys.dead, {job_id: now})
         await pipe.execute()
 
@@ -349,8 +377,11 @@ class Worker:
                 try:
                     await self._run(item)
                 except Exception:  # a bug: keep the worker alive; the entry stays pending
-                    logger.exception("job %s %s: internal error; it will be reclaimed",
-                                     item.job_id, item.task_name)
+                    logger.exception(
+                        "job %s %s: internal error; it will be reclaimed",
+                        item.job_id,
+                        item.task_name,
+                    )
                 finally:
                     self._release(1)
 
@@ -368,7 +399,7 @@ class Worker:
             return
         try:
             args, kwargs = task.codec.decode(item.payload)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any bad payload goes to the dead letters
             await self._commit(item, task, Outcome.dead(f"undecodable arguments: {exc}"))
             return
         outcome = await self._execute(item, task, args, kwargs)
@@ -385,19 +416,32 @@ class Worker:
                 reason.append(why)
                 scope.cancel()
 
-            job = JobContext(id=item.job_id, task=item.task_name, attempt=item.attempt,
-                             queue=item.keys.queue, deliveries=item.deliveries,
-                             reclaimed=item.reclaimed)
-            ctx = ExecutionContext(job=job, task=task, args=args, kwargs=kwargs, worker=self,
-                                   entry_id=item.entry_id, lease=item.token, locks=item.locks,
-                                   cancel=cancel)
+            job = JobContext(
+                id=item.job_id,
+                task=item.task_name,
+                attempt=item.attempt,
+                queue=item.keys.queue,
+                deliveries=item.deliveries,
+                reclaimed=item.reclaimed,
+            )
+            ctx = ExecutionContext(
+                job=job,
+                task=task,
+                args=args,
+                kwargs=kwargs,
+                worker=self,
+                entry_id=item.entry_id,
+                lease=item.token,
+                locks=item.locks,
+                cancel=cancel,
+            )
             self.running[item.job_id] = ctx
             token = set_current_job(job)
             started = time.perf_counter()
             logger.info("job %s %s attempt %d started", job.id, job.task, job.attempt)
             try:
                 outcome = await self._chain(ctx)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the task's own error is its outcome
                 outcome = Outcome.failed(ErrorInfo.from_exception(exc))
             finally:
                 reset_current_job(token)
@@ -406,8 +450,14 @@ class Worker:
             outcome = _CANCEL_OUTCOMES.get(reason[0])  # type: ignore[assignment]
         elif scope.cancelled_caught:
             outcome = Outcome(OutcomeKind.HANDBACK)
-        logger.info("job %s %s attempt %d %s in %.3fs", item.job_id, item.task_name, item.attempt,
-                    outcome.kind if outcome else "lost its lease", time.perf_counter() - started)
+        logger.info(
+            "job %s %s attempt %d %s in %.3fs",
+            item.job_id,
+            item.task_name,
+            item.attempt,
+            outcome.kind if outcome else "lost its lease",
+            time.perf_counter() - started,
+        )
         return outcome
 
     async def _call_task(self, ctx: ExecutionContext) -> Outcome:
@@ -419,13 +469,27 @@ class Worker:
         if isinstance(payload, Outcome):
             outcome, payload = payload, self._payload(item, task, payload)
         due = int(outcome.due * 1000) if outcome.due is not None else 0
-        call = scripts.commit(item.keys, item.job_id, item.entry_id, item.token, outcome.kind,
-                              now_ms(), str(payload), self.runner.client.result_ttl_ms, due,
-                              item.locks)
+        call = scripts.commit(
+            item.keys,
+            item.job_id,
+            item.entry_id,
+            item.token,
+            outcome.kind,
+            now_ms(),
+            str(payload),
+            self.runner.client.result_ttl_ms,
+            due,
+            item.locks,
+        )
         committed = await self._coalescer.submit(call)
         if committed != 1:
-            logger.warning("job %s %s attempt %d lost its lease; its %s was not recorded",
-                           item.job_id, item.task_name, item.attempt, outcome.kind)
+            logger.warning(
+                "job %s %s attempt %d lost its lease; its %s was not recorded",
+                item.job_id,
+                item.task_name,
+                item.attempt,
+                outcome.kind,
+            )
         elif outcome.kind in (OutcomeKind.RETRY, OutcomeKind.RESCHEDULE):
             self._due.set()
 
@@ -435,8 +499,9 @@ class Worker:
             try:
                 return task.codec.result.encode(outcome.result)
             except Exception as exc:
-                logger.exception("job %s %s: result cannot be serialised", item.job_id,
-                                 item.task_name)
+                logger.exception(
+                    "job %s %s: result cannot be serialised", item.job_id, item.task_name
+                )
                 return Outcome.failed(ErrorInfo.from_exception(exc))
         return outcome.error.model_dump_json() if outcome.error else ""
 
@@ -460,8 +525,8 @@ class Worker:
         moved = 0
         for keys in self.keys.values():
             while True:
-                members: list[str] = await self.redis.zrangebyscore(keys.delayed, "-inf", now,
-                                                                    start=0, num=500)
+                found = await self.redis.zrangebyscore(keys.delayed, "-inf", now, start=0, num=500)
+                members = cast(list[str], found)
                 if not members:
                     break
                 moved += int(await scripts.run(self.redis, scripts.promote(keys, members)))
@@ -473,7 +538,7 @@ class Worker:
         pipe = self.redis.pipeline(transaction=False)
         for keys in self.keys.values():
             pipe.zrange(keys.delayed, 0, 0, withscores=True)
-        firsts = [r[0][1] for r in await pipe.execute() if r]
+        firsts = [float(r[0][1]) for r in await pipe.execute() if r]
         if not firsts:
             return self.runner.max_idle_wait
         return max(0.0, min(self.runner.max_idle_wait, (min(firsts) - now_ms()) / 1000))
@@ -521,7 +586,8 @@ class Worker:
         if policy and policy != "noeviction":
             logger.warning(
                 "redis maxmemory-policy is %s: the server may evict job state under memory "
-                "pressure; set it to noeviction", policy,
+                "pressure; set it to noeviction",
+                policy,
             )
 
     async def _signals(self, scope: anyio.CancelScope) -> None:
@@ -531,6 +597,9 @@ class Worker:
                     logger.warning("second signal: exiting now")
                     scope.cancel()
                     return
-                logger.info("received %s: stopping gracefully (grace period %.1fs)",
-                            signal.Signals(signum).name, self.grace_period)
+                logger.info(
+                    "received %s: stopping gracefully (grace period %.1fs)",
+                    signal.Signals(signum).name,
+                    self.grace_period,
+                )
                 self.stop()

@@ -84,9 +84,15 @@ class Arq:
         self.task = asyncio.create_task(self.worker.async_run())
 
     async def stop_worker(self) -> None:
+        # Let in-flight job bookkeeping finish, then stop polling. (Worker.close() would cancel
+        # the job tasks and re-raise their CancelledError.)
+        worker = self.worker
+        running = list(worker.tasks.values()) if worker is not None else []
+        if running:
+            await asyncio.wait(running, timeout=10)
         await cancel_task(self.task)
-        if self.worker is not None:
-            await self.worker.close()
+        if worker is not None and worker._pool is not None:
+            await worker._pool.aclose()
 
 
 if __name__ == "__main__":

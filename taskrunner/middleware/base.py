@@ -33,7 +33,7 @@ class TaskOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
 
-O = TypeVar("O", bound=TaskOptions)
+OptionsT = TypeVar("OptionsT", bound=TaskOptions)
 
 
 @dataclass(slots=True)
@@ -144,7 +144,7 @@ class Middleware:
     async def on_worker_stop(self, worker: Worker) -> None:
         """Called once when a worker stops, after its last job is committed."""
 
-    def options(self, task: TaskDefinition, model: type[O]) -> O:
+    def options(self, task: TaskDefinition, model: type[OptionsT]) -> OptionsT:
         """This middleware's options for ``task`` (defaults when the task set none)."""
         return task.options_for(model)
 

@@ -12,7 +12,7 @@ heartbeat reply is the fallback that catches a missed message.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -81,8 +81,12 @@ class LeaseMiddleware(Middleware):
     def _abort(self, worker: Worker, job_id: str) -> None:
         ctx = self._leases.get(worker, {}).get(job_id)
         if ctx is not None:
-            logger.info("job %s %s attempt %d: abort requested; cancelling", job_id,
-                        ctx.job.task, ctx.job.attempt)
+            logger.info(
+                "job %s %s attempt %d: abort requested; cancelling",
+                job_id,
+                ctx.job.task,
+                ctx.job.attempt,
+            )
             ctx.cancel(CancelReason.ABORTED)
 
     # -- heartbeats ----------------------------------------------------------------------
@@ -98,15 +102,22 @@ class LeaseMiddleware(Middleware):
     async def beat(self, worker: Worker) -> None:
         """Renew every running job's lease and this worker's presence: one round trip."""
         leases = list(self._leases.get(worker, {}).values())
-        pipe = worker.redis.pipeline(transaction=False)
+        pipe = cast(Any, worker.redis.pipeline(transaction=False))
         now = now_ms()
         for keys in worker.keys.values():
             pipe.zadd(keys.workers, {worker.id: now})
         for ctx in leases:
-            call = scripts.heartbeat(worker.keys[ctx.job.queue], ctx.job.id, worker.id,
-                                     ctx.entry_id, ctx.lease, ctx.lock_ttl_ms, ctx.locks)
-            pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)  # type: ignore[no-untyped-call]
-        replies = (await pipe.execute(raise_on_error=False))[len(worker.keys):]
+            call = scripts.heartbeat(
+                worker.keys[ctx.job.queue],
+                ctx.job.id,
+                worker.id,
+                ctx.entry_id,
+                ctx.lease,
+                ctx.lock_ttl_ms,
+                ctx.locks,
+            )
+            pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+        replies = (await pipe.execute(raise_on_error=False))[len(worker.keys) :]
         if any(isinstance(r, NoScriptError) for r in replies):
             await scripts.load_all(worker.redis)
             return  # renewed at the next beat, well before stale_after
@@ -116,8 +127,13 @@ class LeaseMiddleware(Middleware):
     @staticmethod
     def _handle_beat(ctx: ExecutionContext, reply: Any) -> None:
         if reply == 0:
-            logger.warning("job %s %s attempt %d: lease lost (reclaimed by another worker); "
-                           "cancelling this copy", ctx.job.id, ctx.job.task, ctx.job.attempt)
+            logger.warning(
+                "job %s %s attempt %d: lease lost (reclaimed by another worker); "
+                "cancelling this copy",
+                ctx.job.id,
+                ctx.job.task,
+                ctx.job.attempt,
+            )
             ctx.cancel(CancelReason.LOST_LEASE)
         elif reply == 2:
             ctx.cancel(CancelReason.ABORTED)
@@ -142,14 +158,17 @@ class LeaseMiddleware(Middleware):
         cursor, taken = "0-0", 0
         while worker.free_slots > 0 and not worker.stopping:
             reply = await worker.redis.xautoclaim(
-                keys.stream, GROUP, worker.id, min_idle_time=int(self.stale_after * 1000),
-                start_id=cursor, count=worker.free_slots,
+                keys.stream,
+                GROUP,
+                worker.id,
+                min_idle_time=int(self.stale_after * 1000),
+                start_id=cursor,
+                count=worker.free_slots,
             )
             cursor = reply[0]
             entries = [(i, f) for i, f in reply[1] if i is not None and f is not None]
             if entries:
-                logger.warning("reclaiming %d stale job(s) from queue %s", len(entries),
-                               keys.queue)
+                logger.warning("reclaiming %d stale job(s) from queue %s", len(entries), keys.queue)
                 await worker.submit(keys, entries)
                 taken += len(entries)
             if cursor == "0-0":

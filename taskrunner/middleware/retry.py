@@ -58,15 +58,21 @@ class RetryMiddleware(Middleware):
                 raise
             delay = self.backoff(ctx.job.attempt, opts)
             if isinstance(exc, Retry) and exc.delay is not None:
-                delay = exc.delay
+                delay = float(exc.delay)
             logger.info(
                 "job %s %s attempt %d failed (%s: %s); retry %d of %d in %.3fs",
-                ctx.job.id, ctx.job.task, ctx.job.attempt, type(exc).__name__, exc,
-                ctx.job.attempt, limit, delay,
+                ctx.job.id,
+                ctx.job.task,
+                ctx.job.attempt,
+                type(exc).__name__,
+                exc,
+                ctx.job.attempt,
+                limit,
+                delay,
             )
             return Outcome.retry(time.time() + delay, ErrorInfo.from_exception(exc))
 
     def backoff(self, attempt: int, opts: RetryOptions) -> float:
         base = self.retry_delay if opts.retry_delay is None else opts.retry_delay
-        delay = min(self.max_delay, base * 2 ** (attempt - 1))
+        delay: float = min(self.max_delay, base * 2.0 ** (attempt - 1))
         return delay / 2 + random.uniform(0, delay / 2)
