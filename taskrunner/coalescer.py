@@ -42,6 +42,8 @@ class Coalescer:
         self._pending.append(slot)
         self._wakeup.set()
         await slot.done.wait()
+        if isinstance(slot.result, Exception):
+            raise slot.result  # a script error (e.g. OOM): this caller's, not the batch's
         return slot.result
 
     async def run(self) -> None:
@@ -58,7 +60,8 @@ class Coalescer:
         delay = 0.05
         while True:
             try:
-                results = await scripts.run_many(self._redis, [slot.call for slot in batch])
+                calls = [slot.call for slot in batch]
+                results = await scripts.run_many(self._redis, calls, raise_on_error=False)
                 break
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 logger.warning(
