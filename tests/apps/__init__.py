@@ -1,0 +1,1 @@
+"""Taskrunner apps that tests run in worker subprocesses."""

@@ -1,0 +1,224 @@
+"""``taskrunner worker`` as a real subprocess: burst drains, signals, errors, races."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import anyio
+import pytest
+from apps.core_app import Tasks, declare, runs_key
+from conftest import subprocess_env, wait_until
+from redis.asyncio import Redis
+from redisproc import free_port
+
+from taskrunner import JobStatus, TaskRunner
+from taskrunner.keys import GROUP, QueueKeys
+
+MakeRunner = Callable[..., TaskRunner]
+APP = "apps.core_app:tr"
+DEADLINE = 30.0
+TASKRUNNER = str(Path(sys.executable).with_name("taskrunner"))
+
+
+@pytest.fixture
+async def app(make_runner: MakeRunner) -> AsyncIterator[tuple[TaskRunner, Tasks]]:
+    tr = make_runner()
+    tasks = declare(tr)
+    async with tr:
+        yield tr, tasks
+
+
+@pytest.fixture
+def env(redis_url: str, namespace: str) -> dict[str, str]:
+    return subprocess_env(redis_url, namespace)
+
+
+def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [TASKRUNNER, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE * 2,
+        check=False,
+    )
+
+
+async def run_cli_async(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return await anyio.to_thread.run_sync(lambda: run_cli(env, *args))
+
+
+@contextmanager
+def worker_process(
+    env: dict[str, str], tmp_path: Path, *args: str
+) -> Iterator[subprocess.Popen[str]]:
+    log = (tmp_path / f"worker-{time.monotonic_ns()}.log").open("w")
+    proc = subprocess.Popen(
+        [TASKRUNNER, "worker", APP, *args], env=env, stdout=log, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=DEADLINE)
+        log.close()
+
+
+async def exited(proc: subprocess.Popen[str]) -> bool:
+    return proc.poll() is not None
+
+
+async def has_status(tr: TaskRunner, job_id: str, status: str) -> bool:
+    return await tr.job(job_id).status() == status
+
+
+# -- burst -------------------------------------------------------------------------------
+
+
+async def test_burst_worker_subprocess_drains_jobs_and_exits_zero(
+    app: tuple[TaskRunner, Tasks], env: dict[str, str]
+) -> None:
+    _, tasks = app
+    jobs = await tasks.add.enqueue_many([tasks.add.call(i, i) for i in range(30)])
+    where = await tasks.pid.enqueue()
+    other = await tasks.elsewhere.enqueue(5)
+
+    done = await run_cli_async(env, "worker", APP, "--burst", "--queue", "default", "-c", "8")
+
+    assert done.returncode == 0, done.stderr
+    assert [await job.result(timeout=1) for job in jobs] == [2 * i for i in range(30)]
+    assert await where.result(timeout=1) != os.getpid()  # it ran in the subprocess
+    assert await other.status() == JobStatus.QUEUED  # --queue default leaves "other" alone
+    first = jobs[0]
+    assert f"job {first.id} add attempt 1 started" in done.stderr
+    assert f"job {first.id} add attempt 1 succeeded in " in done.stderr
+
+    everything = await run_cli_async(env, "worker", APP, "--burst")
+    assert everything.returncode == 0, everything.stderr
+    assert await other.result(timeout=1) == 5
+
+
+async def test_burst_worker_with_nothing_to_do_exits_zero(env: dict[str, str]) -> None:
+    done = await run_cli_async(env, "worker", APP, "--burst", "--log-level", "warning")
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+# -- errors: one line, no traceback, non-zero ------------------------------------------------
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("app_path", "fragments"),
+    [
+        ("no_such_module_xyz:tr", ("no_such_module_xyz",)),
+        ("apps.core_app:missing", ("missing",)),
+        ("apps.core_app:not_a_runner", ("not a TaskRunner",)),
+        ("apps.core_app", ("module:attribute",)),
+    ],
+)
+def test_bad_app_path_prints_one_line(
+    env: dict[str, str], app_path: str, fragments: tuple[str, ...]
+) -> None:
+    assert_one_line_error(run_cli(env, "worker", app_path, "--burst"), *fragments)
+
+
+def test_unreachable_redis_prints_one_line(env: dict[str, str]) -> None:
+    env = dict(env, TASKRUNNER_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
+    assert_one_line_error(run_cli(env, "worker", APP, "--burst"), "redis")
+
+
+# -- signals --------------------------------------------------------------------------------
+
+
+async def test_sigterm_hands_back_a_running_job_and_exits_zero(
+    app: tuple[TaskRunner, Tasks],
+    env: dict[str, str],
+    tmp_path: Path,
+    redis: Redis,
+    namespace: str,
+) -> None:
+    tr, tasks = app
+    job = await tasks.sleepy.enqueue(3600)
+    keys = QueueKeys(namespace, "default")
+    with worker_process(env, tmp_path, "--grace-period", "0.5") as proc:
+        await wait_until(lambda: has_status(tr, job.id, "running"), DEADLINE)
+        proc.send_signal(signal.SIGTERM)
+        await wait_until(lambda: exited(proc), DEADLINE)
+        assert proc.returncode == 0
+    info = await job.info()
+    assert info.status == JobStatus.QUEUED
+    assert info.attempts == 0
+    assert (await redis.xpending(keys.stream, GROUP))["pending"] == 0
+    assert await redis.xlen(keys.stream) == 1
+
+
+async def test_second_sigterm_exits_at_once_without_acknowledging(
+    app: tuple[TaskRunner, Tasks],
+    env: dict[str, str],
+    tmp_path: Path,
+    redis: Redis,
+    namespace: str,
+) -> None:
+    tr, tasks = app
+    job = await tasks.sleepy.enqueue(3600)
+    keys = QueueKeys(namespace, "default")
+    with worker_process(env, tmp_path, "--grace-period", "3600") as proc:
+        await wait_until(lambda: has_status(tr, job.id, "running"), DEADLINE)
+        proc.send_signal(signal.SIGTERM)
+        await wait_until(lambda: has_status(tr, job.id, "running"), DEADLINE)
+        assert proc.poll() is None  # still inside its (hour-long) grace period
+        proc.send_signal(signal.SIGTERM)
+        await wait_until(lambda: exited(proc), DEADLINE)
+    # Not final, so not acknowledged: the entry stays pending for a reclaim.
+    assert await job.status() == JobStatus.RUNNING
+    assert (await redis.xpending(keys.stream, GROUP))["pending"] == 1
+
+
+# -- two processes racing ----------------------------------------------------------------------
+
+
+async def test_two_worker_processes_run_each_delayed_job_exactly_once(
+    app: tuple[TaskRunner, Tasks],
+    env: dict[str, str],
+    tmp_path: Path,
+    redis: Redis,
+    namespace: str,
+) -> None:
+    _, tasks = app
+    with (
+        worker_process(env, tmp_path, "-c", "20") as one,
+        worker_process(env, tmp_path, "-c", "20") as two,
+    ):
+        due = time.time() + 2.0  # both workers are up and waiting by then
+        calls = [
+            tasks.record.options(delay=due - time.time() + (i % 10) * 0.01).call(i)
+            for i in range(300)
+        ]
+        jobs = await tasks.record.enqueue_many(calls)
+        results = [await job.result(timeout=DEADLINE) for job in jobs]
+        one.send_signal(signal.SIGTERM)
+        two.send_signal(signal.SIGTERM)
+        await wait_until(lambda: exited(one), DEADLINE)
+        await wait_until(lambda: exited(two), DEADLINE)
+        assert (one.returncode, two.returncode) == (0, 0)
+    assert results == list(range(300))
+    runs = await redis.hgetall(runs_key(namespace))
+    assert set(runs) == {job.id for job in jobs}
+    assert set(runs.values()) == {"1"}

@@ -1,0 +1,304 @@
+"""Enqueueing: validation before any write, idempotent job ids, delays, queues, bulk."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
+
+import pydantic
+import pytest
+from redis.asyncio import Redis
+
+from taskrunner import (
+    Call,
+    EnqueueContext,
+    Job,
+    JobInfo,
+    JobNotFound,
+    JobStatus,
+    Middleware,
+    Task,
+    TaskRunner,
+)
+from taskrunner import scripts as scripts_module
+from taskrunner.keys import QueueKeys
+from taskrunner.middleware.base import EnqueueNext
+
+MakeRunner = Callable[..., TaskRunner]
+
+
+async def xrange(redis: Redis, stream: str) -> list[tuple[str, dict[str, str]]]:
+    return cast(list[tuple[str, dict[str, str]]], await redis.xrange(stream))
+
+
+async def namespace_keys(redis: Redis, namespace: str) -> list[str]:
+    return sorted([key async for key in redis.scan_iter(match=f"{namespace}:*", count=1000)])
+
+
+@pytest.fixture
+async def tr(make_runner: MakeRunner) -> AsyncIterator[TaskRunner]:
+    runner = make_runner()
+    async with runner:
+        yield runner
+
+
+def declare_add(tr: TaskRunner) -> Task[[int, int], int]:
+    @tr.task
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    return add
+
+
+# -- validation --------------------------------------------------------------------------
+
+
+async def test_wrong_argument_type_raises_validation_error_and_writes_nothing(
+    tr: TaskRunner, redis: Redis, namespace: str
+) -> None:
+    add = declare_add(tr)
+    with pytest.raises(pydantic.ValidationError):
+        await add.enqueue(1, "not a number")  # type: ignore[arg-type]
+    with pytest.raises(pydantic.ValidationError):
+        await add.options(delay=5, job_id="fixed").enqueue("x", 2)  # type: ignore[arg-type]
+    assert await namespace_keys(redis, namespace) == []
+
+
+async def test_wrong_arity_raises_type_error_and_writes_nothing(
+    tr: TaskRunner, redis: Redis, namespace: str
+) -> None:
+    add = declare_add(tr)
+    with pytest.raises(TypeError):
+        await add.enqueue(1)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        await add.enqueue(1, 2, 3)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        await add.enqueue(1, 2, z=3)  # type: ignore[call-arg]
+    assert await namespace_keys(redis, namespace) == []
+
+
+async def test_enqueue_many_validates_every_call_before_writing_any(
+    tr: TaskRunner, redis: Redis, namespace: str
+) -> None:
+    add = declare_add(tr)
+    calls = [add.call(i, i) for i in range(1500)]
+    calls.append(add.call(1, "bad"))  # type: ignore[arg-type]
+    with pytest.raises(pydantic.ValidationError):
+        await add.enqueue_many(calls)
+    assert await namespace_keys(redis, namespace) == []
+
+
+# -- writing -----------------------------------------------------------------------------
+
+
+async def test_enqueue_writes_a_queued_job_with_its_info(
+    tr: TaskRunner, redis: Redis, namespace: str
+) -> None:
+    add = declare_add(tr)
+    before = datetime.now(UTC)
+    job = await add.enqueue(1, 2)
+    assert isinstance(job, Job)
+    assert not job.deduplicated
+    assert job.queue == "default"
+    status = await job.status()
+    assert status is JobStatus.QUEUED
+    expected: str = "queued"
+    assert status == expected  # a str enum
+    info = await job.info()
+    assert isinstance(info, JobInfo)
+    assert (info.id, info.task, info.queue, info.status) == (job.id, add.name, "default", "queued")
+    assert info.attempts == 0
+    assert before - timedelta(seconds=1) <= info.enqueued_at <= datetime.now(UTC)
+    assert info.due_at is None
+    assert info.started_at is None
+    assert info.finished_at is None
+    assert info.error is None
+    keys = QueueKeys(namespace, "default")
+    assert await redis.xlen(keys.stream) == 1
+    entries = await xrange(redis, keys.stream)
+    assert entries[0][1] == {"job": job.id}  # only what the worker needs goes in the entry
+    assert set(await namespace_keys(redis, namespace)) == {keys.stream, keys.job(job.id)}
+
+
+async def test_each_enqueue_creates_a_new_id(tr: TaskRunner) -> None:
+    add = declare_add(tr)
+    jobs = [await add.enqueue(1, 2) for _ in range(3)]
+    assert len({job.id for job in jobs}) == 3
+
+
+async def test_same_job_id_is_idempotent_and_writes_nothing_the_second_time(
+    tr: TaskRunner, redis: Redis, namespace: str
+) -> None:
+    add = declare_add(tr)
+    first = await add.options(job_id="order-42").enqueue(1, 2)
+    assert first.id == "order-42"
+    assert not first.deduplicated
+    keys = QueueKeys(namespace, "default")
+    snapshot = {key: await redis.dump(key) for key in await namespace_keys(redis, namespace)}
+
+    second = await add.options(job_id="order-42").enqueue(5, 6)
+    assert second.id == "order-42"
+    assert second.deduplicated
+    assert second == first
+    after = {key: await redis.dump(key) for key in await namespace_keys(redis, namespace)}
+    assert after == snapshot
+    assert await redis.xlen(keys.stream) == 1
+
+    many = await add.enqueue_many([add.options(job_id="order-42").call(7, 8)])
+    assert [job.deduplicated for job in many] == [True]
+    assert await redis.xlen(keys.stream) == 1
+
+
+async def test_delay_schedules_the_job_in_the_delayed_set(
+    tr: TaskRunner, redis: Redis, namespace: str
+) -> None:
+    add = declare_add(tr)
+    before = time.time()
+    job = await add.options(delay=60).enqueue(1, 2)
+    by_timedelta = await add.options(delay=timedelta(minutes=2)).enqueue(1, 2)
+    assert await job.status() == JobStatus.SCHEDULED
+    keys = QueueKeys(namespace, "default")
+    assert await redis.xlen(keys.stream) == 0
+    scores = dict(
+        cast(list[tuple[str, float]], await redis.zrange(keys.delayed, 0, -1, withscores=True))
+    )
+    assert len(scores) == 2
+    due = {member.partition(":")[2]: score / 1000 for member, score in scores.items()}
+    assert before + 60 <= due[job.id] <= time.time() + 60
+    assert before + 120 <= due[by_timedelta.id] <= time.time() + 120
+    info = await job.info()
+    assert info.due_at is not None
+    assert abs(info.due_at.timestamp() - due[job.id]) < 0.002
+
+
+async def test_at_schedules_for_that_time_and_a_past_time_is_due_now(
+    tr: TaskRunner, redis: Redis, namespace: str
+) -> None:
+    add = declare_add(tr)
+    when = datetime.now(UTC) + timedelta(hours=1)
+    job = await add.options(at=when).enqueue(1, 2)
+    info = await job.info()
+    assert info.status == JobStatus.SCHEDULED
+    assert info.due_at is not None
+    assert abs((info.due_at - when).total_seconds()) < 0.002
+
+    past = await add.options(at=datetime.now(UTC) - timedelta(hours=1)).enqueue(1, 2)
+    assert await past.status() == JobStatus.QUEUED
+    zero = await add.options(delay=0).enqueue(1, 2)
+    assert await zero.status() == JobStatus.QUEUED
+
+
+async def test_queue_option_overrides_the_task_queue(
+    tr: TaskRunner, redis: Redis, namespace: str
+) -> None:
+    @tr.task(queue="emails")
+    async def send(to: str) -> None:
+        return None
+
+    default_queue = await send.enqueue("a@example.com")
+    other = await send.options(queue="urgent").enqueue("b@example.com")
+    assert (default_queue.queue, other.queue) == ("emails", "urgent")
+    assert await redis.xlen(QueueKeys(namespace, "emails").stream) == 1
+    assert await redis.xlen(QueueKeys(namespace, "urgent").stream) == 1
+    assert (await other.info()).queue == "urgent"
+
+
+async def test_unknown_job_raises_job_not_found(tr: TaskRunner) -> None:
+    job = tr.job("nope")
+    with pytest.raises(JobNotFound):
+        await job.status()
+    with pytest.raises(JobNotFound):
+        await job.info()
+    with pytest.raises(JobNotFound):
+        await job.abort()
+
+
+async def test_abort_before_running_finishes_the_job_as_aborted(
+    tr: TaskRunner, redis: Redis, namespace: str
+) -> None:
+    add = declare_add(tr)
+    keys = QueueKeys(namespace, "default")
+    queued = await add.enqueue(1, 2)
+    scheduled = await add.options(delay=60).enqueue(1, 2)
+    assert await queued.abort() == JobStatus.ABORTED
+    assert await scheduled.abort() == JobStatus.ABORTED
+    assert await queued.status() == JobStatus.ABORTED
+    assert await scheduled.status() == JobStatus.ABORTED
+    assert await redis.xlen(keys.stream) == 0
+    assert await redis.zcard(keys.delayed) == 0
+    assert (await queued.info()).finished_at is not None
+    assert await queued.abort() == JobStatus.ABORTED  # already final: unchanged
+
+
+# -- enqueue_many ------------------------------------------------------------------------
+
+
+class CountingRunMany:
+    """Counts pipelined round trips (wraps the real ``scripts.run_many``)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.sizes: list[int] = []
+        self._real = scripts_module.run_many
+        monkeypatch.setattr(scripts_module, "run_many", self)
+
+    async def __call__(self, redis: Redis, calls: Sequence[scripts_module.ScriptCall]) -> Any:
+        self.sizes.append(len(calls))
+        return await self._real(redis, calls)
+
+
+async def test_enqueue_many_keeps_order_and_sends_one_pipeline_per_batch(
+    tr: TaskRunner, redis: Redis, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    add = declare_add(tr)
+    counter = CountingRunMany(monkeypatch)
+    jobs = await add.enqueue_many([add.options(job_id=f"j{i}").call(i, i) for i in range(2500)])
+    assert counter.sizes == [1000, 1000, 500]
+    assert [job.id for job in jobs] == [f"j{i}" for i in range(2500)]
+    keys = QueueKeys(namespace, "default")
+    entries = await xrange(redis, keys.stream)
+    assert [fields["job"] for _, fields in entries] == [f"j{i}" for i in range(2500)]
+    assert await add.enqueue_many([]) == []
+
+
+async def test_enqueue_many_mixes_tasks_and_options(
+    tr: TaskRunner, redis: Redis, namespace: str
+) -> None:
+    add = declare_add(tr)
+
+    @tr.task(queue="other")
+    async def shout(text: str) -> str:
+        return text.upper()
+
+    calls: list[Call[Any]] = [add.call(1, 2), shout.call("hi"), add.options(delay=60).call(3, 4)]
+    jobs = await tr.enqueue_many(calls)
+    assert [job.queue for job in jobs] == ["default", "other", "default"]
+    statuses = [await job.status() for job in jobs]
+    assert statuses == [JobStatus.QUEUED, JobStatus.QUEUED, JobStatus.SCHEDULED]
+    assert await redis.xlen(QueueKeys(namespace, "other").stream) == 1
+
+
+class PassThrough(Middleware):
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    async def enqueue(self, ctx: EnqueueContext, call_next: EnqueueNext) -> Job[Any]:
+        self.seen.append(ctx.job_id)
+        return await call_next(ctx)
+
+
+async def test_enqueue_many_through_enqueue_middleware_is_still_one_pipeline(
+    make_runner: MakeRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mw = PassThrough()
+    tr = make_runner(middleware=[mw])
+    add = declare_add(tr)
+    async with tr:
+        counter = CountingRunMany(monkeypatch)
+        jobs = await add.enqueue_many([add.options(job_id=f"m{i}").call(i, i) for i in range(1200)])
+        assert counter.sizes == [1000, 200]
+        assert [job.id for job in jobs] == [f"m{i}" for i in range(1200)]
+        assert sorted(mw.seen) == sorted(f"m{i}" for i in range(1200))
+        single = await add.enqueue(1, 1)
+        assert await single.status() == JobStatus.QUEUED
