@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from typing import Any, cast
@@ -43,7 +44,8 @@ class Client:
     # -- writing -----------------------------------------------------------------
 
     def write_call(self, ctx: EnqueueContext) -> scripts.ScriptCall:
-        due_ms = int(ctx.due * 1000) if ctx.due is not None else 0
+        # Round the due time up: a job must never become runnable before it is due.
+        due_ms = math.ceil(ctx.due * 1000) if ctx.due is not None else 0
         return scripts.enqueue(
             self.keys(ctx.queue),
             ctx.job_id,
@@ -126,10 +128,13 @@ class _EnqueueBatch:
 
     async def run(self, contexts: Sequence[EnqueueContext], chain: EnqueueNext) -> list[Job[Any]]:
         jobs: list[Job[Any] | None] = [None] * len(contexts)
+        errors: list[Exception] = []
 
         async def one(index: int, ctx: EnqueueContext) -> None:
             try:
                 jobs[index] = await chain(ctx)
+            except Exception as exc:  # noqa: BLE001 - re-raised below, not in an ExceptionGroup
+                errors.append(exc)
             finally:
                 if id(ctx) not in self._written:
                     self._decided()
@@ -140,6 +145,8 @@ class _EnqueueBatch:
             await self._arrived.wait()
             self._replies = await scripts.run_many(self._client.redis, self._calls)
             self._flushed.set()
+        if errors:
+            raise errors[0]
         return [job for job in jobs if job is not None]
 
     async def write(self, ctx: EnqueueContext) -> Job[Any]:

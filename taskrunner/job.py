@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import json
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -124,7 +125,7 @@ def _time(ms: str | None) -> datetime | None:
 class Job(Generic[R]):
     """A handle to one job. Cheap to create; every method asks Redis."""
 
-    __slots__ = ("_client", "_codec", "deduplicated", "id", "queue")
+    __slots__ = ("_client", "_codec", "_codecs", "deduplicated", "id", "queue")
 
     def __init__(
         self,
@@ -134,9 +135,12 @@ class Job(Generic[R]):
         codec: ResultCodec | None = None,
         *,
         deduplicated: bool = False,
+        codecs: Callable[[str], ResultCodec | None] | None = None,
     ) -> None:
         self._client = client
         self._codec = codec
+        self._codecs = codecs
+        """Finds the result codec by task name when ``codec`` is not known up front."""
         self.id = job_id
         self.queue = queue
         self.deduplicated = deduplicated
@@ -182,9 +186,12 @@ class Job(Generic[R]):
         status = state["status"]
         if status == JobStatus.SUCCEEDED:
             payload = state.get("result", "null")
-            if self._codec is None:
+            codec = self._codec
+            if codec is None and self._codecs is not None:
+                codec = self._codecs(state.get("task", ""))
+            if codec is None:
                 return json.loads(payload)  # type: ignore[no-any-return]
-            return self._codec.decode(payload)  # type: ignore[no-any-return]
+            return codec.decode(payload)  # type: ignore[no-any-return]
         error = ErrorInfo.model_validate_json(state["error"]) if state.get("error") else None
         if status == JobStatus.FAILED:
             assert error is not None

@@ -43,7 +43,9 @@ COMMIT = Script("commit")
 HEARTBEAT = Script("heartbeat")
 ABORT = Script("abort")
 REVIVE = Script("revive")
-ALL = (ENQUEUE, PROMOTE, CLAIM, COMMIT, HEARTBEAT, ABORT, REVIVE)
+LOCK = Script("lock")
+UNLOCK = Script("unlock")
+ALL = (ENQUEUE, PROMOTE, CLAIM, COMMIT, HEARTBEAT, ABORT, REVIVE, LOCK, UNLOCK)
 
 
 @dataclass(slots=True)
@@ -74,8 +76,12 @@ async def run(redis: Redis, call: ScriptCall) -> Any:
         return await client.evalsha(*args)
 
 
-async def run_many(redis: Redis, calls: Sequence[ScriptCall]) -> list[Any]:
-    """Run many scripts in one pipelined round trip (not a transaction)."""
+async def run_many(
+    redis: Redis, calls: Sequence[ScriptCall], *, raise_on_error: bool = True
+) -> list[Any]:
+    """Run many scripts in one pipelined round trip (not a transaction).
+
+    With ``raise_on_error=False`` a script's error is returned in its place."""
     if not calls:
         return []
     results = await _pipeline(redis, calls)
@@ -85,9 +91,10 @@ async def run_many(redis: Redis, calls: Sequence[ScriptCall]) -> list[Any]:
         again = await _pipeline(redis, [calls[i] for i in missing])
         for i, result in zip(missing, again, strict=True):
             results[i] = result
-    for result in results:
-        if isinstance(result, Exception):
-            raise result
+    if raise_on_error:
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
     return results
 
 
@@ -166,7 +173,7 @@ def commit(
     """Record an outcome and acknowledge the entry, if the lease is still ``token``."""
     return ScriptCall(
         COMMIT,
-        [keys.stream, keys.job(job_id), keys.delayed, keys.dead, keys.seq, *locks],
+        [keys.stream, keys.job(job_id), keys.delayed, keys.dead, keys.seq, keys.failed, *locks],
         [
             GROUP,
             entry_id,
@@ -214,3 +221,15 @@ def abort(
 def revive(keys: QueueKeys, job_id: str) -> ScriptCall:
     """Put a dead-lettered job back on its queue as a fresh job with the same id."""
     return ScriptCall(REVIVE, [keys.dead, keys.stream, keys.job(job_id)], [job_id])
+
+
+def lock(keys: QueueKeys, job_id: str, token: str, ttl_ms: int, locks: Sequence[str]) -> ScriptCall:
+    """Take (or re-enter, refreshing the TTL) a running attempt's locks, all or nothing."""
+    return ScriptCall(LOCK, [keys.job(job_id), *locks], [job_id, token, ttl_ms])
+
+
+def unlock(
+    keys: QueueKeys, job_id: str, token: str, locks: Sequence[str], *, forget: bool = False
+) -> ScriptCall:
+    """Compare-and-delete a running attempt's locks (``forget``: drop them from the job)."""
+    return ScriptCall(UNLOCK, [keys.job(job_id), *locks], [job_id, token, int(forget)])

@@ -9,6 +9,7 @@ outcome the chain returns, coalescing commits into pipelined round trips.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
 import signal
@@ -85,7 +86,7 @@ class Worker:
         concurrency: int = 100,
         burst: bool = False,
         grace_period: float = 30.0,
-        handle_signals: bool = True,
+        handle_signals: bool | None = None,
         max_deliveries: int = 5,
     ) -> None:
         if concurrency < 1:
@@ -96,6 +97,7 @@ class Worker:
         self.burst = burst
         self.grace_period = grace_period
         self.handle_signals = handle_signals
+        """None (default): SIGINT/SIGTERM stop ``run()``; ``async with`` leaves them alone."""
         self.max_deliveries = max_deliveries
         self.id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.keys: dict[str, QueueKeys] = {}
@@ -108,6 +110,7 @@ class Worker:
         self._handlers: dict[str, list[EventHandler]] = {}
         self._services: TaskGroup | None = None
         self._reader_scope: anyio.CancelScope | None = None
+        self._reader_id: int | None = None
         self._background: TaskGroup | None = None
         self._chain = build_execute_chain(runner.middleware, self._call_task)
         self.redis: Redis
@@ -118,7 +121,7 @@ class Worker:
     async def run(self) -> None:
         """Run until stopped (a signal, ``stop()``) or, in burst mode, until drained."""
         async with self.runner, anyio.create_task_group() as tg:
-            if self.handle_signals:
+            if self.handle_signals is not False:
                 tg.start_soon(self._signals, tg.cancel_scope)
             await self._serve()
             tg.cancel_scope.cancel()
@@ -126,6 +129,8 @@ class Worker:
     async def __aenter__(self) -> Worker:
         self._background = anyio.create_task_group()
         await self._background.__aenter__()
+        if self.handle_signals:  # embedded: only when asked for explicitly
+            self._background.start_soon(self._signals, self._background.cancel_scope)
         await self._background.start(self._serve_started)
         return self
 
@@ -142,6 +147,18 @@ class Worker:
         self._stopping.set()
         if self._reader_scope is not None:
             self._reader_scope.cancel()
+            if self._services is not None:
+                self._services.start_soon(self._unblock_reader)
+
+    async def _unblock_reader(self) -> None:
+        """End a blocking read at once (CLIENT UNBLOCK: it returns nothing), until the
+        reader has noticed the stop. The read itself is never cancelled (see ``_read``)."""
+        while self._reader_scope is not None and self._reader_id is not None:
+            try:
+                await self.redis.client_unblock(self._reader_id)
+            except REDIS_ERRORS:
+                return
+            await anyio.sleep(0.05)
 
     @property
     def stopping(self) -> bool:
@@ -170,6 +187,13 @@ class Worker:
         self._free -= len(entries)
         try:
             claimed = await self._claim(keys, entries)
+        except (*REDIS_ERRORS, ResponseError) as exc:
+            # The entries stay pending under this consumer: reclaimed after stale_after.
+            logger.warning(
+                "could not claim %d entries (%s); they will be reclaimed", len(entries), exc
+            )
+            self._release(len(entries))
+            return
         except BaseException:
             self._release(len(entries))
             raise
@@ -186,6 +210,9 @@ class Worker:
     async def _serve_started(self, *, task_status: TaskStatus[None]) -> None:
         async with self.runner:
             await self._serve(task_status)
+        if self.handle_signals:
+            assert self._background is not None
+            self._background.cancel_scope.cancel()  # ends the signal watcher
 
     async def _serve(self, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         self.redis = self.runner.client.redis
@@ -224,8 +251,10 @@ class Worker:
                 self.concurrency,
             )
             task_status.started()
-            await self._read(blocking)
-            send.close()
+            try:
+                await self._read(blocking)
+            finally:
+                send.close()  # also when cancelled: no unclosed stream left behind
             await self._drain(jobs)
 
     async def _drain(self, jobs: TaskGroup) -> None:
@@ -250,18 +279,25 @@ class Worker:
         streams = {k.stream: ">" for k in self.keys.values()}
         by_stream = {k.stream: k for k in self.keys.values()}
         block_ms = self.runner.block_ms
-        with anyio.CancelScope() as scope:
-            self._reader_scope = scope
-            if self._stopping.is_set():
-                return
-            while True:
-                while self._free <= 0:
-                    await self._slot_event()
-                reply = await self._xreadgroup(blocking, streams, block_ms)
-                if not reply and self.burst and await self._burst_done():
-                    return
-                for stream, entries in reply:
-                    await self.submit(by_stream[stream], entries)
+        self._reader_id = int(await blocking.client_id())
+        try:
+            with anyio.CancelScope() as scope:
+                self._reader_scope = scope
+                while not self._stopping.is_set():
+                    while self._free <= 0:
+                        await self._slot_event()
+                    # A read in flight is finished, never cancelled: the server may have
+                    # delivered entries to this consumer already, and a lost reply would
+                    # strand them in the pending list until they went stale. stop()
+                    # unblocks it instead.
+                    with anyio.CancelScope(shield=True):
+                        reply = await self._xreadgroup(blocking, streams, block_ms)
+                        for stream, entries in reply:
+                            await self.submit(by_stream[stream], entries)
+                    if not reply and self.burst and await self._burst_done():
+                        break
+        finally:
+            self._reader_scope = None
 
     async def _xreadgroup(
         self, blocking: Redis, streams: dict[str, str], block_ms: int
@@ -330,6 +366,14 @@ class Worker:
             logger.error("stream entry %s has no job (%r); dead-lettering it", entry_id, fields)
             self.spawn(lambda: self._dead_letter_orphan(keys, entry_id, fields))
             return None
+        if verdict == "stray":
+            logger.warning(
+                "stream entry %s duplicates job %s (live as entry %s); dropped it",
+                entry_id,
+                job_id,
+                reply[1],
+            )
+            return None
         if verdict in ("gone", "final"):
             return None
         return Claimed(
@@ -349,6 +393,14 @@ class Worker:
     async def _dead_letter_orphan(
         self, keys: QueueKeys, entry_id: str, fields: dict[str, str]
     ) -> None:
+        """Dead-letter an entry without a job and acknowledge it in one transaction (the
+        entry stays pending until then: if this fails it is reclaimed and tried again)."""
+        try:
+            await self._write_orphan(keys, entry_id, fields)
+        except (*REDIS_ERRORS, ResponseError) as exc:
+            logger.warning("could not dead-letter stream entry %s (%s)", entry_id, exc)
+
+    async def _write_orphan(self, keys: QueueKeys, entry_id: str, fields: dict[str, str]) -> None:
         job_id = f"entry-{entry_id}"
         now = now_ms()
         reason = f"stream entry {entry_id} has no job: {fields!r}"
@@ -363,10 +415,13 @@ class Worker:
                 "finished": now,
                 "attempts": 0,
                 "args": "",
+                "locks": "",
                 "error": ErrorInfo(type="DeadLetter", message=reason).model_dump_json(),
             },
         )
         pipe.zadd(keys.dead, {job_id: now})
+        pipe.xack(keys.stream, GROUP, entry_id)
+        pipe.xdel(keys.stream, entry_id)
         await pipe.execute()
 
     # -- running -------------------------------------------------------------------------
@@ -445,7 +500,8 @@ class Worker:
                 outcome = Outcome.failed(ErrorInfo.from_exception(exc))
             finally:
                 reset_current_job(token)
-                del self.running[item.job_id]
+                if self.running.get(item.job_id) is ctx:  # a re-claimed copy may replace it
+                    del self.running[item.job_id]
         if reason:
             outcome = _CANCEL_OUTCOMES.get(reason[0])  # type: ignore[assignment]
         elif scope.cancelled_caught:
@@ -468,7 +524,7 @@ class Worker:
         payload = self._payload(item, task, outcome)
         if isinstance(payload, Outcome):
             outcome, payload = payload, self._payload(item, task, payload)
-        due = int(outcome.due * 1000) if outcome.due is not None else 0
+        due = math.ceil(outcome.due * 1000) if outcome.due is not None else 0
         call = scripts.commit(
             item.keys,
             item.job_id,

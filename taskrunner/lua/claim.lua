@@ -2,11 +2,16 @@
 -- take a new lease (fencing token) and count the attempt.
 -- KEYS: stream, job
 -- ARGV: group, consumer, entry_id, token, now_ms, max_deliveries
--- Returns {'gone'} the entry is no longer this consumer's (reclaimed elsewhere),
---         {'missing'} the entry has no job hash (acked and deleted: dead-letter it),
+-- Returns {'gone'} the entry is no longer this consumer's (reclaimed elsewhere, or
+--                  acknowledged by an abort),
+--         {'missing'} the entry has no job hash: the caller dead-letters it and
+--                  acknowledges it in one transaction (left pending until then, so a
+--                  crash in between loses nothing),
 --         {'final', status} the job is already final (acked and deleted),
---         {'aborted'} the job was aborted before it started (acked and deleted),
---         {'ok' | 'poison', task, args, attempts, locks, deliveries, reclaimed}
+--         {'stray', live_entry} the job is live under another entry: this one is a
+--                  duplicate (written by hand) and must not start a second copy
+--                  (acked and deleted),
+--         {'ok' | 'poison' | 'abort', task, args, attempts, locks, deliveries, reclaimed}
 local stream, job = KEYS[1], KEYS[2]
 local group, consumer, entry = ARGV[1], ARGV[2], ARGV[3]
 
@@ -15,17 +20,20 @@ if #pending == 0 then
   return {'gone'}
 end
 local deliveries = pending[1][4]
-local h = redis.call('HMGET', job, 'status', 'task', 'args', 'locks', 'abort')
+local h = redis.call('HMGET', job, 'status', 'task', 'args', 'locks', 'abort', 'entry')
 local status = h[1]
 if not status then
-  redis.call('XACK', stream, group, entry)
-  redis.call('XDEL', stream, entry)
   return {'missing'}
 end
 if status ~= 'queued' and status ~= 'running' then
   redis.call('XACK', stream, group, entry)
   redis.call('XDEL', stream, entry)
   return {'final', status}
+end
+if h[6] and h[6] ~= entry then
+  redis.call('XACK', stream, group, entry)
+  redis.call('XDEL', stream, entry)
+  return {'stray', h[6]}
 end
 local reclaimed = 0
 if status == 'running' then

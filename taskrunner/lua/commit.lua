@@ -1,18 +1,26 @@
 -- Record what happens next to a job and acknowledge its entry, in one step,
 -- only while the caller's lease (fencing token) is still the job's lease.
--- KEYS: stream, job, delayed, dead, seq, lock_1 .. lock_n
+-- KEYS: stream, job, delayed, dead, seq, failed, lock_1 .. lock_n
 -- ARGV: group, entry_id, token, job_id, outcome, now_ms, payload, ttl_ms,
 --       due_ms, done_channel, events_channel
 -- outcome: succeeded | failed | aborted | rejected | dead   (final)
 --          retry | reschedule                               (back to the delayed set)
 --          handback                                         (back to the stream at once)
--- Returns 1 committed, 0 lost lease (nothing changed).
+-- Returns 1 committed (or already committed by this same token: a repeat after a
+-- lost reply changes nothing), 0 lost lease (nothing changed).
+-- The token is spent by the commit ('lease' cleared, kept as 'committed'), so at most
+-- one attempt of a job commits an outcome.
 local stream, job, delayed, dead, seq = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local group, entry, job_id, outcome = ARGV[1], ARGV[2], ARGV[4], ARGV[5]
 
-if redis.call('HGET', job, 'lease') ~= ARGV[3] then
+local h = redis.call('HMGET', job, 'lease', 'committed')
+if h[1] ~= ARGV[3] then
+  if h[2] == ARGV[3] then
+    return 1
+  end
   return 0
 end
+redis.call('HSET', job, 'committed', ARGV[3])
 redis.call('XACK', stream, group, entry)
 redis.call('XDEL', stream, entry)
 
@@ -47,7 +55,12 @@ if outcome == 'dead' then
 else
   redis.call('PEXPIRE', job, ARGV[8])
 end
-for i = 6, #KEYS do
+if outcome == 'failed' then
+  -- failed jobs for `taskrunner info`: kept as long as their hash (result_ttl)
+  redis.call('ZADD', KEYS[6], ARGV[6], job_id)
+  redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', tonumber(ARGV[6]) - tonumber(ARGV[8]))
+end
+for i = 7, #KEYS do
   if redis.call('GET', KEYS[i]) == job_id then
     redis.call('DEL', KEYS[i])
   end

@@ -1,4 +1,5 @@
--- Put a dead-lettered job back on its queue: same id, attempts reset.
+-- Put a dead-lettered job back on its queue: same id, attempts reset, the
+-- dead-letter reason cleared (a new delivery count comes with the new entry).
 -- KEYS: dead, stream, job
 -- ARGV: job_id
 -- Returns 1 revived, 0 not in the dead letters.
@@ -10,6 +11,6 @@ if redis.call('EXISTS', KEYS[3]) == 0 then
 end
 local entry = redis.call('XADD', KEYS[2], '*', 'job', ARGV[1])
 redis.call('HSET', KEYS[3], 'status', 'queued', 'entry', entry, 'attempts', 0, 'lease', '')
-redis.call('HDEL', KEYS[3], 'abort', 'finished', 'result')
+redis.call('HDEL', KEYS[3], 'abort', 'finished', 'result', 'error')
 redis.call('PERSIST', KEYS[3])
 return 1
