@@ -17,14 +17,16 @@ from redis.asyncio import Redis
 
 from taskrunner import scripts
 from taskrunner.client import Client
+from taskrunner.codec import ResultCodec
 from taskrunner.embedded import EmbeddedRedis
 from taskrunner.exceptions import ConfigurationError, TaskrunnerError, UnknownOptionError
-from taskrunner.job import Job
+from taskrunner.job import Job, JobInfo
 from taskrunner.keys import DEFAULT_NAMESPACE
 from taskrunner.middleware.base import EnqueueContext, Middleware, TaskOptions
 from taskrunner.middleware.lease import LeaseMiddleware
 from taskrunner.middleware.retry import RetryMiddleware
 from taskrunner.middleware.timeout import TimeoutMiddleware
+from taskrunner.middleware.unique import ConflictStrategy, LockKind, UniqueMiddleware
 from taskrunner.task import Call, Task, TaskDefinition
 from taskrunner.worker import Worker
 
@@ -47,8 +49,11 @@ class TaskRunner:
     The Redis URL comes from the argument, else ``TASKRUNNER_REDIS_URL``, else an
     embedded redis-server for the current directory (see ``taskrunner.embedded``).
 
-    Built-in middleware, outermost first: lease (heartbeats, reclaim, abort), retry,
-    timeout; then ``middleware`` in the order given.
+    Built-in middleware, outermost first: lease (heartbeats, reclaim, abort), unique
+    (locks: inside lease so heartbeats renew them, outside retry and timeout so a lock
+    spans the whole attempt and its conflicts are outcomes the retry policy never sees),
+    retry, timeout; then ``middleware`` in the order given. ``lock_ttl`` is the default
+    time a unique-job lock outlives its job's due time or last heartbeat.
     """
 
     def __init__(
@@ -65,6 +70,7 @@ class TaskRunner:
         heartbeat_interval: float | timedelta = 5.0,
         stale_after: float | timedelta = 30.0,
         socket_timeout: float = 10.0,
+        lock_ttl: float | timedelta = 600.0,
     ) -> None:
         self.url = url
         self.queue = queue
@@ -74,9 +80,14 @@ class TaskRunner:
         self.block_ms = int(max(0.1, min(5.0, socket_timeout / 2)) * 1000)
         self.max_idle_wait = 5.0
         self.lease = LeaseMiddleware(_seconds(heartbeat_interval), _seconds(stale_after))
+        retry = RetryMiddleware(max_retries=max_retries, retry_delay=_seconds(retry_delay))
+        self.unique = UniqueMiddleware(
+            lambda: self.client, lock_ttl=_seconds(lock_ttl), retry=retry
+        )
         self.middleware: list[Middleware] = [
             self.lease,
-            RetryMiddleware(max_retries=max_retries, retry_delay=_seconds(retry_delay)),
+            self.unique,
+            retry,
             TimeoutMiddleware(None if timeout is None else _seconds(timeout)),
             *middleware,
         ]
@@ -100,6 +111,11 @@ class TaskRunner:
         timeout: float | timedelta | None = None,
         max_retries: int | None = None,
         retry_delay: float | timedelta | None = None,
+        lock: LockKind | None = None,
+        on_conflict: ConflictStrategy | None = None,
+        lock_ttl: float | timedelta | None = None,
+        unique_args: Callable[..., Any] | None = None,
+        reschedule_delay: float | timedelta | None = None,
         **options: Any,
     ) -> Callable[[Callable[P, Awaitable[R]]], Task[P, R]]: ...
 
@@ -112,16 +128,30 @@ class TaskRunner:
         timeout: float | timedelta | None = None,
         max_retries: int | None = None,
         retry_delay: float | timedelta | None = None,
+        lock: LockKind | None = None,
+        on_conflict: ConflictStrategy | None = None,
+        lock_ttl: float | timedelta | None = None,
+        unique_args: Callable[..., Any] | None = None,
+        reschedule_delay: float | timedelta | None = None,
         **options: Any,
     ) -> Task[P, R] | Callable[[Callable[P, Awaitable[R]]], Task[P, R]]:
         """Declare an async function as a task, bare (``@tr.task``) or with options.
 
         ``name`` defaults to the function's qualified name; ``queue`` to the runner's.
         Every other option belongs to a middleware (``timeout``, ``max_retries``,
-        ``retry_delay``, and those of user middleware); an option no middleware owns
-        raises ``UnknownOptionError`` here.
+        ``retry_delay``; the unique-job options ``lock``, ``on_conflict``, ``lock_ttl``,
+        ``unique_args``, ``reschedule_delay``, see docs/unique-jobs.md; and those of user
+        middleware); an option no middleware owns raises ``UnknownOptionError`` here, and
+        an invalid combination (``lock`` x ``on_conflict``) raises ``ConfigurationError``.
         """
         options.update(timeout=timeout, max_retries=max_retries, retry_delay=retry_delay)
+        options.update(
+            lock=lock,
+            on_conflict=on_conflict,
+            lock_ttl=lock_ttl,
+            unique_args=unique_args,
+            reschedule_delay=reschedule_delay,
+        )
         owned = self._validate_options(options, name or (fn.__qualname__ if fn else "task"))
 
         def decorate(func: Callable[P, Awaitable[R]]) -> Task[P, R]:
@@ -269,7 +299,28 @@ class TaskRunner:
 
     def job(self, job_id: str, queue: str | None = None) -> Job[Any]:
         """A handle to an existing job by id (results decode by its task when declared)."""
-        return Job(self.client, job_id, queue or self.queue)
+        return Job(self.client, job_id, queue or self.queue, codecs=self._result_codec)
+
+    def _result_codec(self, task: str) -> ResultCodec | None:
+        definition = self.registry.get(task)
+        return definition.codec.result if definition is not None else None
+
+    async def dead_letters(self, queue: str | None = None) -> list[JobInfo]:
+        """Dead-lettered jobs of ``queue`` (default: every queue of this app); the
+        reason is each one's ``error.message``. See ``taskrunner.deadletters``."""
+        from taskrunner import deadletters
+
+        return await deadletters.dead_letters(self.client, [queue] if queue else self.queues())
+
+    async def retry_dead(
+        self, job_ids: Sequence[str] | None = None, *, all: bool = False, queue: str | None = None
+    ) -> int:
+        """Put dead-lettered jobs (``job_ids``, or ``all=True``) back on their queue under
+        the same id with attempts reset; returns how many were revived."""
+        from taskrunner import deadletters
+
+        queues = [queue] if queue else self.queues()
+        return await deadletters.retry_dead(self.client, queues, job_ids, all=all)
 
     # -- working -------------------------------------------------------------------------
 
@@ -292,7 +343,7 @@ class TaskRunner:
             concurrency=concurrency,
             burst=burst,
             grace_period=grace_period,
-            handle_signals=handle_signals if handle_signals is not None else True,
+            handle_signals=handle_signals,
             max_deliveries=max_deliveries,
         )
 

@@ -1,0 +1,383 @@
+"""Unique jobs: at most one job per task and unique arguments, held by a TTL lock.
+
+The model and names are Cloudtasker's (``lock`` and ``on_conflict``)::
+
+    lock               held from          until                          on_conflict
+    until_executing    enqueue            the first attempt starts       reject*, raise
+    while_executing    an attempt starts  that attempt ends              reject*, reschedule, raise
+    until_executed     enqueue            a final state (succeeded,      reject*, raise
+                                          failed, aborted, rejected, dead)
+
+The lock is ``{ns}:{queue}:lock:{digest}``, where the digest covers the task name
+and the canonical JSON of the unique arguments (by default every argument bound
+to the signature with defaults applied, so ``f(1)``, ``f(x=1)`` and
+``f(1, full=False)`` are one job). Its value is the holder's job id.
+
+- Enqueue side (``until_executing``, ``until_executed``): the lock goes into the
+  job's write (enqueue.lua), so the lock and the job exist together or not at all.
+  Its TTL is (due time - now) + ``lock_ttl``. On conflict ``reject`` writes
+  nothing and returns the holder's handle (``deduplicated=True``); ``raise``
+  raises ``LockConflictError``.
+- Execution side: ``until_executing`` releases the lock when an attempt starts;
+  ``until_executed`` re-enters its lock at every attempt (a reclaimed or retried
+  job is its holder already; an expired lock is taken again) and, on a retry,
+  extends it to the retry's due time + ``lock_ttl``; ``while_executing`` takes the
+  lock (lock.lua: SET PX if free or already this job's, fenced by the lease) for
+  the attempt and releases it by compare-and-delete when the attempt ends.
+  On conflict ``reject`` ends the job as ``rejected``, ``reschedule`` sends it back
+  to the delayed set for ``reschedule_delay`` (same id, same attempt count), and
+  ``raise`` fails the attempt with ``LockConflictError`` under the retry policy.
+- While a job runs, its heartbeat renews its locks to ``lock_ttl``
+  (``ExecutionContext.lock_ttl_ms``); final commits and abort release them.
+
+Order in the chain: lease, unique, retry, timeout, user. Unique sits inside lease
+so that the attempt's heartbeats (which renew the locks) run while it holds them,
+and outside retry and timeout so that the lock spans the whole attempt including
+the retry decision, a lock conflict is decided before the timeout clock starts,
+and ``reject``/``reschedule`` are outcomes that the retry policy never sees.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Literal, Self
+
+import anyio
+from pydantic import Field, field_validator, model_validator
+from pydantic_core import to_jsonable_python
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from taskrunner import scripts
+from taskrunner.codec import canonical_json
+from taskrunner.exceptions import ConfigurationError, LockConflictError, LostLease
+from taskrunner.job import ErrorInfo, Job
+from taskrunner.middleware.base import (
+    EnqueueContext,
+    EnqueueNext,
+    ExecuteNext,
+    ExecutionContext,
+    Middleware,
+    Outcome,
+    OutcomeKind,
+    TaskOptions,
+)
+from taskrunner.task import TaskDefinition
+
+if TYPE_CHECKING:
+    from taskrunner.client import Client
+    from taskrunner.middleware.retry import RetryMiddleware
+    from taskrunner.task import Task
+
+logger = logging.getLogger("taskrunner.unique")
+
+LockKind = Literal["until_executing", "while_executing", "until_executed"]
+ConflictStrategy = Literal["reject", "raise", "reschedule"]
+
+ALLOWED_STRATEGIES: dict[str, tuple[str, ...]] = {
+    "until_executing": ("reject", "raise"),
+    "while_executing": ("reject", "reschedule", "raise"),
+    "until_executed": ("reject", "raise"),
+}
+"""Which ``on_conflict`` each ``lock`` accepts (the first is the default)."""
+
+DEFAULT_LOCK_TTL = 600.0
+DEFAULT_RESCHEDULE_DELAY = 5.0
+_ENQUEUE_LOCKS = ("until_executing", "until_executed")
+_REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+_RETRY_AFTER_REDIS_ERROR = 1.0
+
+
+class UniqueOptions(TaskOptions):
+    """The unique-job options of a task (all None: not unique)."""
+
+    lock: LockKind | None = None
+    on_conflict: ConflictStrategy | None = None
+    """None means ``reject``."""
+    lock_ttl: float | None = Field(default=None, gt=0)
+    """Seconds (or a timedelta) a lock outlives its due time or last heartbeat;
+    None uses the runner's ``lock_ttl``."""
+    unique_args: Callable[..., Any] | None = None
+    """Called with the job's arguments as the task receives them; returns the
+    JSON-able value that defines uniqueness. None: every argument, defaults applied."""
+    reschedule_delay: float | None = Field(default=None, ge=0)
+    """Seconds (or a timedelta) before a rescheduled job is tried again (5 s)."""
+
+    @field_validator("lock_ttl", "reschedule_delay", mode="before")
+    @classmethod
+    def _seconds(cls, value: object) -> object:
+        return value.total_seconds() if isinstance(value, timedelta) else value
+
+    @model_validator(mode="after")
+    def _combination(self) -> Self:
+        if self.lock is None:
+            stray = [
+                name
+                for name in ("on_conflict", "lock_ttl", "unique_args", "reschedule_delay")
+                if getattr(self, name) is not None
+            ]
+            if stray:
+                raise ValueError(
+                    f"{', '.join(stray)} only apply to unique jobs: also set lock= "
+                    "'until_executing', 'while_executing' or 'until_executed'"
+                )
+            return self
+        allowed = ALLOWED_STRATEGIES[self.lock]
+        if self.on_conflict is not None and self.on_conflict not in allowed:
+            raise ValueError(
+                f"on_conflict={self.on_conflict!r} cannot be used with lock={self.lock!r} "
+                f"(allowed: {', '.join(allowed)})"
+            )
+        if self.reschedule_delay is not None and self.on_conflict != "reschedule":
+            raise ValueError("reschedule_delay only applies with on_conflict='reschedule'")
+        return self
+
+    @property
+    def strategy(self) -> ConflictStrategy:
+        return self.on_conflict or "reject"
+
+
+def lock_digest(task_name: str, unique_value: Any) -> str:
+    """The digest naming a lock: the task name and the canonical JSON of the value."""
+    text = f"{task_name}\n{canonical_json(to_jsonable_python(unique_value))}"
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
+class UniqueMiddleware(Middleware):
+    """Takes, re-enters, renews and releases the locks of unique jobs (see the module)."""
+
+    Options = UniqueOptions
+
+    def __init__(
+        self,
+        client: Callable[[], Client],
+        *,
+        lock_ttl: float = DEFAULT_LOCK_TTL,
+        retry: RetryMiddleware | None = None,
+    ) -> None:
+        if lock_ttl <= 0:
+            raise ConfigurationError("lock_ttl must be positive")
+        self._client = client
+        self.lock_ttl = lock_ttl
+        self.retry = retry
+        """The retry policy that ``on_conflict="raise"`` at execution hands the error to."""
+
+    def ttl(self, opts: UniqueOptions) -> float:
+        return self.lock_ttl if opts.lock_ttl is None else opts.lock_ttl
+
+    def lock_key(
+        self,
+        task: Task[..., Any] | TaskDefinition,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        queue: str | None = None,
+    ) -> str:
+        """The lock key a call of ``task`` takes (for inspection and tests)."""
+        definition: TaskDefinition = task if isinstance(task, TaskDefinition) else task.definition
+        payload = definition.codec.encode(tuple(args), kwargs or {})
+        value = self._unique_value(definition, payload)
+        keys = self._client().keys(queue or definition.queue)
+        return keys.lock(lock_digest(definition.name, value))
+
+    @staticmethod
+    def _unique_value(task: TaskDefinition, payload: str) -> Any:
+        opts = task.options_for(UniqueOptions)
+        if opts.unique_args is None:
+            return json.loads(payload)
+        args, kwargs = task.codec.decode(payload)
+        return opts.unique_args(*args, **kwargs)
+
+    # -- enqueue side --------------------------------------------------------------------
+
+    async def enqueue(self, ctx: EnqueueContext, call_next: EnqueueNext) -> Job[Any]:
+        opts = self.options(ctx.task, UniqueOptions)
+        if opts.lock not in _ENQUEUE_LOCKS:
+            return await call_next(ctx)
+        client = self._client()
+        value = self._unique_value(ctx.task, ctx.payload)
+        key = client.keys(ctx.queue).lock(lock_digest(ctx.task.name, value))
+        ahead = max(0.0, ctx.due - ctx.now) if ctx.due is not None else 0.0
+        ctx.locks.append((key, _ms(ahead + self.ttl(opts))))
+        try:
+            return await call_next(ctx)
+        except LockConflictError as exc:
+            if exc.lock != key or opts.strategy == "raise":
+                raise
+            logger.info(
+                "task %s: unique lock held by job %s; not enqueued (deduplicated)",
+                ctx.task.name,
+                exc.holder,
+            )
+            return Job(client, exc.holder, ctx.queue, ctx.task.codec.result, deduplicated=True)
+
+    # -- execution side ------------------------------------------------------------------
+
+    async def execute(self, ctx: ExecutionContext, call_next: ExecuteNext) -> Outcome:
+        opts = self.options(ctx.task, UniqueOptions)
+        if opts.lock is None:
+            return await call_next(ctx)
+        ctx.lock_ttl_ms = _ms(self.ttl(opts))
+        if opts.lock == "until_executing":
+            await self._release_at_start(ctx)
+            return await call_next(ctx)
+        if opts.lock == "until_executed":
+            return await self._until_executed(ctx, call_next, opts)
+        return await self._while_executing(ctx, call_next, opts)
+
+    async def _release_at_start(self, ctx: ExecutionContext) -> None:
+        if not ctx.locks:
+            return
+        try:
+            await self._unlock(ctx, ctx.locks, forget=True)
+        except _REDIS_ERRORS as exc:  # the lock then expires at its TTL
+            logger.warning(
+                "job %s %s attempt %d: could not release its lock (%s)",
+                ctx.job.id,
+                ctx.job.task,
+                ctx.job.attempt,
+                exc,
+            )
+        ctx.locks.clear()
+
+    async def _until_executed(
+        self, ctx: ExecutionContext, call_next: ExecuteNext, opts: UniqueOptions
+    ) -> Outcome:
+        if ctx.locks:
+            refused = await self._take_or_refuse(ctx, ctx.locks, opts)
+            if refused is not None:
+                return refused
+        outcome = await call_next(ctx)
+        if ctx.locks and outcome.due is not None and not _is_final(outcome):
+            await self._extend(ctx, outcome.due, opts)
+        return outcome
+
+    async def _extend(self, ctx: ExecutionContext, due: float, opts: UniqueOptions) -> None:
+        """Keep an until_executed lock through the wait for the next attempt: due + lock_ttl."""
+        ttl = max(0.0, due - time.time()) + self.ttl(opts)
+        problem: Exception | None
+        try:
+            problem = await self._take(ctx, ctx.locks, ttl)
+        except (*_REDIS_ERRORS, LostLease) as exc:  # the commit decides; the TTL still holds
+            problem = exc
+        if problem is not None:
+            logger.warning(
+                "job %s %s attempt %d: could not extend its lock until the next attempt (%s)",
+                ctx.job.id,
+                ctx.job.task,
+                ctx.job.attempt,
+                problem,
+            )
+
+    async def _while_executing(
+        self, ctx: ExecutionContext, call_next: ExecuteNext, opts: UniqueOptions
+    ) -> Outcome:
+        payload = ctx.task.codec.encode(tuple(ctx.args), ctx.kwargs)
+        value = self._unique_value(ctx.task, payload)
+        key = ctx.worker.keys[ctx.job.queue].lock(lock_digest(ctx.task.name, value))
+        refused = await self._take_or_refuse(ctx, [key], opts)
+        if refused is not None:
+            return refused
+        ctx.locks.append(key)  # renewed by the heartbeat; released by a final commit too
+        try:
+            return await call_next(ctx)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._release_after(ctx, key)
+
+    async def _release_after(self, ctx: ExecutionContext, key: str) -> None:
+        try:
+            await self._unlock(ctx, [key])
+        except _REDIS_ERRORS as exc:  # left in ctx.locks: a final commit releases it
+            logger.warning(
+                "job %s %s attempt %d: could not release its lock (%s); it expires in %.1fs",
+                ctx.job.id,
+                ctx.job.task,
+                ctx.job.attempt,
+                exc,
+                ctx.lock_ttl_ms / 1000,
+            )
+            return
+        ctx.locks.remove(key)
+
+    # -- conflicts -----------------------------------------------------------------------
+
+    async def _take_or_refuse(
+        self, ctx: ExecutionContext, locks: Sequence[str], opts: UniqueOptions
+    ) -> Outcome | None:
+        """Take ``locks`` for this attempt: None when taken, else the attempt's outcome."""
+        try:
+            conflict = await self._take(ctx, locks, self.ttl(opts))
+        except _REDIS_ERRORS as exc:
+            logger.warning(
+                "job %s %s attempt %d: cannot take its lock (%s); rescheduled",
+                ctx.job.id,
+                ctx.job.task,
+                ctx.job.attempt,
+                exc,
+            )
+            return Outcome.reschedule(time.time() + _RETRY_AFTER_REDIS_ERROR)
+        if conflict is None:
+            return None
+        strategy = opts.strategy
+        logger.info(
+            "job %s %s attempt %d: unique lock held by job %s (on_conflict=%s)",
+            ctx.job.id,
+            ctx.job.task,
+            ctx.job.attempt,
+            conflict.holder,
+            strategy,
+        )
+        if strategy == "reschedule":
+            delay = opts.reschedule_delay
+            return Outcome.reschedule(
+                time.time() + (DEFAULT_RESCHEDULE_DELAY if delay is None else delay)
+            )
+        if strategy == "reject":
+            error = ErrorInfo(type="taskrunner.LockConflictError", message=str(conflict))
+            return Outcome(OutcomeKind.REJECTED, error=error)
+        return await self._fail_attempt(ctx, conflict)
+
+    async def _fail_attempt(self, ctx: ExecutionContext, conflict: LockConflictError) -> Outcome:
+        """``raise``: the attempt fails with the conflict; the retry policy decides."""
+
+        async def conflicted(_: ExecutionContext) -> Outcome:
+            raise conflict
+
+        if self.retry is None:
+            return await conflicted(ctx)
+        return await self.retry.execute(ctx, conflicted)
+
+    # -- scripts -------------------------------------------------------------------------
+
+    async def _take(
+        self, ctx: ExecutionContext, locks: Sequence[str], ttl: float
+    ) -> LockConflictError | None:
+        keys = ctx.worker.keys[ctx.job.queue]
+        call = scripts.lock(keys, ctx.job.id, ctx.lease, _ms(ttl), locks)
+        reply = await scripts.run(ctx.worker.redis, call)
+        code = int(reply[0])
+        if code == 0:
+            raise LostLease(f"job {ctx.job.id}: lease lost before its lock was taken")
+        if code == 2:
+            return LockConflictError(str(reply[2]), str(reply[1]))
+        return None
+
+    async def _unlock(
+        self, ctx: ExecutionContext, locks: Sequence[str], *, forget: bool = False
+    ) -> None:
+        keys = ctx.worker.keys[ctx.job.queue]
+        call = scripts.unlock(keys, ctx.job.id, ctx.lease, list(locks), forget=forget)
+        await scripts.run(ctx.worker.redis, call)
+
+
+def _is_final(outcome: Outcome) -> bool:
+    return outcome.kind not in (OutcomeKind.RETRY, OutcomeKind.RESCHEDULE, OutcomeKind.HANDBACK)
