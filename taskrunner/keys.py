@@ -7,6 +7,7 @@ single Redis Cluster slot, and every script receives all its keys in KEYS::
     {ns}:{queue}:delayed       sorted set of scheduled jobs, scored by due time (ms)
     {ns}:{queue}:seq           counter that keeps equal due times in FIFO order
     {ns}:{queue}:dead          sorted set of dead-lettered job ids, scored by time
+    {ns}:{queue}:failed        sorted set of failed job ids, scored by time (kept result_ttl)
     {ns}:{queue}:job:{id}      hash with the job's state, result and error
     {ns}:{queue}:lock:{digest} unique-job lock; value is the holder's job id
     {ns}:{queue}:workers       sorted set of live consumers, scored by last heartbeat
@@ -29,6 +30,7 @@ class QueueKeys:
         "dead",
         "delayed",
         "events",
+        "failed",
         "namespace",
         "prefix",
         "queue",
@@ -45,6 +47,7 @@ class QueueKeys:
         self.delayed = f"{self.prefix}:delayed"
         self.seq = f"{self.prefix}:seq"
         self.dead = f"{self.prefix}:dead"
+        self.failed = f"{self.prefix}:failed"
         self.workers = f"{self.prefix}:workers"
         self.events = f"{self.prefix}:events"
 

@@ -1,132 +1,69 @@
-"""The ``taskrunner`` command.
+"""The ``taskrunner`` command: ``worker``, ``enqueue``, ``info`` (and ``deadletters``).
 
-Built on click: it is already a dependency of most of the ecosystem (uvicorn,
-typer), gives good ``--help`` output and exit codes, and costs no import time
-of its own beyond what a worker needs.
+Why click: it is already a dependency of most of the ecosystem (uvicorn, typer, flask),
+so it costs nothing extra to install; its help output, repeatable options, choices and
+exit codes are what a command like this needs; and it has no runtime type-hint magic
+that would slow start-up (a supervisor starts worker processes with it) or fight our
+own pydantic validation of settings. typer is click plus annotations, which we do not
+need for four commands.
+
+Every usage error (a bad flag, ARGS, APP or ``TASKRUNNER_*`` setting) prints one line
+on stderr and exits 2; a Redis that cannot be reached prints one line and exits 1.
+Each command lives in its own module; ``taskrunner.cli.deadletters`` is added to the
+group when present.
 """
 
 from __future__ import annotations
 
 import importlib
-import logging
-import os
-import sys
-from collections.abc import Callable, Coroutine
-from typing import Any, NoReturn
 
-import anyio
 import click
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from taskrunner import __version__
-from taskrunner.exceptions import TaskrunnerError
-from taskrunner.runner import TaskRunner
+from taskrunner.cli._common import TaskrunnerGroup, fail, load_app, run_async
+from taskrunner.cli.enqueue import enqueue
+from taskrunner.cli.info import info
+from taskrunner.cli.worker import worker
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-
-def fail(message: str, code: int = 1) -> NoReturn:
-    """Print one line to stderr and exit non-zero: no traceback for user errors."""
-    click.echo(f"taskrunner: error: {message}", err=True)
-    sys.exit(code)
+__all__ = ["fail", "load_app", "main", "run_async"]
 
 
-def load_app(path: str) -> TaskRunner:
-    """Import ``module:attribute`` (like uvicorn) and return the TaskRunner it names."""
-    module_name, sep, attribute = path.partition(":")
-    if not sep or not module_name or not attribute:
-        fail(f"APP must look like module:attribute, got {path!r}", 2)
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        fail(f"cannot import module {module_name!r}: {exc}", 2)
-    app = getattr(module, attribute, None)
-    if app is None:
-        fail(f"module {module_name!r} has no attribute {attribute!r}", 2)
-    if not isinstance(app, TaskRunner):
-        fail(f"{path} is a {type(app).__name__}, not a TaskRunner", 2)
-    return app
-
-
-def run_async(fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    """Run on asyncio (with uvloop when installed); turn connection errors into one line."""
-    try:
-        import uvloop  # noqa: F401
-
-        options: dict[str, Any] = {"use_uvloop": True}
-    except ImportError:
-        options = {}
-    try:
-        anyio.run(fn, backend="asyncio", backend_options=options)
-    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-        fail(f"cannot reach redis: {exc}")
-    except TaskrunnerError as exc:
-        fail(str(exc))
-    except KeyboardInterrupt:
-        sys.exit(130)
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="taskrunner")
+@click.group(cls=TaskrunnerGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(
+    __version__, "--version", "-V", prog_name="taskrunner", message="%(prog)s %(version)s"
+)
 def main() -> None:
-    """taskrunner: an asyncio task runner on Redis streams."""
-
-
-@main.command()
-@click.argument("app")
-@click.option(
-    "--queue",
-    "-q",
-    "queues",
-    multiple=True,
-    help="Queue to consume (repeatable). Default: every queue the app's tasks use.",
-)
-@click.option(
-    "--concurrency",
-    "-c",
-    type=click.IntRange(min=1),
-    default=100,
-    show_default=True,
-    help="Jobs run at once.",
-)
-@click.option("--burst", is_flag=True, help="Drain what is ready, then exit 0.")
-@click.option(
-    "--grace-period",
-    type=click.FloatRange(min=0),
-    default=30.0,
-    show_default=True,
-    help="Seconds running jobs get to finish on SIGTERM before they are handed back.",
-)
-@click.option(
-    "--log-level",
-    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
-    default="info",
-    show_default=True,
-)
-def worker(
-    app: str,
-    queues: tuple[str, ...],
-    concurrency: int,
-    burst: bool,
-    grace_period: float,
-    log_level: str,
-) -> None:
-    """Run a worker for APP (module:attribute).
+    """taskrunner: an asyncio task runner on Redis streams.
 
     \b
     Example:
-      taskrunner worker examples.quickstart:tr --concurrency 50
+      taskrunner worker examples.quickstart:tr
+      taskrunner enqueue examples.quickstart:tr add '[1, 2]' --wait
+      taskrunner info examples.quickstart:tr
     """
-    logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT)
-    runner = load_app(app)
-    w = runner.worker(
-        queues=queues or None, concurrency=concurrency, burst=burst, grace_period=grace_period
-    )
-    run_async(w.run)
 
+
+main.add_command(worker)
+main.add_command(enqueue)
+main.add_command(info)
+
+
+def _add_optional(module_name: str) -> None:
+    """Add the commands of an optional module (a click command or group it defines)."""
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:
+            raise
+        return
+    for value in vars(module).values():
+        if isinstance(value, click.Command) and value.name not in main.commands:
+            if value is main or getattr(value.callback, "__module__", module_name) != module_name:
+                continue
+            main.add_command(value)
+
+
+_add_optional("taskrunner.cli.deadletters")
 
 if __name__ == "__main__":  # pragma: no cover
     main()

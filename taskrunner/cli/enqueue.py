@@ -1,0 +1,121 @@
+"""``taskrunner enqueue``: send a job from the shell, validated like a Python caller's."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+import pydantic
+
+from taskrunner.cli._common import USAGE_ERROR, example, fail, load_app, run_async, settings_for
+from taskrunner.exceptions import JobError
+from taskrunner.runner import TaskRunner
+from taskrunner.task import Call, EnqueueOptions, TaskDefinition
+
+EXAMPLE = """
+taskrunner enqueue examples.quickstart:tr add '[1, 2]' --wait
+taskrunner enqueue examples.quickstart:tr greet '{"name": "world"}' --delay 10
+"""
+
+
+@click.command(
+    help="Enqueue a job of TASK from APP and print its id.\n\n"
+    "ARGS is JSON: an array of positional arguments or an object of keyword arguments "
+    "(default: none). They are validated against the task's signature exactly as "
+    "task.enqueue(...) validates them; nothing is sent when they do not fit. With "
+    "--wait, the job's result is printed as JSON instead." + example(EXAMPLE)
+)
+@click.argument("app")
+@click.argument("task")
+@click.argument("args", required=False)
+@click.option("--delay", type=float, help="Run it no earlier than this many seconds from now.")
+@click.option("--queue", "-q", help="Queue to send it to. [default: the task's queue]")
+@click.option("--job-id", help="A job id of your choice (enqueue is idempotent while it exists).")
+@click.option("--wait", is_flag=True, help="Wait until the job is final; print its result.")
+@click.option("--timeout", type=float, help="With --wait: give up after this many seconds.")
+def enqueue(
+    app: str,
+    task: str,
+    args: str | None,
+    delay: float | None,
+    queue: str | None,
+    job_id: str | None,
+    wait: bool,
+    timeout: float | None,
+) -> None:
+    if delay is not None and delay < 0:
+        fail(f"--delay must be zero or more, got {delay:g}", USAGE_ERROR)
+    runner = load_app(app)
+    settings_for({}, runner)
+    definition = runner.registry.get(task)
+    if definition is None:
+        known = ", ".join(sorted(runner.registry)) or "none"
+        fail(f"{app} has no task {task!r} (tasks: {known})", USAGE_ERROR)
+    positional, keywords = parse_args(args)
+    call: Call[Any] = Call(
+        definition, positional, keywords, EnqueueOptions(delay=delay, job_id=job_id, queue=queue)
+    )
+
+    async def main() -> None:
+        async with runner:
+            job_id = await send(runner, call)
+            if wait:
+                await print_result(runner, definition, job_id, call.options.queue, timeout)
+            else:
+                click.echo(job_id)
+
+    run_async(main)
+
+
+def parse_args(text: str | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """ARGS: a JSON array (positional) or object (keyword); nothing when absent."""
+    if text is None:
+        return (), {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        fail(f"ARGS is not valid JSON ({exc}): {text!r}", USAGE_ERROR)
+    if isinstance(value, list):
+        return tuple(value), {}
+    if isinstance(value, dict):
+        return (), value
+    fail(f"ARGS must be a JSON array or object, got {type(value).__name__}", USAGE_ERROR)
+
+
+async def send(runner: TaskRunner, call: Call[Any]) -> str:
+    """Validate and write one job; a bad argument exits with one line and writes nothing."""
+    try:
+        jobs = await runner.enqueue_many([call])
+    except pydantic.ValidationError as exc:
+        fail(f"invalid arguments for {call.task.name}: {describe(exc)}", USAGE_ERROR)
+    except TypeError as exc:
+        fail(f"invalid arguments for {call.task.name}: {exc}", USAGE_ERROR)
+    return jobs[0].id
+
+
+def describe(exc: pydantic.ValidationError) -> str:
+    """One line: ``x: Input should be a valid integer (got 'a'); ...``."""
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"]) or "arguments"
+        parts.append(f"{where}: {error['msg']} (got {error['input']!r})")
+    return "; ".join(parts)
+
+
+async def print_result(
+    runner: TaskRunner,
+    definition: TaskDefinition,
+    job_id: str,
+    queue: str | None,
+    timeout: float | None,
+) -> None:
+    """Wait for the job; print its result as JSON, or one line and exit 1 if it failed."""
+    job = runner.job(job_id, queue or definition.queue)
+    try:
+        value = await job.result(timeout=timeout)
+    except TimeoutError:
+        fail(f"job {job_id} did not finish within {timeout:g}s (the job itself goes on)")
+    except JobError as exc:
+        fail(str(exc))
+    click.echo(definition.codec.result.encode(value))

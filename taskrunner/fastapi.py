@@ -1,0 +1,82 @@
+"""FastAPI integration: the TaskRunner in every route, without a global.
+
+Open the runner (and, if you like, a worker) in the app's lifespan and put it on
+``app.state``; routes then ask for it with ``TaskRunnerDep``::
+
+    from contextlib import asynccontextmanager
+    from fastapi import FastAPI
+    from taskrunner.fastapi import TaskRunnerDep
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        async with tr, tr.worker(concurrency=10):  # drop tr.worker(...) to only enqueue
+            app.state.taskrunner = tr
+            yield
+
+    app = FastAPI(lifespan=lifespan)
+
+    @app.get("/jobs/{job_id}")
+    async def status(job_id: str, runner: TaskRunnerDep) -> dict[str, str]:
+        return {"status": await runner.job(job_id).status()}
+
+``async with tr.worker(...)`` starts the worker in the background of the lifespan and
+returns once it is ready, so it consumes before the first request is served. It
+installs no signal handlers: the server (uvicorn) owns SIGINT/SIGTERM and runs the
+lifespan's exit, where the worker stops reading and lets running jobs finish within
+its ``grace_period`` before handing the rest back to the queue.
+
+``lifespan(tr, worker=True, concurrency=10)`` below is the same lifespan, ready-made.
+The lifespan may also yield ``{"taskrunner": tr}`` (lifespan state) instead of setting
+``app.state``; the dependency looks in both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Request
+
+from taskrunner.runner import TaskRunner
+
+STATE_KEY = "taskrunner"
+
+
+def get_taskrunner(request: Request) -> TaskRunner:
+    """The app's TaskRunner, from lifespan state or ``app.state.taskrunner``."""
+    runner = getattr(request.state, STATE_KEY, None)
+    if runner is None:
+        runner = getattr(request.app.state, STATE_KEY, None)
+    if not isinstance(runner, TaskRunner):
+        raise RuntimeError(  # noqa: TRY004 - a setup mistake, not a bad argument
+            "no TaskRunner for this app: set app.state.taskrunner = tr (or yield "
+            '{"taskrunner": tr}) in the lifespan, inside `async with tr:`'
+        )
+    return runner
+
+
+TaskRunnerDep = Annotated[TaskRunner, Depends(get_taskrunner)]
+"""A route parameter annotated with this receives the app's TaskRunner."""
+
+
+def lifespan(
+    runner: TaskRunner, *, worker: bool = False, **worker_options: Any
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """A lifespan that opens ``runner`` for the app's lifetime and sets
+    ``app.state.taskrunner``; with ``worker=True`` it also runs
+    ``runner.worker(**worker_options)`` in the background of the app."""
+
+    @asynccontextmanager
+    async def run(app: FastAPI) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            await stack.enter_async_context(runner)
+            if worker:
+                await stack.enter_async_context(runner.worker(**worker_options))
+            app.state.taskrunner = runner
+            try:
+                yield
+            finally:
+                del app.state.taskrunner
+
+    return run
