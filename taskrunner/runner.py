@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 from taskrunner import scripts
 from taskrunner.client import Client
 from taskrunner.codec import ResultCodec
+from taskrunner.connection import connect
 from taskrunner.embedded import EmbeddedRedis
 from taskrunner.exceptions import ConfigurationError, TaskrunnerError, UnknownOptionError
 from taskrunner.job import Job, JobInfo
@@ -234,7 +235,7 @@ class TaskRunner:
         self._client = Client(redis, self.namespace, self.result_ttl)
 
     def _redis(self, url: str) -> Redis:
-        return Redis.from_url(
+        return connect(
             url,
             decode_responses=True,
             socket_timeout=self.socket_timeout,

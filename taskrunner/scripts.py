@@ -4,6 +4,12 @@ Each script lives in ``taskrunner/lua/NAME.lua`` and is documented there (its
 KEYS, ARGV and reply). Scripts are loaded once per server and called by SHA; a
 server that lost them (a restart) gets them again on the NOSCRIPT error. The
 builders below are the only places that know each script's KEYS and ARGV order.
+
+Every script also exists as a *batch* version: the script's body wrapped in a Lua
+function and called once per job by a small driver, so N calls of one script on
+one queue cost one EVALSHA (one command to pack, one reply to parse) instead of N.
+``run_many`` groups calls that way; a batch is atomic as a whole, which is at
+least as strong as each call being atomic on its own.
 """
 
 from __future__ import annotations
@@ -22,15 +28,37 @@ from taskrunner.keys import GROUP, QueueKeys
 Arg = str | int | float
 
 
-class Script:
-    """One Lua script, identified by the SHA1 of its source."""
+_BATCH_DRIVER = """
+local n = tonumber(ARGV[1])
+local ki, ai = 1, 2 + 2 * n
+local out = {}
+for i = 1, n do
+  local nk, na = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
+  out[i] = one({unpack(KEYS, ki, ki + nk - 1)}, {unpack(ARGV, ai, ai + na - 1)})
+  ki = ki + nk
+  ai = ai + na
+end
+return out
+"""
+"""Runs ``one(KEYS, ARGV)`` per call. ARGV: n, then (n_keys, n_args) per call, then
+every call's args in order; KEYS: every call's keys in order."""
 
-    __slots__ = ("name", "sha", "source")
+
+def _sha(source: str) -> str:
+    return hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
+
+
+class Script:
+    """One Lua script, identified by the SHA1 of its source, and its batch version."""
+
+    __slots__ = ("batch_sha", "batch_source", "name", "sha", "source")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.source = resources.files("taskrunner").joinpath(f"lua/{name}.lua").read_text()
-        self.sha = hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest()
+        self.sha = _sha(self.source)
+        self.batch_source = f"local function one(KEYS, ARGV)\n{self.source}\nend\n{_BATCH_DRIVER}"
+        self.batch_sha = _sha(self.batch_source)
 
     def __repr__(self) -> str:
         return f"Script({self.name!r})"
@@ -62,6 +90,7 @@ async def load_all(redis: Redis) -> None:
     pipe = redis.pipeline(transaction=False)
     for script in ALL:
         pipe.script_load(script.source)
+        pipe.script_load(script.batch_source)
     await pipe.execute()
 
 
@@ -79,18 +108,18 @@ async def run(redis: Redis, call: ScriptCall) -> Any:
 async def run_many(
     redis: Redis, calls: Sequence[ScriptCall], *, raise_on_error: bool = True
 ) -> list[Any]:
-    """Run many scripts in one pipelined round trip (not a transaction).
+    """Run many scripts in one pipelined round trip (not a transaction). Calls of the
+    same script on the same queue go as one batch EVALSHA.
 
-    With ``raise_on_error=False`` a script's error is returned in its place."""
+    With ``raise_on_error=False`` a script's error is returned in its place (an error
+    in a batch is returned for every call of that batch)."""
     if not calls:
         return []
-    results = await _pipeline(redis, calls)
-    missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-    if missing:
+    groups = _group(calls)
+    results = await _pipeline(redis, calls, groups)
+    if any(isinstance(r, NoScriptError) for r in results):
         await load_all(redis)
-        again = await _pipeline(redis, [calls[i] for i in missing])
-        for i, result in zip(missing, again, strict=True):
-            results[i] = result
+        results = await _pipeline(redis, calls, groups)
     if raise_on_error:
         for result in results:
             if isinstance(result, Exception):
@@ -98,11 +127,50 @@ async def run_many(
     return results
 
 
-async def _pipeline(redis: Redis, calls: Sequence[ScriptCall]) -> list[Any]:
+def _group(calls: Sequence[ScriptCall]) -> list[list[int]]:
+    """Indexes of calls grouped by script and hash slot (the key's ``{tag}``)."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for index, call in enumerate(calls):
+        first = call.keys[0]
+        tag = first[first.find("{") : first.find("}") + 1]
+        groups.setdefault((call.script.name, tag), []).append(index)
+    return list(groups.values())
+
+
+async def _pipeline(
+    redis: Redis, calls: Sequence[ScriptCall], groups: list[list[int]]
+) -> list[Any]:
     pipe = cast(Any, redis.pipeline(transaction=False))
+    for group in groups:
+        if len(group) == 1:
+            call = calls[group[0]]
+            pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+        else:
+            _batch(pipe, [calls[i] for i in group])
+    replies = await pipe.execute(raise_on_error=False)
+    results: list[Any] = [None] * len(calls)
+    for group, reply in zip(groups, replies, strict=True):
+        if len(group) == 1:
+            results[group[0]] = reply
+        elif isinstance(reply, Exception):
+            for index in group:
+                results[index] = reply
+        else:
+            for index, value in zip(group, reply, strict=True):
+                results[index] = value
+    return results
+
+
+def _batch(pipe: Any, calls: Sequence[ScriptCall]) -> None:
+    keys: list[str] = []
+    sizes: list[int] = []
+    args: list[Arg] = []
     for call in calls:
-        pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
-    return list(await pipe.execute(raise_on_error=False))
+        keys.extend(call.keys)
+        args.extend(call.args)
+        sizes.append(len(call.keys))
+        sizes.append(len(call.args))
+    pipe.evalsha(calls[0].script.batch_sha, len(keys), *keys, len(calls), *sizes, *args)
 
 
 # -- builders: one per script, the only code that knows its KEYS and ARGV ------------

@@ -58,7 +58,11 @@ MakeRunner = Callable[..., TaskRunner]
 
 
 async def namespace_keys(redis: Redis, namespace: str) -> set[str]:
-    return {key async for key in redis.scan_iter(match=f"{namespace}:*")}
+    """Every key of the namespace but the workers' presence set, which heartbeats
+    write on their own schedule (it says nothing about jobs or locks)."""
+    return {
+        key async for key in redis.scan_iter(match=f"{namespace}:*") if not key.endswith(":workers")
+    }
 
 
 async def job_keys(redis: Redis, namespace: str) -> set[str]:
