@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import anyio
@@ -68,14 +69,18 @@ class Client:
         return self.job_from_reply(ctx, await scripts.run(self.redis, self.write_call(ctx)))
 
     async def write_many(
-        self, contexts: Sequence[EnqueueContext], middleware: Sequence[Middleware]
+        self,
+        contexts: Sequence[EnqueueContext],
+        layers: Callable[[EnqueueContext], Sequence[Middleware]],
     ) -> list[Job[Any]]:
-        """Write many jobs in one pipeline, each through the enqueue side of ``middleware``."""
-        if not middleware:
+        """Write many jobs in one pipeline, each through the enqueue middleware
+        ``layers(ctx)`` gives for it (none: the write is built directly)."""
+        if not any(layers(ctx) for ctx in contexts):
+            if len(contexts) == 1:
+                return [await self.write(contexts[0])]
             replies = await scripts.run_many(self.redis, [self.write_call(c) for c in contexts])
             return [self.job_from_reply(c, r) for c, r in zip(contexts, replies, strict=True)]
-        batch = _EnqueueBatch(self, len(contexts))
-        return await batch.run(contexts, build_enqueue_chain(middleware, batch.write))
+        return await _EnqueueBatch(self, len(contexts)).run(contexts, layers)
 
     # -- reading -------------------------------------------------------------------
 
@@ -123,16 +128,28 @@ class _EnqueueBatch:
         self._written: set[int] = set()
         self._calls: list[scripts.ScriptCall] = []
         self._replies: list[Any] = []
-        self._arrived = anyio.Event()
-        self._flushed = anyio.Event()
+        self._arrived = asyncio.Event()
+        self._flushed = asyncio.Event()
+        self._chains: dict[tuple[int, ...], EnqueueNext] = {}
 
-    async def run(self, contexts: Sequence[EnqueueContext], chain: EnqueueNext) -> list[Job[Any]]:
+    def _chain(self, layers: Sequence[Middleware]) -> EnqueueNext:
+        key = tuple(id(mw) for mw in layers)
+        found = self._chains.get(key)
+        if found is None:
+            found = self._chains[key] = build_enqueue_chain(layers, self.write)
+        return found
+
+    async def run(
+        self,
+        contexts: Sequence[EnqueueContext],
+        layers: Callable[[EnqueueContext], Sequence[Middleware]],
+    ) -> list[Job[Any]]:
         jobs: list[Job[Any] | None] = [None] * len(contexts)
         errors: list[Exception] = []
 
         async def one(index: int, ctx: EnqueueContext) -> None:
             try:
-                jobs[index] = await chain(ctx)
+                jobs[index] = await self._chain(layers(ctx))(ctx)
             except Exception as exc:  # noqa: BLE001 - re-raised below, not in an ExceptionGroup
                 errors.append(exc)
             finally:

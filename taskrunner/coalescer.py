@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -15,15 +16,6 @@ from taskrunner import scripts
 logger = logging.getLogger("taskrunner.worker")
 
 
-class _Slot:
-    __slots__ = ("call", "done", "result")
-
-    def __init__(self, call: scripts.ScriptCall) -> None:
-        self.call = call
-        self.done = anyio.Event()
-        self.result: Any = None
-
-
 class Coalescer:
     """Callers ``submit`` a script call and wait for its reply; a flusher sends what has
     gathered meanwhile as one pipeline. While one pipeline is in flight the next batch
@@ -34,33 +26,32 @@ class Coalescer:
     def __init__(self, redis: Redis, max_batch: int = 1000) -> None:
         self._redis = redis
         self._max_batch = max_batch
-        self._pending: list[_Slot] = []
-        self._wakeup = anyio.Event()
+        self._pending: list[tuple[scripts.ScriptCall, asyncio.Future[Any]]] = []
+        self._wakeup = asyncio.Event()
 
     async def submit(self, call: scripts.ScriptCall) -> Any:
-        slot = _Slot(call)
-        self._pending.append(slot)
+        """Queue ``call`` for the next pipeline and wait for its reply. A script error
+        (e.g. OOM) is raised to its caller only, not to the rest of the batch."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((call, future))
         self._wakeup.set()
-        await slot.done.wait()
-        if isinstance(slot.result, Exception):
-            raise slot.result  # a script error (e.g. OOM): this caller's, not the batch's
-        return slot.result
+        return await future
 
     async def run(self) -> None:
         """Flush forever; cancel it only once nothing more will be submitted."""
         while True:
             await self._wakeup.wait()
-            self._wakeup = anyio.Event()
+            self._wakeup.clear()
             while self._pending:
                 batch = self._pending[: self._max_batch]
                 del self._pending[: self._max_batch]
                 await self._flush(batch)
 
-    async def _flush(self, batch: list[_Slot]) -> None:
+    async def _flush(self, batch: list[tuple[scripts.ScriptCall, asyncio.Future[Any]]]) -> None:
         delay = 0.05
         while True:
             try:
-                calls = [slot.call for slot in batch]
+                calls = [call for call, _ in batch]
                 results = await scripts.run_many(self._redis, calls, raise_on_error=False)
                 break
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
@@ -69,6 +60,10 @@ class Coalescer:
                 )
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 2.0)
-        for slot, result in zip(batch, results, strict=True):
-            slot.result = result
-            slot.done.set()
+        for (_, future), result in zip(batch, results, strict=True):
+            if future.done():  # its caller was cancelled; the commit happened anyway
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)

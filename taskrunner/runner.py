@@ -23,7 +23,17 @@ from taskrunner.embedded import EmbeddedRedis
 from taskrunner.exceptions import ConfigurationError, TaskrunnerError, UnknownOptionError
 from taskrunner.job import Job, JobInfo
 from taskrunner.keys import DEFAULT_NAMESPACE
-from taskrunner.middleware.base import EnqueueContext, Middleware, TaskOptions
+from taskrunner.middleware.base import (
+    EnqueueContext,
+    ExecuteNext,
+    ExecutionContext,
+    Middleware,
+    Outcome,
+    TaskOptions,
+    build_execute_chain,
+    enqueue_layers,
+    execute_layers,
+)
 from taskrunner.middleware.lease import LeaseMiddleware
 from taskrunner.middleware.retry import RetryMiddleware
 from taskrunner.middleware.timeout import TimeoutMiddleware
@@ -94,6 +104,8 @@ class TaskRunner:
         ]
         self._option_owners = self._collect_option_owners()
         self.registry: dict[str, TaskDefinition] = {}
+        self._enqueue_cache: dict[str, list[Middleware]] = {}
+        self._execute_cache: dict[str, ExecuteNext] = {}
         self._client: Client | None = None
         self._embedded: EmbeddedRedis | None = None
         self._entered = 0
@@ -269,12 +281,28 @@ class TaskRunner:
     async def enqueue_many(self, calls: Iterable[Call[R]]) -> list[Job[R]]:
         """Validate every call, then write them in pipelined batches (order kept)."""
         contexts = [self._context(call) for call in calls]
-        enqueuers = [mw for mw in self.middleware if type(mw).enqueue is not Middleware.enqueue]
         jobs: list[Job[Any]] = []
         for start in range(0, len(contexts), ENQUEUE_BATCH):
             batch = contexts[start : start + ENQUEUE_BATCH]
-            jobs.extend(await self.client.write_many(batch, enqueuers))
+            jobs.extend(await self.client.write_many(batch, self._enqueue_layers))
         return jobs
+
+    def _enqueue_layers(self, ctx: EnqueueContext) -> list[Middleware]:
+        """The enqueue middleware of ``ctx``'s task (computed once per task)."""
+        found = self._enqueue_cache.get(ctx.task.name)
+        if found is None:
+            found = enqueue_layers(self.middleware, ctx.task)
+            self._enqueue_cache[ctx.task.name] = found
+        return found
+
+    def execute_chain(self, task: TaskDefinition) -> ExecuteNext:
+        """``task``'s execution chain (built once): the middleware that apply to it
+        around the call of the function."""
+        found = self._execute_cache.get(task.name)
+        if found is None:
+            layers = execute_layers(self.middleware, task)
+            found = self._execute_cache[task.name] = build_execute_chain(layers, call_task)
+        return found
 
     def _context(self, call: Call[Any]) -> EnqueueContext:
         definition, opts = call.task, call.options
@@ -355,3 +383,8 @@ def _is_async(fn: Callable[..., Any]) -> bool:
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
         getattr(fn, "__call__", None)  # noqa: B004
     )
+
+
+async def call_task(ctx: ExecutionContext) -> Outcome:
+    """The innermost layer of every execution chain: run the function."""
+    return Outcome.succeeded(await ctx.task.fn(*ctx.args, **ctx.kwargs))

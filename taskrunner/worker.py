@@ -8,6 +8,7 @@ outcome the chain returns, coalescing commits into pipelined round trips.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
@@ -22,7 +23,6 @@ from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
-from anyio.streams.memory import MemoryObjectReceiveStream
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
@@ -38,7 +38,6 @@ from taskrunner.middleware.base import (
     ExecutionContext,
     Outcome,
     OutcomeKind,
-    build_execute_chain,
 )
 
 if TYPE_CHECKING:
@@ -103,7 +102,7 @@ class Worker:
         self.keys: dict[str, QueueKeys] = {}
         self.running: dict[str, ExecutionContext] = {}
         self._free = concurrency
-        self._slot_freed = anyio.Event()
+        self._slot_freed = asyncio.Event()
         self._due = anyio.Event()
         self._stopping = anyio.Event()
         self._seq = 0
@@ -112,9 +111,9 @@ class Worker:
         self._reader_scope: anyio.CancelScope | None = None
         self._reader_id: int | None = None
         self._background: TaskGroup | None = None
-        self._chain = build_execute_chain(runner.middleware, self._call_task)
         self.redis: Redis
         self._coalescer: Coalescer
+        self._queue: asyncio.Queue[Claimed | None]
 
     # -- public lifecycle ---------------------------------------------------------------
 
@@ -199,7 +198,7 @@ class Worker:
             raise
         self._release(len(entries) - len(claimed))
         for item in claimed:
-            await self._send.send(item)
+            self._queue.put_nowait(item)
 
     def next_token(self) -> str:
         self._seq += 1
@@ -238,12 +237,12 @@ class Worker:
         logger.info("worker %s stopped", self.id)
 
     async def _consume(self, blocking: Redis, task_status: TaskStatus[None]) -> None:
-        send, receive = anyio.create_memory_object_stream[Claimed](self.concurrency)
-        self._send = send
+        # asyncio primitives on the hot path: redis-py's client ties us to asyncio anyway,
+        # and asyncio.Queue/Event/futures cost a tenth of anyio's memory streams and events.
+        self._queue = asyncio.Queue()
         async with anyio.create_task_group() as jobs:
             for _ in range(self.concurrency):
-                jobs.start_soon(self._consumer, receive.clone())
-            receive.close()
+                jobs.start_soon(self._consumer)
             logger.info(
                 "worker %s ready: queues %s, concurrency %d",
                 self.id,
@@ -251,13 +250,12 @@ class Worker:
                 self.concurrency,
             )
             task_status.started()
-            try:
-                await self._read(blocking)
-            finally:
-                send.close()  # also when cancelled: no unclosed stream left behind
-            await self._drain(jobs)
+            await self._read(blocking)
+            await self._drain()
+            for _ in range(self.concurrency):
+                self._queue.put_nowait(None)  # each consumer ends after what is queued
 
-    async def _drain(self, jobs: TaskGroup) -> None:
+    async def _drain(self) -> None:
         with anyio.move_on_after(self.grace_period):
             while self.running or self._free < self.concurrency:
                 await self._slot_event()
@@ -271,7 +269,7 @@ class Worker:
         if n:
             self._free += n
             self._slot_freed.set()
-            self._slot_freed = anyio.Event()
+            self._slot_freed = asyncio.Event()
 
     # -- reading and claiming ------------------------------------------------------------
 
@@ -426,19 +424,19 @@ class Worker:
 
     # -- running -------------------------------------------------------------------------
 
-    async def _consumer(self, receive: MemoryObjectReceiveStream[Claimed]) -> None:
-        async with receive:
-            async for item in receive:
-                try:
-                    await self._run(item)
-                except Exception:  # a bug: keep the worker alive; the entry stays pending
-                    logger.exception(
-                        "job %s %s: internal error; it will be reclaimed",
-                        item.job_id,
-                        item.task_name,
-                    )
-                finally:
-                    self._release(1)
+    async def _consumer(self) -> None:
+        """One of ``concurrency`` long-lived consumers: runs claimed jobs one at a time."""
+        while (item := await self._queue.get()) is not None:
+            try:
+                await self._run(item)
+            except Exception:  # a bug: keep the worker alive; the entry stays pending
+                logger.exception(
+                    "job %s %s: internal error; it will be reclaimed",
+                    item.job_id,
+                    item.task_name,
+                )
+            finally:
+                self._release(1)
 
     async def _run(self, item: Claimed) -> None:
         task = self.runner.registry.get(item.task_name)
@@ -495,7 +493,7 @@ class Worker:
             started = time.perf_counter()
             logger.info("job %s %s attempt %d started", job.id, job.task, job.attempt)
             try:
-                outcome = await self._chain(ctx)
+                outcome = await self.runner.execute_chain(task)(ctx)
             except Exception as exc:  # noqa: BLE001 - the task's own error is its outcome
                 outcome = Outcome.failed(ErrorInfo.from_exception(exc))
             finally:
@@ -515,10 +513,6 @@ class Worker:
             time.perf_counter() - started,
         )
         return outcome
-
-    async def _call_task(self, ctx: ExecutionContext) -> Outcome:
-        """The innermost layer: run the function."""
-        return Outcome.succeeded(await ctx.task.fn(*ctx.args, **ctx.kwargs))
 
     async def _commit(self, item: Claimed, task: TaskDefinition | None, outcome: Outcome) -> None:
         payload = self._payload(item, task, outcome)

@@ -138,6 +138,12 @@ class Middleware:
     async def execute(self, ctx: ExecutionContext, call_next: ExecuteNext) -> Outcome:
         return await call_next(ctx)
 
+    def applies_to(self, task: TaskDefinition) -> bool:
+        """Whether this middleware takes part in ``task``'s jobs. One that does not is
+        left out of that task's chains, so an unused layer costs nothing per job (a
+        unique-jobs layer for a task without ``lock=``, a timeout layer with no timeout)."""
+        return True
+
     async def on_worker_start(self, worker: Worker) -> None:
         """Called once when a worker starts, before it reads any job."""
 
@@ -147,6 +153,24 @@ class Middleware:
     def options(self, task: TaskDefinition, model: type[OptionsT]) -> OptionsT:
         """This middleware's options for ``task`` (defaults when the task set none)."""
         return task.options_for(model)
+
+
+def enqueue_layers(middleware: Sequence[Middleware], task: TaskDefinition) -> list[Middleware]:
+    """The middleware that wrap ``task``'s enqueue, outermost first."""
+    return [
+        mw
+        for mw in middleware
+        if type(mw).enqueue is not Middleware.enqueue and mw.applies_to(task)
+    ]
+
+
+def execute_layers(middleware: Sequence[Middleware], task: TaskDefinition) -> list[Middleware]:
+    """The middleware that wrap ``task``'s execution, outermost first."""
+    return [
+        mw
+        for mw in middleware
+        if type(mw).execute is not Middleware.execute and mw.applies_to(task)
+    ]
 
 
 def build_enqueue_chain(middleware: Sequence[Middleware], terminal: EnqueueNext) -> EnqueueNext:

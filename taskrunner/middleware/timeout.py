@@ -15,6 +15,7 @@ from taskrunner.middleware.base import (
     Outcome,
     TaskOptions,
 )
+from taskrunner.task import TaskDefinition
 
 
 class TimeoutOptions(TaskOptions):
@@ -34,6 +35,9 @@ class TimeoutMiddleware(Middleware):
 
     def __init__(self, default: float | None = None) -> None:
         self.default = default
+
+    def applies_to(self, task: TaskDefinition) -> bool:
+        return self.default is not None or task.options_for(TimeoutOptions).timeout is not None
 
     async def execute(self, ctx: ExecutionContext, call_next: ExecuteNext) -> Outcome:
         opts = self.options(ctx.task, TimeoutOptions)

@@ -171,6 +171,9 @@ class UniqueMiddleware(Middleware):
         self.retry = retry
         """The retry policy that ``on_conflict="raise"`` at execution hands the error to."""
 
+    def applies_to(self, task: TaskDefinition) -> bool:
+        return task.options_for(UniqueOptions).lock is not None
+
     def ttl(self, opts: UniqueOptions) -> float:
         return self.lock_ttl if opts.lock_ttl is None else opts.lock_ttl
 
