@@ -20,7 +20,8 @@ if #pending == 0 then
   return {'gone'}
 end
 local deliveries = pending[1][4]
-local h = redis.call('HMGET', job, 'status', 'task', 'args', 'locks', 'abort', 'entry')
+local h = redis.call('HMGET', job, 'status', 'task', 'args', 'locks', 'abort', 'entry',
+  'attempts', 'reclaims')
 local status = h[1]
 if not status then
   return {'missing'}
@@ -36,13 +37,13 @@ if h[6] and h[6] ~= entry then
   return {'stray', h[6]}
 end
 local reclaimed = 0
+local attempts = (tonumber(h[7]) or 0) + 1
 if status == 'running' then
   reclaimed = 1
-  redis.call('HINCRBY', job, 'reclaims', 1)
+  redis.call('HSET', job, 'reclaims', (tonumber(h[8]) or 0) + 1)
 end
 redis.call('HSET', job, 'status', 'running', 'lease', ARGV[4], 'worker', consumer,
-  'started', ARGV[5], 'entry', entry)
-local attempts = redis.call('HINCRBY', job, 'attempts', 1)
+  'started', ARGV[5], 'entry', entry, 'attempts', attempts)
 local verdict = 'ok'
 if deliveries > tonumber(ARGV[6]) then
   verdict = 'poison'

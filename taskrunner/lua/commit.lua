@@ -20,14 +20,14 @@ if h[1] ~= ARGV[3] then
   end
   return 0
 end
-redis.call('HSET', job, 'committed', ARGV[3])
 redis.call('XACK', stream, group, entry)
 redis.call('XDEL', stream, entry)
 
 if outcome == 'retry' or outcome == 'reschedule' then
   local member = string.format('%016x', redis.call('INCR', seq)) .. ':' .. job_id
   redis.call('ZADD', delayed, ARGV[9], member)
-  redis.call('HSET', job, 'status', 'scheduled', 'member', member, 'due', ARGV[9], 'lease', '')
+  redis.call('HSET', job, 'status', 'scheduled', 'member', member, 'due', ARGV[9], 'lease', '',
+    'committed', ARGV[3])
   if outcome == 'retry' then
     redis.call('HSET', job, 'error', ARGV[7])
   else
@@ -39,16 +39,22 @@ if outcome == 'retry' or outcome == 'reschedule' then
 end
 if outcome == 'handback' then
   local new_entry = redis.call('XADD', stream, '*', 'job', job_id)
-  redis.call('HSET', job, 'status', 'queued', 'entry', new_entry, 'lease', '')
+  redis.call('HSET', job, 'status', 'queued', 'entry', new_entry, 'lease', '',
+    'committed', ARGV[3])
   redis.call('HINCRBY', job, 'attempts', -1)
   return 1
 end
 
-redis.call('HSET', job, 'status', outcome, 'finished', ARGV[6], 'lease', '')
+local detail = 'error'
 if outcome == 'succeeded' then
-  redis.call('HSET', job, 'result', ARGV[7])
-elseif ARGV[7] ~= '' then
-  redis.call('HSET', job, 'error', ARGV[7])
+  detail = 'result'
+end
+if outcome == 'succeeded' or ARGV[7] ~= '' then
+  redis.call('HSET', job, 'status', outcome, 'finished', ARGV[6], 'lease', '',
+    'committed', ARGV[3], detail, ARGV[7])
+else
+  redis.call('HSET', job, 'status', outcome, 'finished', ARGV[6], 'lease', '',
+    'committed', ARGV[3])
 end
 if outcome == 'dead' then
   redis.call('ZADD', dead, ARGV[6], job_id)

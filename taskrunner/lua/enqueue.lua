@@ -23,15 +23,18 @@ for i = 1, n_locks do
   locks[i] = KEYS[4 + i]
 end
 
-redis.call('HSET', job, 'task', ARGV[2], 'args', ARGV[3], 'queue', ARGV[4],
-  'enqueued', ARGV[5], 'due', ARGV[6], 'attempts', 0, 'locks', table.concat(locks, ' '))
+local function write(status, place, where)
+  redis.call('HSET', job, 'status', status, place, where, 'task', ARGV[2], 'args', ARGV[3],
+    'queue', ARGV[4], 'enqueued', ARGV[5], 'due', ARGV[6], 'attempts', 0,
+    'locks', table.concat(locks, ' '))
+end
 if due > now then
   local member = string.format('%016x', redis.call('INCR', seq)) .. ':' .. job_id
   redis.call('ZADD', delayed, due, member)
-  redis.call('HSET', job, 'status', 'scheduled', 'member', member)
+  write('scheduled', 'member', member)
   redis.call('PUBLISH', ARGV[7], 'due')
   return {1, member}
 end
 local entry = redis.call('XADD', stream, '*', 'job', job_id)
-redis.call('HSET', job, 'status', 'queued', 'entry', entry)
+write('queued', 'entry', entry)
 return {1, entry}
