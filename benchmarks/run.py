@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -62,6 +62,16 @@ class Metric:
     key: str
     label: str
     higher_is_better: bool = True
+    table: bool = True  # False: summarised in the JSON only
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One subprocess run of a multi-part workload; its metrics get ``_<suffix>`` appended."""
+
+    suffix: str
+    params: dict[str, Any]
+    min_timeout: float = 0.0  # seconds; the subprocess gets max(--timeout, this)
 
 
 @dataclass(frozen=True)
@@ -70,6 +80,45 @@ class WorkloadSpec:
     description: str
     params: dict[str, Any]
     metrics: tuple[Metric, ...]
+    scenarios: tuple[Scenario, ...] = ()
+    systems: tuple[str, ...] | None = None  # None: every system
+    min_timeout: float = 0.0
+    derive: Callable[[dict[str, Any]], None] | None = None  # adds metrics computed per run
+
+
+def derive_w4(metrics: dict[str, Any]) -> None:
+    """Per-run ratios of the cost with a big backlog (or the delayed set) to the 10k cost."""
+    for prefix in ("us_job", "worker_cpu_us_job", "redis_cpu_us_job"):
+        base = metrics.get(f"{prefix}_10k")
+        for other in ("1m", "delayed"):
+            value = metrics.get(f"{prefix}_{other}")
+            if base and value is not None:
+                name = prefix.removesuffix("us_job").replace("_", "") or "wall"
+                metrics[f"ratio_{name}_{other}"] = value / base
+
+
+def _us(key: str, label: str, table: bool = True) -> Metric:
+    return Metric(key, label, higher_is_better=False, table=table)
+
+
+W4_METRICS = (
+    _us("us_job_10k", "us/job 10k"),
+    _us("us_job_1m", "us/job 1M"),
+    _us("us_job_delayed", "us/job +100k delayed"),
+    _us("ratio_wall_1m", "1M/10k"),
+    _us("ratio_wall_delayed", "delayed/10k"),
+    *(
+        _us(f"{p}_us_job_{s}", f"{p} cpu us/job {s}", table=False)
+        for p in ("worker_cpu", "redis_cpu")
+        for s in ("10k", "1m", "delayed")
+    ),
+    *(
+        _us(f"ratio_{p}_{s}", f"{p} cpu {s}/10k", table=False)
+        for p in ("workercpu", "rediscpu")
+        for s in ("1m", "delayed")
+    ),
+    *(_us(f"fill_jobs_s_{s}", f"fill jobs/s {s}", table=False) for s in ("10k", "1m", "delayed")),
+)
 
 
 WORKLOADS: dict[str, WorkloadSpec] = {
@@ -98,11 +147,36 @@ WORKLOADS: dict[str, WorkloadSpec] = {
             Metric("latency_p99_ms", "p99 ms", higher_is_better=False),
         ),
     ),
-    # TODO(W4): add the next workload here (WorkloadSpec + a `workload_w4` coroutine in
-    #   benchmarks/systems/_common.py registered in its WORKLOADS dict). Not built yet.
-    # TODO(W5): same for W5.
+    "W4": WorkloadSpec(
+        "W4",
+        "scale: us per job over a 20k-job window with 10k / 1M jobs still waiting, "
+        "and with 10k waiting + 100k delayed jobs in the sorted set",
+        {"concurrency": 100, "window": 20_000, "warmup": 2_000},
+        W4_METRICS,
+        scenarios=(
+            Scenario("10k", {"backlog": 10_000}),
+            Scenario("1m", {"backlog": 1_000_000}, min_timeout=1200),
+            Scenario("delayed", {"backlog": 10_000, "delayed": 100_000}, min_timeout=600),
+        ),
+        systems=("floor", "taskrunner"),
+        derive=derive_w4,
+    ),
+    "W5": WorkloadSpec(
+        "W5",
+        "memory: worker RSS after 10k vs 200k noop jobs; Redis bytes per queued job and "
+        "per finished job (result kept)",
+        {"concurrency": 100, "small": 10_000, "large": 200_000},
+        (
+            Metric("rss_small_mb", "RSS MB @10k", higher_is_better=False),
+            Metric("rss_large_mb", "RSS MB @200k", higher_is_better=False),
+            Metric("rss_growth_mb", "RSS growth MB", higher_is_better=False),
+            Metric("redis_bytes_queued_job", "Redis B/queued", higher_is_better=False),
+            Metric("redis_bytes_finished_job", "Redis B/finished", higher_is_better=False),
+        ),
+        systems=("floor", "taskrunner"),
+        min_timeout=900,
+    ),
 }
-PLANNED = ("W4", "W5")  # accepted names that are not implemented yet
 
 
 # --------------------------------------------------------------------------- redis-server
@@ -190,13 +264,67 @@ def is_installed(python: str, spec: SystemSpec) -> bool:
     return res.returncode == 0
 
 
+def run_workload(
+    python: str,
+    spec: SystemSpec,
+    workload: WorkloadSpec,
+    url: str,
+    timeout: float,
+    run_index: int = 0,
+) -> dict[str, Any]:
+    """One measurement of ``workload``: one subprocess, or one per scenario (each after a
+    FLUSHALL), merged into one record whose metrics carry the scenario suffixes. Every
+    other run takes the scenarios in reverse order, so that a drift in machine load over a
+    run does not always favour the same scenario."""
+    timeout = max(timeout, workload.min_timeout)
+    if not workload.scenarios:
+        return run_once(python, spec, workload.name, workload.params, url, timeout)
+    merged: dict[str, Any] = {"metrics": {}, "scenarios": {}}
+    errors = []
+    order = workload.scenarios[::-1] if run_index % 2 else workload.scenarios
+    for sc in order:
+        params = {**workload.params, **sc.params}
+        t0 = time.monotonic()
+        result = run_once(python, spec, workload.name, params, url, max(timeout, sc.min_timeout))
+        merged["scenarios"][sc.suffix] = result
+        if "error" in result:
+            errors.append(f"{sc.suffix}: {result['error']}")
+        for key, value in result.get("metrics", {}).items():
+            merged["metrics"][f"{key}_{sc.suffix}"] = value
+        for key in ("versions", "settings", "loop"):
+            merged.setdefault(key, result.get(key))
+        status = result.get("error") or result.get("metrics", {}).get("skipped") or "ok"
+        print(
+            f"[{spec.name}]   {workload.name}/{sc.suffix}: {status} "
+            f"({time.monotonic() - t0:.1f}s){_fill_note(result)}",
+            flush=True,
+        )
+    if workload.derive is not None:
+        workload.derive(merged["metrics"])
+    if errors:
+        merged["error"] = "; ".join(errors)
+    return merged
+
+
+def _fill_note(result: dict[str, Any]) -> str:
+    metrics = result.get("metrics", {})
+    if not metrics.get("fill_s"):
+        return ""
+    return f", backlog filled in {metrics['fill_s']:.1f}s ({metrics['fill_jobs_s']:,.0f} jobs/s)"
+
+
 def run_once(
-    python: str, spec: SystemSpec, workload: WorkloadSpec, url: str, timeout: float
+    python: str,
+    spec: SystemSpec,
+    workload: str,
+    workload_params: dict[str, Any],
+    url: str,
+    timeout: float,
 ) -> dict[str, Any]:
     """One measurement in a fresh subprocess; returns its JSON line or an error record."""
     flushall(url)
-    params = {**workload.params, **spec.params, "timeout_s": max(timeout - 30, 10)}
-    cmd = [python, "-m", f"benchmarks.systems.{spec.module}", workload.name, url]
+    params = {**workload_params, **spec.params, "timeout_s": max(timeout - 30, 10)}
+    cmd = [python, "-m", f"benchmarks.systems.{spec.module}", workload, url]
     cmd.append(json.dumps(params))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     try:
@@ -240,10 +368,14 @@ def bench_system(
         return {"status": "not installed", "python": python}
     entry: dict[str, Any] = {"status": "ok", "python": python, "workloads": {}}
     for workload in workloads:
+        if workload.systems is not None and spec.name not in workload.systems:
+            print(f"[{spec.name}] {workload.name}: not measured for this system", flush=True)
+            entry["workloads"][workload.name] = {"status": "not measured"}
+            continue
         results = []
         for i in range(runs):
             t0 = time.monotonic()
-            result = run_once(python, spec, workload, url, timeout)
+            result = run_workload(python, spec, workload, url, timeout, i)
             status = result.get("error", "ok")
             print(
                 f"[{spec.name}] {workload.name} run {i + 1}/{runs}: {status} "
@@ -282,7 +414,7 @@ def table_rows(
 ) -> tuple[list[str], list[list[str]]]:
     header = ["system"]
     for workload in workloads:
-        header += [f"{workload.name} {m.label}" for m in workload.metrics]
+        header += [f"{workload.name} {m.label}" for m in workload.metrics if m.table]
     rows = []
     for name, entry in results.items():
         if entry["status"] != "ok":
@@ -292,9 +424,12 @@ def table_rows(
         for workload in workloads:
             wl = entry["workloads"].get(workload.name, {})
             failed = bool(wl.get("errors")) and not wl.get("summary")
-            for metric in workload.metrics:
+            for metric in (m for m in workload.metrics if m.table):
                 stat = wl.get("summary", {}).get(metric.key)
-                row.append("FAILED" if failed else fmt_value(stat))
+                if wl.get("status") == "not measured":
+                    row.append("n/a")
+                else:
+                    row.append("FAILED" if failed else fmt_value(stat))
         rows.append(row)
     return header, rows
 
@@ -321,10 +456,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
     names = ",".join(s.name for s in SYSTEMS)
     parser.add_argument("--only", default="", help=f"comma-separated subset of: {names}")
-    parser.add_argument("--workloads", default="W1,W2,W3", help="comma-separated, e.g. W1,W3")
+    parser.add_argument(
+        "--workloads",
+        default="W1,W2,W3",
+        help="comma-separated, e.g. W1,W3; W4,W5 (slow: minutes per run) run on demand",
+    )
     parser.add_argument("--runs", type=int, default=3, help="repetitions per measurement")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write results")
-    parser.add_argument("--timeout", type=float, default=300, help="seconds per subprocess")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=300,
+        help="seconds per subprocess (W4's 1M scenario and W5 get at least 1200 / 900)",
+    )
     return parser.parse_args(argv)
 
 
@@ -336,8 +480,6 @@ def select(args: argparse.Namespace) -> tuple[list[SystemSpec], list[WorkloadSpe
     systems = [s for s in SYSTEMS if not wanted or s.name in wanted]
     workloads = []
     for name in (w.strip().upper() for w in args.workloads.split(",") if w.strip()):
-        if name in PLANNED:
-            raise SystemExit(f"{name} is planned but not implemented yet (see TODO in run.py)")
         if name not in WORKLOADS:
             raise SystemExit(f"unknown workload {name}; choose from {', '.join(WORKLOADS)}")
         workloads.append(WORKLOADS[name])

@@ -42,7 +42,7 @@ class Floor:
         self.redis: aioredis.Redis | None = None
         self.ack_each = False
         self._tasks: list[asyncio.Task[Any]] = []
-        self._stopping = False
+        self._consumer: _Consumer | None = None
 
     @property
     def r(self) -> aioredis.Redis:
@@ -78,15 +78,28 @@ class Floor:
                     pipe.xadd(STREAM, {"t": kind, "a": "0"})
                 await pipe.execute()
 
+    async def settled(self) -> bool:
+        """Every delivered entry acknowledged (the floor keeps acked entries in the stream)."""
+        pending = await self.r.xpending(STREAM, GROUP)
+        return int(pending["pending"]) == 0
+
     async def start_worker(self, concurrency: int) -> None:
         await self._ensure_group()
-        self._stopping = False
         worker = _Consumer(self.r, concurrency, self.ack_each)
+        self._consumer = worker
         self._tasks = [asyncio.create_task(worker.read_loop())]
         if not self.ack_each:
             self._tasks.append(asyncio.create_task(worker.ack_loop()))
 
     async def stop_worker(self) -> None:
+        # Stop the loops by flag first (each ends after its current command), then cancel:
+        # cancelling a busy loop inside a redis-py command was seen to hang for seconds.
+        if self._consumer is not None:
+            self._consumer.stopping = True
+            self._consumer.slot_free.set()
+            self._consumer.ack_ready.set()
+            await asyncio.wait(self._tasks, timeout=5)
+            self._consumer = None
         for task in self._tasks:
             await cancel_task(task)
         self._tasks = []
@@ -101,9 +114,10 @@ class _Consumer:
         self.slot_free = asyncio.Event()
         self.pending_acks: list[bytes] = []
         self.ack_ready = asyncio.Event()
+        self.stopping = False
 
     async def read_loop(self) -> None:
-        while True:
+        while not self.stopping:
             free = self.concurrency - len(self.in_flight)
             if free <= 0:
                 self.slot_free.clear()
@@ -137,7 +151,7 @@ class _Consumer:
             self.ack_ready.set()
 
     async def ack_loop(self) -> None:
-        while True:
+        while not self.stopping:
             await self.ack_ready.wait()
             self.ack_ready.clear()
             ids, self.pending_acks = self.pending_acks, []
