@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -122,6 +123,10 @@ class Client:
         return JobStatus.RUNNING if reply == "aborting" else JobStatus(reply)
 
 
+_wrote: contextvars.ContextVar[list[bool]] = contextvars.ContextVar("taskrunner_wrote")
+"""Whether the enqueue chain running in this task has reached the write."""
+
+
 class _EnqueueBatch:
     """Runs each context through the enqueue chain concurrently; the chains' writes are
     collected and sent in one pipeline once every chain has either written or left."""
@@ -129,7 +134,6 @@ class _EnqueueBatch:
     def __init__(self, client: Client, size: int) -> None:
         self._client = client
         self._undecided = size
-        self._written: set[int] = set()
         self._calls: list[scripts.ScriptCall] = []
         self._replies: list[Any] = []
         self._arrived = asyncio.Event()
@@ -152,13 +156,15 @@ class _EnqueueBatch:
         errors: list[Exception] = []
 
         async def one(index: int, ctx: EnqueueContext) -> None:
+            wrote = _wrote.set([False])  # this chain's own flag (each task has a context)
             try:
                 jobs[index] = await self._chain(layers(ctx))(ctx)
             except Exception as exc:  # noqa: BLE001 - re-raised below, not in an ExceptionGroup
                 errors.append(exc)
             finally:
-                if id(ctx) not in self._written:
+                if not _wrote.get()[0]:
                     self._decided()
+                _wrote.reset(wrote)
 
         async with anyio.create_task_group() as tg:
             for index, ctx in enumerate(contexts):
@@ -171,8 +177,11 @@ class _EnqueueBatch:
         return [job for job in jobs if job is not None]
 
     async def write(self, ctx: EnqueueContext) -> Job[Any]:
+        flag = _wrote.get()
+        if flag[0]:
+            raise RuntimeError("an enqueue middleware called call_next twice for one job")
+        flag[0] = True
         index = len(self._calls)
-        self._written.add(id(ctx))
         self._calls.append(self._client.write_call(ctx))
         self._decided()
         await self._flushed.wait()

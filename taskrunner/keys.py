@@ -17,10 +17,25 @@ single Redis Cluster slot, and every script receives all its keys in KEYS::
 
 from __future__ import annotations
 
+from taskrunner.exceptions import ConfigurationError
+
 GROUP = "taskrunner"
 """The one consumer group of every queue's stream."""
 
 DEFAULT_NAMESPACE = "taskrunner"
+
+
+_FORBIDDEN = frozenset("{} \t\r\n")
+
+
+def check_name(kind: str, name: str) -> str:
+    """A namespace or queue name must be non-empty, with no braces (they would move the
+    Cluster hash tag) and no whitespace (lock keys are stored space-separated)."""
+    if not name or _FORBIDDEN.intersection(name):
+        raise ConfigurationError(
+            f"invalid {kind} name {name!r}: it must be non-empty, without braces or whitespace"
+        )
+    return name
 
 
 class QueueKeys:
@@ -40,6 +55,8 @@ class QueueKeys:
     )
 
     def __init__(self, namespace: str, queue: str) -> None:
+        check_name("namespace", namespace)
+        check_name("queue", queue)
         self.namespace = namespace
         self.queue = queue
         self.prefix = f"{namespace}:{{{queue}}}"

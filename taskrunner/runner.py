@@ -22,7 +22,7 @@ from taskrunner.connection import connect
 from taskrunner.embedded import EmbeddedRedis
 from taskrunner.exceptions import ConfigurationError, TaskrunnerError, UnknownOptionError
 from taskrunner.job import Job, JobInfo
-from taskrunner.keys import DEFAULT_NAMESPACE
+from taskrunner.keys import DEFAULT_NAMESPACE, check_name
 from taskrunner.middleware.base import (
     EnqueueContext,
     ExecuteNext,
@@ -84,8 +84,8 @@ class TaskRunner:
         lock_ttl: float | timedelta = 600.0,
     ) -> None:
         self.url = url
-        self.queue = queue
-        self.namespace = namespace
+        self.queue = check_name("queue", queue)
+        self.namespace = check_name("namespace", namespace)
         self.result_ttl = _seconds(result_ttl)
         self.socket_timeout = socket_timeout
         self.block_ms = int(max(0.1, min(5.0, socket_timeout / 2)) * 1000)
@@ -171,6 +171,8 @@ class TaskRunner:
             if not callable(func) or not _is_async(func):
                 raise ConfigurationError(f"@task needs an async function, got {func!r}")
             task_name = name or func.__qualname__
+            if queue is not None:
+                check_name("queue", queue)
             if task_name in self.registry:
                 raise ConfigurationError(f"a task named {task_name!r} is already declared")
             definition = TaskDefinition(func, task_name, queue or self.queue, dict(owned))

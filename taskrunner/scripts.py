@@ -34,14 +34,21 @@ local ki, ai = 1, 2 + 2 * n
 local out = {}
 for i = 1, n do
   local nk, na = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
-  out[i] = one({unpack(KEYS, ki, ki + nk - 1)}, {unpack(ARGV, ai, ai + na - 1)})
+  local ok, reply = pcall(one, {unpack(KEYS, ki, ki + nk - 1)}, {unpack(ARGV, ai, ai + na - 1)})
+  if ok then
+    out[i] = reply
+  else
+    out[i] = {err = tostring(type(reply) == 'table' and reply.err or reply)}
+  end
   ki = ki + nk
   ai = ai + na
 end
 return out
 """
 """Runs ``one(KEYS, ARGV)`` per call. ARGV: n, then (n_keys, n_args) per call, then
-every call's args in order; KEYS: every call's keys in order."""
+every call's args in order; KEYS: every call's keys in order. A call that fails gives
+an error in its own place only (what it wrote before failing stays, as it would for
+the script run alone); the calls before and after it run as usual."""
 
 
 def _sha(source: str) -> str:
@@ -117,9 +124,13 @@ async def run_many(
         return []
     groups = _group(calls)
     results = await _pipeline(redis, calls, groups)
-    if any(isinstance(r, NoScriptError) for r in results):
+    missing = [g for g in groups if isinstance(results[g[0]], NoScriptError)]
+    if missing:  # a restarted server lost the scripts: load them, rerun only those
         await load_all(redis)
-        results = await _pipeline(redis, calls, groups)
+        again = await _pipeline(redis, calls, missing)
+        for group in missing:
+            for index in group:
+                results[index] = again[index]
     if raise_on_error:
         for result in results:
             if isinstance(result, Exception):

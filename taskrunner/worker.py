@@ -9,6 +9,7 @@ outcome the chain returns, coalescing commits into pipelined round trips.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -24,13 +25,12 @@ from typing import TYPE_CHECKING, Any, cast
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from taskrunner import scripts
 from taskrunner.client import now_ms
 from taskrunner.coalescer import Coalescer
+from taskrunner.connection import REDIS_ERRORS
 from taskrunner.job import ErrorInfo, JobContext, reset_current_job, set_current_job
 from taskrunner.keys import GROUP, QueueKeys
 from taskrunner.middleware.base import (
@@ -46,7 +46,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("taskrunner.worker")
 
-REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 _CANCEL_OUTCOMES = {
     CancelReason.ABORTED: Outcome(OutcomeKind.ABORTED),
     CancelReason.SHUTDOWN: Outcome(OutcomeKind.HANDBACK),
@@ -68,6 +67,9 @@ class Claimed:
     locks: list[str]
     deliveries: int
     reclaimed: bool
+    cancelled: CancelReason | None = None
+    """Set while it waits for a consumer: its lease was lost, it was aborted, or the
+    grace period ended. The consumer then commits that instead of running it."""
 
 
 EventHandler = Callable[[str, str], None]
@@ -101,6 +103,9 @@ class Worker:
         self.id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.keys: dict[str, QueueKeys] = {}
         self.running: dict[str, ExecutionContext] = {}
+        self.waiting: dict[str, Claimed] = {}
+        """Claimed jobs not started yet, by lease token (heartbeated like running ones)."""
+        self._handing_back = False
         self._free = concurrency
         self._slot_freed = asyncio.Event()
         self._due = anyio.Event()
@@ -128,10 +133,23 @@ class Worker:
     async def __aenter__(self) -> Worker:
         self._background = anyio.create_task_group()
         await self._background.__aenter__()
-        if self.handle_signals:  # embedded: only when asked for explicitly
-            self._background.start_soon(self._signals, self._background.cancel_scope)
-        await self._background.start(self._serve_started)
+        try:
+            if self.handle_signals:  # embedded: only when asked for explicitly
+                self._background.start_soon(self._signals, self._background.cancel_scope)
+            await self._background.start(self._serve_started)
+        except BaseException as exc:  # close the task group, then report the real error
+            await self._close_after_failed_start(exc)
+            raise
         return self
+
+    async def _close_after_failed_start(self, exc: BaseException) -> None:
+        assert self._background is not None
+        try:
+            await self._background.__aexit__(type(exc), exc, exc.__traceback__)
+        except BaseExceptionGroup as group:  # the start-up error, wrapped by the task group
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
@@ -186,7 +204,7 @@ class Worker:
         self._free -= len(entries)
         try:
             claimed = await self._claim(keys, entries)
-        except (*REDIS_ERRORS, ResponseError) as exc:
+        except REDIS_ERRORS as exc:
             # The entries stay pending under this consumer: reclaimed after stale_after.
             logger.warning(
                 "could not claim %d entries (%s); they will be reclaimed", len(entries), exc
@@ -198,6 +216,9 @@ class Worker:
             raise
         self._release(len(entries) - len(claimed))
         for item in claimed:
+            if self._handing_back:
+                item.cancelled = CancelReason.SHUTDOWN
+            self.waiting[item.token] = item
             self._queue.put_nowait(item)
 
     def next_token(self) -> str:
@@ -260,6 +281,9 @@ class Worker:
         with anyio.move_on_after(self.grace_period):
             while self.running or self._free < self.concurrency:
                 await self._slot_event()
+        self._handing_back = True  # what still waits for a consumer goes back, unrun
+        for item in self.waiting.values():
+            item.cancelled = CancelReason.SHUTDOWN
         for ctx in list(self.running.values()):
             ctx.cancel(CancelReason.SHUTDOWN)
 
@@ -283,6 +307,7 @@ class Worker:
             with anyio.CancelScope() as scope:
                 self._reader_scope = scope
                 while not self._stopping.is_set():
+                    await anyio.lowlevel.checkpoint()  # the read below is shielded
                     while self._free <= 0:
                         await self._slot_event()
                     # A read in flight is finished, never cancelled: the server may have
@@ -306,20 +331,27 @@ class Worker:
                 GROUP,
                 self.id,
                 streams,  # type: ignore[arg-type]
-                count=self._free,
+                # COUNT applies per stream: split the free slots between the queues
+                # (a few more than free can arrive; they wait, heartbeated, in `waiting`).
+                count=max(1, self._free // len(streams)),
                 block=None if self.burst else block_ms,
             )
-        except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            logger.warning("consumer group missing (redis restarted?); recreating it from id 0")
-            await self._ensure_groups()
-            return []
         except REDIS_ERRORS as exc:
-            logger.warning("redis unavailable while reading (%s); retrying", exc)
-            await anyio.sleep(0.5)
+            await self._read_failed(exc)
             return []
         return cast(list[tuple[str, list[tuple[str, dict[str, str]]]]], reply or [])
+
+    async def _read_failed(self, exc: Exception) -> None:
+        """A failed read: recreate a missing group (a restart without persistence) at
+        once; anything else (server away, failing over, loading) backs off and retries."""
+        if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
+            logger.warning("consumer group missing (redis restarted?); recreating it from id 0")
+            with contextlib.suppress(*REDIS_ERRORS):
+                await self._ensure_groups()
+                return
+        else:
+            logger.warning("redis unavailable while reading (%s); retrying", exc)
+        await anyio.sleep(0.5)
 
     async def _burst_done(self) -> bool:
         """In burst mode: stop when nothing runs, nothing is ready and nothing is due."""
@@ -396,7 +428,7 @@ class Worker:
         entry stays pending until then: if this fails it is reclaimed and tried again)."""
         try:
             await self._write_orphan(keys, entry_id, fields)
-        except (*REDIS_ERRORS, ResponseError) as exc:
+        except REDIS_ERRORS as exc:
             logger.warning("could not dead-letter stream entry %s (%s)", entry_id, exc)
 
     async def _write_orphan(self, keys: QueueKeys, entry_id: str, fields: dict[str, str]) -> None:
@@ -428,6 +460,7 @@ class Worker:
     async def _consumer(self) -> None:
         """One of ``concurrency`` long-lived consumers: runs claimed jobs one at a time."""
         while (item := await self._queue.get()) is not None:
+            self.waiting.pop(item.token, None)
             try:
                 await self._run(item)
             except Exception:  # a bug: keep the worker alive; the entry stays pending
@@ -441,6 +474,11 @@ class Worker:
 
     async def _run(self, item: Claimed) -> None:
         task = self.runner.registry.get(item.task_name)
+        if item.cancelled is not None:  # while it waited: commit that, do not run it
+            outcome = _CANCEL_OUTCOMES.get(item.cancelled)
+            if outcome is not None:
+                await self._commit(item, task, outcome)
+            return
         if item.verdict == "poison":
             reason = f"delivered {item.deliveries} times (max_deliveries={self.max_deliveries})"
             await self._commit(item, task, Outcome.dead(reason))
@@ -464,6 +502,7 @@ class Worker:
         self, item: Claimed, task: TaskDefinition, args: list[Any], kwargs: dict[str, Any]
     ) -> Outcome | None:
         reason: list[CancelReason] = []
+        outcome: Outcome | None = None
         with anyio.CancelScope() as scope:
 
             def cancel(why: CancelReason) -> None:
@@ -501,10 +540,9 @@ class Worker:
                 reset_current_job(token)
                 if self.running.get(item.job_id) is ctx:  # a re-claimed copy may replace it
                     del self.running[item.job_id]
-        if reason:
-            outcome = _CANCEL_OUTCOMES.get(reason[0])  # type: ignore[assignment]
-        elif scope.cancelled_caught:
-            outcome = Outcome(OutcomeKind.HANDBACK)
+        if outcome is None or scope.cancelled_caught:  # a late cancel keeps a real outcome
+            why = reason[0] if reason else CancelReason.SHUTDOWN
+            outcome = _CANCEL_OUTCOMES.get(why)
         logger.info(
             "job %s %s attempt %d %s in %.3fs",
             item.job_id,

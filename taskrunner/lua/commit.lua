@@ -6,6 +6,8 @@
 -- outcome: succeeded | failed | aborted | rejected | dead   (final)
 --          retry | reschedule                               (back to the delayed set)
 --          handback                                         (back to the stream at once)
+--          A job whose abort was requested while it ran ends as aborted instead of
+--          going back for another attempt.
 -- Returns 1 committed (or already committed by this same token: a repeat after a
 -- lost reply changes nothing), 0 lost lease (nothing changed).
 -- The token is spent by the commit ('lease' cleared, kept as 'committed'), so at most
@@ -13,12 +15,15 @@
 local stream, job, delayed, dead, seq = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local group, entry, job_id, outcome = ARGV[1], ARGV[2], ARGV[4], ARGV[5]
 
-local h = redis.call('HMGET', job, 'lease', 'committed')
+local h = redis.call('HMGET', job, 'lease', 'committed', 'abort')
 if h[1] ~= ARGV[3] then
   if h[2] == ARGV[3] then
     return 1
   end
   return 0
+end
+if h[3] and (outcome == 'retry' or outcome == 'reschedule' or outcome == 'handback') then
+  outcome = 'aborted'  -- aborted while it ran: it ends now, not after the next wait
 end
 redis.call('XACK', stream, group, entry)
 redis.call('XDEL', stream, entry)

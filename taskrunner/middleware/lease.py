@@ -22,12 +22,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import anyio
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from taskrunner import scripts
 from taskrunner.client import now_ms
+from taskrunner.connection import REDIS_ERRORS
 from taskrunner.exceptions import ConfigurationError
 from taskrunner.keys import GROUP, QueueKeys
 from taskrunner.middleware.base import (
@@ -41,11 +40,10 @@ from taskrunner.middleware.base import (
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-    from taskrunner.worker import Worker
+    from taskrunner.worker import Claimed, Worker
 
 logger = logging.getLogger("taskrunner.lease")
 
-REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
 Entry = tuple[str, dict[str, str]]
 
@@ -132,6 +130,9 @@ class LeaseMiddleware(Middleware):
             logger.warning("could not deregister worker %s: %s", worker.id, exc)
 
     def _abort(self, worker: Worker, job_id: str) -> None:
+        for item in worker.waiting.values():
+            if item.job_id == job_id:
+                item.cancelled = CancelReason.ABORTED
         for ctx in list(self._leases.get(worker, {}).values()):
             if ctx.job.id == job_id:
                 logger.info(
@@ -153,24 +154,36 @@ class LeaseMiddleware(Middleware):
                 logger.warning("heartbeat failed (%s); retrying next interval", exc)
 
     async def beat(self, worker: Worker) -> None:
-        """Renew every running job's lease and this worker's presence: one round trip."""
+        """Renew the lease of every job this worker holds (running, or claimed and
+        waiting for a consumer) and its presence: one pipelined round trip."""
         leases = list(self._leases.get(worker, {}).values())
+        waiting = list(worker.waiting.values())
+        calls = [self._beat_call(worker, ctx) for ctx in leases]
+        calls += [self._waiting_call(worker, item) for item in waiting]
         pipe = cast(Any, worker.redis.pipeline(transaction=False))
         now = now_ms()
         for keys in worker.keys.values():
             pipe.zadd(keys.workers, {worker.id: now})
-        for ctx in leases:
-            call = self._beat_call(worker, ctx)
+        for call in calls:
             pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
         replies = (await pipe.execute(raise_on_error=False))[len(worker.keys) :]
         if any(isinstance(r, NoScriptError) for r in replies):
             await scripts.load_all(worker.redis)  # a restarted server: renew at once
-            replies = await scripts.run_many(
-                worker.redis, [self._beat_call(worker, ctx) for ctx in leases]
-            )
-        for ctx, reply in zip(leases, replies, strict=True):
+            replies = await scripts.run_many(worker.redis, calls, raise_on_error=False)
+        for ctx, reply in zip(leases, replies[: len(leases)], strict=True):
             self._handle_beat(ctx, reply)
+        for item, reply in zip(waiting, replies[len(leases) :], strict=True):
+            if reply == 0:
+                item.cancelled = CancelReason.LOST_LEASE
+            elif reply == 2:
+                item.cancelled = CancelReason.ABORTED
         self._last_beat[worker] = anyio.current_time()
+
+    @staticmethod
+    def _waiting_call(worker: Worker, item: Claimed) -> scripts.ScriptCall:
+        # lock TTL 0: locks are renewed once the job runs (the unique layer sets the TTL)
+        keys = worker.keys[item.keys.queue]
+        return scripts.heartbeat(keys, item.job_id, worker.id, item.entry_id, item.token, 0, [])
 
     @staticmethod
     def _beat_call(worker: Worker, ctx: ExecutionContext) -> scripts.ScriptCall:
@@ -213,9 +226,7 @@ class LeaseMiddleware(Middleware):
             await anyio.sleep(self.reclaim_interval)
             try:
                 await self.reclaim_all(worker)
-            except REDIS_ERRORS as exc:
-                logger.warning("reclaim failed (%s); retrying next interval", exc)
-            except ResponseError as exc:  # NOGROUP after a restart: the reader recreates it
+            except REDIS_ERRORS as exc:  # NOGROUP after a restart: the reader recreates it
                 logger.warning("reclaim failed (%s); retrying next interval", exc)
 
     async def reclaim_all(self, worker: Worker) -> int:

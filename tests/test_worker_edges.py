@@ -1,0 +1,206 @@
+"""Edge cases of the worker's life: cancellation from outside, start-up failures,
+jobs claimed but not started yet, partial errors in a batch, abort racing a retry,
+enqueue middleware that replace the job, and names that would break the key schema."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, cast
+
+import anyio
+import pytest
+from conftest import wait_until
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from taskrunner import (
+    ConfigurationError,
+    EnqueueContext,
+    Job,
+    JobAborted,
+    JobStatus,
+    Middleware,
+    TaskRunner,
+    current_job,
+    scripts,
+)
+from taskrunner.keys import GROUP
+from taskrunner.middleware.base import EnqueueNext
+
+DEADLINE = 30.0
+
+
+async def test_a_running_worker_is_cancelled_from_outside(
+    make_runner: Callable[..., TaskRunner],
+) -> None:
+    tr = make_runner()
+
+    @tr.task
+    async def noop() -> None:
+        pass
+
+    async with tr:
+        started = time.monotonic()
+        with anyio.move_on_after(0.5) as scope:
+            await tr.worker(concurrency=2, handle_signals=False).run()
+        assert scope.cancelled_caught
+        assert time.monotonic() - started < 10  # not stuck in its shielded read
+
+
+async def test_a_worker_that_cannot_start_raises_its_own_error(
+    make_runner: Callable[..., TaskRunner], redis: Redis
+) -> None:
+    tr = make_runner()
+
+    @tr.task
+    async def noop() -> None:
+        pass
+
+    async with tr:
+        await redis.set(tr.client.keys("default").stream, "not a stream")
+        with pytest.raises(ResponseError, match="WRONGTYPE"):
+            async with tr.worker(concurrency=1, handle_signals=False):
+                pass
+
+
+async def test_a_claimed_job_waiting_for_a_consumer_keeps_its_lease(
+    make_runner: Callable[..., TaskRunner], redis: Redis, namespace: str
+) -> None:
+    # One consumer, two queues: XREADGROUP's COUNT is per stream, so the worker claims a
+    # job from each while it can run one. The second waits locally longer than
+    # stale_after; its heartbeats must keep another worker from running it too.
+    tr = make_runner(heartbeat_interval=0.1, stale_after=0.5)
+    gate = anyio.Event()
+    runs = f"{namespace}:runs"
+
+    @tr.task(queue="a")
+    async def slow() -> None:
+        await gate.wait()
+
+    @tr.task(queue="b")
+    async def quick() -> None:
+        await redis.rpush(runs, f"attempt{current_job().attempt}")
+
+    async with tr:
+        await slow.enqueue()
+        job = await quick.enqueue()
+        async with tr.worker(concurrency=1, handle_signals=False) as first:
+
+            async def both_claimed() -> bool:
+                return len(first.running) == 1 and len(first.waiting) == 1
+
+            await wait_until(both_claimed, DEADLINE)
+            async with tr.worker(concurrency=5, handle_signals=False):
+                await anyio.sleep(1.5)  # three times stale_after, for a reclaim to happen
+                assert await redis.lrange(runs, 0, -1) == []
+                gate.set()
+                await job.result(timeout=DEADLINE)
+        assert await redis.lrange(runs, 0, -1) == ["attempt1"]
+        assert (await job.info()).reclaims == 0
+
+
+async def test_an_error_in_one_call_of_a_batch_stays_in_its_place(
+    make_runner: Callable[..., TaskRunner], redis: Redis
+) -> None:
+    tr = make_runner()
+
+    @tr.task
+    async def noop() -> None:
+        pass
+
+    async with tr:
+        keys = tr.client.keys("default")
+        first, second = await noop.enqueue(), await noop.enqueue()
+        await redis.xgroup_create(keys.stream, GROUP, id="0", mkstream=True)
+        reply = cast(Any, await redis.xreadgroup(GROUP, "c1", {keys.stream: ">"}, count=10))
+        entries = reply[0][1]
+        claims = [
+            scripts.claim(keys, fields["job"], "c1", entry, f"token{i}", 1, 5)
+            for i, (entry, fields) in enumerate(entries)
+        ]
+        assert [r[0] for r in await scripts.run_many(redis, claims)] == ["ok", "ok"]
+        bad = f"{keys.prefix}:lock:not-a-string"
+        await redis.hset(bad, "x", "y")  # GET on a hash fails inside the second commit
+        commits = [
+            scripts.commit(
+                keys,
+                fields["job"],
+                entry,
+                f"token{i}",
+                "succeeded",
+                2,
+                "null",
+                60_000,
+                0,
+                [bad] if i == 1 else [],
+            )
+            for i, (entry, fields) in enumerate(entries)
+        ]
+        results = await scripts.run_many(redis, commits, raise_on_error=False)
+        assert results[0] == 1
+        assert isinstance(results[1], ResponseError)
+        assert await first.status() == JobStatus.SUCCEEDED
+        assert await second.status() == JobStatus.SUCCEEDED  # written before it failed
+
+
+async def test_an_abort_during_a_failing_attempt_ends_the_job_at_once(
+    make_runner: Callable[..., TaskRunner],
+) -> None:
+    tr = make_runner(retry_delay=300.0)  # a retry would wait five minutes
+    entered = anyio.Event()
+    release = anyio.Event()
+
+    @tr.task(max_retries=3)
+    async def flaky() -> None:
+        entered.set()
+        with anyio.CancelScope(shield=True):  # finishes its failure despite the abort
+            await release.wait()
+        raise ValueError("boom")
+
+    async with tr, tr.worker(concurrency=2, handle_signals=False):
+        job = await flaky.enqueue()
+        await entered.wait()
+        assert await job.abort() == JobStatus.RUNNING
+        release.set()
+        with pytest.raises(JobAborted):
+            await job.result(timeout=DEADLINE)
+        assert await job.status() == JobStatus.ABORTED
+
+
+class Replacing(Middleware):
+    """Passes a new context on (dataclasses.replace), with a chosen job id."""
+
+    async def enqueue(self, ctx: EnqueueContext, call_next: EnqueueNext) -> Job[Any]:
+        return await call_next(dataclasses.replace(ctx, job_id=f"fixed-{ctx.job_id}"))
+
+
+async def test_an_enqueue_middleware_may_pass_a_new_context_on(
+    make_runner: Callable[..., TaskRunner],
+) -> None:
+    tr = make_runner(middleware=[Replacing()])
+
+    @tr.task
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    async with tr, tr.worker(concurrency=4, handle_signals=False):
+        jobs = await add.enqueue_many([add.call(i, i) for i in range(20)])
+        assert all(job.id.startswith("fixed-") for job in jobs)
+        assert [await job.result(timeout=DEADLINE) for job in jobs] == [2 * i for i in range(20)]
+
+
+@pytest.mark.parametrize("name", ["", "has space", "br{ace", "tab\there"])
+def test_names_that_would_break_the_key_schema_are_refused(name: str) -> None:
+    with pytest.raises(ConfigurationError, match="invalid"):
+        TaskRunner("redis://127.0.0.1:1/0", queue=name)
+    with pytest.raises(ConfigurationError, match="invalid"):
+        TaskRunner("redis://127.0.0.1:1/0", namespace=name)
+    tr = TaskRunner("redis://127.0.0.1:1/0", namespace=f"n{uuid.uuid4().hex[:6]}")
+    with pytest.raises(ConfigurationError, match="invalid"):
+
+        @tr.task(queue=name)
+        async def noop() -> None:
+            pass
