@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -26,16 +27,36 @@ class Coalescer:
     def __init__(self, redis: Redis, max_batch: int = 1000) -> None:
         self._redis = redis
         self._max_batch = max_batch
-        self._pending: list[tuple[scripts.ScriptCall, asyncio.Future[Any]]] = []
+        self._pending: list[tuple[scripts.ScriptCall, Callable[[Any], None]]] = []
         self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def submit_nowait(self, call: scripts.ScriptCall, done: Callable[[Any], None]) -> None:
+        """Queue ``call`` for the next pipeline; ``done(reply)`` gets its reply, or the
+        script's error as an exception object (e.g. OOM): that caller's only."""
+        self._pending.append((call, done))
+        self._idle.clear()
+        self._wakeup.set()
 
     async def submit(self, call: scripts.ScriptCall) -> Any:
-        """Queue ``call`` for the next pipeline and wait for its reply. A script error
-        (e.g. OOM) is raised to its caller only, not to the rest of the batch."""
+        """Queue ``call`` and wait for its reply (a script error is raised)."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append((call, future))
-        self._wakeup.set()
+
+        def done(reply: Any) -> None:
+            if future.done():  # its caller was cancelled; the call happened anyway
+                return
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+
+        self.submit_nowait(call, done)
         return await future
+
+    async def drained(self) -> None:
+        """Wait until everything submitted so far has been sent and answered."""
+        await self._idle.wait()
 
     async def run(self) -> None:
         """Flush forever; cancel it only once nothing more will be submitted."""
@@ -46,8 +67,9 @@ class Coalescer:
                 batch = self._pending[: self._max_batch]
                 del self._pending[: self._max_batch]
                 await self._flush(batch)
+            self._idle.set()
 
-    async def _flush(self, batch: list[tuple[scripts.ScriptCall, asyncio.Future[Any]]]) -> None:
+    async def _flush(self, batch: list[tuple[scripts.ScriptCall, Callable[[Any], None]]]) -> None:
         delay = 0.05
         while True:
             try:
@@ -60,10 +82,5 @@ class Coalescer:
                 )
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 2.0)
-        for (_, future), result in zip(batch, results, strict=True):
-            if future.done():  # its caller was cancelled; the commit happened anyway
-                continue
-            if isinstance(result, Exception):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
+        for (_, done), result in zip(batch, results, strict=True):
+            done(result)

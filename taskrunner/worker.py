@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("taskrunner.worker")
 
+READ_GATHER = 0.002
+"""Seconds a busy worker waits for more free slots before it reads (see _read)."""
 _CANCEL_OUTCOMES = {
     CancelReason.ABORTED: Outcome(OutcomeKind.ABORTED),
     CancelReason.SHUTDOWN: Outcome(OutcomeKind.HANDBACK),
@@ -250,6 +252,7 @@ class Worker:
                 for mw in self.runner.middleware:
                     await mw.on_worker_start(self)
                 await self._consume(blocking, task_status)
+                await self._coalescer.drained()  # every outcome recorded before we stop
                 for mw in reversed(self.runner.middleware):
                     await mw.on_worker_stop(self)
                 services.cancel_scope.cancel()
@@ -287,6 +290,18 @@ class Worker:
         for ctx in list(self.running.values()):
             ctx.cancel(CancelReason.SHUTDOWN)
 
+    async def _free_slots_to_read(self) -> None:
+        """Wait for a free slot; when only a few are free, wait up to ``READ_GATHER``
+        seconds for more, so one read (and one claim) serves many jobs under load
+        while an idle worker still reads at once."""
+        while self._free <= 0:
+            await self._slot_event()
+        wanted = max(1, self.concurrency // 4)
+        if self._free < wanted:
+            with anyio.move_on_after(READ_GATHER):
+                while self._free < wanted:
+                    await self._slot_event()
+
     async def _slot_event(self) -> None:
         await self._slot_freed.wait()
 
@@ -308,8 +323,7 @@ class Worker:
                 self._reader_scope = scope
                 while not self._stopping.is_set():
                     await anyio.lowlevel.checkpoint()  # the read below is shielded
-                    while self._free <= 0:
-                        await self._slot_event()
+                    await self._free_slots_to_read()
                     # A read in flight is finished, never cancelled: the server may have
                     # delivered entries to this consumer already, and a lost reply would
                     # strand them in the pending list until they went stale. stop()
@@ -461,42 +475,37 @@ class Worker:
         """One of ``concurrency`` long-lived consumers: runs claimed jobs one at a time."""
         while (item := await self._queue.get()) is not None:
             self.waiting.pop(item.token, None)
+            outcome: Outcome | None = None
+            task = self.runner.registry.get(item.task_name)
             try:
-                await self._run(item)
+                outcome = await self._run(item, task)
             except Exception:  # a bug: keep the worker alive; the entry stays pending
                 logger.exception(
                     "job %s %s: internal error; it will be reclaimed",
                     item.job_id,
                     item.task_name,
                 )
-            finally:
+            if outcome is None:
                 self._release(1)
+            else:  # the consumer moves on; the slot is freed once the commit is done
+                self._commit(item, task, outcome)
 
-    async def _run(self, item: Claimed) -> None:
-        task = self.runner.registry.get(item.task_name)
+    async def _run(self, item: Claimed, task: TaskDefinition | None) -> Outcome | None:
+        """The outcome to commit for a claimed job (None: commit nothing)."""
         if item.cancelled is not None:  # while it waited: commit that, do not run it
-            outcome = _CANCEL_OUTCOMES.get(item.cancelled)
-            if outcome is not None:
-                await self._commit(item, task, outcome)
-            return
+            return _CANCEL_OUTCOMES.get(item.cancelled)
         if item.verdict == "poison":
             reason = f"delivered {item.deliveries} times (max_deliveries={self.max_deliveries})"
-            await self._commit(item, task, Outcome.dead(reason))
-            return
+            return Outcome.dead(reason)
         if item.verdict == "abort":
-            await self._commit(item, task, Outcome(OutcomeKind.ABORTED))
-            return
+            return Outcome(OutcomeKind.ABORTED)
         if task is None:
-            await self._commit(item, None, Outcome.dead(f"unknown task {item.task_name!r}"))
-            return
+            return Outcome.dead(f"unknown task {item.task_name!r}")
         try:
             args, kwargs = task.codec.decode(item.payload)
         except Exception as exc:  # noqa: BLE001 - any bad payload goes to the dead letters
-            await self._commit(item, task, Outcome.dead(f"undecodable arguments: {exc}"))
-            return
-        outcome = await self._execute(item, task, args, kwargs)
-        if outcome is not None:
-            await self._commit(item, task, outcome)
+            return Outcome.dead(f"undecodable arguments: {exc}")
+        return await self._execute(item, task, args, kwargs)
 
     async def _execute(
         self, item: Claimed, task: TaskDefinition, args: list[Any], kwargs: dict[str, Any]
@@ -553,7 +562,9 @@ class Worker:
         )
         return outcome
 
-    async def _commit(self, item: Claimed, task: TaskDefinition | None, outcome: Outcome) -> None:
+    def _commit(self, item: Claimed, task: TaskDefinition | None, outcome: Outcome) -> None:
+        """Send the outcome through the coalesced pipeline; its slot is freed (and the
+        result logged) when the reply comes back, without holding up the consumer."""
         payload = self._payload(item, task, outcome)
         if isinstance(payload, Outcome):
             outcome, payload = payload, self._payload(item, task, payload)
@@ -570,8 +581,20 @@ class Worker:
             due,
             item.locks,
         )
-        committed = await self._coalescer.submit(call)
-        if committed != 1:
+        self._coalescer.submit_nowait(call, lambda reply: self._committed(item, outcome, reply))
+
+    def _committed(self, item: Claimed, outcome: Outcome, reply: Any) -> None:
+        self._release(1)
+        if isinstance(reply, Exception):
+            logger.error(
+                "job %s %s attempt %d: its %s could not be recorded (%s); it will be reclaimed",
+                item.job_id,
+                item.task_name,
+                item.attempt,
+                outcome.kind,
+                reply,
+            )
+        elif reply != 1:
             logger.warning(
                 "job %s %s attempt %d lost its lease; its %s was not recorded",
                 item.job_id,
