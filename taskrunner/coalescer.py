@@ -9,10 +9,9 @@ from typing import Any
 
 import anyio
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from taskrunner import scripts
+from taskrunner.connection import REDIS_ERRORS
 
 logger = logging.getLogger("taskrunner.worker")
 
@@ -76,7 +75,7 @@ class Coalescer:
                 calls = [call for call, _ in batch]
                 results = await scripts.run_many(self._redis, calls, raise_on_error=False)
                 break
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            except REDIS_ERRORS as exc:
                 logger.warning(
                     "redis unavailable (%s); retrying %d commits in %.2fs", exc, len(batch), delay
                 )

@@ -16,7 +16,7 @@ from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import DataError, RedisError
 
-REDIS_ERRORS: tuple[type[Exception], ...] = (RedisError, OSError)
+REDIS_ERRORS = (RedisError, OSError)
 """What a Redis call can raise when the server is away, restarting, failing over or
 refusing a write: service loops log these, back off and carry on."""
 

@@ -80,7 +80,8 @@ ABORT = Script("abort")
 REVIVE = Script("revive")
 LOCK = Script("lock")
 UNLOCK = Script("unlock")
-ALL = (ENQUEUE, PROMOTE, CLAIM, COMMIT, HEARTBEAT, ABORT, REVIVE, LOCK, UNLOCK)
+LEAVE = Script("leave")
+ALL = (ENQUEUE, PROMOTE, CLAIM, COMMIT, HEARTBEAT, ABORT, REVIVE, LOCK, UNLOCK, LEAVE)
 
 
 @dataclass(slots=True)
@@ -312,3 +313,8 @@ def unlock(
 ) -> ScriptCall:
     """Compare-and-delete a running attempt's locks (``forget``: drop them from the job)."""
     return ScriptCall(UNLOCK, [keys.job(job_id), *locks], [job_id, token, int(forget)])
+
+
+def leave(keys: QueueKeys, consumer: str) -> ScriptCall:
+    """Remove ``consumer`` from the queue's group if it holds no entries."""
+    return ScriptCall(LEAVE, [keys.stream], [GROUP, consumer])

@@ -31,6 +31,7 @@ from taskrunner import scripts
 from taskrunner.client import now_ms
 from taskrunner.coalescer import Coalescer
 from taskrunner.connection import REDIS_ERRORS
+from taskrunner.events import EventHandler, EventListener
 from taskrunner.job import ErrorInfo, JobContext, reset_current_job, set_current_job
 from taskrunner.keys import GROUP, QueueKeys
 from taskrunner.middleware.base import (
@@ -39,6 +40,7 @@ from taskrunner.middleware.base import (
     Outcome,
     OutcomeKind,
 )
+from taskrunner.scheduler import Scheduler
 
 if TYPE_CHECKING:
     from taskrunner.runner import TaskRunner
@@ -74,9 +76,6 @@ class Claimed:
     grace period ended. The consumer then commits that instead of running it."""
 
 
-EventHandler = Callable[[str, str], None]
-
-
 class Worker:
     """Runs jobs from one or more queues. ``await worker.run()`` in the foreground, or
     ``async with worker:`` to run it in the background of the caller (embedded)."""
@@ -110,16 +109,16 @@ class Worker:
         self._handing_back = False
         self._free = concurrency
         self._slot_freed = asyncio.Event()
-        self._due = anyio.Event()
         self._stopping = anyio.Event()
         self._seq = 0
-        self._handlers: dict[str, list[EventHandler]] = {}
+        self._handlers: list[tuple[str, EventHandler]] = []
         self._services: TaskGroup | None = None
         self._reader_scope: anyio.CancelScope | None = None
         self._reader_id: int | None = None
         self._background: TaskGroup | None = None
         self.redis: Redis
         self._coalescer: Coalescer
+        self.scheduler: Scheduler
         self._queue: asyncio.Queue[Claimed | None]
 
     # -- public lifecycle ---------------------------------------------------------------
@@ -192,7 +191,7 @@ class Worker:
 
     def on_event(self, kind: str, handler: EventHandler) -> None:
         """Call ``handler(queue, argument)`` for each ``kind`` message on a queue's events."""
-        self._handlers.setdefault(kind, []).append(handler)
+        self._handlers.append((kind, handler))
 
     @property
     def free_slots(self) -> int:
@@ -240,6 +239,7 @@ class Worker:
         self.redis = self.runner.client.redis
         self._coalescer = Coalescer(self.redis)
         self.keys = {q: self.runner.client.keys(q) for q in self.queues}
+        self.scheduler = Scheduler(self.redis, list(self.keys.values()), self.runner.max_idle_wait)
         blocking = self.runner.blocking_connection()
         try:
             await self._ensure_groups()
@@ -247,15 +247,16 @@ class Worker:
             async with anyio.create_task_group() as services:
                 self._services = services
                 services.start_soon(self._coalescer.run)
-                services.start_soon(self._schedule)
-                services.start_soon(self._listen)
+                services.start_soon(self.scheduler.run)
                 for mw in self.runner.middleware:
                     await mw.on_worker_start(self)
+                services.start_soon(self._listener().run)  # with the hooks' handlers
                 await self._consume(blocking, task_status)
                 await self._coalescer.drained()  # every outcome recorded before we stop
                 for mw in reversed(self.runner.middleware):
                     await mw.on_worker_stop(self)
                 services.cancel_scope.cancel()
+            await self._leave_groups()
         finally:
             with anyio.CancelScope(shield=True):  # close it even when cancelled
                 await blocking.aclose()
@@ -372,7 +373,7 @@ class Worker:
         if self.running or self._free < self.concurrency:
             await self._slot_event()
             return False
-        return not await self._promote_due()
+        return not await self.scheduler.promote_due()
 
     async def _claim(
         self, keys: QueueKeys, entries: Sequence[tuple[str, dict[str, str]]]
@@ -603,7 +604,7 @@ class Worker:
                 outcome.kind,
             )
         elif outcome.kind in (OutcomeKind.RETRY, OutcomeKind.RESCHEDULE):
-            self._due.set()
+            self.scheduler.wake()
 
     @staticmethod
     def _payload(item: Claimed, task: TaskDefinition | None, outcome: Outcome) -> str | Outcome:
@@ -617,73 +618,24 @@ class Worker:
                 return Outcome.failed(ErrorInfo.from_exception(exc))
         return outcome.error.model_dump_json() if outcome.error else ""
 
-    # -- delayed jobs --------------------------------------------------------------------
-
-    async def _schedule(self) -> None:
-        """Promote due jobs; sleep until the next due time or a "due" notification."""
-        while True:
-            try:
-                await self._promote_due()
-                wait = await self._next_due_in()
-            except REDIS_ERRORS as exc:
-                logger.warning("redis unavailable in the scheduler (%s); retrying", exc)
-                wait = 0.5
-            with anyio.move_on_after(wait):
-                await self._due.wait()
-            self._due = anyio.Event()
-
-    async def _promote_due(self) -> int:
-        now = now_ms()
-        moved = 0
-        for keys in self.keys.values():
-            while True:
-                found = await self.redis.zrangebyscore(keys.delayed, "-inf", now, start=0, num=500)
-                members = cast(list[str], found)
-                if not members:
-                    break
-                moved += int(await scripts.run(self.redis, scripts.promote(keys, members)))
-                if len(members) < 500:
-                    break
-        return moved
-
-    async def _next_due_in(self) -> float:
-        pipe = self.redis.pipeline(transaction=False)
-        for keys in self.keys.values():
-            pipe.zrange(keys.delayed, 0, 0, withscores=True)
-        firsts = [float(r[0][1]) for r in await pipe.execute() if r]
-        if not firsts:
-            return self.runner.max_idle_wait
-        return max(0.0, min(self.runner.max_idle_wait, (min(firsts) - now_ms()) / 1000))
-
-    # -- events (pub/sub) ----------------------------------------------------------------
-
-    async def _listen(self) -> None:
-        """Follow every queue's events channel: "due" wakes the scheduler; other kinds
-        go to the handlers middleware registered with ``on_event``."""
-        channels = {k.events: k.queue for k in self.keys.values()}
-        while True:
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(*channels)
-                self._due.set()  # re-check after (re)subscribing: we may have missed one
-                async for message in pubsub.listen():
-                    self._dispatch_event(channels[message["channel"]], message["data"])
-            except REDIS_ERRORS as exc:
-                logger.warning("redis unavailable for events (%s); resubscribing", exc)
-                await anyio.sleep(0.5)
-            finally:
-                with anyio.CancelScope(shield=True):  # close it even when cancelled
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-
-    def _dispatch_event(self, queue: str, data: str) -> None:
-        kind, _, argument = data.partition(" ")
-        if kind == "due":
-            self._due.set()
-            return
-        for handler in self._handlers.get(kind, ()):
-            handler(queue, argument)
-
     # -- setup ---------------------------------------------------------------------------
+
+    def _listener(self) -> EventListener:
+        listener = EventListener(self.redis, list(self.keys.values()), self.scheduler.wake)
+        listener.on("due", lambda queue, argument: self.scheduler.wake())
+        for kind, handler in self._handlers:
+            listener.on(kind, handler)
+        return listener
+
+    async def _leave_groups(self) -> None:
+        """Remove this consumer from each queue's group when it holds nothing, so the
+        groups do not collect one dead consumer per worker process ever started. (A
+        consumer still holding entries stays: deleting it would drop them.)"""
+        calls = [scripts.leave(keys, self.id) for keys in self.keys.values()]
+        try:
+            await scripts.run_many(self.redis, calls, raise_on_error=False)
+        except REDIS_ERRORS as exc:
+            logger.warning("could not leave the consumer groups: %s", exc)
 
     async def _ensure_groups(self) -> None:
         for keys in self.keys.values():

@@ -204,3 +204,22 @@ def test_names_that_would_break_the_key_schema_are_refused(name: str) -> None:
         @tr.task(queue=name)
         async def noop() -> None:
             pass
+
+
+async def test_a_worker_that_stops_leaves_the_group_when_it_holds_nothing(
+    make_runner: Callable[..., TaskRunner], redis: Redis
+) -> None:
+    tr = make_runner()
+
+    @tr.task
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    async with tr:
+        keys = tr.client.keys("default")
+        worker = tr.worker(concurrency=2, handle_signals=False)
+        async with worker:
+            assert await (await add.enqueue(1, 2)).result(timeout=DEADLINE) == 3
+            consumers = await redis.xinfo_consumers(keys.stream, GROUP)
+            assert [c["name"] for c in consumers] == [worker.id]
+        assert await redis.xinfo_consumers(keys.stream, GROUP) == []

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from taskrunner.cli._common import fail, load_app, run_async
+from taskrunner.cli._common import fail, load_app, run_async, settings_for
 from taskrunner.job import JobInfo
 
 
@@ -27,6 +27,7 @@ def dead_letters(app: str, queue: str | None, as_json: bool) -> None:
     Columns: job id, queue, task, when it died, reason.
     """
     runner = load_app(app)
+    settings_for({}, runner)  # TASKRUNNER_* apply here as in every command
 
     async def main() -> None:
         async with runner:
@@ -60,6 +61,7 @@ def retry_dead(app: str, job_ids: tuple[str, ...], all_: bool, queue: str | None
     if all_ == bool(job_ids):
         fail("give JOB_ID arguments or --all (not both)", 2)
     runner = load_app(app)
+    settings_for({}, runner)
 
     revived: list[int] = []
 

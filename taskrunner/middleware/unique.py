@@ -50,11 +50,10 @@ from typing import TYPE_CHECKING, Any, Literal, Self
 import anyio
 from pydantic import Field, field_validator, model_validator
 from pydantic_core import to_jsonable_python
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from taskrunner import scripts
 from taskrunner.codec import canonical_json
+from taskrunner.connection import REDIS_ERRORS
 from taskrunner.exceptions import ConfigurationError, LockConflictError, LostLease
 from taskrunner.job import ErrorInfo, Job
 from taskrunner.middleware.base import (
@@ -89,7 +88,6 @@ ALLOWED_STRATEGIES: dict[str, tuple[str, ...]] = {
 DEFAULT_LOCK_TTL = 600.0
 DEFAULT_RESCHEDULE_DELAY = 5.0
 _ENQUEUE_LOCKS = ("until_executing", "until_executed")
-_REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 _RETRY_AFTER_REDIS_ERROR = 1.0
 
 
@@ -241,7 +239,7 @@ class UniqueMiddleware(Middleware):
             return
         try:
             await self._unlock(ctx, ctx.locks, forget=True)
-        except _REDIS_ERRORS as exc:  # the lock then expires at its TTL
+        except REDIS_ERRORS as exc:  # the lock then expires at its TTL
             logger.warning(
                 "job %s %s attempt %d: could not release its lock (%s)",
                 ctx.job.id,
@@ -269,7 +267,7 @@ class UniqueMiddleware(Middleware):
         problem: Exception | None
         try:
             problem = await self._take(ctx, ctx.locks, ttl)
-        except (*_REDIS_ERRORS, LostLease) as exc:  # the commit decides; the TTL still holds
+        except (*REDIS_ERRORS, LostLease) as exc:  # the commit decides; the TTL still holds
             problem = exc
         if problem is not None:
             logger.warning(
@@ -299,7 +297,7 @@ class UniqueMiddleware(Middleware):
     async def _release_after(self, ctx: ExecutionContext, key: str) -> None:
         try:
             await self._unlock(ctx, [key])
-        except _REDIS_ERRORS as exc:  # left in ctx.locks: a final commit releases it
+        except REDIS_ERRORS as exc:  # left in ctx.locks: a final commit releases it
             logger.warning(
                 "job %s %s attempt %d: could not release its lock (%s); it expires in %.1fs",
                 ctx.job.id,
@@ -319,7 +317,7 @@ class UniqueMiddleware(Middleware):
         """Take ``locks`` for this attempt: None when taken, else the attempt's outcome."""
         try:
             conflict = await self._take(ctx, locks, self.ttl(opts))
-        except _REDIS_ERRORS as exc:
+        except REDIS_ERRORS as exc:
             logger.warning(
                 "job %s %s attempt %d: cannot take its lock (%s); rescheduled",
                 ctx.job.id,
