@@ -476,20 +476,19 @@ class Worker:
         """One of ``concurrency`` long-lived consumers: runs claimed jobs one at a time."""
         while (item := await self._queue.get()) is not None:
             self.waiting.pop(item.token, None)
-            outcome: Outcome | None = None
             task = self.runner.registry.get(item.task_name)
             try:
                 outcome = await self._run(item, task)
+                if outcome is not None:  # the slot is freed once the commit is answered
+                    self._commit(item, task, outcome)
+                    continue
             except Exception:  # a bug: keep the worker alive; the entry stays pending
                 logger.exception(
                     "job %s %s: internal error; it will be reclaimed",
                     item.job_id,
                     item.task_name,
                 )
-            if outcome is None:
-                self._release(1)
-            else:  # the consumer moves on; the slot is freed once the commit is done
-                self._commit(item, task, outcome)
+            self._release(1)
 
     async def _run(self, item: Claimed, task: TaskDefinition | None) -> Outcome | None:
         """The outcome to commit for a claimed job (None: commit nothing)."""
