@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -11,6 +12,8 @@ from typing import Any, cast
 
 import anyio
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from taskrunner import scripts
 from taskrunner.exceptions import JobNotFound, LockConflictError
@@ -22,6 +25,8 @@ from taskrunner.middleware.base import (
     Middleware,
     build_enqueue_chain,
 )
+
+logger = logging.getLogger("taskrunner")
 
 
 def now_ms() -> int:
@@ -98,17 +103,25 @@ class Client:
         return value
 
     async def wait(self, queue: str, job_id: str, timeout: float | None) -> dict[str, str]:
-        """Wait until the job is final and return its state (subscribe, then check)."""
-        keys = self.keys(queue)
+        """Wait until the job is final and return its state (subscribe, then check).
+        A lost connection (a Redis restart) is retried until the timeout."""
+        with anyio.fail_after(timeout):
+            while True:
+                try:
+                    return await self._wait_once(queue, job_id)
+                except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                    logger.warning("waiting for job %s: redis unavailable (%s)", job_id, exc)
+                    await anyio.sleep(0.5)
+
+    async def _wait_once(self, queue: str, job_id: str) -> dict[str, str]:
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         try:
-            with anyio.fail_after(timeout):
-                await pubsub.subscribe(keys.done(job_id))
-                while True:
-                    state = await self.state(queue, job_id)
-                    if JobStatus(state["status"]).is_final:
-                        return state
-                    await pubsub.get_message(timeout=None)
+            await pubsub.subscribe(self.keys(queue).done(job_id))
+            while True:
+                state = await self.state(queue, job_id)
+                if JobStatus(state["status"]).is_final:
+                    return state
+                await pubsub.get_message(timeout=None)
         finally:
             with anyio.CancelScope(shield=True):  # close it even on timeout or cancel
                 await pubsub.aclose()  # type: ignore[no-untyped-call]

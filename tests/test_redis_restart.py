@@ -216,3 +216,38 @@ async def monitor(url: str, seconds: float) -> list[dict[str, Any]]:
     finally:
         await redis.aclose()
     return seen
+
+
+async def test_a_waiting_result_survives_a_redis_restart(
+    aof_server: RedisProcess, namespace: str
+) -> None:
+    tr = TaskRunner(aof_server.url, namespace=namespace)
+
+    @tr.task
+    async def double(x: int) -> int:
+        return 2 * x
+
+    async with tr:
+        job = await double.enqueue(21)
+        done_channel = tr.client.keys("default").done(job.id)
+        results: list[int] = []
+
+        async def wait() -> None:
+            results.append(await job.result(timeout=DEADLINE))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait)
+
+            async def subscribed() -> bool:
+                counts = await tr.client.redis.pubsub_numsub(done_channel)
+                return bool(counts and counts[0][1] == 1)
+
+            await wait_until(subscribed, DEADLINE)
+            await anyio.to_thread.run_sync(aof_server.restart)  # the job is in the AOF
+            async with tr.worker(concurrency=2, handle_signals=False):
+                await wait_until(lambda: _has(results), DEADLINE)
+        assert results == [42]
+
+
+async def _has(results: list[int]) -> bool:
+    return bool(results)
