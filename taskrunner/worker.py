@@ -48,12 +48,22 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("taskrunner.worker")
 
+COMMIT_DEADLINE = 10.0
+"""Seconds a stopping worker waits for its last commits to be answered."""
+CLAIM_BACKOFF = 0.5
+"""Seconds a worker waits before reading again after its claims failed."""
 READ_GATHER = 0.002
 """Seconds a busy worker waits for more free slots before it reads (see _read)."""
 _CANCEL_OUTCOMES = {
     CancelReason.ABORTED: Outcome(OutcomeKind.ABORTED),
     CancelReason.SHUTDOWN: Outcome(OutcomeKind.HANDBACK),
 }
+
+
+def _cancelling() -> bool:
+    """Whether the current task has a cancellation pending (anyio cancels through it)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 @dataclass(slots=True)
@@ -74,6 +84,8 @@ class Claimed:
     cancelled: CancelReason | None = None
     """Set while it waits for a consumer: its lease was lost, it was aborted, or the
     grace period ended. The consumer then commits that instead of running it."""
+    settled: bool = False
+    """Already committed (or dropped) by a stopping worker: consumers skip it."""
 
 
 class Worker:
@@ -106,7 +118,6 @@ class Worker:
         self.running: dict[str, ExecutionContext] = {}
         self.waiting: dict[str, Claimed] = {}
         """Claimed jobs not started yet, by lease token (heartbeated like running ones)."""
-        self._handing_back = False
         self._free = concurrency
         self._slot_freed = asyncio.Event()
         self._stopping = anyio.Event()
@@ -207,18 +218,23 @@ class Worker:
             claimed = await self._claim(keys, entries)
         except REDIS_ERRORS as exc:
             # The entries stay pending under this consumer: reclaimed after stale_after.
+            # Back off before the next read, or a worker whose claims fail (an OOM
+            # server refuses the claim's writes, not the read) would keep moving the
+            # whole backlog into its own pending list.
             logger.warning(
                 "could not claim %d entries (%s); they will be reclaimed", len(entries), exc
             )
             self._release(len(entries))
+            await anyio.sleep(CLAIM_BACKOFF)
             return
         except BaseException:
             self._release(len(entries))
             raise
         self._release(len(entries) - len(claimed))
         for item in claimed:
-            if self._handing_back:
-                item.cancelled = CancelReason.SHUTDOWN
+            if self.stopping:  # claimed while stopping (a reclaim in flight): give it back
+                self._commit(item, None, Outcome(OutcomeKind.HANDBACK))
+                continue
             self.waiting[item.token] = item
             self._queue.put_nowait(item)
 
@@ -252,7 +268,7 @@ class Worker:
                     await mw.on_worker_start(self)
                 services.start_soon(self._listener().run)  # with the hooks' handlers
                 await self._consume(blocking, task_status)
-                await self._coalescer.drained()  # every outcome recorded before we stop
+                await self._await_commits()
                 for mw in reversed(self.runner.middleware):
                     await mw.on_worker_stop(self)
                 services.cancel_scope.cancel()
@@ -277,19 +293,33 @@ class Worker:
             )
             task_status.started()
             await self._read(blocking)
+            self._stopping.set()  # also after a burst: nothing new is taken from here on
             await self._drain()
             for _ in range(self.concurrency):
                 self._queue.put_nowait(None)  # each consumer ends after what is queued
 
     async def _drain(self) -> None:
+        self._hand_back_waiting()  # not started yet: another worker can take them now
         with anyio.move_on_after(self.grace_period):
             while self.running or self._free < self.concurrency:
                 await self._slot_event()
-        self._handing_back = True  # what still waits for a consumer goes back, unrun
-        for item in self.waiting.values():
-            item.cancelled = CancelReason.SHUTDOWN
+        self._hand_back_waiting()
         for ctx in list(self.running.values()):
             ctx.cancel(CancelReason.SHUTDOWN)
+
+    def _hand_back_waiting(self) -> None:
+        """Settle every claimed job that no consumer has started, now (the consumers may
+        all be busy for the whole grace period): hand it back, or record its abort."""
+        for item in list(self.waiting.values()):
+            if item.cancelled is None:  # a lost lease or an abort stays what it is
+                item.cancelled = CancelReason.SHUTDOWN
+            item.settled = True
+            del self.waiting[item.token]
+            outcome = _CANCEL_OUTCOMES.get(item.cancelled)
+            if outcome is None:
+                self._release(1)
+            else:
+                self._commit(item, self.runner.registry.get(item.task_name), outcome)
 
     async def _free_slots_to_read(self) -> None:
         """Wait for a free slot; when only a few are free, wait up to ``READ_GATHER``
@@ -318,7 +348,6 @@ class Worker:
         streams = {k.stream: ">" for k in self.keys.values()}
         by_stream = {k.stream: k for k in self.keys.values()}
         block_ms = self.runner.block_ms
-        self._reader_id = int(await blocking.client_id())
         try:
             with anyio.CancelScope() as scope:
                 self._reader_scope = scope
@@ -330,6 +359,8 @@ class Worker:
                     # strand them in the pending list until they went stale. stop()
                     # unblocks it instead.
                     with anyio.CancelScope(shield=True):
+                        if self._reader_id is None:  # (re)connected: stop() unblocks by id
+                            self._reader_id = await self._client_id(blocking)
                         reply = await self._xreadgroup(blocking, streams, block_ms)
                         for stream, entries in reply:
                             await self.submit(by_stream[stream], entries)
@@ -356,9 +387,17 @@ class Worker:
             return []
         return cast(list[tuple[str, list[tuple[str, dict[str, str]]]]], reply or [])
 
+    @staticmethod
+    async def _client_id(blocking: Redis) -> int | None:
+        try:
+            return int(await blocking.client_id())
+        except REDIS_ERRORS:
+            return None
+
     async def _read_failed(self, exc: Exception) -> None:
         """A failed read: recreate a missing group (a restart without persistence) at
         once; anything else (server away, failing over, loading) backs off and retries."""
+        self._reader_id = None  # a reconnect gives the blocking connection a new id
         if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
             logger.warning("consumer group missing (redis restarted?); recreating it from id 0")
             with contextlib.suppress(*REDIS_ERRORS):
@@ -388,11 +427,16 @@ class Worker:
             calls.append(
                 scripts.claim(keys, job_id, self.id, entry_id, token, now, self.max_deliveries)
             )
-        replies = await scripts.run_many(self.redis, calls)
+        replies = await scripts.run_many(self.redis, calls, raise_on_error=False)
+        if replies and all(isinstance(reply, Exception) for reply in replies):
+            raise replies[0]  # nothing claimed: the caller backs off
         claimed = []
         for (entry_id, fields), job_id, token, reply in zip(
             entries, ids, tokens, replies, strict=True
         ):
+            if isinstance(reply, Exception):  # this one only; it stays pending, reclaimed
+                logger.error("could not claim stream entry %s (%s)", entry_id, reply)
+                continue
             item = self._claimed(keys, job_id, entry_id, token, reply, fields)
             if item is not None:
                 claimed.append(item)
@@ -475,6 +519,8 @@ class Worker:
     async def _consumer(self) -> None:
         """One of ``concurrency`` long-lived consumers: runs claimed jobs one at a time."""
         while (item := await self._queue.get()) is not None:
+            if item.settled:
+                continue
             self.waiting.pop(item.token, None)
             task = self.runner.registry.get(item.task_name)
             try:
@@ -544,6 +590,12 @@ class Worker:
             try:
                 outcome = await self.runner.execute_chain(task)(ctx)
             except Exception as exc:  # noqa: BLE001 - the task's own error is its outcome
+                outcome = Outcome.failed(ErrorInfo.from_exception(exc))
+            except asyncio.CancelledError as exc:
+                if scope.cancel_called or _cancelling():
+                    raise  # a real cancellation: this job's (abort, lease, shutdown) or ours
+                # The task's own code let a CancelledError out (it awaited something
+                # cancelled elsewhere): that is the job failing, not the worker stopping.
                 outcome = Outcome.failed(ErrorInfo.from_exception(exc))
             finally:
                 reset_current_job(token)
@@ -625,6 +677,19 @@ class Worker:
         for kind, handler in self._handlers:
             listener.on(kind, handler)
         return listener
+
+    async def _await_commits(self) -> None:
+        """Every outcome recorded before the worker stops; if Redis stays away longer
+        than ``COMMIT_DEADLINE``, give up: those entries are reclaimed after stale_after."""
+        with anyio.move_on_after(COMMIT_DEADLINE) as scope:
+            await self._coalescer.drained()
+        if scope.cancelled_caught:
+            logger.error(
+                "worker %s: %d outcome(s) not recorded before stopping (redis unavailable); "
+                "their jobs will be reclaimed",
+                self.id,
+                self.concurrency - self._free,
+            )
 
     async def _leave_groups(self) -> None:
         """Remove this consumer from each queue's group when it holds nothing, so the

@@ -4,6 +4,7 @@ enqueue middleware that replace the job, and names that would break the key sche
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 import uuid
@@ -21,6 +22,7 @@ from taskrunner import (
     EnqueueContext,
     Job,
     JobAborted,
+    JobFailed,
     JobStatus,
     Middleware,
     TaskRunner,
@@ -223,3 +225,59 @@ async def test_a_worker_that_stops_leaves_the_group_when_it_holds_nothing(
             consumers = await redis.xinfo_consumers(keys.stream, GROUP)
             assert [c["name"] for c in consumers] == [worker.id]
         assert await redis.xinfo_consumers(keys.stream, GROUP) == []
+
+
+async def test_a_task_that_lets_a_cancelled_error_out_fails_alone(
+    make_runner: Callable[..., TaskRunner],
+) -> None:
+    tr = make_runner()
+
+    @tr.task(max_retries=0)
+    async def leaky() -> None:
+        inner = asyncio.ensure_future(asyncio.sleep(3600))
+        inner.cancel()
+        await inner  # raises CancelledError in the task, not a cancellation of the worker
+
+    @tr.task
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    async with tr, tr.worker(concurrency=2, handle_signals=False) as worker:
+        job = await leaky.enqueue()
+        with pytest.raises(JobFailed, match="CancelledError"):
+            await job.result(timeout=DEADLINE)
+        assert await (await add.enqueue(2, 3)).result(timeout=DEADLINE) == 5
+        assert not worker.stopping
+
+
+async def test_stopping_hands_back_claimed_jobs_that_have_not_started(
+    make_runner: Callable[..., TaskRunner], redis: Redis, namespace: str
+) -> None:
+    tr = make_runner()
+    gate = anyio.Event()
+
+    @tr.task(queue="a")
+    async def slow() -> None:
+        await gate.wait()
+
+    @tr.task(queue="b")
+    async def quick() -> str:
+        return "done"
+
+    async with tr:
+        await slow.enqueue()
+        job = await quick.enqueue()
+        first = tr.worker(concurrency=1, grace_period=3600, handle_signals=False)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(first.run)
+
+            async def both_claimed() -> bool:
+                return len(first.running) == 1 and len(first.waiting) == 1
+
+            await wait_until(both_claimed, DEADLINE)
+            first.stop()  # the slow job keeps its grace period; the quick one goes back
+            async with tr.worker(concurrency=2, handle_signals=False):
+                assert await job.result(timeout=DEADLINE) == "done"
+            assert first.running  # the first worker is still in its grace period
+            assert (await job.info()).attempts == 1
+            gate.set()

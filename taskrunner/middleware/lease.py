@@ -18,7 +18,7 @@ get that long to renew their leases first.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import anyio
@@ -103,6 +103,7 @@ class LeaseMiddleware(Middleware):
         crash is ``stale_after + reclaim_interval``."""
         self._leases: dict[Worker, dict[str, ExecutionContext]] = {}
         self._last_beat: dict[Worker, float] = {}
+        self._loops: dict[Worker, list[anyio.CancelScope]] = {}
 
     async def execute(self, ctx: ExecutionContext, call_next: ExecuteNext) -> Outcome:
         leases = self._leases[ctx.worker]
@@ -114,11 +115,21 @@ class LeaseMiddleware(Middleware):
 
     async def on_worker_start(self, worker: Worker) -> None:
         self._leases[worker] = {}
+        beats, reclaims = anyio.CancelScope(), anyio.CancelScope()
+        self._loops[worker] = [beats, reclaims]
         worker.on_event("abort", lambda queue, job_id: self._abort(worker, job_id))
-        worker.spawn(lambda: self._heartbeats(worker))
-        worker.spawn(lambda: self._reclaims(worker))
+        worker.spawn(lambda: self._in(beats, self._heartbeats(worker)))
+        worker.spawn(lambda: self._in(reclaims, self._reclaims(worker)))
+
+    @staticmethod
+    async def _in(scope: anyio.CancelScope, loop: Coroutine[Any, Any, None]) -> None:
+        with scope:
+            await loop
 
     async def on_worker_stop(self, worker: Worker) -> None:
+        # Stop the loops first, so no heartbeat re-registers the worker after this.
+        for scope in self._loops.pop(worker, []):
+            scope.cancel()
         self._leases.pop(worker, None)
         self._last_beat.pop(worker, None)
         try:
