@@ -77,9 +77,12 @@ class WorkerProcess:
 
         await wait_until(up, timeout, interval=0.05)
 
-    async def logged(self, text: str, timeout: float = DEADLINE) -> None:
+    async def logged(self, *texts: str, timeout: float = DEADLINE) -> None:
+        """Wait until the log has any of ``texts``."""
+
         async def found() -> bool:
-            return text in self.output()
+            output = self.output()
+            return any(text in output for text in texts)
 
         await wait_until(found, timeout, interval=0.05)
 
@@ -267,7 +270,11 @@ async def test_blocked_worker_loses_its_lease_and_its_late_writes_are_refused(
 
         await redis.set(f"{namespace}:test:release:{job.id}", 1)  # wake the blocked loop
         if mode == "return":
-            await blocked.logged("lost its lease; its succeeded was not recorded")
+            # When the loop wakes, the task's return and the overdue heartbeat are both
+            # ready to run, in either order: the commit is refused, or the heartbeat is
+            # refused first and cancels the copy before it commits. Nothing is written
+            # either way (checked below).
+            await blocked.logged("lost its lease; its succeeded was not recorded", "lease lost")
         else:
             await blocked.logged("lease lost")
             events = f"{namespace}:test:events"

@@ -281,3 +281,38 @@ async def test_stopping_hands_back_claimed_jobs_that_have_not_started(
             assert first.running  # the first worker is still in its grace period
             assert (await job.info()).attempts == 1
             gate.set()
+
+
+async def test_a_commit_under_a_stale_lease_changes_nothing(
+    make_runner: Callable[..., TaskRunner], redis: Redis
+) -> None:
+    # The fencing rule at the script level, without timing: attempt 1's token is spent
+    # the moment attempt 2 claims the entry; attempt 1's commit is then refused.
+    tr = make_runner()
+
+    @tr.task
+    async def noop() -> None:
+        pass
+
+    async with tr:
+        keys = tr.client.keys("default")
+        job = await noop.enqueue()
+        await redis.xgroup_create(keys.stream, GROUP, id="0", mkstream=True)
+        reply = cast(Any, await redis.xreadgroup(GROUP, "old", {keys.stream: ">"}, count=1))
+        [(entry, _fields)] = reply[0][1]
+        await scripts.run(redis, scripts.claim(keys, job.id, "old", entry, "token-1", 1, 5))
+        await redis.xclaim(keys.stream, GROUP, "new", 0, [entry])  # taken over
+        await scripts.run(redis, scripts.claim(keys, job.id, "new", entry, "token-2", 2, 5))
+
+        def commit(token: str) -> scripts.ScriptCall:
+            return scripts.commit(
+                keys, job.id, entry, token, "succeeded", 3, '"late"', 60_000, 0, []
+            )
+
+        before = await redis.hgetall(keys.job(job.id))
+        assert await scripts.run(redis, commit("token-1")) == 0
+        assert await redis.hgetall(keys.job(job.id)) == before
+        assert (await redis.xpending(keys.stream, GROUP))["pending"] == 1
+        assert await scripts.run(redis, commit("token-2")) == 1
+        assert await job.status() == JobStatus.SUCCEEDED
+        assert await scripts.run(redis, commit("token-1")) == 0  # still refused after
