@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict
 
 from taskrunner.job import ErrorInfo, JobContext
 
@@ -25,6 +26,15 @@ if TYPE_CHECKING:
     from taskrunner.job import Job
     from taskrunner.task import TaskDefinition
     from taskrunner.worker import Worker
+
+
+def to_seconds(value: object) -> object:
+    """Seconds from a ``timedelta`` (anything else is left to pydantic)."""
+    return value.total_seconds() if isinstance(value, timedelta) else value
+
+
+OptionalSeconds = Annotated[float | None, BeforeValidator(to_seconds)]
+"""A task option in seconds that also takes a ``timedelta``; None means "not set"."""
 
 
 class TaskOptions(BaseModel):

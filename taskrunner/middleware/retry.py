@@ -5,9 +5,8 @@ from __future__ import annotations
 import logging
 import random
 import time
-from datetime import timedelta
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from taskrunner.exceptions import Retry
 from taskrunner.job import ErrorInfo
@@ -15,6 +14,7 @@ from taskrunner.middleware.base import (
     ExecuteNext,
     ExecutionContext,
     Middleware,
+    OptionalSeconds,
     Outcome,
     TaskOptions,
 )
@@ -25,13 +25,8 @@ logger = logging.getLogger("taskrunner.retry")
 class RetryOptions(TaskOptions):
     max_retries: int | None = Field(default=None, ge=0)
     """Retries after the first attempt (0 disables); None uses the runner's default."""
-    retry_delay: float | None = Field(default=None, ge=0)
+    retry_delay: OptionalSeconds = Field(default=None, ge=0)
     """Base of the exponential backoff in seconds; None uses the runner's default."""
-
-    @field_validator("retry_delay", mode="before")
-    @classmethod
-    def _seconds(cls, value: object) -> object:
-        return value.total_seconds() if isinstance(value, timedelta) else value
 
 
 class RetryMiddleware(Middleware):

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 import anyio
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from taskrunner.exceptions import TaskTimeout
 from taskrunner.middleware.base import (
     ExecuteNext,
     ExecutionContext,
     Middleware,
+    OptionalSeconds,
     Outcome,
     TaskOptions,
 )
@@ -19,13 +18,8 @@ from taskrunner.task import TaskDefinition
 
 
 class TimeoutOptions(TaskOptions):
-    timeout: float | None = Field(default=None, gt=0)
+    timeout: OptionalSeconds = Field(default=None, gt=0)
     """Seconds (or a timedelta) an attempt may run; None uses the runner's default."""
-
-    @field_validator("timeout", mode="before")
-    @classmethod
-    def _seconds(cls, value: object) -> object:
-        return value.total_seconds() if isinstance(value, timedelta) else value
 
 
 class TimeoutMiddleware(Middleware):

@@ -44,11 +44,10 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal, Self
 
 import anyio
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 from pydantic_core import to_jsonable_python
 
 from taskrunner import scripts
@@ -62,6 +61,7 @@ from taskrunner.middleware.base import (
     ExecuteNext,
     ExecutionContext,
     Middleware,
+    OptionalSeconds,
     Outcome,
     OutcomeKind,
     TaskOptions,
@@ -97,19 +97,14 @@ class UniqueOptions(TaskOptions):
     lock: LockKind | None = None
     on_conflict: ConflictStrategy | None = None
     """None means ``reject``."""
-    lock_ttl: float | None = Field(default=None, gt=0)
+    lock_ttl: OptionalSeconds = Field(default=None, gt=0)
     """Seconds (or a timedelta) a lock outlives its due time or last heartbeat;
     None uses the runner's ``lock_ttl``."""
     unique_args: Callable[..., Any] | None = None
     """Called with the job's arguments as the task receives them; returns the
     JSON-able value that defines uniqueness. None: every argument, defaults applied."""
-    reschedule_delay: float | None = Field(default=None, ge=0)
+    reschedule_delay: OptionalSeconds = Field(default=None, ge=0)
     """Seconds (or a timedelta) before a rescheduled job is tried again (5 s)."""
-
-    @field_validator("lock_ttl", "reschedule_delay", mode="before")
-    @classmethod
-    def _seconds(cls, value: object) -> object:
-        return value.total_seconds() if isinstance(value, timedelta) else value
 
     @model_validator(mode="after")
     def _combination(self) -> Self:
