@@ -81,7 +81,8 @@ REVIVE = Script("revive")
 LOCK = Script("lock")
 UNLOCK = Script("unlock")
 LEAVE = Script("leave")
-ALL = (ENQUEUE, PROMOTE, CLAIM, COMMIT, HEARTBEAT, ABORT, REVIVE, LOCK, UNLOCK, LEAVE)
+ORPHAN = Script("orphan")
+ALL = (ENQUEUE, PROMOTE, CLAIM, COMMIT, HEARTBEAT, ABORT, REVIVE, LOCK, UNLOCK, LEAVE, ORPHAN)
 
 
 @dataclass(slots=True)
@@ -318,3 +319,14 @@ def unlock(
 def leave(keys: QueueKeys, consumer: str) -> ScriptCall:
     """Remove ``consumer`` from the queue's group if it holds no entries."""
     return ScriptCall(LEAVE, [keys.stream], [GROUP, consumer])
+
+
+def orphan(
+    keys: QueueKeys, entry_id: str, job_id: str, task: str, now_ms: int, error: str
+) -> ScriptCall:
+    """Dead-letter (as ``job_id``) and acknowledge an entry that names no job."""
+    return ScriptCall(
+        ORPHAN,
+        [keys.stream, keys.job(job_id), keys.dead],
+        [GROUP, entry_id, job_id, task, keys.queue, now_ms, error],
+    )

@@ -483,36 +483,18 @@ class Worker:
     async def _dead_letter_orphan(
         self, keys: QueueKeys, entry_id: str, fields: dict[str, str]
     ) -> None:
-        """Dead-letter an entry without a job and acknowledge it in one transaction (the
-        entry stays pending until then: if this fails it is reclaimed and tried again)."""
+        """Dead-letter an entry without a job and acknowledge it (orphan.lua: one step;
+        the entry stays pending until then, so if this fails it is reclaimed and tried
+        again)."""
+        reason = f"stream entry {entry_id} has no job: {fields!r}"
+        error = ErrorInfo(type="DeadLetter", message=reason).model_dump_json()
+        call = scripts.orphan(
+            keys, entry_id, f"entry-{entry_id}", fields.get("task", ""), now_ms(), error
+        )
         try:
-            await self._write_orphan(keys, entry_id, fields)
+            await scripts.run(self.redis, call)
         except REDIS_ERRORS as exc:
             logger.warning("could not dead-letter stream entry %s (%s)", entry_id, exc)
-
-    async def _write_orphan(self, keys: QueueKeys, entry_id: str, fields: dict[str, str]) -> None:
-        job_id = f"entry-{entry_id}"
-        now = now_ms()
-        reason = f"stream entry {entry_id} has no job: {fields!r}"
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(
-            keys.job(job_id),
-            mapping={
-                "task": fields.get("task", ""),
-                "queue": keys.queue,
-                "status": "dead",
-                "enqueued": now,
-                "finished": now,
-                "attempts": 0,
-                "args": "",
-                "locks": "",
-                "error": ErrorInfo(type="DeadLetter", message=reason).model_dump_json(),
-            },
-        )
-        pipe.zadd(keys.dead, {job_id: now})
-        pipe.xack(keys.stream, GROUP, entry_id)
-        pipe.xdel(keys.stream, entry_id)
-        await pipe.execute()
 
     # -- running -------------------------------------------------------------------------
 
