@@ -564,6 +564,7 @@ class Worker:
                 lease=item.token,
                 locks=item.locks,
                 cancel=cancel,
+                payload=item.payload,
             )
             self.running[item.job_id] = ctx
             token = set_current_job(job)

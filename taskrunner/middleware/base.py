@@ -128,6 +128,8 @@ class ExecutionContext:
     """Lock keys the job holds; final commits release them, heartbeats renew them."""
     cancel: Callable[[CancelReason], None]
     """Cancel this attempt; the worker turns the reason into the outcome."""
+    payload: str = ""
+    """The arguments as stored (validated JSON keyed by parameter name)."""
     lock_ttl_ms: int = 0
     """TTL the heartbeat gives the job's locks (set by the unique-job middleware)."""
 

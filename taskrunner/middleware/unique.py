@@ -276,8 +276,7 @@ class UniqueMiddleware(Middleware):
     async def _while_executing(
         self, ctx: ExecutionContext, call_next: ExecuteNext, opts: UniqueOptions
     ) -> Outcome:
-        payload = ctx.task.codec.encode(tuple(ctx.args), ctx.kwargs)
-        value = self._unique_value(ctx.task, payload)
+        value = self._unique_value(ctx.task, ctx.payload)  # as stored: no re-encoding
         key = ctx.worker.keys[ctx.job.queue].lock(lock_digest(ctx.task.name, value))
         refused = await self._take_or_refuse(ctx, [key], opts)
         if refused is not None:
