@@ -29,10 +29,18 @@ from taskrunner import (
     current_job,
     scripts,
 )
-from taskrunner.keys import GROUP
+from taskrunner.keys import GROUP, QueueKeys
 from taskrunner.middleware.base import EnqueueNext
 
 DEADLINE = 30.0
+
+
+async def read_as(redis: Redis, keys: QueueKeys, consumer: str) -> list[tuple[str, Any]]:
+    """Create the queue's group and read every ready entry as ``consumer`` (by hand, so
+    a test can run the scripts step by step)."""
+    await redis.xgroup_create(keys.stream, GROUP, id="0", mkstream=True)
+    reply = cast(Any, await redis.xreadgroup(GROUP, consumer, {keys.stream: ">"}, count=100))
+    return list(reply[0][1])
 
 
 async def test_a_running_worker_is_cancelled_from_outside(
@@ -116,9 +124,7 @@ async def test_an_error_in_one_call_of_a_batch_stays_in_its_place(
     async with tr:
         keys = tr.client.keys("default")
         first, second = await noop.enqueue(), await noop.enqueue()
-        await redis.xgroup_create(keys.stream, GROUP, id="0", mkstream=True)
-        reply = cast(Any, await redis.xreadgroup(GROUP, "c1", {keys.stream: ">"}, count=10))
-        entries = reply[0][1]
+        entries = await read_as(redis, keys, "c1")
         claims = [
             scripts.claim(keys, fields["job"], "c1", entry, f"token{i}", 1, 5)
             for i, (entry, fields) in enumerate(entries)
@@ -297,9 +303,7 @@ async def test_a_commit_under_a_stale_lease_changes_nothing(
     async with tr:
         keys = tr.client.keys("default")
         job = await noop.enqueue()
-        await redis.xgroup_create(keys.stream, GROUP, id="0", mkstream=True)
-        reply = cast(Any, await redis.xreadgroup(GROUP, "old", {keys.stream: ">"}, count=1))
-        [(entry, _fields)] = reply[0][1]
+        [(entry, _fields)] = await read_as(redis, keys, "old")
         await scripts.run(redis, scripts.claim(keys, job.id, "old", entry, "token-1", 1, 5))
         await redis.xclaim(keys.stream, GROUP, "new", 0, [entry])  # taken over
         await scripts.run(redis, scripts.claim(keys, job.id, "new", entry, "token-2", 2, 5))
