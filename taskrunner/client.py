@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import json
 import logging
 import math
 import time
@@ -61,6 +62,7 @@ class Client:
             int(ctx.now * 1000),
             due_ms,
             ctx.locks,
+            json.dumps(ctx.meta, separators=(",", ":")) if ctx.meta else "",
         )
 
     def job_from_reply(self, ctx: EnqueueContext, reply: Sequence[Any]) -> Job[Any]:

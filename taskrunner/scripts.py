@@ -197,8 +197,10 @@ def enqueue(
     now_ms: int,
     due_ms: int,
     locks: Sequence[tuple[str, int]] = (),
+    meta: str = "",
 ) -> ScriptCall:
-    """Write a job (and take its enqueue-side locks: ``(key, ttl_ms)``)."""
+    """Write a job (and take its enqueue-side locks: ``(key, ttl_ms)``); ``meta`` is
+    the job's headers as JSON ("" for none)."""
     return ScriptCall(
         ENQUEUE,
         [keys.job(job_id), keys.stream, keys.delayed, keys.seq, *(k for k, _ in locks)],
@@ -210,6 +212,7 @@ def enqueue(
             now_ms,
             due_ms,
             keys.events,
+            meta,
             len(locks),
             *(ttl for _, ttl in locks),
         ],

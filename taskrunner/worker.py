@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import os
@@ -60,6 +61,19 @@ _CANCEL_OUTCOMES = {
 }
 
 
+def _meta(text: str) -> dict[str, str]:
+    """The job's headers (stored as a JSON object of strings); anything else is dropped."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): str(v) for k, v in value.items()}
+
+
 def _cancelling() -> bool:
     """Whether the current task has a cancellation pending (anyio cancels through it)."""
     task = asyncio.current_task()
@@ -81,6 +95,7 @@ class Claimed:
     locks: list[str]
     deliveries: int
     reclaimed: bool
+    meta: dict[str, str]
     cancelled: CancelReason | None = None
     """Set while it waits for a consumer: its lease was lost, it was aborted, or the
     grace period ended. The consumer then commits that instead of running it."""
@@ -478,6 +493,7 @@ class Worker:
             locks=str(reply[4]).split(),
             deliveries=int(reply[5]),
             reclaimed=reply[6] == 1,
+            meta=_meta(str(reply[7])),
         )
 
     async def _dead_letter_orphan(
@@ -565,6 +581,7 @@ class Worker:
                 locks=item.locks,
                 cancel=cancel,
                 payload=item.payload,
+                meta=item.meta,
             )
             self.running[item.job_id] = ctx
             token = set_current_job(job)
@@ -620,6 +637,8 @@ class Worker:
 
     def _committed(self, item: Claimed, outcome: Outcome, reply: Any) -> None:
         self._release(1)
+        if reply == 1:
+            self._observe(item, outcome)
         if isinstance(reply, Exception):
             logger.error(
                 "job %s %s attempt %d: its %s could not be recorded (%s); it will be reclaimed",
@@ -639,6 +658,21 @@ class Worker:
             )
         elif outcome.kind in (OutcomeKind.RETRY, OutcomeKind.RESCHEDULE):
             self.scheduler.wake()
+
+    def _observe(self, item: Claimed, outcome: Outcome) -> None:
+        job = JobContext(
+            id=item.job_id,
+            task=item.task_name,
+            attempt=item.attempt,
+            queue=item.keys.queue,
+            deliveries=item.deliveries,
+            reclaimed=item.reclaimed,
+        )
+        for mw in self.runner.middleware:
+            try:
+                mw.on_commit(job, outcome)
+            except Exception:
+                logger.exception("middleware %s: on_commit failed", type(mw).__name__)
 
     @staticmethod
     def _payload(item: Claimed, task: TaskDefinition | None, outcome: Outcome) -> str | Outcome:

@@ -354,3 +354,51 @@ def test_the_unique_jobs_example_runs(redis_url: str, namespace: str, tmp_path: 
         "sync_account attempts -> 1 1",
     ]
     assert lines[4].startswith("reschedules (a, b) -> ")
+
+
+class Headers(Middleware):
+    """Carries a header from enqueue to every attempt, and watches recorded outcomes."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, str]] = []
+        self.committed: list[tuple[str, int, OutcomeKind]] = []
+
+    async def enqueue(self, ctx: EnqueueContext, call_next: EnqueueNext) -> Job[Any]:
+        ctx.meta["trace"] = f"t-{ctx.job_id}"
+        return await call_next(ctx)
+
+    async def execute(self, ctx: ExecutionContext, call_next: ExecuteNext) -> Outcome:
+        self.seen.append(dict(ctx.meta))
+        return await call_next(ctx)
+
+    def on_commit(self, job: Any, outcome: Outcome) -> None:
+        self.committed.append((job.id, job.attempt, outcome.kind))
+
+
+async def test_meta_reaches_every_attempt_and_on_commit_sees_each_recorded_outcome(
+    make_runner: MakeRunner,
+) -> None:
+    headers = Headers()
+    tr = make_runner(middleware=[headers], max_retries=1)
+
+    @tr.task
+    async def flaky() -> int:
+        from taskrunner import current_job
+
+        if current_job().attempt == 1:
+            raise ValueError("first attempt fails")
+        return 7
+
+    async with tr, tr.worker(concurrency=2):
+        job = await flaky.enqueue()
+        assert await job.result(timeout=DEADLINE) == 7
+        await wait_until(lambda: _true(len(headers.committed) == 2), DEADLINE)
+    assert headers.seen == [{"trace": f"t-{job.id}"}] * 2
+    assert headers.committed == [
+        (job.id, 1, OutcomeKind.RETRY),
+        (job.id, 2, OutcomeKind.SUCCEEDED),
+    ]
+
+
+async def _true(value: bool) -> bool:
+    return value

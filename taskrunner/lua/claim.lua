@@ -11,7 +11,8 @@
 --         {'stray', live_entry} the job is live under another entry: this one is a
 --                  duplicate (written by hand) and must not start a second copy
 --                  (acked and deleted),
---         {'ok' | 'poison' | 'abort', task, args, attempts, locks, deliveries, reclaimed}
+--         {'ok' | 'poison' | 'abort', task, args, attempts, locks, deliveries, reclaimed,
+--          meta_json}
 local stream, job = KEYS[1], KEYS[2]
 local group, consumer, entry = ARGV[1], ARGV[2], ARGV[3]
 
@@ -21,7 +22,7 @@ if #pending == 0 then
 end
 local deliveries = pending[1][4]
 local h = redis.call('HMGET', job, 'status', 'task', 'args', 'locks', 'abort', 'entry',
-  'attempts', 'reclaims')
+  'attempts', 'reclaims', 'meta')
 local status = h[1]
 if not status then
   return {'missing'}
@@ -50,4 +51,4 @@ if deliveries > tonumber(ARGV[6]) then
 elseif h[5] then
   verdict = 'abort'
 end
-return {verdict, h[2], h[3], attempts, h[4] or '', deliveries, reclaimed}
+return {verdict, h[2], h[3], attempts, h[4] or '', deliveries, reclaimed, h[9] or ''}

@@ -62,6 +62,9 @@ class EnqueueContext:
     now: float
     locks: list[tuple[str, int]] = field(default_factory=list)
     """Lock keys (with TTL in ms) that the write must take atomically with the job."""
+    meta: dict[str, str] = field(default_factory=dict)
+    """Small string headers stored with the job and handed to every attempt
+    (``ExecutionContext.meta``), e.g. a trace context. Keep it small."""
 
 
 class OutcomeKind(StrEnum):
@@ -132,6 +135,8 @@ class ExecutionContext:
     """The arguments as stored (validated JSON keyed by parameter name)."""
     lock_ttl_ms: int = 0
     """TTL the heartbeat gives the job's locks (set by the unique-job middleware)."""
+    meta: dict[str, str] = field(default_factory=dict)
+    """The headers the job was enqueued with (``EnqueueContext.meta``)."""
 
 
 EnqueueNext = Callable[[EnqueueContext], Awaitable["Job[Any]"]]
@@ -158,6 +163,13 @@ class Middleware:
 
     async def on_worker_start(self, worker: Worker) -> None:
         """Called once when a worker starts, before it reads any job."""
+
+    def on_commit(self, job: JobContext, outcome: Outcome) -> None:
+        """Called in the worker after an attempt's outcome was recorded in Redis, for
+        every recorded outcome, including those decided outside the execution chain
+        (dead letters of unknown tasks, undecodable payloads, poison jobs, aborts of
+        jobs that had not started). Not called when the commit lost its lease. Must be
+        quick and must not raise (an exception is logged and ignored)."""
 
     async def on_worker_stop(self, worker: Worker) -> None:
         """Called once when a worker stops, after its last job is committed."""
