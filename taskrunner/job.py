@@ -216,6 +216,9 @@ class JobContext:
     queue: str
     deliveries: int = 1
     reclaimed: bool = False
+    ready_at: float = 0.0
+    """Epoch seconds when the job became runnable (enqueued, or due): its queue wait
+    is the time from here to the start of the attempt."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free space for middleware to share per-job data."""
 

@@ -96,6 +96,7 @@ class Claimed:
     deliveries: int
     reclaimed: bool
     meta: dict[str, str]
+    ready_at: float
     cancelled: CancelReason | None = None
     """Set while it waits for a consumer: its lease was lost, it was aborted, or the
     grace period ended. The consumer then commits that instead of running it."""
@@ -494,6 +495,7 @@ class Worker:
             deliveries=int(reply[5]),
             reclaimed=reply[6] == 1,
             meta=_meta(str(reply[7])),
+            ready_at=int(reply[8]) / 1000,
         )
 
     async def _dead_letter_orphan(
@@ -569,6 +571,7 @@ class Worker:
                 queue=item.keys.queue,
                 deliveries=item.deliveries,
                 reclaimed=item.reclaimed,
+                ready_at=item.ready_at,
             )
             ctx = ExecutionContext(
                 job=job,
@@ -667,6 +670,7 @@ class Worker:
             queue=item.keys.queue,
             deliveries=item.deliveries,
             reclaimed=item.reclaimed,
+            ready_at=item.ready_at,
         )
         for mw in self.runner.middleware:
             try:

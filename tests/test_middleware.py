@@ -362,6 +362,7 @@ class Headers(Middleware):
     def __init__(self) -> None:
         self.seen: list[dict[str, str]] = []
         self.committed: list[tuple[str, int, OutcomeKind]] = []
+        self.waits: list[float] = []
 
     async def enqueue(self, ctx: EnqueueContext, call_next: EnqueueNext) -> Job[Any]:
         ctx.meta["trace"] = f"t-{ctx.job_id}"
@@ -369,6 +370,7 @@ class Headers(Middleware):
 
     async def execute(self, ctx: ExecutionContext, call_next: ExecuteNext) -> Outcome:
         self.seen.append(dict(ctx.meta))
+        self.waits.append(time.time() - ctx.job.ready_at)
         return await call_next(ctx)
 
     def on_commit(self, job: Any, outcome: Outcome) -> None:
@@ -394,6 +396,8 @@ async def test_meta_reaches_every_attempt_and_on_commit_sees_each_recorded_outco
         assert await job.result(timeout=DEADLINE) == 7
         await wait_until(lambda: _true(len(headers.committed) == 2), DEADLINE)
     assert headers.seen == [{"trace": f"t-{job.id}"}] * 2
+    # the retry became runnable at its due time: both waits are from a recent ready time
+    assert all(0 <= wait < DEADLINE for wait in headers.waits)
     assert headers.committed == [
         (job.id, 1, OutcomeKind.RETRY),
         (job.id, 2, OutcomeKind.SUCCEEDED),

@@ -12,7 +12,7 @@
 --                  duplicate (written by hand) and must not start a second copy
 --                  (acked and deleted),
 --         {'ok' | 'poison' | 'abort', task, args, attempts, locks, deliveries, reclaimed,
---          meta_json}
+--          meta_json, ready_ms (when it became runnable: max(enqueued, due))}
 local stream, job = KEYS[1], KEYS[2]
 local group, consumer, entry = ARGV[1], ARGV[2], ARGV[3]
 
@@ -22,7 +22,7 @@ if #pending == 0 then
 end
 local deliveries = pending[1][4]
 local h = redis.call('HMGET', job, 'status', 'task', 'args', 'locks', 'abort', 'entry',
-  'attempts', 'reclaims', 'meta')
+  'attempts', 'reclaims', 'meta', 'enqueued', 'due')
 local status = h[1]
 if not status then
   return {'missing'}
@@ -51,4 +51,5 @@ if deliveries > tonumber(ARGV[6]) then
 elseif h[5] then
   verdict = 'abort'
 end
-return {verdict, h[2], h[3], attempts, h[4] or '', deliveries, reclaimed, h[9] or ''}
+local ready = math.max(tonumber(h[10]) or 0, tonumber(h[11]) or 0)
+return {verdict, h[2], h[3], attempts, h[4] or '', deliveries, reclaimed, h[9] or '', ready}
