@@ -31,7 +31,7 @@ from taskrunner import (
 from taskrunner.middleware.base import EnqueueNext, ExecuteNext
 
 if TYPE_CHECKING:
-    from taskrunner import Worker
+    from taskrunner import WorkerPort
 
 logger = logging.getLogger("examples.middleware")
 
@@ -82,10 +82,11 @@ class TimingLog(Middleware):
         self.emit("finished", outcome=str(outcome.kind), seconds=seconds, **fields)
         return outcome
 
-    async def on_worker_start(self, worker: Worker) -> None:
-        self.emit("worker_started", worker=worker.id, queues=worker.queues)
+    async def on_worker_start(self, worker: WorkerPort) -> None:
+        queues = sorted({keys.queue for keys in worker.partitions()})
+        self.emit("worker_started", worker=worker.id, queues=queues)
 
-    async def on_worker_stop(self, worker: Worker) -> None:
+    async def on_worker_stop(self, worker: WorkerPort) -> None:
         self.emit("worker_stopped", worker=worker.id)
 
 

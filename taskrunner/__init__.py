@@ -14,6 +14,8 @@ from taskrunner.exceptions import (
     JobRejected,
     LockConflictError,
     LostLease,
+    MiddlewareError,
+    PayloadTooLarge,
     Retry,
     TaskrunnerError,
     TaskTimeout,
@@ -26,8 +28,9 @@ from taskrunner.middleware.base import (
     Middleware,
     Outcome,
     OutcomeKind,
-    TaskOptions,
+    WorkerPort,
 )
+from taskrunner.options import TaskOptions
 from taskrunner.runner import TaskRunner
 from taskrunner.task import BoundTask, Call, Task
 from taskrunner.worker import Worker
@@ -55,8 +58,10 @@ __all__ = [
     "LockConflictError",
     "LostLease",
     "Middleware",
+    "MiddlewareError",
     "Outcome",
     "OutcomeKind",
+    "PayloadTooLarge",
     "Retry",
     "Task",
     "TaskOptions",
@@ -65,6 +70,7 @@ __all__ = [
     "TaskrunnerError",
     "UnknownOptionError",
     "Worker",
+    "WorkerPort",
     "__version__",
     "current_job",
 ]

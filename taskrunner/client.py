@@ -1,4 +1,10 @@
-"""The client: writes jobs, reads their state, waits for them, aborts them."""
+"""The client: writes jobs, reads their state, waits for them, aborts them.
+
+It knows each queue's partitions (``resolve``: read from, and recorded in, the queue's
+meta hash once per process) and where a job lives: a job id's home partition, or, for
+a job placed by its lock digest under an id the caller chose, any partition (a
+bounded lookup over the queue's N partitions, never a scan).
+"""
 
 from __future__ import annotations
 
@@ -7,60 +13,163 @@ import contextvars
 import json
 import logging
 import math
+import secrets
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, cast
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar, cast
 
 import anyio
-from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from taskrunner import scripts
-from taskrunner.exceptions import JobNotFound, LockConflictError
+from taskrunner.connection import REDIS_ERRORS, Connection, reachable, report
+from taskrunner.exceptions import JobNotFound, LockConflictError, TaskrunnerError
 from taskrunner.job import Job, JobStatus
-from taskrunner.keys import QueueKeys
+from taskrunner.keys import DEFAULT_LEVEL, Queue, QueueKeys, home_partition
 from taskrunner.middleware.base import (
     EnqueueContext,
     EnqueueNext,
     Middleware,
     build_enqueue_chain,
 )
+from taskrunner.subscriber import Subscriber, handler
 
 logger = logging.getLogger("taskrunner")
 
+_RETRY_WAIT = 0.5
+T = TypeVar("T")
+
 
 def now_ms() -> int:
+    """This process's clock in ms: only for durations and for logs. Due times and TTLs
+    are decided by the server's clock inside the scripts."""
     return int(time.time() * 1000)
 
 
 class Client:
-    """Job reads and writes against one Redis, within one key namespace."""
+    """Job reads and writes against one Redis deployment, within one key namespace."""
 
-    def __init__(self, redis: Redis, namespace: str, result_ttl: float) -> None:
-        self.redis = redis
+    def __init__(
+        self,
+        connection: Connection,
+        namespace: str,
+        result_ttl: float,
+        *,
+        levels: Sequence[str] = ("high", DEFAULT_LEVEL, "low"),
+        default_level: str = DEFAULT_LEVEL,
+        partitions: int | None = None,
+        max_payload: int = 1 << 20,
+    ) -> None:
+        self.connection = connection
+        self.redis = connection.redis
         self.namespace = namespace
         self.result_ttl_ms = int(result_ttl * 1000)
-        self._keys: dict[str, QueueKeys] = {}
+        self.levels = tuple(levels)
+        self.default_level = default_level
+        self.partitions = partitions
+        self.max_payload = max_payload
+        self.env = scripts.Env(publish=connection.publish_command)
+        self._queues: dict[str, Queue] = {}
+        self._subscriber: Subscriber | None = None
+        self._subscriber_task: asyncio.Task[None] | None = None
 
-    def keys(self, queue: str) -> QueueKeys:
-        found = self._keys.get(queue)
-        if found is None:
-            found = self._keys[queue] = QueueKeys(self.namespace, queue)
+    def set_clock_offset(self, offset_ms: int) -> None:
+        """Shift the server's clock as the scripts see it (frozen time in tests)."""
+        self.env = scripts.Env(publish=self.env.publish, offset_ms=offset_ms)
+
+    # -- queues and partitions -----------------------------------------------------
+
+    def default_partitions(self) -> int:
+        """Partitions of a queue nobody configured: 1, or one per primary on a cluster."""
+        if not self.connection.cluster:
+            return 1
+        return max(1, len(cast(Any, self.redis).get_primaries()))
+
+    async def resolve(self, name: str, *, refresh: bool = False, record: bool = False) -> Queue:
+        """The queue ``name`` with its partitions, as recorded in Redis (or configured,
+        or the default). Workers ``record`` what they use; so does a runner configured
+        with an explicit ``partitions``."""
+        found = self._queues.get(name)
+        if found is not None and not refresh:
+            return found
+        probe = QueueKeys(self.namespace, name, default_level=self.default_level)
+        call = scripts.partitions(
+            probe.meta, self.partitions or 0, self.default_partitions(), record=record
+        )
+        current, most = (int(v) for v in await scripts.run(self.redis, call))
+        if self.partitions and current != self.partitions:
+            logger.warning(
+                "queue %s: this runner sets partitions=%d but %d is recorded",
+                name,
+                self.partitions,
+                current,
+            )
+        found = Queue(
+            self.namespace,
+            name,
+            self.levels,
+            self.default_level,
+            partitions=current,
+            read=most,
+        )
+        self._queues[name] = found
         return found
 
-    # -- writing -----------------------------------------------------------------
+    def cached(self, name: str) -> Queue:
+        """A queue already resolved (see ``resolve``)."""
+        found = self._queues.get(name)
+        if found is None:
+            raise TaskrunnerError(f"queue {name!r} is not resolved yet")
+        return found
+
+    def keys(self, queue: str, partition: int = 0) -> QueueKeys:
+        """One partition's keys (partition 0 when the queue has not been resolved)."""
+        found = self._queues.get(queue)
+        if found is not None and partition < len(found.parts):
+            return found.parts[partition]
+        return QueueKeys(self.namespace, queue, partition, default_level=self.default_level)
+
+    async def locate(self, queue: str, job_id: str) -> QueueKeys:
+        """The partition holding job ``job_id`` (JobNotFound if none does)."""
+        q = await self.resolve(queue)
+        home = q.for_id(job_id)
+        if q.read == 1:
+            return home
+        if await self.redis.exists(home.job(job_id)):
+            return home
+        pipe = self.redis.pipeline(transaction=False)
+        for part in q.parts:
+            pipe.exists(part.job(job_id))
+        for part, found in zip(q.parts, await pipe.execute(), strict=True):
+            if found:
+                return part
+        raise JobNotFound(job_id)
+
+    @staticmethod
+    def id_for(partition: int, partitions: int) -> str:
+        """A new random job id whose home is ``partition`` (N tries on average)."""
+        while True:
+            job_id = uuid.uuid4().hex
+            if home_partition(job_id, partitions) == partition:
+                return job_id
+
+    # -- writing ---------------------------------------------------------------------
 
     def write_call(self, ctx: EnqueueContext) -> scripts.ScriptCall:
-        # Round the due time up: a job must never become runnable before it is due.
-        due_ms = math.ceil(ctx.due * 1000) if ctx.due is not None else 0
+        q = self.cached(ctx.queue)
+        partition = (
+            ctx.partition if ctx.partition is not None else home_partition(ctx.job_id, q.partitions)
+        )
+        # Round the delay up: a job must never become runnable before it is due.
+        delay_ms = max(0, math.ceil((ctx.due - ctx.now) * 1000)) if ctx.due is not None else 0
         return scripts.enqueue(
-            self.keys(ctx.queue),
+            self.env,
+            q.part(partition),
             ctx.job_id,
             ctx.task.name,
             ctx.payload,
-            int(ctx.now * 1000),
-            due_ms,
+            ctx.priority or self.default_level,
+            delay_ms,
             ctx.locks,
             json.dumps(ctx.meta, separators=(",", ":")) if ctx.meta else "",
         )
@@ -83,6 +192,8 @@ class Client:
     ) -> list[Job[Any]]:
         """Write many jobs in one pipeline, each through the enqueue middleware
         ``layers(ctx)`` gives for it (none: the write is built directly)."""
+        for name in {ctx.queue for ctx in contexts}:
+            await self.resolve(name)
         if not any(layers(ctx) for ctx in contexts):
             if len(contexts) == 1:
                 return [await self.write(contexts[0])]
@@ -93,52 +204,131 @@ class Client:
     # -- reading -------------------------------------------------------------------
 
     async def state(self, queue: str, job_id: str) -> dict[str, str]:
-        state = cast(dict[str, str], await self.redis.hgetall(self.keys(queue).job(job_id)))
+        keys = await self.locate(queue, job_id)
+        state = cast(dict[str, str], await self.redis.hgetall(keys.job(job_id)))
         if not state:
             raise JobNotFound(job_id)
         return state
 
     async def field(self, queue: str, job_id: str, name: str) -> str:
-        value = cast(str | None, await self.redis.hget(self.keys(queue).job(job_id), name))
+        keys = await self.locate(queue, job_id)
+        value = cast(str | None, await self.redis.hget(keys.job(job_id), name))
         if value is None:
             raise JobNotFound(job_id)
         return value
 
-    async def wait(self, queue: str, job_id: str, timeout: float | None) -> dict[str, str]:
-        """Wait until the job is final and return its state (subscribe, then check).
-        A lost connection (a Redis restart) is retried until the timeout."""
-        with anyio.fail_after(timeout):
-            while True:
-                try:
-                    return await self._wait_once(queue, job_id)
-                except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                    logger.warning("waiting for job %s: redis unavailable (%s)", job_id, exc)
-                    await anyio.sleep(0.5)
+    def subscriber(self) -> Subscriber:
+        """The process's pub/sub (started on first use, stopped by ``aclose``)."""
+        if self._subscriber is None:
+            self._subscriber = Subscriber(self.connection)
+            self._subscriber_task = asyncio.get_running_loop().create_task(
+                self._subscriber.run(), name="taskrunner-pubsub"
+            )
+        return self._subscriber
 
-    async def _wait_once(self, queue: str, job_id: str) -> dict[str, str]:
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+    async def wait(self, queue: str, job_id: str, timeout: float | None) -> dict[str, str]:
+        """Wait until the job is final and return its state. Subscribes to its done
+        channel, then marks it watched and reads it (watch.lua), so either the read or
+        the message sees the final status. Redis outages and dead connections are
+        ridden out (re-reading after each resubscription) until ``timeout``."""
+        with anyio.fail_after(timeout):
+            keys = await self._retrying(lambda: self.locate(queue, job_id))
+            return await self._wait(keys, job_id)
+
+    async def _wait(self, keys: QueueKeys, job_id: str) -> dict[str, str]:
+        wake = asyncio.Event()
+        listener = handler(lambda data: wake.set(), wake.set)
+        channel = keys.done(job_id)
+        subscriber = self.subscriber()
+        await subscriber.subscribe(channel, listener)
         try:
-            await pubsub.subscribe(self.keys(queue).done(job_id))
             while True:
-                state = await self.state(queue, job_id)
+                wake.clear()
+                state = await self._retrying(lambda: self._watch(keys, job_id))
                 if JobStatus(state["status"]).is_final:
                     return state
-                await pubsub.get_message(timeout=None)
+                await wake.wait()
         finally:
-            with anyio.CancelScope(shield=True):  # close it even on timeout or cancel
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+            subscriber.unsubscribe(channel, listener)
+
+    async def _watch(self, keys: QueueKeys, job_id: str) -> dict[str, str]:
+        reply = await scripts.run(self.redis, scripts.watch(keys, job_id))
+        if not reply:
+            raise JobNotFound(job_id)
+        names = ("status", "task", "result", "error", "progress")
+        return {n: str(v) for n, v in zip(names, reply, strict=True) if v is not None}
+
+    async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
+        while True:
+            try:
+                result = await call()
+            except REDIS_ERRORS as exc:
+                report("waiting for a job", exc)
+                await anyio.sleep(_RETRY_WAIT)
+                continue
+            reachable()
+            return result
+
+    async def progress(self, queue: str, job_id: str) -> AsyncIterator[Any]:
+        """Each new progress value of a job, until it is final."""
+        keys = await self.locate(queue, job_id)
+        wake = asyncio.Event()
+        listener = handler(lambda data: wake.set(), wake.set)
+        channel = keys.done(job_id)
+        subscriber = self.subscriber()
+        await subscriber.subscribe(channel, listener)
+        last: str | None = None
+        try:
+            while True:
+                wake.clear()
+                state = await self._retrying(lambda: self._watch(keys, job_id))
+                value = state.get("progress")
+                if value is not None and value != last:
+                    last = value
+                    yield _json_or_none(value)
+                if JobStatus(state["status"]).is_final:
+                    return
+                await wake.wait()
+        finally:
+            subscriber.unsubscribe(channel, listener)
 
     async def abort(self, queue: str, job_id: str) -> JobStatus:
-        keys = self.keys(queue)
-        locks = await self.field(queue, job_id, "locks")
-        call = scripts.abort(keys, job_id, now_ms(), self.result_ttl_ms, locks.split())
+        keys = await self.locate(queue, job_id)
+        locks, level = cast(
+            list[str | None], await self.redis.hmget(keys.job(job_id), ["locks", "level"])
+        )
+        stream = keys.level_stream(level or self.default_level)
+        call = scripts.abort(
+            self.env, keys, stream, job_id, self.result_ttl_ms, (locks or "").split()
+        )
         reply = str(await scripts.run(self.redis, call))
         if reply == "missing":
             raise JobNotFound(job_id)
         return JobStatus.RUNNING if reply == "aborting" else JobStatus(reply)
 
+    async def aclose(self) -> None:
+        task, self._subscriber_task = self._subscriber_task, None
+        self._subscriber = None
+        if task is not None:
+            task.cancel()
+            with anyio.CancelScope(shield=True):
+                await asyncio.gather(task, return_exceptions=True)
+        await self.connection.aclose()
 
-_wrote: contextvars.ContextVar[list[bool]] = contextvars.ContextVar("taskrunner_wrote")
+
+def _json_or_none(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def new_token() -> str:
+    """A lease token: 128 random bits."""
+    return secrets.token_hex(16)
+
+
+_WROTE: contextvars.ContextVar[list[bool]] = contextvars.ContextVar("taskrunner_wrote")
 """Whether the enqueue chain running in this task has reached the write."""
 
 
@@ -171,15 +361,15 @@ class _EnqueueBatch:
         errors: list[Exception] = []
 
         async def one(index: int, ctx: EnqueueContext) -> None:
-            wrote = _wrote.set([False])  # this chain's own flag (each task has a context)
+            wrote = _WROTE.set([False])  # this chain's own flag (each task has a context)
             try:
                 jobs[index] = await self._chain(layers(ctx))(ctx)
             except Exception as exc:  # noqa: BLE001 - re-raised below, not in an ExceptionGroup
                 errors.append(exc)
             finally:
-                if not _wrote.get()[0]:
+                if not _WROTE.get()[0]:
                     self._decided()
-                _wrote.reset(wrote)
+                _WROTE.reset(wrote)
 
         async with anyio.create_task_group() as tg:
             for index, ctx in enumerate(contexts):
@@ -192,7 +382,7 @@ class _EnqueueBatch:
         return [job for job in jobs if job is not None]
 
     async def write(self, ctx: EnqueueContext) -> Job[Any]:
-        flag = _wrote.get()
+        flag = _WROTE.get()
         if flag[0]:
             raise RuntimeError("an enqueue middleware called call_next twice for one job")
         flag[0] = True

@@ -1,30 +1,96 @@
-"""Redis connections: redis-py's asyncio client with commands packed by hiredis.
+"""Redis connections for every topology: standalone, Sentinel and Cluster.
 
-redis-py's asyncio connection packs every command argument in Python (about 2 µs an
-argument); a worker sends tens of arguments per job, so that alone cost more than
-the rest of the hot path. hiredis (a core dependency through ``redis[hiredis]``)
-packs a whole command in C; redis-py's synchronous client already uses it, and
-this module gives the asyncio connection classes the same packer.
+``open_connection(url, options)`` gives a ``Connection``: a command client whose pool
+*waits* (up to ``pool_timeout``) for a free connection instead of failing at its size,
+the server facts the scripts need (sharded pub/sub or not), the server identity the
+reclaim guard watches, and subscribers for pub/sub.
+
+Every connection packs commands with hiredis (redis-py packs asyncio commands in
+Python, about 2 µs an argument) and decodes replies with ``surrogateescape``: bytes
+that are not UTF-8 arrive as lone surrogates instead of raising, and go back to Redis
+as the same bytes. Anything in Redis may be hostile; no reply can crash a reader.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
 import hiredis
-from redis.asyncio import ConnectionPool, Redis
-from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import DataError, RedisError
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.connection import AbstractConnection, SSLConnection
+from redis.asyncio.connection import Connection as RedisConnection
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.exceptions import (
+    BusyLoadingError,
+    ClusterDownError,
+    DataError,
+    MasterDownError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from taskrunner.exceptions import ConfigurationError
+from taskrunner.logs import Outage, Throttle, excerpt
+from taskrunner.urls import RedisTarget, parse_url
 
 REDIS_ERRORS = (RedisError, OSError)
 """What a Redis call can raise when the server is away, restarting, failing over or
 refusing a write: service loops log these, back off and carry on."""
 
-_fast_classes: dict[type[AbstractConnection], type[AbstractConnection]] = {}
+_UNAVAILABLE = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    BusyLoadingError,
+    ReadOnlyError,
+    TryAgainError,
+    ClusterDownError,
+    MasterDownError,
+    OSError,
+)
+_UNAVAILABLE_REPLIES = ("LOADING", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN")
+_throttle = Throttle(logging.getLogger("taskrunner"))
+
+
+def unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` means the server cannot be used right now (away, restarting,
+    loading, failing over), as opposed to refusing this particular call."""
+    if isinstance(exc, _UNAVAILABLE):
+        return True
+    return isinstance(exc, ResponseError) and str(exc).startswith(_UNAVAILABLE_REPLIES)
+
+
+def report(where: str, exc: BaseException) -> None:
+    """Log a failed call of a service loop: an outage once (``Outage``), anything else
+    at most once a minute per place."""
+    if unavailable(exc):
+        Outage.shared().failed(where, exc)
+    else:
+        _throttle.warning(where, "redis refused a call in %s: %s", where, excerpt(str(exc)))
+
+
+def reachable() -> None:
+    """A service loop's call succeeded (ends a logged outage)."""
+    Outage.shared().ok()
+
+
+ENCODING_ERRORS = "surrogateescape"
+
+T = TypeVar("T")
 
 
 class _HiredisPacking:
-    """Mixin: pack commands with ``hiredis.pack_command``."""
+    """Mixin: pack commands with ``hiredis.pack_command``; strings holding bytes that
+    were not UTF-8 (lone surrogates from ``surrogateescape``) go out as those bytes."""
 
     def pack_command(self, *args: Any) -> list[bytes]:
         first = args[0]
@@ -32,11 +98,20 @@ class _HiredisPacking:
             args = (*first.split(), *args[1:])
         try:
             return [hiredis.pack_command(args)]
+        except UnicodeEncodeError:
+            raw: Any = tuple(
+                a.encode("utf-8", ENCODING_ERRORS) if isinstance(a, str) else a for a in args
+            )
+            return [hiredis.pack_command(raw)]
         except TypeError as exc:
             raise DataError(str(exc)) from exc
 
 
-def _fast(base: type[AbstractConnection]) -> type[AbstractConnection]:
+_fast_classes: dict[type[AbstractConnection], type[AbstractConnection]] = {}
+
+
+def fast(base: type[AbstractConnection]) -> type[AbstractConnection]:
+    """``base`` with hiredis packing (one class per base, made once)."""
     found = _fast_classes.get(base)
     if found is None:
         found = type(f"Hiredis{base.__name__}", (_HiredisPacking, base), {})
@@ -44,10 +119,250 @@ def _fast(base: type[AbstractConnection]) -> type[AbstractConnection]:
     return found
 
 
-def connect(url: str, **options: Any) -> Redis:
-    """A client for ``url`` (redis://, rediss://, unix://) whose connections pack
-    commands with hiredis when it can (it always can with ``redis[hiredis]``)."""
-    pool = ConnectionPool.from_url(url, **options)
-    if hasattr(hiredis, "pack_command"):
-        pool.connection_class = _fast(pool.connection_class)
-    return Redis.from_pool(pool)  # the client owns (and closes) its pool
+class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """A Sentinel-managed pool that waits for a free connection (redis-py's raises)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PoolOptions:
+    """How connections are made and shared (``TaskRunner``'s settings)."""
+
+    max_connections: int = 100
+    """Connections a client may open (per node on a cluster); more callers wait."""
+    pool_timeout: float = 20.0
+    """Seconds a caller waits for a free connection before ``ConnectionError``."""
+    socket_timeout: float = 10.0
+    health_check_interval: float = 15.0
+
+
+class Connection:
+    """One client of one Redis deployment, and what taskrunner needs to know of it."""
+
+    def __init__(
+        self, target: RedisTarget, redis: Redis, options: PoolOptions, cluster: bool
+    ) -> None:
+        self.target = target
+        self.redis = redis
+        self.options = options
+        self.cluster = cluster
+        self.version: tuple[int, ...] = (0,)
+
+    def __repr__(self) -> str:
+        return f"Connection({self.target.redacted()!r})"
+
+    @property
+    def sharded_pubsub(self) -> bool:
+        """Whether events go through sharded pub/sub (SPUBLISH/SSUBSCRIBE): on a
+        cluster of Redis 7 or newer. Elsewhere plain PUBLISH is as cheap."""
+        return self.cluster and self.version >= (7,)
+
+    @property
+    def publish_command(self) -> str:
+        return "SPUBLISH" if self.sharded_pubsub else "PUBLISH"
+
+    async def start(self) -> None:
+        """Check the server answers and learn its version."""
+        info = await self._info_any("server")
+        text = str(info.get("redis_version", "0"))
+        self.version = tuple(int(p) for p in text.split(".") if p.isdigit()) or (0,)
+
+    async def identity(self) -> str:
+        """Who answers: the run id and replication id of every primary. A restart or a
+        failover changes it."""
+        infos = await self._info_all()
+        parts = sorted(f"{i.get('run_id', '')}/{i.get('master_replid', '')}" for i in infos)
+        return ",".join(parts)
+
+    async def uptime(self) -> float:
+        """The shortest uptime among the primaries, in seconds."""
+        infos = await self._info_all()
+        return min(float(i.get("uptime_in_seconds", 0)) for i in infos) if infos else 0.0
+
+    async def _info_any(self, section: str) -> dict[str, Any]:
+        if self.cluster:
+            cluster = cast(RedisCluster, self.redis)
+            node = cluster.get_random_node()
+            found: dict[str, Any] = await cluster.info(section, target_nodes=node)
+            return found
+        info: dict[str, Any] = await self.redis.info(section)
+        return info
+
+    async def _info_all(self) -> list[dict[str, Any]]:
+        if not self.cluster:
+            info: dict[str, Any] = await self.redis.info("server")
+            info.update(await self.redis.info("replication"))
+            return [info]
+        cluster = cast(RedisCluster, self.redis)
+        found: list[dict[str, Any]] = []
+        for node in cluster.get_primaries():
+            node_info: dict[str, Any] = await cluster.info("server", target_nodes=node)
+            node_info.update(await cluster.info("replication", target_nodes=node))
+            found.append(node_info)
+        return found
+
+    def node_client(self, node: ClusterNode) -> Redis:
+        """A plain client of one cluster node (pub/sub there)."""
+        return _standalone(
+            self.target,
+            self.options,
+            host=node.host,
+            port=int(node.port),
+            max_connections=4,
+        )
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(*REDIS_ERRORS):
+            await self.redis.aclose()
+
+
+async def open_connection(url: str, options: PoolOptions) -> Connection:
+    """Connect to the deployment ``url`` names (see taskrunner.urls for the forms)."""
+    target = parse_url(url)
+    if target.topology == "cluster":
+        redis: Redis = cast(Redis, _cluster(target, options))
+    elif target.topology == "sentinel":
+        redis = _sentinel(target, options)
+    else:
+        redis = _standalone(target, options)
+    connection = Connection(target, redis, options, cluster=target.topology == "cluster")
+    try:
+        if target.topology == "cluster":
+            await cast(RedisCluster, redis).initialize()
+        await connection.start()
+    except BaseException:
+        await connection.aclose()
+        raise
+    return connection
+
+
+def _common(target: RedisTarget, options: PoolOptions) -> dict[str, Any]:
+    found: dict[str, Any] = {
+        "username": target.username,
+        "password": target.password,
+        "socket_timeout": options.socket_timeout,
+        "socket_connect_timeout": options.socket_timeout,
+        "socket_keepalive": True,
+        "decode_responses": True,
+        "encoding_errors": ENCODING_ERRORS,
+    }
+    return found
+
+
+def _standalone(
+    target: RedisTarget,
+    options: PoolOptions,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    max_connections: int | None = None,
+) -> Redis:
+    kwargs = _common(target, options)
+    kwargs["health_check_interval"] = options.health_check_interval
+    if target.unix_path and host is None:
+        from redis.asyncio.connection import UnixDomainSocketConnection
+
+        kwargs["path"] = target.unix_path
+        connection_class: type[AbstractConnection] = UnixDomainSocketConnection
+    else:
+        node_host, node_port = target.nodes[0] if target.nodes else ("127.0.0.1", 6379)
+        kwargs["host"] = host or node_host
+        kwargs["port"] = port or node_port
+        connection_class = SSLConnection if target.tls else RedisConnection
+        if target.tls:
+            kwargs.update(target.ssl_options)
+    kwargs["db"] = target.db
+    pool = BlockingConnectionPool(
+        max_connections=max_connections or options.max_connections,
+        timeout=options.pool_timeout,
+        connection_class=fast(connection_class),
+        **kwargs,
+    )
+    return Redis.from_pool(pool)
+
+
+def _sentinel(target: RedisTarget, options: PoolOptions) -> Redis:
+    common = _common(target, options)
+    node_kwargs = {k: v for k, v in common.items() if k not in ("username", "password")}
+    sentinel_kwargs: dict[str, Any] = {
+        "socket_timeout": options.socket_timeout,
+        "socket_connect_timeout": options.socket_timeout,
+        "username": target.sentinel_username,
+        "password": target.sentinel_password,
+    }
+    if target.tls:
+        sentinel_kwargs["ssl"] = True
+        sentinel_kwargs.update(target.ssl_options)
+        node_kwargs["ssl"] = True
+        node_kwargs.update(target.ssl_options)
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        list(target.nodes), sentinel_kwargs=sentinel_kwargs, min_other_sentinels=0
+    )
+    from redis.asyncio.sentinel import SentinelManagedConnection, SentinelManagedSSLConnection
+
+    base = SentinelManagedSSLConnection if target.tls else SentinelManagedConnection
+    node_kwargs.pop("ssl", None)
+    return cast(
+        Redis,
+        sentinel.master_for(
+            target.master_name or "",
+            redis_class=Redis,
+            connection_pool_class=_BlockingSentinelPool,
+            connection_class=fast(base),
+            max_connections=options.max_connections,
+            timeout=options.pool_timeout,
+            db=target.db,
+            username=target.username,
+            password=target.password,
+            health_check_interval=options.health_check_interval,
+            **node_kwargs,
+        ),
+    )
+
+
+class _WaitingCluster(RedisCluster):
+    """A cluster client whose callers wait for a free connection, as a blocking pool's
+    do: redis-py's cluster client raises MaxConnectionsError at a node's limit."""
+
+    _gate: asyncio.Semaphore
+    _gate_timeout: float
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        return await _gated(
+            self, lambda: super(_WaitingCluster, self).execute_command(*args, **kwargs)
+        )
+
+
+async def _gated(cluster: _WaitingCluster, call: Callable[[], Awaitable[T]]) -> T:
+    try:
+        await asyncio.wait_for(cluster._gate.acquire(), cluster._gate_timeout)
+    except TimeoutError:
+        from redis.exceptions import ConnectionError as RedisConnectionError
+
+        raise RedisConnectionError(
+            f"no free connection within {cluster._gate_timeout:g}s (max_connections)"
+        ) from None
+    try:
+        return await call()
+    finally:
+        cluster._gate.release()
+
+
+def _cluster(target: RedisTarget, options: PoolOptions) -> RedisCluster:
+    from redis.asyncio.cluster import ClusterNode as Node
+
+    if target.db:
+        raise ConfigurationError("a Redis Cluster has only database 0")
+    kwargs = _common(target, options)
+    if target.tls:
+        kwargs["ssl"] = True
+        kwargs.update(target.ssl_options)
+    cluster = _WaitingCluster(
+        startup_nodes=[Node(host, port) for host, port in target.nodes],
+        max_connections=options.max_connections,
+        **kwargs,
+    )
+    base = cluster.connection_kwargs.get("connection_class", RedisConnection)
+    cluster.connection_kwargs["connection_class"] = fast(base)
+    cluster._gate = asyncio.Semaphore(options.max_connections)
+    cluster._gate_timeout = options.pool_timeout
+    return cluster

@@ -15,8 +15,10 @@ they are, because callers already know them)::
     │   ├── JobAborted            the job was aborted
     │   ├── JobRejected           a unique-job lock rejected the job when it ran
     │   └── JobDeadLettered       the job went to the dead letters
+    ├── PayloadTooLarge           arguments or a result over ``max_payload`` bytes
     ├── LockConflictError         a unique-job lock is held by another job
     ├── LostLease                 this worker no longer owns the job it ran
+    ├── MiddlewareError           a middleware returned something it may not
     ├── TaskTimeout               a task ran past its timeout (also a TimeoutError)
     └── Retry                     raised by a task to ask for another attempt
 """
@@ -87,6 +89,24 @@ class JobDeadLettered(JobError):
     def __init__(self, job_id: str, reason: str) -> None:
         super().__init__(job_id, f"job {job_id} was dead-lettered: {reason}")
         self.reason = reason
+
+
+class PayloadTooLarge(TaskrunnerError, ValueError):
+    """A job's arguments (at enqueue: nothing is written) or its result (the attempt
+    fails) are larger than the runner's ``max_payload``."""
+
+    def __init__(self, what: str, size: int, limit: int) -> None:
+        super().__init__(
+            f"{what} is {size:,} bytes as JSON, over max_payload ({limit:,} bytes); "
+            "pass a reference (a key, a URL) instead of the data, or raise max_payload"
+        )
+        self.size = size
+        self.limit = limit
+
+
+class MiddlewareError(TaskrunnerError):
+    """A middleware broke the chain's contract (e.g. returned None instead of an
+    Outcome). The attempt fails with this error, under the retry policy."""
 
 
 class LockConflictError(TaskrunnerError):

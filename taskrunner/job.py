@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import base64
 import contextvars
 import json
 import traceback
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from taskrunner.exceptions import (
     JobAborted,
@@ -22,10 +24,41 @@ from taskrunner.exceptions import (
 )
 
 if TYPE_CHECKING:
-    from taskrunner.client import Client
     from taskrunner.codec import ResultCodec
 
 R = TypeVar("R")
+
+_PACKAGE = str(Path(__file__).resolve().parent)
+_EXCERPT = 500
+"""Characters of a hostile value kept in a message (the raw bytes go to ``raw``)."""
+
+
+def safe_text(text: str, limit: int | None = None) -> str:
+    """``text`` as valid UTF-8 (bytes that were not UTF-8, kept as lone surrogates by
+    the connection, become ``\\xNN``), cut to ``limit`` characters with a note."""
+    clean = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    if limit is not None and len(clean) > limit:
+        return f"{clean[:limit]}... ({len(clean):,} characters)"
+    return clean
+
+
+def raw_bytes(text: str, limit: int) -> str:
+    """Base64 of ``text``'s original bytes (at most ``limit`` of them)."""
+    return base64.b64encode(text.encode("utf-8", "surrogateescape")[:limit]).decode()
+
+
+class JobStore(Protocol):
+    """What a job handle needs from the client."""
+
+    async def state(self, queue: str, job_id: str) -> dict[str, str]: ...
+
+    async def field(self, queue: str, job_id: str, name: str) -> str: ...
+
+    async def wait(self, queue: str, job_id: str, timeout: float | None) -> dict[str, str]: ...
+
+    async def abort(self, queue: str, job_id: str) -> JobStatus: ...
+
+    def progress(self, queue: str, job_id: str) -> AsyncIterator[Any]: ...
 
 
 class JobStatus(StrEnum):
@@ -57,22 +90,57 @@ _FINAL = frozenset(
 
 
 class ErrorInfo(BaseModel):
-    """The last error of a job: the remote exception's type, message and traceback."""
+    """The last error of a job: the remote exception's type, message and traceback.
+    For a dead letter of hostile data, ``raw`` keeps the offending bytes (base64)."""
 
     type: str
     message: str
     traceback: str = ""
+    raw: str | None = None
 
     @classmethod
     def from_exception(cls, exc: BaseException) -> ErrorInfo:
+        """The exception's type, message and traceback, as valid text, without
+        taskrunner's own frames (the task's code is what the reader needs)."""
         kind = type(exc)
         name = (
             kind.__qualname__
             if kind.__module__ == "builtins"
             else f"{kind.__module__}.{kind.__qualname__}"
         )
-        text = "".join(traceback.format_exception(exc))
-        return cls(type=name, message=str(exc), traceback=text)
+        try:
+            message = str(exc)
+        except Exception:  # noqa: BLE001 - a broken __str__ must not break the commit
+            message = f"<{name} whose str() failed>"
+        return cls(type=name, message=safe_text(message), traceback=_user_traceback(exc))
+
+    @classmethod
+    def parse(cls, text: str) -> ErrorInfo:
+        """An error as stored; anything unreadable becomes a message of its own."""
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError:
+            return cls(type="unreadable", message=safe_text(text, _EXCERPT))
+
+
+def _user_traceback(exc: BaseException) -> str:
+    """``traceback.format_exception`` without frames from taskrunner's own files."""
+    te = traceback.TracebackException.from_exception(exc)
+    for part in _chain(te):
+        part.stack = traceback.StackSummary.from_list(
+            [f for f in part.stack if not (f.filename or "").startswith(_PACKAGE)]
+        )
+    return safe_text("".join(te.format()))
+
+
+def _chain(te: traceback.TracebackException) -> list[traceback.TracebackException]:
+    found, seen = [], set()
+    current: traceback.TracebackException | None = te
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        found.append(current)
+        current = current.__cause__ or current.__context__
+    return found
 
 
 class JobInfo(BaseModel):
@@ -94,32 +162,70 @@ class JobInfo(BaseModel):
     reschedules: int = 0
     """How many times a unique-job lock sent it back to wait (not counted as attempts)."""
     abort_requested: bool = False
+    priority: str | None = None
+    """Its priority level."""
+    crashes: int = 0
+    """How many times a worker died while this job ran alone in it (see max_deliveries)."""
+    progress: Any = None
+    """The last value the task gave ``current_job().set_progress()``."""
 
     @classmethod
     def from_hash(cls, job_id: str, h: dict[str, str]) -> JobInfo:
+        """The info in a job hash. Tolerant: a field that does not parse (anything in
+        Redis may be hostile) reads as absent instead of raising."""
         error = h.get("error")
         return cls(
-            id=job_id,
-            task=h.get("task", ""),
-            queue=h.get("queue", ""),
-            status=JobStatus(h["status"]),
-            attempts=int(h.get("attempts", 0)),
+            id=safe_text(job_id),
+            task=safe_text(h.get("task", "")),
+            queue=safe_text(h.get("queue", "")),
+            status=_status(h.get("status")),
+            attempts=_int(h.get("attempts")),
             enqueued_at=_time(h.get("enqueued")) or datetime.fromtimestamp(0, UTC),
             due_at=_time(h.get("due")),
             started_at=_time(h.get("started")),
             finished_at=_time(h.get("finished")),
-            error=ErrorInfo.model_validate_json(error) if error else None,
-            worker=h.get("worker") or None,
-            reclaims=int(h.get("reclaims", 0)),
-            reschedules=int(h.get("reschedules", 0)),
+            error=ErrorInfo.parse(error) if error else None,
+            worker=safe_text(h.get("worker") or "") or None,
+            reclaims=_int(h.get("reclaims")),
+            reschedules=_int(h.get("reschedules")),
             abort_requested="abort" in h,
+            priority=safe_text(h["level"]) if h.get("level") else None,
+            crashes=_int(h.get("crashes")),
+            progress=_json(h.get("progress")),
         )
+
+
+def _status(text: str | None) -> JobStatus:
+    try:
+        return JobStatus(text or "")
+    except ValueError:
+        shown = safe_text(text or "", 50)
+        raise TaskrunnerError(f"the job hash has no valid status ({shown!r})") from None
+
+
+def _int(text: str | None) -> int:
+    try:
+        return int(text or 0)
+    except ValueError:
+        return 0
+
+
+def _json(text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
 
 
 def _time(ms: str | None) -> datetime | None:
     if not ms or ms == "0":
         return None
-    return datetime.fromtimestamp(int(ms) / 1000, UTC)
+    try:
+        return datetime.fromtimestamp(int(float(ms)) / 1000, UTC)
+    except (ValueError, OverflowError, OSError):
+        return None
 
 
 class Job(Generic[R]):
@@ -129,7 +235,7 @@ class Job(Generic[R]):
 
     def __init__(
         self,
-        client: Client,
+        client: JobStore,
         job_id: str,
         queue: str,
         codec: ResultCodec | None = None,
@@ -173,6 +279,11 @@ class Job(Generic[R]):
         state = await self._client.wait(self.queue, self.id, timeout)
         return self._outcome(state)
 
+    def progress(self) -> AsyncIterator[Any]:
+        """Follow the job's progress live: each new value the task sets with
+        ``current_job().set_progress()``; ends when the job is final."""
+        return self._client.progress(self.queue, self.id)
+
     async def abort(self) -> JobStatus:
         """Abort the job: a scheduled or queued job never runs; a running one is cancelled.
 
@@ -192,7 +303,7 @@ class Job(Generic[R]):
             if codec is None:
                 return json.loads(payload)  # type: ignore[no-any-return]
             return codec.decode(payload)  # type: ignore[no-any-return]
-        error = ErrorInfo.model_validate_json(state["error"]) if state.get("error") else None
+        error = ErrorInfo.parse(state["error"]) if state.get("error") else None
         if status == JobStatus.FAILED:
             assert error is not None
             raise JobFailed(self.id, error.type, error.message, error.traceback)
@@ -215,12 +326,28 @@ class JobContext:
     """1 for the first attempt, 2 for the first retry, and so on."""
     queue: str
     deliveries: int = 1
+    """1 + how many times the job was taken over from a worker that stopped
+    heartbeating (``reclaims``)."""
     reclaimed: bool = False
+    """This attempt took the job over from a worker that stopped heartbeating."""
+    reclaims: int = 0
+    priority: str = ""
     ready_at: float = 0.0
     """Epoch seconds when the job became runnable (enqueued, or due): its queue wait
     is the time from here to the start of the attempt."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free space for middleware to share per-job data."""
+    reporter: Callable[[Any], Awaitable[bool]] | None = field(default=None, repr=False)
+    """How ``set_progress`` reaches Redis (set by the worker)."""
+
+    async def set_progress(self, value: Any) -> None:
+        """Store the job's progress: any JSON value (64 KiB at most), commonly a float
+        from 0 to 1 or a small dict. Readable as ``(await job.info()).progress`` and
+        followed live by ``async for p in job.progress()``. A copy of the job that lost
+        its lease stores nothing."""
+        if self.reporter is None:
+            raise RuntimeError("set_progress() needs a job run by a worker")
+        await self.reporter(value)
 
 
 _current: contextvars.ContextVar[JobContext] = contextvars.ContextVar("taskrunner_job")

@@ -1,75 +1,148 @@
 """The Redis key schema: every key and channel taskrunner uses is named here.
 
-All keys of one queue share the hash tag ``{queue}``, so every script touches a
-single Redis Cluster slot, and every script receives all its keys in KEYS::
+A queue is split into ``N`` partitions (``TaskRunner(partitions=N)``; 1 by default on
+a standalone server). Every key of one partition shares one Redis Cluster hash tag,
+``{queue}`` for partition 0 and ``{queue#p}`` for partition ``p >= 1``, so each Lua
+script touches a single slot, and every script receives all its keys in KEYS::
 
-    {ns}:{queue}:stream        stream of ready jobs (one entry per attempt: field ``job``)
-    {ns}:{queue}:delayed       sorted set of scheduled jobs, scored by due time (ms)
-    {ns}:{queue}:seq           counter that keeps equal due times in FIFO order
-    {ns}:{queue}:dead          sorted set of dead-lettered job ids, scored by time
-    {ns}:{queue}:failed        sorted set of failed job ids, scored by time (kept result_ttl)
-    {ns}:{queue}:job:{id}      hash with the job's state, result and error
-    {ns}:{queue}:lock:{digest} unique-job lock; value is the holder's job id
-    {ns}:{queue}:workers       sorted set of live consumers, scored by last heartbeat
-    {ns}:{queue}:events        pub/sub channel: "due" (delayed set changed), "abort <id>"
-    {ns}:{queue}:done:{id}     pub/sub channel: the job reached a final status
+    {ns}:{queue}:stream           stream of ready jobs of the default priority level
+    {ns}:{queue}:stream:{level}   stream of ready jobs of another priority level
+    {ns}:{queue}:delayed          sorted set of scheduled jobs, scored by due time (ms)
+    {ns}:{queue}:seq              counter that keeps equal due times in FIFO order
+    {ns}:{queue}:dead             sorted set of dead-lettered job ids, scored by time
+    {ns}:{queue}:failed           sorted set of failed job ids, scored by time (result_ttl)
+    {ns}:{queue}:job:{id}         hash with the job's state, result and error
+    {ns}:{queue}:lock:{digest}    unique-job lock; value is the holder's job id
+    {ns}:{queue}:idle             set by a worker that found the partition drained: the
+                                  next enqueue deletes it and publishes "ready"
+    {ns}:{queue}:paused           present while the queue is paused
+    {ns}:{queue}:reclaim          hash: whose turn it is to scan for stale entries, cursor
+    {ns}:{queue}:events           channel: "due", "ready", "abort <id>", "pause", "resume"
+    {ns}:{queue}:done:{id}        channel: the job reached a final status
+
+(``{queue}`` above stands for the partition's tag.) Per queue, in partition 0's slot:
+
+    {ns}:{queue}:workers          sorted set of live consumers, scored by last heartbeat
+    {ns}:{queue}:meta             hash: partitions (what producers use), max_partitions
+                                  (every partition workers read)
 """
 
 from __future__ import annotations
 
+import zlib
+from collections.abc import Sequence
+
 from taskrunner.exceptions import ConfigurationError
 
 GROUP = "taskrunner"
-"""The one consumer group of every queue's stream."""
+"""The one consumer group of every stream."""
 
 DEFAULT_NAMESPACE = "taskrunner"
+DEFAULT_PRIORITIES = ("high", "default", "low")
+DEFAULT_LEVEL = "default"
 
-
-_FORBIDDEN = frozenset("{} \t\r\n")
+_FORBIDDEN = frozenset("{}# \t\r\n")
+_FORBIDDEN_LEVEL = _FORBIDDEN | {":"}
 
 
 def check_name(kind: str, name: str) -> str:
     """A namespace or queue name must be non-empty, with no braces (they would move the
-    Cluster hash tag) and no whitespace (lock keys are stored space-separated)."""
-    if not name or _FORBIDDEN.intersection(name):
+    Cluster hash tag), no ``#`` (it separates a queue from its partition number) and no
+    whitespace (lock keys are stored space-separated)."""
+    if not isinstance(name, str) or not name or _FORBIDDEN.intersection(name):
         raise ConfigurationError(
-            f"invalid {kind} name {name!r}: it must be non-empty, without braces or whitespace"
+            f"invalid {kind} name {name!r}: it must be a non-empty string without braces, "
+            "'#' or whitespace"
         )
     return name
 
 
+def check_levels(levels: Sequence[str]) -> tuple[str, ...]:
+    """Priority level names: at least one, unique, and usable in keys and members."""
+    found = tuple(levels)
+    if not found:
+        raise ConfigurationError("priorities must name at least one level")
+    for level in found:
+        if not isinstance(level, str) or not level or _FORBIDDEN_LEVEL.intersection(level):
+            raise ConfigurationError(
+                f"invalid priority level {level!r}: it must be a non-empty string without "
+                "braces, '#', ':' or whitespace"
+            )
+    if len(set(found)) != len(found):
+        raise ConfigurationError(f"priority levels must be unique, got {found!r}")
+    return found
+
+
+def tag(queue: str, partition: int) -> str:
+    """The hash tag (without braces) of one partition of a queue."""
+    return queue if partition == 0 else f"{queue}#{partition}"
+
+
+def home_partition(value: str, partitions: int) -> int:
+    """The partition a job id (or a lock digest) maps to among ``partitions``."""
+    if partitions <= 1:
+        return 0
+    return zlib.crc32(value.encode("utf-8", "surrogateescape")) % partitions
+
+
 class QueueKeys:
-    """The keys of one queue in one namespace (computed once; used on every job)."""
+    """The keys of one partition of a queue in one namespace (computed once)."""
 
     __slots__ = (
         "dead",
+        "default_level",
         "delayed",
         "events",
         "failed",
+        "idle",
+        "meta",
         "namespace",
+        "partition",
+        "paused",
         "prefix",
         "queue",
+        "reclaim",
         "seq",
         "stream",
         "workers",
     )
 
-    def __init__(self, namespace: str, queue: str) -> None:
+    def __init__(
+        self,
+        namespace: str,
+        queue: str,
+        partition: int = 0,
+        *,
+        default_level: str = DEFAULT_LEVEL,
+    ) -> None:
         check_name("namespace", namespace)
         check_name("queue", queue)
+        if partition < 0:
+            raise ConfigurationError(f"invalid partition {partition}")
         self.namespace = namespace
         self.queue = queue
-        self.prefix = f"{namespace}:{{{queue}}}"
+        self.partition = partition
+        self.default_level = default_level
+        self.prefix = f"{namespace}:{{{tag(queue, partition)}}}"
         self.stream = f"{self.prefix}:stream"
         self.delayed = f"{self.prefix}:delayed"
         self.seq = f"{self.prefix}:seq"
         self.dead = f"{self.prefix}:dead"
         self.failed = f"{self.prefix}:failed"
-        self.workers = f"{self.prefix}:workers"
         self.events = f"{self.prefix}:events"
+        self.idle = f"{self.prefix}:idle"
+        self.paused = f"{self.prefix}:paused"
+        self.reclaim = f"{self.prefix}:reclaim"
+        home = f"{namespace}:{{{queue}}}"
+        self.workers = f"{home}:workers"
+        self.meta = f"{home}:meta"
 
     def __repr__(self) -> str:
-        return f"QueueKeys({self.namespace!r}, {self.queue!r})"
+        return f"QueueKeys({self.namespace!r}, {self.queue!r}, {self.partition})"
+
+    def level_stream(self, level: str) -> str:
+        """The stream of one priority level (the default level's is ``stream``)."""
+        return self.stream if level == self.default_level else f"{self.stream}:{level}"
 
     def job(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
@@ -79,3 +152,44 @@ class QueueKeys:
 
     def lock(self, digest: str) -> str:
         return f"{self.prefix}:lock:{digest}"
+
+
+class Queue:
+    """A queue's partitions and priority levels, as one runner sees them."""
+
+    __slots__ = ("levels", "name", "namespace", "partitions", "parts", "read")
+
+    def __init__(
+        self,
+        namespace: str,
+        name: str,
+        levels: Sequence[str] = DEFAULT_PRIORITIES,
+        default_level: str = DEFAULT_LEVEL,
+        partitions: int = 1,
+        read: int | None = None,
+    ) -> None:
+        self.namespace = namespace
+        self.name = name
+        self.levels = tuple(levels)
+        self.partitions = max(1, partitions)
+        """How many partitions producers spread new jobs over."""
+        self.read = max(self.partitions, read or 0)
+        """How many partitions exist (workers read them all; >= ``partitions`` after N
+        was lowered, so nothing is stranded)."""
+        self.parts = [
+            QueueKeys(namespace, name, p, default_level=default_level) for p in range(self.read)
+        ]
+
+    def __repr__(self) -> str:
+        return f"Queue({self.name!r}, partitions={self.partitions}, read={self.read})"
+
+    def part(self, partition: int) -> QueueKeys:
+        return self.parts[partition]
+
+    def for_id(self, job_id: str) -> QueueKeys:
+        """The partition a job id lives in when nothing else chose it."""
+        return self.parts[home_partition(job_id, self.partitions)]
+
+    def streams(self, keys: QueueKeys) -> list[str]:
+        """The level streams of one partition, highest priority first."""
+        return [keys.level_stream(level) for level in self.levels]

@@ -13,32 +13,35 @@ from typing import Any, ParamSpec, TypeVar, overload
 
 import anyio
 import pydantic
-from redis.asyncio import Redis
 
 from taskrunner import scripts
 from taskrunner.client import Client
 from taskrunner.codec import ResultCodec
-from taskrunner.connection import connect
+from taskrunner.connection import PoolOptions, open_connection
 from taskrunner.embedded import EmbeddedRedis
-from taskrunner.exceptions import ConfigurationError, TaskrunnerError, UnknownOptionError
-from taskrunner.job import Job, JobInfo
-from taskrunner.keys import DEFAULT_NAMESPACE, check_name
-from taskrunner.middleware.base import (
-    EnqueueContext,
-    ExecuteNext,
-    ExecutionContext,
-    Middleware,
-    Outcome,
-    TaskOptions,
-    build_execute_chain,
-    enqueue_layers,
-    execute_layers,
+from taskrunner.exceptions import (
+    ConfigurationError,
+    PayloadTooLarge,
+    TaskrunnerError,
+    UnknownOptionError,
 )
+from taskrunner.job import Job, JobInfo
+from taskrunner.keys import (
+    DEFAULT_LEVEL,
+    DEFAULT_NAMESPACE,
+    DEFAULT_PRIORITIES,
+    check_levels,
+    check_name,
+)
+from taskrunner.middleware.base import EnqueueContext, Middleware, enqueue_layers
+from taskrunner.middleware.isolation import IsolationMiddleware
 from taskrunner.middleware.lease import LeaseMiddleware
 from taskrunner.middleware.retry import RetryMiddleware
 from taskrunner.middleware.timeout import TimeoutMiddleware
 from taskrunner.middleware.unique import ConflictStrategy, LockKind, UniqueMiddleware
+from taskrunner.options import TaskOptions
 from taskrunner.task import Call, Task, TaskDefinition
+from taskrunner.urls import redact
 from taskrunner.worker import Worker
 
 P = ParamSpec("P")
@@ -60,11 +63,22 @@ class TaskRunner:
     The Redis URL comes from the argument, else ``TASKRUNNER_REDIS_URL``, else an
     embedded redis-server for the current directory (see ``taskrunner.embedded``).
 
-    Built-in middleware, outermost first: lease (heartbeats, reclaim, abort), unique
-    (locks: inside lease so heartbeats renew them, outside retry and timeout so a lock
-    spans the whole attempt and its conflicts are outcomes the retry policy never sees),
-    retry, timeout; then ``middleware`` in the order given. ``lock_ttl`` is the default
-    time a unique-job lock outlives its job's due time or last heartbeat.
+    Built-in middleware, outermost first: lease (heartbeats, reclaim, abort), isolation
+    (a suspect of killing its workers runs alone), unique (locks: inside lease so
+    heartbeats renew them, outside retry and timeout so a lock spans the whole attempt
+    and its conflicts are outcomes the retry policy never sees), retry, timeout; then
+    ``middleware`` in the order given. ``lock_ttl`` is the default time a unique-job
+    lock outlives its job's due time or last heartbeat.
+
+    Scale and flow: ``partitions`` splits each queue over N key groups (Cluster slots;
+    default 1, or one per primary on a cluster; see docs/deployment.md);
+    ``priorities`` names the priority levels, highest first, and ``default_priority``
+    the level of jobs that name none; a lower level waiting longer than
+    ``priority_aging`` seconds gets a share of each read.
+
+    Connections: ``max_connections`` per client (and per node on a cluster); a caller
+    beyond it waits up to ``pool_timeout`` seconds. ``max_payload`` bounds a job's
+    arguments and its result, as JSON bytes.
     """
 
     def __init__(
@@ -82,14 +96,30 @@ class TaskRunner:
         stale_after: float | timedelta = 30.0,
         socket_timeout: float = 10.0,
         lock_ttl: float | timedelta = 600.0,
+        partitions: int | None = None,
+        priorities: Sequence[str] = DEFAULT_PRIORITIES,
+        default_priority: str | None = None,
+        priority_aging: float | timedelta = 60.0,
+        max_connections: int = 100,
+        pool_timeout: float | timedelta = 20.0,
+        max_payload: int = 1 << 20,
     ) -> None:
         self.url = url
         self.queue = check_name("queue", queue)
         self.namespace = check_name("namespace", namespace)
         self.result_ttl = _seconds(result_ttl)
         self.socket_timeout = socket_timeout
-        self.block_ms = int(max(0.1, min(5.0, socket_timeout / 2)) * 1000)
         self.max_idle_wait = 5.0
+        self.partitions = partitions
+        self.priorities = check_levels(priorities)
+        self.default_priority = _default_level(self.priorities, default_priority)
+        self.priority_aging = _seconds(priority_aging)
+        self.max_payload = max_payload
+        self.pool_options = PoolOptions(
+            max_connections=max_connections,
+            pool_timeout=_seconds(pool_timeout),
+            socket_timeout=socket_timeout,
+        )
         self.lease = LeaseMiddleware(_seconds(heartbeat_interval), _seconds(stale_after))
         retry = RetryMiddleware(max_retries=max_retries, retry_delay=_seconds(retry_delay))
         self.unique = UniqueMiddleware(
@@ -97,6 +127,7 @@ class TaskRunner:
         )
         self.middleware: list[Middleware] = [
             self.lease,
+            IsolationMiddleware(),
             self.unique,
             retry,
             TimeoutMiddleware(None if timeout is None else _seconds(timeout)),
@@ -105,10 +136,14 @@ class TaskRunner:
         self._option_owners = self._collect_option_owners()
         self.registry: dict[str, TaskDefinition] = {}
         self._enqueue_cache: dict[str, list[Middleware]] = {}
-        self._execute_cache: dict[str, ExecuteNext] = {}
         self._client: Client | None = None
         self._embedded: EmbeddedRedis | None = None
         self._entered = 0
+        self._clock_offset_ms = 0
+
+    def __repr__(self) -> str:
+        where = redact(self.url) if self.url else "TASKRUNNER_REDIS_URL or embedded"
+        return f"TaskRunner({where!r}, namespace={self.namespace!r})"
 
     # -- declaring tasks -----------------------------------------------------------------
 
@@ -129,6 +164,7 @@ class TaskRunner:
         lock_ttl: float | timedelta | None = None,
         unique_args: Callable[..., Any] | None = None,
         reschedule_delay: float | timedelta | None = None,
+        priority: str | None = None,
         **options: Any,
     ) -> Callable[[Callable[P, Awaitable[R]]], Task[P, R]]: ...
 
@@ -146,11 +182,13 @@ class TaskRunner:
         lock_ttl: float | timedelta | None = None,
         unique_args: Callable[..., Any] | None = None,
         reschedule_delay: float | timedelta | None = None,
+        priority: str | None = None,
         **options: Any,
     ) -> Task[P, R] | Callable[[Callable[P, Awaitable[R]]], Task[P, R]]:
         """Declare an async function as a task, bare (``@tr.task``) or with options.
 
-        ``name`` defaults to the function's qualified name; ``queue`` to the runner's.
+        ``name`` defaults to the function's qualified name; ``queue`` to the runner's;
+        ``priority`` (a level of the runner's ``priorities``) to its default level.
         Every other option belongs to a middleware (``timeout``, ``max_retries``,
         ``retry_delay``; the unique-job options ``lock``, ``on_conflict``, ``lock_ttl``,
         ``unique_args``, ``reschedule_delay``, see docs/unique-jobs.md; and those of user
@@ -175,7 +213,11 @@ class TaskRunner:
                 check_name("queue", queue)
             if task_name in self.registry:
                 raise ConfigurationError(f"a task named {task_name!r} is already declared")
-            definition = TaskDefinition(func, task_name, queue or self.queue, dict(owned))
+            if priority is not None:
+                self.check_priority(priority, task_name)
+            definition = TaskDefinition(
+                func, task_name, queue or self.queue, dict(owned), priority=priority
+            )
             self.registry[task_name] = definition
             return Task(self, definition)
 
@@ -211,6 +253,13 @@ class TaskRunner:
         except pydantic.ValidationError as exc:
             raise ConfigurationError(f"task {task}: invalid option: {exc}") from exc
 
+    def check_priority(self, level: str, task: str) -> str:
+        if level not in self.priorities:
+            raise ConfigurationError(
+                f"task {task}: unknown priority {level!r} (levels: {', '.join(self.priorities)})"
+            )
+        return level
+
     def queues(self) -> list[str]:
         """Every queue a declared task uses (the runner's default queue when none)."""
         found = {d.queue for d in self.registry.values()} | {self.queue}
@@ -237,35 +286,46 @@ class TaskRunner:
         if not url:
             self._embedded = EmbeddedRedis()
             url = await anyio.to_thread.run_sync(self._embedded.acquire)
-        self.resolved_url = url
-        redis = self._redis(url)
         try:
-            await redis.ping()
-            await scripts.load_all(redis)
-        except Exception:
-            await redis.aclose()
+            connection = await open_connection(url, self.pool_options)
+        except BaseException:
             self._release_embedded()
             raise
-        self._client = Client(redis, self.namespace, self.result_ttl)
-
-    def _redis(self, url: str) -> Redis:
-        return connect(
-            url,
-            decode_responses=True,
-            socket_timeout=self.socket_timeout,
-            socket_connect_timeout=self.socket_timeout,
-            health_check_interval=30,
+        try:
+            await scripts.load_all(connection.redis)
+        except BaseException:
+            await connection.aclose()
+            self._release_embedded()
+            raise
+        self._client = Client(
+            connection,
+            self.namespace,
+            self.result_ttl,
+            levels=self.priorities,
+            default_level=self.default_priority,
+            partitions=self.partitions,
+            max_payload=self.max_payload,
         )
-
-    def blocking_connection(self) -> Redis:
-        """A separate client for blocking reads, so they never delay heartbeats."""
-        return self._redis(self.resolved_url)
+        self._client.set_clock_offset(self._clock_offset_ms)
 
     async def _disconnect(self) -> None:
         if self._client is not None:
-            await self._client.redis.aclose()
+            await self._client.aclose()
             self._client = None
         self._release_embedded()
+
+    @property
+    def clock_offset(self) -> float:
+        """Seconds added to the Redis server's clock wherever taskrunner reads it (due
+        times, lock TTLs, timings). 0 in production; taskrunner.testing moves it to
+        freeze or advance time in tests."""
+        return self._clock_offset_ms / 1000
+
+    @clock_offset.setter
+    def clock_offset(self, seconds: float) -> None:
+        self._clock_offset_ms = int(seconds * 1000)
+        if self._client is not None:
+            self._client.set_clock_offset(self._clock_offset_ms)
 
     def _release_embedded(self) -> None:
         if self._embedded is not None:
@@ -297,18 +357,15 @@ class TaskRunner:
             self._enqueue_cache[ctx.task.name] = found
         return found
 
-    def execute_chain(self, task: TaskDefinition) -> ExecuteNext:
-        """``task``'s execution chain (built once): the middleware that apply to it
-        around the call of the function."""
-        found = self._execute_cache.get(task.name)
-        if found is None:
-            layers = execute_layers(self.middleware, task)
-            found = self._execute_cache[task.name] = build_execute_chain(layers, call_task)
-        return found
-
     def _context(self, call: Call[Any]) -> EnqueueContext:
         definition, opts = call.task, call.options
         payload = definition.codec.encode(call.args, call.kwargs)
+        size = len(payload.encode("utf-8", "surrogateescape"))
+        if size > self.max_payload:
+            raise PayloadTooLarge(f"the arguments of {definition.name}", size, self.max_payload)
+        priority = opts.priority or definition.priority
+        if priority is not None:
+            self.check_priority(priority, definition.name)
         now = time.time()
         due: float | None = None
         if opts.at is not None:
@@ -326,6 +383,8 @@ class TaskRunner:
             queue=opts.queue or definition.queue,
             due=due,
             now=now,
+            priority=priority,
+            job_id_given=opts.job_id is not None,
         )
 
     def job(self, job_id: str, queue: str | None = None) -> Job[Any]:
@@ -387,6 +446,11 @@ def _is_async(fn: Callable[..., Any]) -> bool:
     )
 
 
-async def call_task(ctx: ExecutionContext) -> Outcome:
-    """The innermost layer of every execution chain: run the function."""
-    return Outcome.succeeded(await ctx.task.fn(*ctx.args, **ctx.kwargs))
+def _default_level(levels: Sequence[str], chosen: str | None) -> str:
+    if chosen is not None:
+        if chosen not in levels:
+            raise ConfigurationError(
+                f"default_priority {chosen!r} is not one of the priorities {levels!r}"
+            )
+        return chosen
+    return DEFAULT_LEVEL if DEFAULT_LEVEL in levels else levels[len(levels) // 2]

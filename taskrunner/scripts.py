@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, cast
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import NoScriptError
 
 from taskrunner.keys import GROUP, QueueKeys
@@ -55,6 +55,15 @@ def _sha(source: str) -> str:
     return hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
 
 
+_PRELUDE = """local function now_ms(offset)
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + (tonumber(offset) or 0)
+end
+"""
+"""Prepended to every script: the server's time in ms, plus the runner's clock offset
+(0 except under taskrunner.testing's frozen time). Scripts never trust a client clock."""
+
+
 class Script:
     """One Lua script, identified by the SHA1 of its source, and its batch version."""
 
@@ -62,9 +71,12 @@ class Script:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.source = resources.files("taskrunner").joinpath(f"lua/{name}.lua").read_text()
+        body = resources.files("taskrunner").joinpath(f"lua/{name}.lua").read_text()
+        self.source = _PRELUDE + body
         self.sha = _sha(self.source)
-        self.batch_source = f"local function one(KEYS, ARGV)\n{self.source}\nend\n{_BATCH_DRIVER}"
+        self.batch_source = (
+            f"{_PRELUDE}local function one(KEYS, ARGV)\n{body}\nend\n{_BATCH_DRIVER}"
+        )
         self.batch_sha = _sha(self.batch_source)
 
     def __repr__(self) -> str:
@@ -72,17 +84,43 @@ class Script:
 
 
 ENQUEUE = Script("enqueue")
+FETCH = Script("fetch")
 PROMOTE = Script("promote")
 CLAIM = Script("claim")
 COMMIT = Script("commit")
 HEARTBEAT = Script("heartbeat")
+REQUEUE = Script("requeue")
 ABORT = Script("abort")
 REVIVE = Script("revive")
 LOCK = Script("lock")
 UNLOCK = Script("unlock")
 LEAVE = Script("leave")
 ORPHAN = Script("orphan")
-ALL = (ENQUEUE, PROMOTE, CLAIM, COMMIT, HEARTBEAT, ABORT, REVIVE, LOCK, UNLOCK, LEAVE, ORPHAN)
+ISOLATE = Script("isolate")
+WATCH = Script("watch")
+PARTITIONS = Script("partitions")
+TURN = Script("turn")
+PROGRESS = Script("progress")
+ALL = (
+    ENQUEUE,
+    FETCH,
+    PROMOTE,
+    CLAIM,
+    COMMIT,
+    HEARTBEAT,
+    REQUEUE,
+    ABORT,
+    REVIVE,
+    LOCK,
+    UNLOCK,
+    LEAVE,
+    ORPHAN,
+    ISOLATE,
+    WATCH,
+    PARTITIONS,
+    TURN,
+    PROGRESS,
+)
 
 
 @dataclass(slots=True)
@@ -95,7 +133,12 @@ class ScriptCall:
 
 
 async def load_all(redis: Redis) -> None:
-    """Load every script into the server's script cache."""
+    """Load every script into the server's script cache (every primary of a cluster)."""
+    if isinstance(redis, RedisCluster):
+        for script in ALL:
+            await redis.script_load(script.source)
+            await redis.script_load(script.batch_source)
+        return
     pipe = redis.pipeline(transaction=False)
     for script in ALL:
         pipe.script_load(script.source)
@@ -189,93 +232,154 @@ def _batch(pipe: Any, calls: Sequence[ScriptCall]) -> None:
 # -- builders: one per script, the only code that knows its KEYS and ARGV ------------
 
 
+@dataclass(frozen=True, slots=True)
+class Env:
+    """What every script call of one runner shares: how to publish, and the clock."""
+
+    publish: str = "PUBLISH"
+    """PUBLISH, or SPUBLISH on a Redis 7 cluster (sharded pub/sub)."""
+    offset_ms: int = 0
+    """Added to the server's clock (0 except under frozen time in tests)."""
+
+
 def enqueue(
+    env: Env,
     keys: QueueKeys,
     job_id: str,
     task: str,
     args: str,
-    now_ms: int,
-    due_ms: int,
+    level: str,
+    delay_ms: int,
     locks: Sequence[tuple[str, int]] = (),
     meta: str = "",
 ) -> ScriptCall:
-    """Write a job (and take its enqueue-side locks: ``(key, ttl_ms)``); ``meta`` is
-    the job's headers as JSON ("" for none)."""
+    """Write a job due in ``delay_ms`` (and take its enqueue-side locks: ``(key,
+    ttl_ms)``); ``meta`` is the job's headers as JSON ("" for none)."""
     return ScriptCall(
         ENQUEUE,
-        [keys.job(job_id), keys.stream, keys.delayed, keys.seq, *(k for k, _ in locks)],
+        [
+            keys.job(job_id),
+            keys.level_stream(level),
+            keys.delayed,
+            keys.seq,
+            keys.idle,
+            *(k for k, _ in locks),
+        ],
         [
             job_id,
             task,
             args,
             keys.queue,
-            now_ms,
-            due_ms,
-            keys.events,
+            level,
+            delay_ms,
             meta,
-            len(locks),
+            keys.events,
+            env.publish,
+            env.offset_ms,
             *(ttl for _, ttl in locks),
         ],
     )
 
 
-def promote(keys: QueueKeys, members: Sequence[str]) -> ScriptCall:
-    """Move these due members of the delayed set into the stream."""
-    job_keys = [keys.job(m[17:]) for m in members]
-    return ScriptCall(PROMOTE, [keys.delayed, keys.stream, *job_keys], list(members))
+def fetch(
+    env: Env, keys: QueueKeys, streams: Sequence[str], consumer: str, count: int, aging_ms: int
+) -> ScriptCall:
+    """Read up to ``count`` new entries of one partition, highest level first."""
+    return ScriptCall(
+        FETCH,
+        [*streams, keys.idle, keys.paused],
+        [GROUP, consumer, count, aging_ms, env.offset_ms],
+    )
+
+
+def promote(env: Env, keys: QueueKeys, members: Sequence[tuple[str, str, str]]) -> ScriptCall:
+    """Move these due members ``(member, job_id, level)`` into their level's stream."""
+    return ScriptCall(
+        PROMOTE,
+        [
+            keys.delayed,
+            keys.idle,
+            *(keys.job(job_id) for _, job_id, _ in members),
+            *(keys.level_stream(level) for _, _, level in members),
+        ],
+        [
+            env.offset_ms,
+            env.publish,
+            keys.events,
+            *(part for member, job_id, _ in members for part in (member, job_id)),
+        ],
+    )
 
 
 def claim(
+    env: Env,
     keys: QueueKeys,
+    stream: str,
     job_id: str,
     consumer: str,
     entry_id: str,
     token: str,
-    now_ms: int,
     max_deliveries: int,
+    max_payload: int,
 ) -> ScriptCall:
     """Start an attempt under a new lease."""
     return ScriptCall(
         CLAIM,
-        [keys.stream, keys.job(job_id)],
-        [GROUP, consumer, entry_id, token, now_ms, max_deliveries],
+        [stream, keys.job(job_id)],
+        [GROUP, consumer, entry_id, token, max_deliveries, max_payload, env.offset_ms],
     )
 
 
 def commit(
+    env: Env,
     keys: QueueKeys,
+    stream: str,
     job_id: str,
     entry_id: str,
     token: str,
     outcome: str,
-    now_ms: int,
     payload: str,
     ttl_ms: int,
-    due_ms: int,
+    delay_ms: int,
+    level: str,
     locks: Sequence[str],
+    lock_ttl_ms: int,
 ) -> ScriptCall:
     """Record an outcome and acknowledge the entry, if the lease is still ``token``."""
     return ScriptCall(
         COMMIT,
-        [keys.stream, keys.job(job_id), keys.delayed, keys.dead, keys.seq, keys.failed, *locks],
+        [
+            stream,
+            keys.job(job_id),
+            keys.delayed,
+            keys.dead,
+            keys.seq,
+            keys.failed,
+            keys.idle,
+            *locks,
+        ],
         [
             GROUP,
             entry_id,
             token,
             job_id,
             outcome,
-            now_ms,
             payload,
             ttl_ms,
-            due_ms,
+            delay_ms,
             keys.done(job_id),
             keys.events,
+            env.publish,
+            env.offset_ms,
+            level,
+            lock_ttl_ms,
         ],
     )
 
 
 def heartbeat(
     keys: QueueKeys,
+    stream: str,
     job_id: str,
     consumer: str,
     entry_id: str,
@@ -286,19 +390,30 @@ def heartbeat(
     """Renew a running job's lease and its locks."""
     return ScriptCall(
         HEARTBEAT,
-        [keys.stream, keys.job(job_id), *locks],
+        [stream, keys.job(job_id), *locks],
         [GROUP, consumer, entry_id, token, lock_ttl_ms, job_id],
     )
 
 
+def requeue(
+    env: Env, keys: QueueKeys, stream: str, consumer: str, entry_id: str, job_id: str
+) -> ScriptCall:
+    """Put a stale entry this consumer took over back on its stream (see requeue.lua)."""
+    return ScriptCall(
+        REQUEUE,
+        [stream, keys.job(job_id), keys.idle],
+        [GROUP, consumer, entry_id, job_id, env.publish, keys.events],
+    )
+
+
 def abort(
-    keys: QueueKeys, job_id: str, now_ms: int, ttl_ms: int, locks: Sequence[str]
+    env: Env, keys: QueueKeys, stream: str, job_id: str, ttl_ms: int, locks: Sequence[str]
 ) -> ScriptCall:
     """Abort a job (see abort.lua for what happens in each status)."""
     return ScriptCall(
         ABORT,
-        [keys.job(job_id), keys.stream, keys.delayed, *locks],
-        [job_id, now_ms, ttl_ms, keys.done(job_id), keys.events, GROUP],
+        [keys.job(job_id), stream, keys.delayed, *locks],
+        [job_id, ttl_ms, keys.done(job_id), keys.events, GROUP, env.publish, env.offset_ms],
     )
 
 
@@ -319,17 +434,42 @@ def unlock(
     return ScriptCall(UNLOCK, [keys.job(job_id), *locks], [job_id, token, int(forget)])
 
 
-def leave(keys: QueueKeys, consumer: str) -> ScriptCall:
-    """Remove ``consumer`` from the queue's group if it holds no entries."""
-    return ScriptCall(LEAVE, [keys.stream], [GROUP, consumer])
+def leave(stream: str, consumer: str) -> ScriptCall:
+    """Remove ``consumer`` from a stream's group if it holds no entries."""
+    return ScriptCall(LEAVE, [stream], [GROUP, consumer])
 
 
 def orphan(
-    keys: QueueKeys, entry_id: str, job_id: str, task: str, now_ms: int, error: str
+    env: Env, keys: QueueKeys, stream: str, entry_id: str, job_id: str, task: str, error: str
 ) -> ScriptCall:
-    """Dead-letter (as ``job_id``) and acknowledge an entry that names no job."""
+    """Dead-letter (as ``job_id``) and acknowledge an entry that names no usable job."""
     return ScriptCall(
         ORPHAN,
-        [keys.stream, keys.job(job_id), keys.dead],
-        [GROUP, entry_id, job_id, task, keys.queue, now_ms, error],
+        [stream, keys.job(job_id), keys.dead],
+        [GROUP, entry_id, job_id, task, keys.queue, error, env.offset_ms],
     )
+
+
+def isolate(keys: QueueKeys, job_id: str, token: str) -> ScriptCall:
+    """Mark a running attempt as running alone in its worker."""
+    return ScriptCall(ISOLATE, [keys.job(job_id)], [token])
+
+
+def watch(keys: QueueKeys, job_id: str) -> ScriptCall:
+    """Ask for the job's final status to be published, and read its state."""
+    return ScriptCall(WATCH, [keys.job(job_id)], [])
+
+
+def partitions(meta_key: str, wanted: int, default: int, *, record: bool) -> ScriptCall:
+    """Read (and, with ``record`` or an explicit ``wanted``, set) a queue's partitions."""
+    return ScriptCall(PARTITIONS, [meta_key], [wanted, default, int(record)])
+
+
+def turn(env: Env, keys: QueueKeys, period_ms: int, worker: str) -> ScriptCall:
+    """Take this partition's reclaim turn (1: ours, 0: not)."""
+    return ScriptCall(TURN, [keys.reclaim], [period_ms, env.offset_ms, worker])
+
+
+def progress(env: Env, keys: QueueKeys, job_id: str, token: str, value: str) -> ScriptCall:
+    """Store a running attempt's progress (JSON), fenced by its lease."""
+    return ScriptCall(PROGRESS, [keys.job(job_id)], [token, value, keys.done(job_id), env.publish])

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
 from taskrunner.codec import ArgsCodec
-from taskrunner.middleware.base import TaskOptions
+from taskrunner.options import TaskOptions
 
 if TYPE_CHECKING:
     from taskrunner.job import Job
@@ -22,7 +22,7 @@ OptionsT = TypeVar("OptionsT", bound=TaskOptions)
 class TaskDefinition:
     """What the runtime knows of a task: name, function, queue, codec and options."""
 
-    __slots__ = ("codec", "fn", "name", "options", "queue")
+    __slots__ = ("codec", "fn", "name", "options", "priority", "queue")
 
     def __init__(
         self,
@@ -30,11 +30,13 @@ class TaskDefinition:
         name: str,
         queue: str,
         options: dict[type[TaskOptions], TaskOptions],
+        priority: str | None = None,
     ) -> None:
         self.fn = fn
         self.name = name
         self.queue = queue
         self.options = options
+        self.priority = priority
         self.codec = ArgsCodec(fn, name)
 
     def options_for(self, model: type[OptionsT]) -> OptionsT:
@@ -50,12 +52,13 @@ class TaskDefinition:
 
 @dataclass(frozen=True, slots=True)
 class EnqueueOptions:
-    """Per-enqueue options: when, under which id, on which queue."""
+    """Per-enqueue options: when, under which id, on which queue, at which priority."""
 
     delay: float | timedelta | None = None
     at: datetime | None = None
     job_id: str | None = None
     queue: str | None = None
+    priority: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,11 +131,13 @@ class Task(_Enqueuer[P, R]):
         at: datetime | None = None,
         job_id: str | None = None,
         queue: str | None = None,
+        priority: str | None = None,
     ) -> BoundTask[P, R]:
         """Options for the next enqueue: ``delay`` seconds (or timedelta) or ``at`` a time,
-        a caller-chosen ``job_id`` (enqueue is idempotent while that job exists), a queue.
+        a caller-chosen ``job_id`` (enqueue is idempotent while that job exists), a
+        queue, a ``priority`` level (one of the runner's ``priorities``).
         """
-        opts = EnqueueOptions(delay=delay, at=at, job_id=job_id, queue=queue)
+        opts = EnqueueOptions(delay=delay, at=at, job_id=job_id, queue=queue, priority=priority)
         return BoundTask(self._runner, self._definition, opts)
 
     def __repr__(self) -> str:

@@ -12,7 +12,6 @@ from conftest import wait_until
 from redis.asyncio import Redis
 
 from taskrunner import JobAborted, JobStatus, TaskRunner, scripts
-from taskrunner.client import now_ms
 from taskrunner.keys import QueueKeys
 
 MakeRunner = Callable[..., TaskRunner]
@@ -119,7 +118,7 @@ async def test_running_job_is_cancelled_by_the_heartbeat_when_the_message_is_mis
         # The real abort script, its notice published where no worker listens.
         keys = QueueKeys(tr.namespace, "default")
         keys.events = f"{tr.namespace}:nobody-listens"
-        call = scripts.abort(keys, job_id, now_ms(), 60_000, [])
+        call = scripts.abort(scripts.Env(), keys, keys.stream, job_id, 60_000, [])
         assert await scripts.run(redis, call) == "aborting"
 
     await _run_until_aborted(tr, abort_unheard, within=DEADLINE)
@@ -143,7 +142,9 @@ async def test_abort_of_a_job_whose_worker_died_takes_effect_when_it_is_reclaime
         await redis.xgroup_create(keys.stream, "taskrunner", id="0", mkstream=True)
         delivered = cast(Any, await redis.xreadgroup("taskrunner", "gone", {keys.stream: ">"}))
         entry_id = delivered[0][1][0][0]
-        claim = scripts.claim(keys, job.id, "gone", entry_id, "gone:1", now_ms(), 5)
+        claim = scripts.claim(
+            scripts.Env(), keys, keys.stream, job.id, "gone", entry_id, "gone:1", 5, 1 << 20
+        )
         assert (await scripts.run(redis, claim))[0] == "ok"  # a worker started it, then died
         assert await job.abort() == JobStatus.RUNNING
         async with tr.worker(handle_signals=False):

@@ -26,6 +26,7 @@ from test_reliability import (
 
 from taskrunner import JobDeadLettered, JobStatus, TaskRunner
 from taskrunner.keys import QueueKeys
+from taskrunner.middleware.isolation import SUSPECT_AFTER
 
 MakeRunner = Callable[..., TaskRunner]
 APP = "apps.reliability_app:tr"
@@ -68,21 +69,24 @@ async def test_entry_that_keeps_killing_its_worker_is_dead_lettered_after_max_de
         async def dead() -> bool:
             return await job.status() == JobStatus.DEAD
 
-        for _ in range(max_deliveries + 2):  # restart workers while they keep dying
+        # Two deaths make it a suspect (it then runs alone); each death while alone is
+        # charged to it; the third charge dead-letters it.
+        for _ in range(SUSPECT_AFTER + max_deliveries + 2):  # restart workers as they die
             worker = spawn(max_deliveries=max_deliveries)
             await wait_until(functools.partial(_died_or_dead, worker, dead), DEADLINE)
             if await dead():
                 break
         assert await dead()
         assert worker.alive  # the worker that dead-lettered it keeps running
-        assert len(await runs(redis, namespace, job.id)) == max_deliveries
-        with pytest.raises(JobDeadLettered, match=r"delivered 4 times \(max_deliveries=3\)"):
+        assert len(await runs(redis, namespace, job.id)) == SUSPECT_AFTER + max_deliveries
+        with pytest.raises(JobDeadLettered, match=r"ran alone 3 times \(max_deliveries=3\)"):
             await job.result(timeout=DEADLINE)
         assert await pending(redis, namespace) == []
         [info] = await tr.dead_letters()
         assert info.id == job.id
         assert info.error is not None
-        assert "delivered 4 times" in info.error.message
+        assert "ran alone 3 times" in info.error.message
+        assert (info.crashes, info.reclaims) == (max_deliveries, SUSPECT_AFTER + max_deliveries)
 
         # Fixed: retry it from the command line; the running worker completes it.
         await redis.delete(f"{namespace}:test:kill")
@@ -134,12 +138,12 @@ async def test_garbage_entries_and_bad_jobs_go_to_dead_letters_and_the_worker_go
         reasons = {info.id: info.error.message for info in await tr.dead_letters() if info.error}
         assert reasons.keys() == {
             f"entry-{no_job}",
-            f"entry-{unknown_job}",
+            "no-such-job",  # named after the job its entry names
             unknown_task.id,
             undecodable.id,
         }
         assert "has no job" in reasons[f"entry-{no_job}"]
-        assert "no-such-job" in reasons[f"entry-{unknown_job}"]
+        assert unknown_job in reasons["no-such-job"]
         assert reasons[unknown_task.id] == "unknown task 'ghost'"
         assert reasons[undecodable.id].startswith("undecodable arguments")
         with pytest.raises(JobDeadLettered, match="unknown task"):

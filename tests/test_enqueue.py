@@ -25,6 +25,7 @@ from taskrunner import (
 from taskrunner import scripts as scripts_module
 from taskrunner.keys import QueueKeys
 from taskrunner.middleware.base import EnqueueNext
+from taskrunner.worker.scheduler import parse_member
 
 MakeRunner = Callable[..., TaskRunner]
 
@@ -165,7 +166,7 @@ async def test_delay_schedules_the_job_in_the_delayed_set(
         cast(list[tuple[str, float]], await redis.zrange(keys.delayed, 0, -1, withscores=True))
     )
     assert len(scores) == 2
-    due = {member.partition(":")[2]: score / 1000 for member, score in scores.items()}
+    due = {parse_member(member)[1]: score / 1000 for member, score in scores.items()}
     assert before + 60 <= due[job.id] <= time.time() + 60
     assert before + 120 <= due[by_timedelta.id] <= time.time() + 120
     info = await job.info()

@@ -32,7 +32,7 @@ from taskrunner import (
 from taskrunner.middleware.base import EnqueueNext, ExecuteNext
 
 if TYPE_CHECKING:
-    from taskrunner import Worker
+    from taskrunner import WorkerPort
 
 MakeRunner = Callable[..., TaskRunner]
 DEADLINE = 30.0
@@ -72,10 +72,10 @@ class Recorder(Middleware):
         self.outcomes.append(outcome)
         return outcome
 
-    async def on_worker_start(self, worker: Worker) -> None:
+    async def on_worker_start(self, worker: WorkerPort) -> None:
         self.trail.append(f"{self.name}:start")
 
-    async def on_worker_stop(self, worker: Worker) -> None:
+    async def on_worker_stop(self, worker: WorkerPort) -> None:
         self.trail.append(f"{self.name}:stop")
 
 
@@ -203,54 +203,53 @@ def test_built_in_middleware_come_first_in_the_documented_order(make_runner: Mak
     names = [type(mw).__name__ for mw in tr.middleware]
     assert names == [
         "LeaseMiddleware",
+        "IsolationMiddleware",
         "UniqueMiddleware",
         "RetryMiddleware",
         "TimeoutMiddleware",
         "Recorder",
     ]
     assert tr.middleware[-1] is mine
-    assert tr.middleware[1] is tr.unique
+    assert tr.middleware[2] is tr.unique
 
 
-class PriorityOptions(TaskOptions):
-    priority: int = 0
+class WeightOptions(TaskOptions):
+    weight: int = 0
     tags: tuple[str, ...] = ()
 
 
-class Prioritise(Middleware):
-    Options = PriorityOptions
+class Weigh(Middleware):
+    Options = WeightOptions
     seen: list[int]
 
     def __init__(self) -> None:
         self.seen = []
 
     async def execute(self, ctx: ExecutionContext, call_next: ExecuteNext) -> Outcome:
-        self.seen.append(self.options(ctx.task, PriorityOptions).priority)
+        self.seen.append(self.options(ctx.task, WeightOptions).weight)
         return await call_next(ctx)
 
 
 async def test_a_middleware_owns_typed_task_options(make_runner: MakeRunner) -> None:
-    prioritise = Prioritise()
-    tr = make_runner(middleware=[prioritise])
+    weigh = Weigh()
+    tr = make_runner(middleware=[weigh])
 
-    @tr.task(priority=5, tags=["a"])
-    async def urgent() -> None: ...
+    @tr.task(weight=5, tags=["a"])
+    async def heavy() -> None: ...
 
     @tr.task
     async def normal() -> None: ...
 
-    assert urgent.definition.options_for(PriorityOptions) == PriorityOptions(
-        priority=5, tags=("a",)
-    )
-    with pytest.raises(ConfigurationError, match="priority"):
+    assert heavy.definition.options_for(WeightOptions) == WeightOptions(weight=5, tags=("a",))
+    with pytest.raises(ConfigurationError, match="weight"):
 
-        @tr.task(priority="high")
+        @tr.task(weight="high")
         async def wrong() -> None: ...
 
     async with tr, tr.worker(handle_signals=False):
-        await (await urgent.enqueue()).result(timeout=DEADLINE)
+        await (await heavy.enqueue()).result(timeout=DEADLINE)
         await (await normal.enqueue()).result(timeout=DEADLINE)
-    assert prioritise.seen == [5, 0]
+    assert weigh.seen == [5, 0]
 
 
 def test_an_option_no_middleware_owns_is_refused_by_name(make_runner: MakeRunner) -> None:

@@ -357,7 +357,7 @@ async def test_pending_ids_of_deleted_entries_are_acknowledged(
     kept = await redis.xadd(keys.stream, {"job": "kept"})
     await redis.xreadgroup(GROUP, "me", {keys.stream: ">"})
     await redis.xdel(keys.stream, gone)
-    assert await ack_deleted(redis, keys, "me", "-", "+") == 1
+    assert await ack_deleted(redis, keys.stream, "me", "-", "+") == 1
     left = await redis.xpending_range(keys.stream, GROUP, "-", "+", 10)
     assert [p["message_id"] for p in left] == [kept]
 

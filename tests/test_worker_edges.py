@@ -35,6 +35,42 @@ from taskrunner.middleware.base import EnqueueNext
 DEADLINE = 30.0
 
 
+def claim_call(
+    keys: QueueKeys, job_id: str, consumer: str, entry: str, token: str
+) -> scripts.ScriptCall:
+    """claim.lua for an entry of the default level's stream, by hand."""
+    return scripts.claim(
+        scripts.Env(), keys, keys.stream, job_id, consumer, entry, token, 5, 1 << 20
+    )
+
+
+def commit_call(
+    keys: QueueKeys,
+    job_id: str,
+    entry: str,
+    token: str,
+    outcome: str,
+    payload: str,
+    locks: list[str],
+) -> scripts.ScriptCall:
+    """commit.lua for an entry of the default level's stream, by hand."""
+    return scripts.commit(
+        scripts.Env(),
+        keys,
+        keys.stream,
+        job_id,
+        entry,
+        token,
+        outcome,
+        payload,
+        60_000,
+        0,
+        keys.default_level,
+        locks,
+        0,
+    )
+
+
 async def read_as(redis: Redis, keys: QueueKeys, consumer: str) -> list[tuple[str, Any]]:
     """Create the queue's group and read every ready entry as ``consumer`` (by hand, so
     a test can run the scripts step by step)."""
@@ -76,33 +112,55 @@ async def test_a_worker_that_cannot_start_raises_its_own_error(
                 pass
 
 
-async def test_a_claimed_job_waiting_for_a_consumer_keeps_its_lease(
-    make_runner: Callable[..., TaskRunner], redis: Redis, namespace: str
-) -> None:
-    # One consumer, two queues: XREADGROUP's COUNT is per stream, so the worker claims a
-    # job from each while it can run one. The second waits locally longer than
-    # stale_after; its heartbeats must keep another worker from running it too.
-    tr = make_runner(heartbeat_interval=0.1, stale_after=0.5)
-    gate = anyio.Event()
-    runs = f"{namespace}:runs"
+def gated_tasks(tr: TaskRunner, gate: anyio.Event, runs: str, redis: Redis) -> tuple[Any, Any, Any]:
+    """Two slow tasks on queue a, one on b, and a quick one on b. A worker with three
+    slots reading both queues asks each for two entries (the free slots spread over the
+    partitions, rounded up): it claims four jobs and runs three; the quick one waits."""
 
     @tr.task(queue="a")
     async def slow() -> None:
         await gate.wait()
 
     @tr.task(queue="b")
-    async def quick() -> None:
+    async def slow_b() -> None:
+        await gate.wait()
+
+    @tr.task(queue="b")
+    async def quick() -> str:
         await redis.rpush(runs, f"attempt{current_job().attempt}")
+        return "done"
+
+    return slow, slow_b, quick
+
+
+async def enqueue_gated(tasks: tuple[Any, Any, Any]) -> Job[str]:
+    slow, slow_b, quick = tasks
+    await slow.enqueue()
+    await slow.enqueue()
+    await slow_b.enqueue()
+    job: Job[str] = await quick.enqueue()
+    return job
+
+
+async def test_a_claimed_job_waiting_for_a_consumer_keeps_its_lease(
+    make_runner: Callable[..., TaskRunner], redis: Redis, namespace: str
+) -> None:
+    # The quick job waits locally longer than stale_after; its heartbeats must keep
+    # another worker from running it too.
+    tr = make_runner(heartbeat_interval=0.1, stale_after=0.5)
+    gate = anyio.Event()
+    runs = f"{namespace}:runs"
+    tasks = gated_tasks(tr, gate, runs, redis)
 
     async with tr:
-        await slow.enqueue()
-        job = await quick.enqueue()
-        async with tr.worker(concurrency=1, handle_signals=False) as first:
+        job = await enqueue_gated(tasks)
+        async with tr.worker(concurrency=3, queues=["a", "b"], handle_signals=False) as first:
 
-            async def both_claimed() -> bool:
-                return len(first.running) == 1 and len(first.waiting) == 1
+            async def claimed() -> bool:
+                return len(first.running) == 3 and len(first.waiting) == 1
 
-            await wait_until(both_claimed, DEADLINE)
+            await wait_until(claimed, DEADLINE)
+            assert [item.job_id for item in first.waiting.values()] == [job.id]
             async with tr.worker(concurrency=5, handle_signals=False):
                 await anyio.sleep(1.5)  # three times stale_after, for a reclaim to happen
                 assert await redis.lrange(runs, 0, -1) == []
@@ -126,23 +184,20 @@ async def test_an_error_in_one_call_of_a_batch_stays_in_its_place(
         first, second = await noop.enqueue(), await noop.enqueue()
         entries = await read_as(redis, keys, "c1")
         claims = [
-            scripts.claim(keys, fields["job"], "c1", entry, f"token{i}", 1, 5)
+            claim_call(keys, fields["job"], "c1", entry, f"token{i}")
             for i, (entry, fields) in enumerate(entries)
         ]
         assert [r[0] for r in await scripts.run_many(redis, claims)] == ["ok", "ok"]
         bad = f"{keys.prefix}:lock:not-a-string"
         await redis.hset(bad, "x", "y")  # GET on a hash fails inside the second commit
         commits = [
-            scripts.commit(
+            commit_call(
                 keys,
                 fields["job"],
                 entry,
                 f"token{i}",
                 "succeeded",
-                2,
                 "null",
-                60_000,
-                0,
                 [bad] if i == 1 else [],
             )
             for i, (entry, fields) in enumerate(entries)
@@ -261,28 +316,20 @@ async def test_stopping_hands_back_claimed_jobs_that_have_not_started(
 ) -> None:
     tr = make_runner()
     gate = anyio.Event()
-
-    @tr.task(queue="a")
-    async def slow() -> None:
-        await gate.wait()
-
-    @tr.task(queue="b")
-    async def quick() -> str:
-        return "done"
+    tasks = gated_tasks(tr, gate, f"{namespace}:runs", redis)
 
     async with tr:
-        await slow.enqueue()
-        job = await quick.enqueue()
-        first = tr.worker(concurrency=1, grace_period=3600, handle_signals=False)
+        job = await enqueue_gated(tasks)
+        first = tr.worker(concurrency=3, queues=["a", "b"], grace_period=3600, handle_signals=False)
         async with anyio.create_task_group() as tg:
             tg.start_soon(first.run)
 
-            async def both_claimed() -> bool:
-                return len(first.running) == 1 and len(first.waiting) == 1
+            async def claimed() -> bool:
+                return len(first.running) == 3 and len(first.waiting) == 1
 
-            await wait_until(both_claimed, DEADLINE)
-            first.stop()  # the slow job keeps its grace period; the quick one goes back
-            async with tr.worker(concurrency=2, handle_signals=False):
+            await wait_until(claimed, DEADLINE)
+            first.stop()  # the slow jobs keep their grace period; the quick one goes back
+            async with tr.worker(concurrency=2, queues=["b"], handle_signals=False):
                 assert await job.result(timeout=DEADLINE) == "done"
             assert first.running  # the first worker is still in its grace period
             assert (await job.info()).attempts == 1
@@ -304,14 +351,12 @@ async def test_a_commit_under_a_stale_lease_changes_nothing(
         keys = tr.client.keys("default")
         job = await noop.enqueue()
         [(entry, _fields)] = await read_as(redis, keys, "old")
-        await scripts.run(redis, scripts.claim(keys, job.id, "old", entry, "token-1", 1, 5))
+        await scripts.run(redis, claim_call(keys, job.id, "old", entry, "token-1"))
         await redis.xclaim(keys.stream, GROUP, "new", 0, [entry])  # taken over
-        await scripts.run(redis, scripts.claim(keys, job.id, "new", entry, "token-2", 2, 5))
+        await scripts.run(redis, claim_call(keys, job.id, "new", entry, "token-2"))
 
         def commit(token: str) -> scripts.ScriptCall:
-            return scripts.commit(
-                keys, job.id, entry, token, "succeeded", 3, '"late"', 60_000, 0, []
-            )
+            return commit_call(keys, job.id, entry, token, "succeeded", '"late"', [])
 
         before = await redis.hgetall(keys.job(job.id))
         assert await scripts.run(redis, commit("token-1")) == 0

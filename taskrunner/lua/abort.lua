@@ -2,33 +2,37 @@
 -- once; a running one is flagged and its worker told over pub/sub (the worker's
 -- heartbeat also sees the flag, as a fallback).
 -- KEYS: job, stream, delayed, lock_1 .. lock_n
--- ARGV: job_id, now_ms, ttl_ms, done_channel, events_channel, group
+-- ARGV: job_id, ttl_ms, done_channel, events_channel, group, publish_command,
+--       clock_offset_ms
 -- Returns the status after the call: 'aborted', 'aborting', a final status, or 'missing'.
 local job, stream, delayed = KEYS[1], KEYS[2], KEYS[3]
-local h = redis.call('HMGET', job, 'status', 'entry', 'member')
+local h = redis.call('HMGET', job, 'status', 'entry', 'member', 'watch')
 local status = h[1]
 if not status then
   return 'missing'
 end
+local now = now_ms(ARGV[7])
 if status == 'running' then
-  redis.call('HSET', job, 'abort', ARGV[2])
-  redis.call('PUBLISH', ARGV[5], 'abort ' .. ARGV[1])
+  redis.call('HSET', job, 'abort', now)
+  redis.call(ARGV[6], ARGV[4], 'abort ' .. ARGV[1])
   return 'aborting'
 end
 if status == 'scheduled' then
   redis.call('ZREM', delayed, h[3])
 elseif status == 'queued' then
-  redis.call('XACK', stream, ARGV[6], h[2])
+  redis.call('XACK', stream, ARGV[5], h[2])
   redis.call('XDEL', stream, h[2])
 else
   return status
 end
-redis.call('HSET', job, 'status', 'aborted', 'finished', ARGV[2], 'abort', ARGV[2])
-redis.call('PEXPIRE', job, ARGV[3])
+redis.call('HSET', job, 'status', 'aborted', 'finished', now, 'abort', now)
+redis.call('PEXPIRE', job, ARGV[2])
 for i = 4, #KEYS do
   if redis.call('GET', KEYS[i]) == ARGV[1] then
     redis.call('DEL', KEYS[i])
   end
 end
-redis.call('PUBLISH', ARGV[4], 'aborted')
+if h[4] then
+  redis.call(ARGV[6], ARGV[3], 'aborted')
+end
 return 'aborted'

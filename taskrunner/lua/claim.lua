@@ -1,55 +1,66 @@
 -- Start an attempt of the job behind a stream entry that this consumer holds:
 -- take a new lease (fencing token) and count the attempt.
 -- KEYS: stream, job
--- ARGV: group, consumer, entry_id, token, now_ms, max_deliveries
--- Returns {'gone'} the entry is no longer this consumer's (reclaimed elsewhere, or
---                  acknowledged by an abort),
---         {'missing'} the entry has no job hash: the caller dead-letters it and
---                  acknowledges it in one transaction (left pending until then, so a
---                  crash in between loses nothing),
+-- ARGV: group, consumer, entry_id, token, max_deliveries, max_payload, clock_offset_ms
+-- Returns {'gone'} the entry is no longer this consumer's,
+--         {'missing'} the entry has no job hash (the caller dead-letters the entry with
+--                  orphan.lua; it stays pending until then, so a crash loses nothing),
+--         {'invalid', status} the job hash has no known status (dead-lettered likewise),
 --         {'final', status} the job is already final (acked and deleted),
 --         {'stray', live_entry} the job is live under another entry: this one is a
---                  duplicate (written by hand) and must not start a second copy
---                  (acked and deleted),
---         {'ok' | 'poison' | 'abort', task, args, attempts, locks, deliveries, reclaimed,
---          meta_json, ready_ms (when it became runnable: max(enqueued, due))}
+--                  duplicate and must not start a second copy (acked and deleted),
+--         {verdict, task, args, attempts, locks, reclaims, meta_json, ready_ms, reclaimed}
+--         with verdict 'ok', 'poison' (its worker died under it while it ran alone
+--         max_deliveries times), 'abort' (abort requested) or 'toolarge' (its arguments
+--         exceed max_payload bytes: they are not returned).
 local stream, job = KEYS[1], KEYS[2]
 local group, consumer, entry = ARGV[1], ARGV[2], ARGV[3]
+local FINAL = {succeeded = true, failed = true, aborted = true, rejected = true, dead = true}
 
-local pending = redis.call('XPENDING', stream, group, entry, entry, 1, consumer)
-if #pending == 0 then
+if #redis.call('XPENDING', stream, group, entry, entry, 1, consumer) == 0 then
   return {'gone'}
 end
-local deliveries = pending[1][4]
-local h = redis.call('HMGET', job, 'status', 'task', 'args', 'locks', 'abort', 'entry',
-  'attempts', 'reclaims', 'meta', 'enqueued', 'due')
+local h = redis.call('HMGET', job, 'status', 'task', 'locks', 'abort', 'entry', 'attempts',
+  'reclaims', 'meta', 'enqueued', 'due', 'crashes', 'reclaimed')
 local status = h[1]
 if not status then
   return {'missing'}
 end
-if status ~= 'queued' and status ~= 'running' then
+if FINAL[status] then
   redis.call('XACK', stream, group, entry)
   redis.call('XDEL', stream, entry)
   return {'final', status}
 end
-if h[6] and h[6] ~= entry then
+if status ~= 'queued' and status ~= 'running' and status ~= 'scheduled' then
+  return {'invalid', status}
+end
+if status == 'scheduled' or (h[5] and h[5] ~= entry) then
   redis.call('XACK', stream, group, entry)
   redis.call('XDEL', stream, entry)
-  return {'stray', h[6]}
+  return {'stray', h[5] or ''}
 end
+
+local verdict, args = 'ok', ''
+if (tonumber(h[11]) or 0) >= tonumber(ARGV[5]) then
+  verdict = 'poison'
+elseif h[4] then
+  verdict = 'abort'
+elseif redis.call('HSTRLEN', job, 'args') > tonumber(ARGV[6]) then
+  verdict = 'toolarge'
+else
+  args = redis.call('HGET', job, 'args') or ''
+end
+local attempts = (tonumber(h[6]) or 0) + 1
+local reclaims = tonumber(h[7]) or 0
 local reclaimed = 0
-local attempts = (tonumber(h[7]) or 0) + 1
-if status == 'running' then
+if status == 'running' then  -- the same entry delivered again: its attempt was cut short
+  reclaims = reclaims + 1
   reclaimed = 1
-  redis.call('HSET', job, 'reclaims', (tonumber(h[8]) or 0) + 1)
+elseif h[12] then
+  reclaimed = 1
+  redis.call('HDEL', job, 'reclaimed')
 end
 redis.call('HSET', job, 'status', 'running', 'lease', ARGV[4], 'worker', consumer,
-  'started', ARGV[5], 'entry', entry, 'attempts', attempts)
-local verdict = 'ok'
-if deliveries > tonumber(ARGV[6]) then
-  verdict = 'poison'
-elseif h[5] then
-  verdict = 'abort'
-end
-local ready = math.max(tonumber(h[10]) or 0, tonumber(h[11]) or 0)
-return {verdict, h[2], h[3], attempts, h[4] or '', deliveries, reclaimed, h[9] or '', ready}
+  'started', now_ms(ARGV[7]), 'entry', entry, 'attempts', attempts, 'reclaims', reclaims)
+local ready = math.max(tonumber(h[9]) or 0, tonumber(h[10]) or 0)
+return {verdict, h[2] or '', args, attempts, h[3] or '', reclaims, h[8] or '', ready, reclaimed}

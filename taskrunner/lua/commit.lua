@@ -1,8 +1,8 @@
 -- Record what happens next to a job and acknowledge its entry, in one step,
 -- only while the caller's lease (fencing token) is still the job's lease.
--- KEYS: stream, job, delayed, dead, seq, failed, lock_1 .. lock_n
--- ARGV: group, entry_id, token, job_id, outcome, now_ms, payload, ttl_ms,
---       due_ms, done_channel, events_channel
+-- KEYS: stream, job, delayed, dead, seq, failed, idle, lock_1 .. lock_n
+-- ARGV: group, entry_id, token, job_id, outcome, payload, ttl_ms, delay_ms,
+--       done_channel, events_channel, publish_command, clock_offset_ms, level, lock_ttl_ms
 -- outcome: succeeded | failed | aborted | rejected | dead   (final)
 --          retry | reschedule                               (back to the delayed set)
 --          handback                                         (back to the stream at once)
@@ -11,13 +11,15 @@
 -- Returns 1 committed (or already committed by this same token: a repeat after a
 -- lost reply changes nothing), 0 lost lease (nothing changed).
 -- The token is spent by the commit ('lease' cleared, kept as 'committed'), so at most
--- one attempt of a job commits an outcome.
+-- one attempt of a job commits an outcome. The final status is published on the job's
+-- done channel only when someone waits for it (watch.lua set 'watch').
 local stream, job, delayed, dead, seq = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local group, entry, job_id, outcome = ARGV[1], ARGV[2], ARGV[4], ARGV[5]
+local group, entry, token, job_id, outcome = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local publish = ARGV[11]
 
-local h = redis.call('HMGET', job, 'lease', 'committed', 'abort')
-if h[1] ~= ARGV[3] then
-  if h[2] == ARGV[3] then
+local h = redis.call('HMGET', job, 'lease', 'committed', 'abort', 'watch')
+if h[1] ~= token then
+  if h[2] == token then
     return 1
   end
   return 0
@@ -27,54 +29,71 @@ if h[3] and (outcome == 'retry' or outcome == 'reschedule' or outcome == 'handba
 end
 redis.call('XACK', stream, group, entry)
 redis.call('XDEL', stream, entry)
+local now = now_ms(ARGV[12])
 
 if outcome == 'retry' or outcome == 'reschedule' then
-  local member = string.format('%016x', redis.call('INCR', seq)) .. ':' .. job_id
-  redis.call('ZADD', delayed, ARGV[9], member)
-  redis.call('HSET', job, 'status', 'scheduled', 'member', member, 'due', ARGV[9], 'lease', '',
-    'committed', ARGV[3])
+  local delay = tonumber(ARGV[8])
+  local due = now + delay
+  local first = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
+  local member = string.format('%016x', redis.call('INCR', seq)) .. ':' .. ARGV[13] .. ':' .. job_id
+  redis.call('ZADD', delayed, due, member)
   if outcome == 'retry' then
-    redis.call('HSET', job, 'error', ARGV[7])
+    redis.call('HSET', job, 'status', 'scheduled', 'member', member, 'due', due, 'lease', '',
+      'committed', token, 'error', ARGV[6])
   else
+    redis.call('HSET', job, 'status', 'scheduled', 'member', member, 'due', due, 'lease', '',
+      'committed', token)
     redis.call('HINCRBY', job, 'reschedules', 1)
     redis.call('HINCRBY', job, 'attempts', -1)
   end
-  redis.call('PUBLISH', ARGV[11], 'due')
+  -- the job's locks outlive the wait for its next attempt; never shorten one
+  local ttl = delay + tonumber(ARGV[14])
+  for i = 8, #KEYS do
+    if redis.call('GET', KEYS[i]) == job_id and redis.call('PTTL', KEYS[i]) < ttl then
+      redis.call('PEXPIRE', KEYS[i], ttl)
+    end
+  end
+  if #first == 0 or due < tonumber(first[2]) then
+    redis.call(publish, ARGV[10], 'due')
+  end
   return 1
 end
 if outcome == 'handback' then
   local new_entry = redis.call('XADD', stream, '*', 'job', job_id)
   redis.call('HSET', job, 'status', 'queued', 'entry', new_entry, 'lease', '',
-    'committed', ARGV[3])
+    'committed', token)
   redis.call('HINCRBY', job, 'attempts', -1)
+  if redis.call('DEL', KEYS[7]) == 1 then
+    redis.call(publish, ARGV[10], 'ready')
+  end
   return 1
 end
 
-local detail = 'error'
 if outcome == 'succeeded' then
-  detail = 'result'
-end
-if outcome == 'succeeded' or ARGV[7] ~= '' then
-  redis.call('HSET', job, 'status', outcome, 'finished', ARGV[6], 'lease', '',
-    'committed', ARGV[3], detail, ARGV[7])
+  redis.call('HSET', job, 'status', outcome, 'finished', now, 'lease', '', 'committed', token,
+    'result', ARGV[6])
+elseif ARGV[6] ~= '' then
+  redis.call('HSET', job, 'status', outcome, 'finished', now, 'lease', '', 'committed', token,
+    'error', ARGV[6])
 else
-  redis.call('HSET', job, 'status', outcome, 'finished', ARGV[6], 'lease', '',
-    'committed', ARGV[3])
+  redis.call('HSET', job, 'status', outcome, 'finished', now, 'lease', '', 'committed', token)
 end
 if outcome == 'dead' then
-  redis.call('ZADD', dead, ARGV[6], job_id)
+  redis.call('ZADD', dead, now, job_id)
 else
-  redis.call('PEXPIRE', job, ARGV[8])
+  redis.call('PEXPIRE', job, ARGV[7])
 end
 if outcome == 'failed' then
   -- failed jobs for `taskrunner info`: kept as long as their hash (result_ttl)
-  redis.call('ZADD', KEYS[6], ARGV[6], job_id)
-  redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', tonumber(ARGV[6]) - tonumber(ARGV[8]))
+  redis.call('ZADD', KEYS[6], now, job_id)
+  redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', now - tonumber(ARGV[7]))
 end
-for i = 7, #KEYS do
+for i = 8, #KEYS do
   if redis.call('GET', KEYS[i]) == job_id then
     redis.call('DEL', KEYS[i])
   end
 end
-redis.call('PUBLISH', ARGV[10], outcome)
+if h[4] then
+  redis.call(publish, ARGV[9], outcome)
+end
 return 1

@@ -1,44 +1,55 @@
--- Write a new job: its hash, its stream entry (due now) or delayed-set member
--- (due later), and any unique locks it takes at enqueue, in one step.
--- KEYS: job, stream, delayed, seq, lock_1 .. lock_n
--- ARGV: job_id, task, args, queue, now_ms, due_ms, events_channel, meta_json, n_locks,
---       lock_ttl_ms_1 .. n
+-- Write a new job: its hash, its stream entry (due now) or delayed-set member (due
+-- later), and any unique locks it takes at enqueue, in one step. Times come from the
+-- server's clock (TIME + the runner's clock offset): producers pass relative delays.
+-- KEYS: job, stream (of the job's priority level), delayed, seq, idle, lock_1 .. lock_n
+-- ARGV: job_id, task, args, queue, level, delay_ms, meta_json, events_channel,
+--       publish_command, clock_offset_ms, lock_ttl_ms_1 .. n
 -- Returns {0, ""} job exists already (idempotent), {1, entry_or_member} written,
 --         {2, holder_job_id, lock_key} a lock is held by another job.
-local job, stream, delayed, seq = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local job_id, now, due = ARGV[1], tonumber(ARGV[5]), tonumber(ARGV[6])
-local n_locks = tonumber(ARGV[9])
+local job, stream, delayed, seq, idle = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local job_id, level = ARGV[1], ARGV[5]
+local delay = tonumber(ARGV[6])
 
 if redis.call('EXISTS', job) == 1 then
   return {0, ''}
 end
-for i = 1, n_locks do
-  local holder = redis.call('GET', KEYS[4 + i])
-  if holder and holder ~= job_id then
-    return {2, holder, KEYS[4 + i]}
-  end
-end
 local locks = {}
-for i = 1, n_locks do
-  redis.call('SET', KEYS[4 + i], job_id, 'PX', ARGV[9 + i])
-  locks[i] = KEYS[4 + i]
+for i = 6, #KEYS do
+  local holder = redis.call('GET', KEYS[i])
+  if holder and holder ~= job_id then
+    return {2, holder, KEYS[i]}
+  end
+  locks[#locks + 1] = KEYS[i]
+end
+for i = 6, #KEYS do
+  redis.call('SET', KEYS[i], job_id, 'PX', ARGV[5 + i])
 end
 
-local function write(status, place, where)
-  redis.call('HSET', job, 'status', status, place, where, 'task', ARGV[2], 'args', ARGV[3],
-    'queue', ARGV[4], 'enqueued', ARGV[5], 'due', ARGV[6], 'attempts', 0,
-    'locks', table.concat(locks, ' '))
-  if ARGV[8] ~= '' then
-    redis.call('HSET', job, 'meta', ARGV[8])
-  end
+local now = now_ms(ARGV[10])
+local fields = {'task', ARGV[2], 'args', ARGV[3], 'queue', ARGV[4], 'level', level,
+  'enqueued', now}
+if #locks > 0 then
+  fields[#fields + 1] = 'locks'
+  fields[#fields + 1] = table.concat(locks, ' ')
 end
-if due > now then
-  local member = string.format('%016x', redis.call('INCR', seq)) .. ':' .. job_id
+if ARGV[7] ~= '' then
+  fields[#fields + 1] = 'meta'
+  fields[#fields + 1] = ARGV[7]
+end
+if delay > 0 then
+  local due = now + delay
+  local first = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
+  local member = string.format('%016x', redis.call('INCR', seq)) .. ':' .. level .. ':' .. job_id
   redis.call('ZADD', delayed, due, member)
-  write('scheduled', 'member', member)
-  redis.call('PUBLISH', ARGV[7], 'due')
+  redis.call('HSET', job, 'status', 'scheduled', 'member', member, 'due', due, unpack(fields))
+  if #first == 0 or due < tonumber(first[2]) then
+    redis.call(ARGV[9], ARGV[8], 'due')
+  end
   return {1, member}
 end
 local entry = redis.call('XADD', stream, '*', 'job', job_id)
-write('queued', 'entry', entry)
+redis.call('HSET', job, 'status', 'queued', 'entry', entry, unpack(fields))
+if redis.call('DEL', idle) == 1 then
+  redis.call(ARGV[9], ARGV[8], 'ready')
+end
 return {1, entry}

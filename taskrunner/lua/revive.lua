@@ -11,6 +11,7 @@ if redis.call('EXISTS', KEYS[3]) == 0 then
 end
 local entry = redis.call('XADD', KEYS[2], '*', 'job', ARGV[1])
 redis.call('HSET', KEYS[3], 'status', 'queued', 'entry', entry, 'attempts', 0, 'lease', '')
-redis.call('HDEL', KEYS[3], 'abort', 'finished', 'result', 'error')
+redis.call('HDEL', KEYS[3], 'abort', 'finished', 'result', 'error', 'crashes', 'reclaims',
+  'alone', 'reclaimed')
 redis.call('PERSIST', KEYS[3])
 return 1

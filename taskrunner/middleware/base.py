@@ -12,38 +12,36 @@ Never catch cancellation (``BaseException``) in a middleware: catch ``Exception`
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from datetime import timedelta
 from enum import StrEnum
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict
-
+from taskrunner.exceptions import MiddlewareError
 from taskrunner.job import ErrorInfo, JobContext
+from taskrunner.options import OptionalSeconds, OptionsT, TaskOptions, to_seconds
 
 if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
     from taskrunner.job import Job
+    from taskrunner.keys import QueueKeys
     from taskrunner.task import TaskDefinition
-    from taskrunner.worker import Worker
 
-
-def to_seconds(value: object) -> object:
-    """Seconds from a ``timedelta`` (anything else is left to pydantic)."""
-    return value.total_seconds() if isinstance(value, timedelta) else value
-
-
-OptionalSeconds = Annotated[float | None, BeforeValidator(to_seconds)]
-"""A task option in seconds that also takes a ``timedelta``; None means "not set"."""
-
-
-class TaskOptions(BaseModel):
-    """Base for a middleware's task options: frozen, unknown keys forbidden."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
-
-
-OptionsT = TypeVar("OptionsT", bound=TaskOptions)
+__all__ = [
+    "CancelReason",
+    "EnqueueContext",
+    "ExecutionContext",
+    "Held",
+    "Middleware",
+    "OptionalSeconds",
+    "Outcome",
+    "OutcomeKind",
+    "TaskOptions",
+    "WorkerPort",
+    "to_seconds",
+]
 
 
 @dataclass(slots=True)
@@ -58,13 +56,22 @@ class EnqueueContext:
     job_id: str
     queue: str
     due: float | None
-    """Epoch seconds when the job becomes runnable; None means now."""
+    """Epoch seconds (by this process's clock) when the job becomes runnable; None means
+    now. It is sent as a delay from now: the server's clock decides when it is due."""
     now: float
     locks: list[tuple[str, int]] = field(default_factory=list)
     """Lock keys (with TTL in ms) that the write must take atomically with the job."""
     meta: dict[str, str] = field(default_factory=dict)
     """Small string headers stored with the job and handed to every attempt
     (``ExecutionContext.meta``), e.g. a trace context. Keep it small."""
+    partition: int | None = None
+    """The queue partition the job goes to; None lets the producer choose (the job id's
+    home partition). The unique-job middleware sets it from the lock digest."""
+    priority: str | None = None
+    """The priority level; None is the runner's default level."""
+    job_id_given: bool = False
+    """The caller chose ``job_id`` (else it is random, and may be drawn again so that
+    its home partition is the one a lock digest chose)."""
 
 
 class OutcomeKind(StrEnum):
@@ -86,7 +93,10 @@ class Outcome:
     result: Any = None
     error: ErrorInfo | None = None
     due: float | None = None
-    """For retry and reschedule: epoch seconds when the job runs again."""
+    """For retry and reschedule: epoch seconds (this process's clock) when the job runs
+    again; sent to Redis as a delay from now."""
+    encoded: str | None = field(default=None, compare=False, repr=False)
+    """For succeeded: the result as stored (JSON), set by the innermost layer."""
 
     @classmethod
     def succeeded(cls, result: Any) -> Outcome:
@@ -115,6 +125,72 @@ class CancelReason(StrEnum):
     SHUTDOWN = "shutdown"
 
 
+class Held(Protocol):
+    """A job a worker holds under a lease but has not started yet (it waits for a free
+    consumer): heartbeated like a running job."""
+
+    keys: QueueKeys
+    stream: str
+    job_id: str
+    entry_id: str
+    token: str
+
+
+class WorkerPort(Protocol):
+    """What a middleware may use of the worker that runs it: its identity and Redis
+    client, the partitions it reads, background services and events, the jobs it holds
+    that have not started, and the run-alone gate. Nothing else of the worker's inside."""
+
+    @property
+    def id(self) -> str:
+        """The consumer name (``host:pid:random``)."""
+
+    @property
+    def redis(self) -> Redis:
+        """The worker's own command client (user code cannot exhaust its connections)."""
+
+    @property
+    def stopping(self) -> bool: ...
+
+    @property
+    def clock_offset_ms(self) -> int:
+        """Added to the server's clock in scripts (0 outside frozen time in tests)."""
+
+    @property
+    def publish_command(self) -> str:
+        """PUBLISH or SPUBLISH: how scripts publish events on this deployment."""
+
+    def partitions(self) -> Sequence[QueueKeys]:
+        """Every partition of every queue the worker reads."""
+
+    def streams(self, keys: QueueKeys) -> Sequence[str]:
+        """The priority-level streams of one partition, highest first."""
+
+    def spawn(self, fn: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+        """Run a background service until the worker stops."""
+
+    def on_event(self, kind: str, handler: Callable[[str, str], None]) -> None:
+        """Call ``handler(queue, argument)`` for each ``kind`` message on an events channel."""
+
+    def held(self) -> Sequence[Held]:
+        """Claimed jobs not started yet."""
+
+    def drop_held(self, token: str, reason: CancelReason) -> None:
+        """Do not start a held job: commit ``reason`` instead (abort), or nothing."""
+
+    def run_alone(self) -> AbstractAsyncContextManager[None]:
+        """Wait until no other job runs in this worker, and keep it so while inside."""
+
+    def run_shared(self) -> AbstractAsyncContextManager[None]:
+        """Run beside other jobs (waits while a job runs alone)."""
+
+    async def server_identity(self) -> str:
+        """Run ids of the Redis primaries (a restart or failover changes it)."""
+
+    async def server_uptime(self) -> float:
+        """Seconds the Redis primaries have been up (the shortest)."""
+
+
 @dataclass(slots=True)
 class ExecutionContext:
     """A job about to run in a worker, with its decoded arguments and its lease."""
@@ -123,7 +199,11 @@ class ExecutionContext:
     task: TaskDefinition
     args: list[Any]
     kwargs: dict[str, Any]
-    worker: Worker
+    worker: WorkerPort
+    keys: QueueKeys
+    """The partition the job lives in."""
+    stream: str
+    """The stream its entry is in (its priority level's)."""
     entry_id: str
     lease: str
     """This attempt's fencing token: every commit checks it."""
@@ -161,7 +241,7 @@ class Middleware:
         unique-jobs layer for a task without ``lock=``, a timeout layer with no timeout)."""
         return True
 
-    async def on_worker_start(self, worker: Worker) -> None:
+    async def on_worker_start(self, worker: WorkerPort) -> None:
         """Called once when a worker starts, before it reads any job."""
 
     def on_commit(self, job: JobContext, outcome: Outcome) -> None:
@@ -171,7 +251,7 @@ class Middleware:
         jobs that had not started). Not called when the commit lost its lease. Must be
         quick and must not raise (an exception is logged and ignored)."""
 
-    async def on_worker_stop(self, worker: Worker) -> None:
+    async def on_worker_stop(self, worker: WorkerPort) -> None:
         """Called once when a worker stops, after its last job is committed."""
 
     def options(self, task: TaskDefinition, model: type[OptionsT]) -> OptionsT:
@@ -222,8 +302,45 @@ def _bind_enqueue(mw: Middleware, call_next: EnqueueNext) -> EnqueueNext:
     return layer
 
 
+_COMMITTABLE = frozenset(
+    {
+        OutcomeKind.SUCCEEDED,
+        OutcomeKind.FAILED,
+        OutcomeKind.ABORTED,
+        OutcomeKind.REJECTED,
+        OutcomeKind.DEAD,
+        OutcomeKind.RETRY,
+        OutcomeKind.RESCHEDULE,
+    }
+)
+"""What an execution chain may return. A hand-back is the worker's own (at shutdown):
+returned by a middleware, it would put the job back without end."""
+
+
+def check_outcome(mw: object, value: object) -> Outcome:
+    """``value`` if it is an Outcome a chain may return, else a MiddlewareError that
+    names the middleware (the attempt fails, under the retry policy)."""
+    if isinstance(value, Outcome) and value.kind in _COMMITTABLE:
+        if value.kind in (OutcomeKind.RETRY, OutcomeKind.RESCHEDULE) and value.due is None:
+            raise MiddlewareError(f"{_name(mw)}.execute returned {value.kind} without a due time")
+        return value
+    raise MiddlewareError(
+        f"{_name(mw)}.execute returned {_excerpt(value)}, not an Outcome it may return "
+        "(a forgotten `return await call_next(ctx)`?)"
+    )
+
+
+def _name(mw: object) -> str:
+    return type(mw).__qualname__
+
+
+def _excerpt(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _bind_execute(mw: Middleware, call_next: ExecuteNext) -> ExecuteNext:
     async def layer(ctx: ExecutionContext) -> Outcome:
-        return await mw.execute(ctx, call_next)
+        return check_outcome(mw, await mw.execute(ctx, call_next))
 
     return layer

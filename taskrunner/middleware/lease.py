@@ -1,51 +1,62 @@
-"""Leases: heartbeats for running jobs, XAUTOCLAIM reclaim of stale ones, and abort.
+"""Leases: heartbeats for held jobs, reclaim of stale ones, and abort.
 
 Each running job's lease is registered here for the length of its attempt (keyed by
 its fencing token, so two attempts of one job never share a registration). One loop
-per worker renews every registered lease in one pipelined round trip per
-``heartbeat_interval``, on the worker's command connection pool (blocking reads have
-their own connection and never delay it); a lease that was taken over cancels its job
-(its outcome is then never committed). A second loop reclaims entries idle for
-``stale_after`` from workers that stopped heartbeating (crashed, stalled,
-partitioned) and feeds them to this worker as new attempts. Abort requests arrive
-over pub/sub; the heartbeat reply is the fallback that catches a missed message.
+per worker renews every lease it holds (running jobs, and claimed jobs waiting for a
+consumer) in one pipelined round trip per ``heartbeat_interval``, on the worker's own
+connections; a lease that was taken over cancels its job (its outcome is then never
+committed). Abort requests arrive over pub/sub; the heartbeat reply is the fallback.
 
-Right after a Redis restart every entry's idle time includes the downtime, so no
-entry is reclaimed until the server has been up for ``stale_after``: live workers
-get that long to renew their leases first.
+Reclaim: a second loop looks for entries idle longer than ``stale_after`` (their worker
+stopped heartbeating: crashed, stalled, cut off) and puts them back on their stream
+(requeue.lua), where any worker takes them as new attempts. At most one worker scans a
+partition per ``reclaim_interval`` (a turn taken in Redis), with a fixed batch size,
+so the cost does not grow with the number of workers.
+
+The outage guard: after an outage every lease looks stale, including those of live
+workers that have not reconnected yet. So a worker reclaims only after it has itself
+been connected and heartbeating without a gap for ``stale_after``, and the server it
+sees has been up that long; a change of server identity (a restart, a failover: run id
+or replication id) starts the wait again. A live worker therefore always gets
+``stale_after`` to renew its leases before anyone judges them.
+
+Housekeeping in the same turn: consumers that hold nothing and have been idle for
+``stale_after`` are removed from the group, and dead workers from the workers set.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Coroutine, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import anyio
 from redis.exceptions import NoScriptError, ResponseError
 
 from taskrunner import scripts
 from taskrunner.client import now_ms
-from taskrunner.connection import REDIS_ERRORS
+from taskrunner.connection import REDIS_ERRORS, reachable, report
 from taskrunner.exceptions import ConfigurationError
 from taskrunner.keys import GROUP, QueueKeys
+from taskrunner.logs import excerpt, job_extra
 from taskrunner.middleware.base import (
     CancelReason,
     ExecuteNext,
     ExecutionContext,
+    Held,
     Middleware,
     Outcome,
+    WorkerPort,
 )
-
-if TYPE_CHECKING:
-    from redis.asyncio import Redis
-
-    from taskrunner.worker import Claimed, Worker
+from taskrunner.orphans import dead_letter_entry
 
 logger = logging.getLogger("taskrunner.lease")
 
-
 Entry = tuple[str, dict[str, str]]
+RECLAIM_BATCH = 100
+"""Entries one XAUTOCLAIM takes over (it looks at up to ten times as many)."""
+RECLAIM_MAX = 10_000
+"""Entries one turn requeues at most per stream (the next turn goes on)."""
 
 
 def parse_autoclaim(reply: Sequence[Any]) -> tuple[str, list[Entry], int]:
@@ -68,21 +79,66 @@ def parse_autoclaim(reply: Sequence[Any]) -> tuple[str, list[Entry], int]:
     return cursor, entries, nils
 
 
-async def ack_deleted(redis: Redis, keys: QueueKeys, consumer: str, start: str, end: str) -> int:
+async def ack_deleted(redis: Any, stream: str, consumer: str, start: str, end: str) -> int:
     """Acknowledge this consumer's pending ids in ``[start, end]`` whose entries no
     longer exist in the stream (Redis 6.2 leaves them pending after XAUTOCLAIM)."""
-    pending = await redis.xpending_range(keys.stream, GROUP, start, end, 1000, consumer)
+    pending = await redis.xpending_range(stream, GROUP, start, end, 1000, consumer)
     ids = [str(p["message_id"]) for p in pending]
     if not ids:
         return 0
     pipe = redis.pipeline(transaction=False)
     for entry_id in ids:
-        pipe.xrange(keys.stream, entry_id, entry_id)
+        pipe.xrange(stream, entry_id, entry_id)
     found = await pipe.execute()
     gone = [entry_id for entry_id, rows in zip(ids, found, strict=True) if not rows]
     if gone:
-        await redis.xack(keys.stream, GROUP, *gone)
+        await redis.xack(stream, GROUP, *gone)
     return len(gone)
+
+
+class _Guard:
+    """When this worker may judge other workers' leases stale (see the module)."""
+
+    def __init__(self, stale_after: float, gap: float) -> None:
+        self.stale_after = stale_after
+        self.gap = gap
+        self.healthy_since: float | None = None
+        self.last_ok = 0.0
+        self.identity: str | None = None
+
+    def beat_ok(self) -> None:
+        now = anyio.current_time()
+        if self.healthy_since is None or now - self.last_ok > self.gap:
+            self.healthy_since = now  # (re)connected, or the event loop was blocked
+        self.last_ok = now
+
+    def beat_failed(self) -> None:
+        self.healthy_since = None
+
+    def seen(self, identity: str) -> None:
+        if self.identity is not None and identity != self.identity:
+            logger.warning(
+                "the redis server changed (restart or failover): not reclaiming for "
+                "stale_after (%gs), so live workers can renew their leases first",
+                self.stale_after,
+            )
+            self.healthy_since = anyio.current_time()
+        self.identity = identity
+
+    def connected_for(self) -> float:
+        if self.healthy_since is None:
+            return 0.0
+        return anyio.current_time() - self.healthy_since
+
+
+class _WorkerLeases:
+    """The leases, loops and guard of one worker."""
+
+    def __init__(self, stale_after: float, heartbeat_interval: float) -> None:
+        self.leases: dict[str, ExecutionContext] = {}
+        self.guard = _Guard(stale_after, 2 * heartbeat_interval)
+        self.scopes = [anyio.CancelScope(), anyio.CancelScope()]
+        self.last_beat = 0.0
 
 
 class LeaseMiddleware(Middleware):
@@ -99,203 +155,335 @@ class LeaseMiddleware(Middleware):
         self.heartbeat_interval = heartbeat_interval
         self.stale_after = stale_after
         self.reclaim_interval = stale_after / 2
-        """How often each worker looks for stale entries: the recovery bound after a
-        crash is ``stale_after + reclaim_interval``."""
-        self._leases: dict[Worker, dict[str, ExecutionContext]] = {}
-        self._last_beat: dict[Worker, float] = {}
-        self._loops: dict[Worker, list[anyio.CancelScope]] = {}
+        """How often a partition is scanned for stale entries: the recovery bound after
+        a crash is ``stale_after + reclaim_interval``."""
+        self._workers: dict[WorkerPort, _WorkerLeases] = {}
+
+    def state(self, worker: WorkerPort) -> _WorkerLeases:
+        return self._workers[worker]
 
     async def execute(self, ctx: ExecutionContext, call_next: ExecuteNext) -> Outcome:
-        leases = self._leases[ctx.worker]
+        leases = self._workers[ctx.worker].leases
         leases[ctx.lease] = ctx
         try:
             return await call_next(ctx)
         finally:
             leases.pop(ctx.lease, None)
 
-    async def on_worker_start(self, worker: Worker) -> None:
-        self._leases[worker] = {}
-        beats, reclaims = anyio.CancelScope(), anyio.CancelScope()
-        self._loops[worker] = [beats, reclaims]
-        worker.on_event("abort", lambda queue, job_id: self._abort(worker, job_id))
+    async def on_worker_start(self, worker: WorkerPort) -> None:
+        state = self._workers[worker] = _WorkerLeases(self.stale_after, self.heartbeat_interval)
+        beats, reclaims = state.scopes
+        worker.on_event("abort", lambda queue, job_id: self._abort(worker, queue, job_id))
         worker.spawn(lambda: self._in(beats, self._heartbeats(worker)))
         worker.spawn(lambda: self._in(reclaims, self._reclaims(worker)))
+        on_drained = getattr(worker, "on_drained", None)
+        if on_drained is not None:
+            on_drained(lambda: self.reclaim_before_exit(worker))
+        try:
+            await self.beat(worker)  # register at once; the guard starts counting
+        except REDIS_ERRORS as exc:
+            report("heartbeats", exc)
 
     @staticmethod
     async def _in(scope: anyio.CancelScope, loop: Coroutine[Any, Any, None]) -> None:
         with scope:
             await loop
 
-    async def on_worker_stop(self, worker: Worker) -> None:
+    async def on_worker_stop(self, worker: WorkerPort) -> None:
         # Stop the loops first, so no heartbeat re-registers the worker after this.
-        for scope in self._loops.pop(worker, []):
+        state = self._workers.pop(worker, None)
+        for scope in state.scopes if state else ():
             scope.cancel()
-        self._leases.pop(worker, None)
-        self._last_beat.pop(worker, None)
         try:
             pipe = worker.redis.pipeline(transaction=False)
-            for keys in worker.keys.values():
+            for keys in _homes(worker.partitions()):
                 pipe.zrem(keys.workers, worker.id)
             await pipe.execute()
         except REDIS_ERRORS as exc:
             logger.warning("could not deregister worker %s: %s", worker.id, exc)
 
-    def _abort(self, worker: Worker, job_id: str) -> None:
-        for item in worker.waiting.values():
-            if item.job_id == job_id:
-                item.cancelled = CancelReason.ABORTED
-        for ctx in list(self._leases.get(worker, {}).values()):
-            if ctx.job.id == job_id:
+    def _abort(self, worker: WorkerPort, queue: str, job_id: str) -> None:
+        for item in worker.held():
+            if item.keys.queue == queue and item.job_id == job_id:
+                worker.drop_held(item.token, CancelReason.ABORTED)
+        state = self._workers.get(worker)
+        for ctx in list(state.leases.values()) if state else ():
+            if ctx.job.queue == queue and ctx.job.id == job_id:
                 logger.info(
                     "job %s %s attempt %d: abort requested; cancelling",
-                    job_id,
+                    ctx.job.id,
                     ctx.job.task,
                     ctx.job.attempt,
+                    extra=job_extra(ctx.job),
                 )
                 ctx.cancel(CancelReason.ABORTED)
 
     # -- heartbeats ----------------------------------------------------------------------
 
-    async def _heartbeats(self, worker: Worker) -> None:
+    async def _heartbeats(self, worker: WorkerPort) -> None:
+        state = self._workers[worker]
         while True:
             await anyio.sleep(self.heartbeat_interval)
             try:
                 await self.beat(worker)
+                reachable()
             except REDIS_ERRORS as exc:
-                logger.warning("heartbeat failed (%s); retrying next interval", exc)
+                state.guard.beat_failed()
+                report("heartbeats", exc)
 
-    async def beat(self, worker: Worker) -> None:
+    async def beat(self, worker: WorkerPort) -> None:
         """Renew the lease of every job this worker holds (running, or claimed and
         waiting for a consumer) and its presence: one pipelined round trip."""
-        leases = list(self._leases.get(worker, {}).values())
-        waiting = list(worker.waiting.values())
-        calls = [self._beat_call(worker, ctx) for ctx in leases]
-        calls += [self._waiting_call(worker, item) for item in waiting]
+        state = self._workers[worker]
+        leases = list(state.leases.values())
+        held = list(worker.held())
+        calls = [_beat_call(worker, ctx) for ctx in leases]
+        calls += [_held_call(worker, item) for item in held]
+        homes = _homes(worker.partitions())
         pipe = cast(Any, worker.redis.pipeline(transaction=False))
         now = now_ms()
-        for keys in worker.keys.values():
+        for keys in homes:
             pipe.zadd(keys.workers, {worker.id: now})
         for call in calls:
             pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
-        replies = (await pipe.execute(raise_on_error=False))[len(worker.keys) :]
+        replies = (await pipe.execute(raise_on_error=False))[len(homes) :]
         if any(isinstance(r, NoScriptError) for r in replies):
             await scripts.load_all(worker.redis)  # a restarted server: renew at once
             replies = await scripts.run_many(worker.redis, calls, raise_on_error=False)
+        if replies and all(isinstance(r, Exception) for r in replies):
+            raise replies[0]
         for ctx, reply in zip(leases, replies[: len(leases)], strict=True):
-            self._handle_beat(ctx, reply)
-        for item, reply in zip(waiting, replies[len(leases) :], strict=True):
+            _handle_beat(ctx, reply)
+        for item, reply in zip(held, replies[len(leases) :], strict=True):
             if reply == 0:
-                item.cancelled = CancelReason.LOST_LEASE
+                worker.drop_held(item.token, CancelReason.LOST_LEASE)
             elif reply == 2:
-                item.cancelled = CancelReason.ABORTED
-        self._last_beat[worker] = anyio.current_time()
-
-    @staticmethod
-    def _waiting_call(worker: Worker, item: Claimed) -> scripts.ScriptCall:
-        # lock TTL 0: locks are renewed once the job runs (the unique layer sets the TTL)
-        keys = worker.keys[item.keys.queue]
-        return scripts.heartbeat(keys, item.job_id, worker.id, item.entry_id, item.token, 0, [])
-
-    @staticmethod
-    def _beat_call(worker: Worker, ctx: ExecutionContext) -> scripts.ScriptCall:
-        return scripts.heartbeat(
-            worker.keys[ctx.job.queue],
-            ctx.job.id,
-            worker.id,
-            ctx.entry_id,
-            ctx.lease,
-            ctx.lock_ttl_ms,
-            ctx.locks,
-        )
-
-    @staticmethod
-    def _handle_beat(ctx: ExecutionContext, reply: Any) -> None:
-        if reply == 0:
-            logger.warning(
-                "job %s %s attempt %d: lease lost (reclaimed by another worker, or the "
-                "job is gone); cancelling this copy",
-                ctx.job.id,
-                ctx.job.task,
-                ctx.job.attempt,
-            )
-            ctx.cancel(CancelReason.LOST_LEASE)
-        elif reply == 2:
-            logger.info(
-                "job %s %s attempt %d: abort flag seen by the heartbeat; cancelling",
-                ctx.job.id,
-                ctx.job.task,
-                ctx.job.attempt,
-            )
-            ctx.cancel(CancelReason.ABORTED)
-        elif isinstance(reply, Exception):
-            logger.warning("heartbeat of job %s failed: %s", ctx.job.id, reply)
+                worker.drop_held(item.token, CancelReason.ABORTED)
+        state.guard.beat_ok()
+        state.last_beat = anyio.current_time()
 
     # -- reclaim -------------------------------------------------------------------------
 
-    async def _reclaims(self, worker: Worker) -> None:
+    async def _reclaims(self, worker: WorkerPort) -> None:
         while True:
             await anyio.sleep(self.reclaim_interval)
             try:
                 await self.reclaim_all(worker)
-            except REDIS_ERRORS as exc:  # NOGROUP after a restart: the reader recreates it
-                logger.warning("reclaim failed (%s); retrying next interval", exc)
+            except REDIS_ERRORS as exc:
+                report("reclaim", exc)
+            except Exception:  # hostile data or a bug: keep the loop alive
+                logger.exception("reclaim: unexpected error; retrying next interval")
 
-    async def reclaim_all(self, worker: Worker) -> int:
-        """One reclaim round over every queue. Renews this worker's own leases first when
-        the heartbeat loop is late, so a worker whose event loop was blocked never takes
-        its own live jobs over."""
-        if not await self._server_up_long_enough(worker):
-            return 0
-        if anyio.current_time() - self._last_beat.get(worker, 0.0) > self.heartbeat_interval:
+    async def may_reclaim(self, worker: WorkerPort) -> bool:
+        """The outage guard (see the module docstring)."""
+        state = self._workers[worker]
+        if anyio.current_time() - state.last_beat > self.heartbeat_interval:
             await self.beat(worker)  # the heartbeat loop is late (a blocked event loop)
-        taken = 0
-        for keys in worker.keys.values():
-            taken += await self.reclaim(worker, keys)
-        return taken
-
-    async def _server_up_long_enough(self, worker: Worker) -> bool:
         try:
-            info = await worker.redis.info("server")
+            state.guard.seen(await worker.server_identity())
+            uptime = await worker.server_uptime()
         except ResponseError:  # INFO disabled on some managed servers
-            return True
-        uptime = float(info.get("uptime_in_seconds", self.stale_after))
-        if uptime < self.stale_after:
-            logger.info(
-                "redis has been up %.0fs (< stale_after): not reclaiming yet, so live "
-                "workers can renew their leases first",
+            uptime = self.stale_after
+        connected = state.guard.connected_for()
+        if connected < self.stale_after or uptime < self.stale_after:
+            logger.debug(
+                "not reclaiming yet: connected without a gap for %.0fs, server up %.0fs "
+                "(both must reach stale_after=%gs)",
+                connected,
                 uptime,
+                self.stale_after,
             )
             return False
         return True
 
-    async def reclaim(self, worker: Worker, keys: QueueKeys) -> int:
-        """Take over entries idle longer than ``stale_after``, up to the free slots.
-        Follows the XAUTOCLAIM cursor until 0-0; handles Redis 7's deleted-ids element
-        and Redis 6.2's nil entries (both are entries deleted from the stream)."""
+    async def reclaim_all(self, worker: WorkerPort) -> int:
+        """One reclaim round over every partition whose turn this worker gets."""
+        if not await self.may_reclaim(worker):
+            return 0
+        env = scripts.Env(worker.publish_command, worker.clock_offset_ms)
+        period = max(1, int(self.reclaim_interval * 1000))
+        turns = [scripts.turn(env, keys, period, worker.id) for keys in worker.partitions()]
+        replies = await scripts.run_many(worker.redis, turns, raise_on_error=False)
+        taken = 0
+        for keys, reply in zip(worker.partitions(), replies, strict=True):
+            if reply == 1:
+                taken += await self.reclaim(worker, keys)
+                await self._prune(worker, keys)
+        return taken
+
+    async def reclaim(self, worker: WorkerPort, keys: QueueKeys) -> int:
+        """Requeue this partition's entries idle longer than ``stale_after``. Follows
+        each stream's XAUTOCLAIM cursor in batches; handles Redis 7's deleted ids and
+        Redis 6.2's nil entries (both are entries deleted from the stream)."""
+        taken = 0
+        for stream in worker.streams(keys):
+            taken += await self._reclaim_stream(worker, keys, stream)
+        return taken
+
+    async def _reclaim_stream(self, worker: WorkerPort, keys: QueueKeys, stream: str) -> int:
         cursor, taken = "0-0", 0
-        while worker.free_slots > 0 and not worker.stopping:
+        while taken < RECLAIM_MAX:
             start = cursor
-            reply = await worker.redis.xautoclaim(
-                keys.stream,
-                GROUP,
-                worker.id,
-                min_idle_time=int(self.stale_after * 1000),
-                start_id=cursor,
-                count=worker.free_slots,
-            )
+            try:
+                reply = await worker.redis.xautoclaim(
+                    stream,
+                    GROUP,
+                    worker.id,
+                    min_idle_time=int(self.stale_after * 1000),
+                    start_id=cursor,
+                    count=RECLAIM_BATCH,
+                )
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc):  # lost in a restart: the reader recreates it
+                    return taken
+                raise
             cursor, entries, nils = parse_autoclaim(reply)
             if nils:
                 end = "+" if cursor == "0-0" else cursor
-                await ack_deleted(worker.redis, keys, worker.id, start, end)
+                await ack_deleted(worker.redis, stream, worker.id, start, end)
             if entries:
-                logger.warning(
-                    "reclaiming %d stale job(s) from queue %s: %s",
-                    len(entries),
-                    keys.queue,
-                    ",".join(fields.get("job", entry_id) for entry_id, fields in entries),
-                )
-                await worker.submit(keys, entries)
-                taken += len(entries)
+                taken += await self._requeue(worker, keys, stream, entries)
             if cursor == "0-0":
                 break
         return taken
+
+    async def _requeue(
+        self, worker: WorkerPort, keys: QueueKeys, stream: str, entries: list[Entry]
+    ) -> int:
+        env = scripts.Env(worker.publish_command, worker.clock_offset_ms)
+        calls = [
+            scripts.requeue(env, keys, stream, worker.id, entry_id, _job_id(entry_id, fields))
+            for entry_id, fields in entries
+        ]
+        replies = await scripts.run_many(worker.redis, calls, raise_on_error=False)
+        requeued = []
+        for (entry_id, fields), reply in zip(entries, replies, strict=True):
+            if reply == 1:
+                requeued.append(_job_id(entry_id, fields))
+            elif reply == -1:
+                await dead_letter_entry(
+                    worker.redis,
+                    env,
+                    keys,
+                    stream,
+                    entry_id,
+                    fields,
+                    "has no job",
+                    fields.get("job"),
+                )
+            elif isinstance(reply, Exception):
+                logger.error("could not requeue stale entry %s (%s)", entry_id, reply)
+        if requeued:
+            logger.warning(
+                "requeued %d stale job(s) of queue %s (their worker stopped heartbeating): %s",
+                len(requeued),
+                keys.queue,
+                excerpt(",".join(requeued), 500),
+            )
+        return len(requeued)
+
+    async def _prune(self, worker: WorkerPort, keys: QueueKeys) -> None:
+        """Remove consumers that hold nothing and have been idle for stale_after, and
+        workers whose last heartbeat is older than that."""
+        idle_ms = int(self.stale_after * 1000)
+        calls = []
+        for stream in worker.streams(keys):
+            try:
+                consumers = await worker.redis.xinfo_consumers(stream, GROUP)
+            except ResponseError:
+                continue
+            calls += [
+                scripts.leave(stream, str(c["name"]))
+                for c in consumers
+                if int(c.get("pending", 0)) == 0
+                and int(c.get("idle", 0)) > idle_ms
+                and c["name"] != worker.id
+            ]
+        if calls:
+            removed = sum(
+                1
+                for r in await scripts.run_many(worker.redis, calls, raise_on_error=False)
+                if r == 1
+            )
+            logger.debug("pruned %d idle consumer(s) of %s", removed, keys.prefix)
+        if keys.partition == 0:
+            await worker.redis.zremrangebyscore(keys.workers, "-inf", now_ms() - 2 * idle_ms)
+
+    async def reclaim_before_exit(self, worker: WorkerPort) -> bool:
+        """For a burst worker about to exit: if some entry is stale, wait until this
+        worker may reclaim (the outage guard), requeue, and say so (True: read again)."""
+        if not await self._any_stale(worker):
+            return False
+        guard = self._workers[worker].guard
+        for _ in range(3):  # the guard opens stale_after after the worker connected
+            if await self.may_reclaim(worker):
+                break
+            await anyio.sleep(max(0.1, self.stale_after - guard.connected_for()))
+        else:
+            return False
+        taken = 0
+        for keys in worker.partitions():
+            taken += await self.reclaim(worker, keys)
+        return taken > 0
+
+    async def _any_stale(self, worker: WorkerPort) -> bool:
+        idle_ms = int(self.stale_after * 1000)
+        pipe = cast(Any, worker.redis.pipeline(transaction=False))
+        streams = [s for keys in worker.partitions() for s in worker.streams(keys)]
+        for stream in streams:
+            pipe.xpending_range(stream, GROUP, "-", "+", 1, idle=idle_ms)
+        replies = await pipe.execute(raise_on_error=False)
+        return any(isinstance(r, list) and r for r in replies)
+
+
+def _homes(partitions: Sequence[QueueKeys]) -> list[QueueKeys]:
+    """One partition per queue (the workers set is per queue)."""
+    return [keys for keys in partitions if keys.partition == 0]
+
+
+def _job_id(entry_id: str, fields: dict[str, str]) -> str:
+    return fields.get("job") or f"entry-{entry_id}"
+
+
+def _held_call(worker: WorkerPort, item: Held) -> scripts.ScriptCall:
+    # lock TTL 0: locks are renewed once the job runs (the unique layer sets the TTL)
+    return scripts.heartbeat(
+        item.keys, item.stream, item.job_id, worker.id, item.entry_id, item.token, 0, []
+    )
+
+
+def _beat_call(worker: WorkerPort, ctx: ExecutionContext) -> scripts.ScriptCall:
+    return scripts.heartbeat(
+        ctx.keys,
+        ctx.stream,
+        ctx.job.id,
+        worker.id,
+        ctx.entry_id,
+        ctx.lease,
+        ctx.lock_ttl_ms,
+        ctx.locks,
+    )
+
+
+def _handle_beat(ctx: ExecutionContext, reply: Any) -> None:
+    if reply == 0:
+        logger.warning(
+            "job %s %s attempt %d: lease lost (reclaimed by another worker, or the "
+            "job is gone); cancelling this copy",
+            ctx.job.id,
+            ctx.job.task,
+            ctx.job.attempt,
+            extra=job_extra(ctx.job),
+        )
+        ctx.cancel(CancelReason.LOST_LEASE)
+    elif reply == 2:
+        logger.info(
+            "job %s %s attempt %d: abort flag seen by the heartbeat; cancelling",
+            ctx.job.id,
+            ctx.job.task,
+            ctx.job.attempt,
+            extra=job_extra(ctx.job),
+        )
+        ctx.cancel(CancelReason.ABORTED)
+    elif isinstance(reply, Exception):
+        logger.warning("heartbeat of job %s failed: %s", ctx.job.id, reply)

@@ -9,15 +9,10 @@ import time
 from pydantic import Field
 
 from taskrunner.exceptions import Retry
-from taskrunner.job import ErrorInfo
-from taskrunner.middleware.base import (
-    ExecuteNext,
-    ExecutionContext,
-    Middleware,
-    OptionalSeconds,
-    Outcome,
-    TaskOptions,
-)
+from taskrunner.job import ErrorInfo, safe_text
+from taskrunner.logs import job_extra
+from taskrunner.middleware.base import ExecuteNext, ExecutionContext, Middleware, Outcome
+from taskrunner.options import OptionalSeconds, TaskOptions
 
 logger = logging.getLogger("taskrunner.retry")
 
@@ -54,16 +49,17 @@ class RetryMiddleware(Middleware):
             delay = self.backoff(ctx.job.attempt, opts)
             if isinstance(exc, Retry) and exc.delay is not None:
                 delay = float(exc.delay)
-            logger.info(
+            logger.warning(
                 "job %s %s attempt %d failed (%s: %s); retry %d of %d in %.3fs",
                 ctx.job.id,
                 ctx.job.task,
                 ctx.job.attempt,
                 type(exc).__name__,
-                exc,
+                safe_text(str(exc), 500),
                 ctx.job.attempt,
                 limit,
                 delay,
+                extra=job_extra(ctx.job),
             )
             return Outcome.retry(time.time() + delay, ErrorInfo.from_exception(exc))
 

@@ -6,14 +6,8 @@ import anyio
 from pydantic import Field
 
 from taskrunner.exceptions import TaskTimeout
-from taskrunner.middleware.base import (
-    ExecuteNext,
-    ExecutionContext,
-    Middleware,
-    OptionalSeconds,
-    Outcome,
-    TaskOptions,
-)
+from taskrunner.middleware.base import ExecuteNext, ExecutionContext, Middleware, Outcome
+from taskrunner.options import OptionalSeconds, TaskOptions
 from taskrunner.task import TaskDefinition
 
 

@@ -18,10 +18,14 @@ to the signature with defaults applied, so ``f(1)``, ``f(x=1)`` and
   Its TTL is (due time - now) + ``lock_ttl``. On conflict ``reject`` writes
   nothing and returns the holder's handle (``deduplicated=True``); ``raise``
   raises ``LockConflictError``.
+- Partitions: a unique job goes to the partition its lock digest maps to, so the job,
+  its lock and every script touching both share one Cluster slot, and the lock still
+  means "one per key" across the whole queue (while the partition count is unchanged).
 - Execution side: ``until_executing`` releases the lock when an attempt starts;
   ``until_executed`` re-enters its lock at every attempt (a reclaimed or retried
-  job is its holder already; an expired lock is taken again) and, on a retry,
-  extends it to the retry's due time + ``lock_ttl``; ``while_executing`` takes the
+  job is its holder already; an expired lock is taken again) and, on a retry, the
+  commit extends it to the retry's delay + ``lock_ttl`` (a heartbeat never shortens a
+  lock's TTL); ``while_executing`` takes the
   lock (lock.lua: SET PX if free or already this job's, fenced by the lease) for
   the attempt and releases it by compare-and-delete when the attempt ends.
   On conflict ``reject`` ends the job as ``rejected``, ``reschedule`` sends it back
@@ -55,17 +59,17 @@ from taskrunner.codec import canonical_json
 from taskrunner.connection import REDIS_ERRORS
 from taskrunner.exceptions import ConfigurationError, LockConflictError, LostLease
 from taskrunner.job import ErrorInfo, Job
+from taskrunner.keys import home_partition
 from taskrunner.middleware.base import (
     EnqueueContext,
     EnqueueNext,
     ExecuteNext,
     ExecutionContext,
     Middleware,
-    OptionalSeconds,
     Outcome,
     OutcomeKind,
-    TaskOptions,
 )
+from taskrunner.options import OptionalSeconds, TaskOptions
 from taskrunner.task import TaskDefinition
 
 if TYPE_CHECKING:
@@ -180,9 +184,14 @@ class UniqueMiddleware(Middleware):
         """The lock key a call of ``task`` takes (for inspection and tests)."""
         definition: TaskDefinition = task if isinstance(task, TaskDefinition) else task.definition
         payload = definition.codec.encode(tuple(args), kwargs or {})
-        value = self._unique_value(definition, payload)
-        keys = self._client().keys(queue or definition.queue)
-        return keys.lock(lock_digest(definition.name, value))
+        digest = lock_digest(definition.name, self._unique_value(definition, payload))
+        name = queue or definition.queue
+        client = self._client()
+        try:
+            partitions = client.cached(name).partitions
+        except Exception:  # noqa: BLE001 - not resolved yet: one partition
+            partitions = 1
+        return client.keys(name, home_partition(digest, partitions)).lock(digest)
 
     @staticmethod
     def _unique_value(task: TaskDefinition, payload: str) -> Any:
@@ -196,11 +205,15 @@ class UniqueMiddleware(Middleware):
 
     async def enqueue(self, ctx: EnqueueContext, call_next: EnqueueNext) -> Job[Any]:
         opts = self.options(ctx.task, UniqueOptions)
+        client = self._client()
+        digest = lock_digest(ctx.task.name, self._unique_value(ctx.task, ctx.payload))
+        queue = await client.resolve(ctx.queue)
+        ctx.partition = home_partition(digest, queue.partitions)
+        if not ctx.job_id_given and queue.partitions > 1:
+            ctx.job_id = client.id_for(ctx.partition, queue.partitions)
         if opts.lock not in _ENQUEUE_LOCKS:
             return await call_next(ctx)
-        client = self._client()
-        value = self._unique_value(ctx.task, ctx.payload)
-        key = client.keys(ctx.queue).lock(lock_digest(ctx.task.name, value))
+        key = queue.part(ctx.partition).lock(digest)
         ahead = max(0.0, ctx.due - ctx.now) if ctx.due is not None else 0.0
         ctx.locks.append((key, _ms(ahead + self.ttl(opts))))
         try:
@@ -251,33 +264,13 @@ class UniqueMiddleware(Middleware):
             refused = await self._take_or_refuse(ctx, ctx.locks, opts)
             if refused is not None:
                 return refused
-        outcome = await call_next(ctx)
-        if ctx.locks and outcome.due is not None and not _is_final(outcome):
-            await self._extend(ctx, outcome.due, opts)
-        return outcome
-
-    async def _extend(self, ctx: ExecutionContext, due: float, opts: UniqueOptions) -> None:
-        """Keep an until_executed lock through the wait for the next attempt: due + lock_ttl."""
-        ttl = max(0.0, due - time.time()) + self.ttl(opts)
-        problem: Exception | None
-        try:
-            problem = await self._take(ctx, ctx.locks, ttl)
-        except (*REDIS_ERRORS, LostLease) as exc:  # the commit decides; the TTL still holds
-            problem = exc
-        if problem is not None:
-            logger.warning(
-                "job %s %s attempt %d: could not extend its lock until the next attempt (%s)",
-                ctx.job.id,
-                ctx.job.task,
-                ctx.job.attempt,
-                problem,
-            )
+        return await call_next(ctx)  # a retry's commit keeps the lock through the wait
 
     async def _while_executing(
         self, ctx: ExecutionContext, call_next: ExecuteNext, opts: UniqueOptions
     ) -> Outcome:
         value = self._unique_value(ctx.task, ctx.payload)  # as stored: no re-encoding
-        key = ctx.worker.keys[ctx.job.queue].lock(lock_digest(ctx.task.name, value))
+        key = ctx.keys.lock(lock_digest(ctx.task.name, value))
         refused = await self._take_or_refuse(ctx, [key], opts)
         if refused is not None:
             return refused
@@ -356,8 +349,7 @@ class UniqueMiddleware(Middleware):
     async def _take(
         self, ctx: ExecutionContext, locks: Sequence[str], ttl: float
     ) -> LockConflictError | None:
-        keys = ctx.worker.keys[ctx.job.queue]
-        call = scripts.lock(keys, ctx.job.id, ctx.lease, _ms(ttl), locks)
+        call = scripts.lock(ctx.keys, ctx.job.id, ctx.lease, _ms(ttl), locks)
         reply = await scripts.run(ctx.worker.redis, call)
         code = int(reply[0])
         if code == 0:
@@ -369,10 +361,5 @@ class UniqueMiddleware(Middleware):
     async def _unlock(
         self, ctx: ExecutionContext, locks: Sequence[str], *, forget: bool = False
     ) -> None:
-        keys = ctx.worker.keys[ctx.job.queue]
-        call = scripts.unlock(keys, ctx.job.id, ctx.lease, list(locks), forget=forget)
+        call = scripts.unlock(ctx.keys, ctx.job.id, ctx.lease, list(locks), forget=forget)
         await scripts.run(ctx.worker.redis, call)
-
-
-def _is_final(outcome: Outcome) -> bool:
-    return outcome.kind not in (OutcomeKind.RETRY, OutcomeKind.RESCHEDULE, OutcomeKind.HANDBACK)

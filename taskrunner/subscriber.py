@@ -1,0 +1,244 @@
+"""Pub/sub for a whole process: one connection (one per node of a cluster with sharded
+pub/sub) shared by every listener, with a watchdog that notices a dead connection.
+
+Listeners subscribe a channel with a handler; ``subscribe`` returns once the server
+confirmed the subscription, so a message published after it is never missed while the
+connection lives. A connection can die silently (a NAT or load balancer dropping an idle
+flow): every ``ping_interval`` of silence the link sends a PING and, if nothing at all
+comes back within ``ping_timeout``, drops the connection and opens a new one. So a dead
+connection is noticed within ``ping_interval + ping_timeout`` (10 s by default). After
+every (re)subscription each handler's ``resubscribed()`` runs: messages published while
+the link was down are lost, so listeners re-read the state they wait for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol, cast
+
+import anyio
+
+from taskrunner.connection import REDIS_ERRORS, Connection, reachable, report
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis, RedisCluster
+    from redis.asyncio.client import PubSub
+
+logger = logging.getLogger("taskrunner.pubsub")
+
+PING_INTERVAL = 5.0
+PING_TIMEOUT = 5.0
+_TICK = 1.0
+_BACKOFF = 0.5
+
+
+class Handler(Protocol):
+    def message(self, data: str) -> None:
+        """A message on the channel (any text: hostile bytes arrive as surrogates)."""
+
+    def resubscribed(self) -> None:
+        """The link was re-established: messages may have been missed."""
+
+
+class _Callbacks:
+    """A Handler from two plain callbacks."""
+
+    def __init__(self, message: Callable[[str], None], resubscribed: Callable[[], None]) -> None:
+        self.message = message
+        self.resubscribed = resubscribed
+
+
+def handler(message: Callable[[str], None], resubscribed: Callable[[], None]) -> Handler:
+    return _Callbacks(message, resubscribed)
+
+
+class _Link:
+    """One pub/sub connection and its channels."""
+
+    def __init__(self, owner: Subscriber, client: Redis, sharded: bool) -> None:
+        self.owner = owner
+        self.client = client
+        self.sharded = sharded
+        self.channels: dict[str, set[Handler]] = {}
+        self.pubsub: PubSub | None = None
+        self.confirmed: set[str] = set()
+        self._resubscribing: set[str] = set()
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+
+    async def add(self, channel: str, h: Handler) -> None:
+        first = channel not in self.channels
+        self.channels.setdefault(channel, set()).add(h)
+        if channel in self.confirmed:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(channel, []).append(future)
+        if first and self.pubsub is not None:
+            with contextlib.suppress(*REDIS_ERRORS):  # the session loop resubscribes
+                await self._subscribe(self.pubsub, [channel])
+        await future
+
+    def remove(self, channel: str, h: Handler) -> None:
+        found = self.channels.get(channel)
+        if found is None:
+            return
+        found.discard(h)
+        if found:
+            return
+        del self.channels[channel]
+        self.confirmed.discard(channel)
+        pubsub = self.pubsub
+        if pubsub is not None:
+            self.owner.spawn(lambda: self._unsubscribe(pubsub, channel))
+
+    async def _subscribe(self, pubsub: PubSub, channels: list[str]) -> None:
+        if self.sharded:
+            await pubsub.ssubscribe(*channels)
+        else:
+            await pubsub.subscribe(*channels)
+
+    async def _unsubscribe(self, pubsub: PubSub, channel: str) -> None:
+        with contextlib.suppress(*REDIS_ERRORS):
+            if self.sharded:
+                await pubsub.sunsubscribe(channel)
+            else:
+                await pubsub.unsubscribe(channel)
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self._session()
+            except Exception as exc:  # noqa: BLE001 - a link never dies of one failure
+                report("pub/sub", exc)
+            await anyio.sleep(_BACKOFF)
+
+    async def _session(self) -> None:
+        pubsub = self.client.pubsub()
+        self.confirmed = set()
+        self._resubscribing = set(self.channels)
+        try:
+            if self.channels:
+                await self._subscribe(pubsub, list(self.channels))
+            else:
+                await pubsub.ping()  # connect, so that silence can be measured
+            self.pubsub = pubsub
+            await self._listen(pubsub)
+        finally:
+            self.pubsub = None
+            with anyio.CancelScope(shield=True):
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _listen(self, pubsub: PubSub) -> None:
+        heard = time.monotonic()
+        pinged: float | None = None
+        while True:
+            message = await pubsub.get_message(timeout=_TICK)
+            now = time.monotonic()
+            if message is not None:
+                heard, pinged = now, None
+                reachable()
+                self._handle(message)
+                continue
+            if pinged is not None and now - pinged > self.owner.ping_timeout:
+                raise TimeoutError(
+                    f"no reply to PING within {self.owner.ping_timeout:g}s (connection dead)"
+                )
+            if pinged is None and now - heard > self.owner.ping_interval:
+                await pubsub.ping()
+                pinged = now
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        channel = message.get("channel")
+        if kind in ("subscribe", "ssubscribe") and isinstance(channel, str):
+            self._confirmed(channel)
+        elif kind in ("message", "smessage") and isinstance(channel, str):
+            data = message.get("data")
+            for h in list(self.channels.get(channel, ())):
+                self.owner.call(h.message, data if isinstance(data, str) else str(data))
+
+    def _confirmed(self, channel: str) -> None:
+        self.confirmed.add(channel)
+        for future in self._waiters.pop(channel, []):
+            if not future.done():
+                future.set_result(None)
+        if channel in self._resubscribing:  # subscribed again by a new session
+            self._resubscribing.discard(channel)
+            for h in list(self.channels.get(channel, ())):
+                self.owner.call(h.resubscribed)
+
+
+class Subscriber:
+    """Process-wide pub/sub over one Redis deployment; ``run()`` it in a task group."""
+
+    def __init__(
+        self,
+        connection: Connection,
+        *,
+        ping_interval: float = PING_INTERVAL,
+        ping_timeout: float = PING_TIMEOUT,
+    ) -> None:
+        self.connection = connection
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self._links: dict[str, _Link] = {}
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    async def run(self) -> None:
+        """Keep every link alive until cancelled."""
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                for link in self._links.values():
+                    tg.start_soon(link.run)
+                await anyio.sleep_forever()
+        finally:
+            self._tg = None
+
+    def spawn(self, fn: Callable[[], Any]) -> None:
+        if self._tg is not None:
+            self._tg.start_soon(fn)
+
+    def call(self, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            logger.exception("a pub/sub handler failed; the message is dropped")
+
+    async def subscribe(self, channel: str, h: Handler) -> None:
+        """Subscribe ``h`` to ``channel``; returns once the server confirmed it."""
+        await self._link(channel).add(channel, h)
+
+    def unsubscribe(self, channel: str, h: Handler) -> None:
+        link = self._links.get(self._link_name(channel))
+        if link is not None:
+            link.remove(channel, h)
+
+    def _link_name(self, channel: str) -> str:
+        if not self.connection.sharded_pubsub:
+            return ""
+        cluster = cast("RedisCluster", self.connection.redis)
+        node = cluster.get_node_from_key(channel)
+        return node.name if node is not None else ""
+
+    def _link(self, channel: str) -> _Link:
+        name = self._link_name(channel)
+        link = self._links.get(name)
+        if link is None:
+            link = self._links[name] = self._new_link(channel)
+            if self._tg is not None:
+                self._tg.start_soon(link.run)
+        return link
+
+    def _new_link(self, channel: str) -> _Link:
+        if not self.connection.cluster:
+            return _Link(self, self.connection.redis, sharded=False)
+        cluster = cast("RedisCluster", self.connection.redis)
+        node = cluster.get_node_from_key(channel) if self.connection.sharded_pubsub else None
+        if node is None:
+            node = cluster.get_random_node()
+        return _Link(self, self.connection.node_client(node), self.connection.sharded_pubsub)

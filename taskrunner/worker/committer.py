@@ -1,0 +1,303 @@
+"""Commits: each attempt's outcome recorded in Redis, coalesced into pipelined round trips.
+
+``Coalescer``: callers submit script calls; a flusher sends what gathered meanwhile as
+one pipeline, so a busy worker records many outcomes per round trip and an idle one
+sends each at once. Connection errors are retried with backoff (the scripts are safe
+to repeat: a repeat finds the lease already spent).
+
+``Committer``: turns a held job and its outcome into a commit call, frees its slot
+when Redis answers, logs the outcome, and tells the middleware (``on_commit``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from redis.asyncio import Redis
+
+from taskrunner import scripts
+from taskrunner.connection import REDIS_ERRORS, reachable, report
+from taskrunner.exceptions import PayloadTooLarge
+from taskrunner.job import ErrorInfo, JobContext, safe_text
+from taskrunner.logs import job_extra
+from taskrunner.middleware.base import Middleware, Outcome, OutcomeKind
+from taskrunner.worker.held import Claimed
+
+if TYPE_CHECKING:
+    from taskrunner.task import TaskDefinition
+
+logger = logging.getLogger("taskrunner.worker")
+
+Done = Callable[[Any], None]
+
+
+class Coalescer:
+    """Pipelines script calls submitted by many concurrent jobs."""
+
+    def __init__(self, redis: Redis, max_batch: int = 1000) -> None:
+        self._redis = redis
+        self._max_batch = max_batch
+        self._pending: list[tuple[scripts.ScriptCall, Done]] = []
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def unanswered(self) -> int:
+        return len(self._pending)
+
+    def submit_nowait(self, call: scripts.ScriptCall, done: Done) -> None:
+        """Queue ``call`` for the next pipeline; ``done(reply)`` gets its reply, or the
+        script's error as an exception object (e.g. OOM): that caller's only."""
+        self._pending.append((call, done))
+        self._idle.clear()
+        self._wakeup.set()
+
+    async def submit(self, call: scripts.ScriptCall) -> Any:
+        """Queue ``call`` and wait for its reply (a script error is raised)."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        def done(reply: Any) -> None:
+            if future.done():  # its caller was cancelled; the call happened anyway
+                return
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+
+        self.submit_nowait(call, done)
+        return await future
+
+    async def drained(self) -> None:
+        """Wait until everything submitted so far has been sent and answered."""
+        await self._idle.wait()
+
+    async def run(self) -> None:
+        """Flush forever; cancel it only once nothing more will be submitted."""
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._pending:
+                batch = self._pending[: self._max_batch]
+                del self._pending[: self._max_batch]
+                await self._flush(batch)
+            self._idle.set()
+
+    async def _flush(self, batch: list[tuple[scripts.ScriptCall, Done]]) -> None:
+        delay = 0.05
+        while True:
+            try:
+                calls = [call for call, _ in batch]
+                results = await scripts.run_many(self._redis, calls, raise_on_error=False)
+                break
+            except REDIS_ERRORS as exc:
+                report("recording outcomes", exc)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        reachable()
+        for (_, done), result in zip(batch, results, strict=True):
+            try:
+                done(result)
+            except Exception:
+                logger.exception("internal error after a commit reply")
+
+
+class Committer:
+    """Records outcomes of held jobs; see the module docstring."""
+
+    def __init__(
+        self,
+        coalescer: Coalescer,
+        env: Callable[[], scripts.Env],
+        middleware: Sequence[Middleware],
+        release: Callable[[int], None],
+        *,
+        result_ttl_ms: int,
+        max_payload: int,
+    ) -> None:
+        self.coalescer = coalescer
+        self._env = env
+        self._middleware = middleware
+        self._release = release
+        self._result_ttl_ms = result_ttl_ms
+        self._max_payload = max_payload
+        self.on_retry: Callable[[], None] = lambda: None
+        self.unrecorded: dict[str, Claimed] = {}
+        """Held jobs whose commit is not answered yet, by lease token."""
+
+    def commit(
+        self,
+        item: Claimed,
+        task: TaskDefinition | None,
+        outcome: Outcome,
+        duration: float | None = None,
+    ) -> None:
+        """Send the outcome through the coalesced pipeline; the slot is freed (and the
+        outcome logged) when the reply comes back, without holding up the consumer."""
+        outcome, payload = self._payload(item, task, outcome)
+        delay = max(0.0, outcome.due - time.time()) if outcome.due is not None else 0.0
+        call = scripts.commit(
+            self._env(),
+            item.keys,
+            item.stream,
+            item.job_id,
+            item.entry_id,
+            item.token,
+            outcome.kind,
+            payload,
+            self._result_ttl_ms,
+            math.ceil(delay * 1000),
+            item.level,
+            item.locks,
+            item.lock_ttl_ms,
+        )
+        self.unrecorded[item.token] = item
+        self.coalescer.submit_nowait(
+            call, lambda reply: self._committed(item, outcome, reply, duration)
+        )
+
+    def _payload(
+        self, item: Claimed, task: TaskDefinition | None, outcome: Outcome
+    ) -> tuple[Outcome, str]:
+        """What the commit stores: the result's JSON or the error's. A result that
+        cannot be stored fails the attempt instead (outside the retry policy: the
+        innermost layer already encodes results, so only a middleware that replaced
+        the outcome gets here)."""
+        if outcome.kind != OutcomeKind.SUCCEEDED:
+            return outcome, error_json(outcome.error)
+        if outcome.encoded is not None:
+            return outcome, outcome.encoded
+        try:
+            encoded = task.codec.result.encode(outcome.result) if task else "null"
+            check_size("the result", encoded, self._max_payload)
+        except Exception as exc:  # noqa: BLE001 - any encoding failure is this job's
+            failed = Outcome.failed(ErrorInfo.from_exception(exc))
+            return failed, error_json(failed.error)
+        return outcome, encoded
+
+    def _committed(
+        self, item: Claimed, outcome: Outcome, reply: Any, duration: float | None
+    ) -> None:
+        self.unrecorded.pop(item.token, None)
+        self._release(1)
+        job = context_of(item)
+        if isinstance(reply, Exception):
+            logger.error(
+                "job %s %s attempt %d: its %s could not be recorded (%s); it will be reclaimed",
+                item.job_id,
+                item.task_name,
+                item.attempt,
+                outcome.kind,
+                safe_text(str(reply), 200),
+                extra=job_extra(job),
+            )
+            return
+        if reply != 1:
+            logger.warning(
+                "job %s %s attempt %d lost its lease; its %s was not recorded",
+                item.job_id,
+                item.task_name,
+                item.attempt,
+                outcome.kind,
+                extra=job_extra(job),
+            )
+            return
+        log_outcome(job, outcome, duration)
+        if outcome.kind in (OutcomeKind.RETRY, OutcomeKind.RESCHEDULE):
+            self.on_retry()
+        for mw in self._middleware:
+            try:
+                mw.on_commit(job, outcome)
+            except Exception:
+                logger.exception("middleware %s: on_commit failed", type(mw).__name__)
+
+
+def check_size(what: str, encoded: str, limit: int) -> None:
+    size = len(encoded.encode("utf-8", "surrogateescape"))
+    if size > limit:
+        raise PayloadTooLarge(what, size, limit)
+
+
+def error_json(error: ErrorInfo | None) -> str:
+    """An error as stored; always valid JSON (hostile text is made valid first)."""
+    if error is None:
+        return ""
+    try:
+        return error.model_dump_json()
+    except Exception:  # noqa: BLE001 - e.g. lone surrogates from a middleware's message
+        clean = ErrorInfo(
+            type=safe_text(error.type),
+            message=safe_text(error.message),
+            traceback=safe_text(error.traceback),
+            raw=error.raw,
+        )
+        return clean.model_dump_json()
+
+
+def context_of(item: Claimed) -> JobContext:
+    return JobContext(
+        id=item.job_id,
+        task=item.task_name,
+        attempt=item.attempt,
+        queue=item.queue,
+        deliveries=item.reclaims + 1,
+        reclaimed=item.reclaimed,
+        reclaims=item.reclaims,
+        priority=item.level,
+        ready_at=item.ready_at,
+    )
+
+
+def log_outcome(job: JobContext, outcome: Outcome, duration: float | None) -> None:
+    """One line per recorded outcome: failures for good and dead letters at ERROR (with
+    the error, and the task's traceback once), the rest at INFO."""
+    extra = job_extra(job)
+    took = f" in {duration:.3f}s" if duration is not None else ""
+    error = outcome.error
+    if outcome.kind == OutcomeKind.FAILED and error is not None:
+        trace = f"\n{error.traceback.rstrip()}" if error.traceback else ""
+        logger.error(
+            "job %s %s attempt %d failed for good%s: %s: %s%s",
+            job.id,
+            job.task,
+            job.attempt,
+            took,
+            error.type,
+            error.message,
+            trace,
+            extra=extra,
+        )
+    elif outcome.kind == OutcomeKind.DEAD:
+        logger.error(
+            "job %s %s attempt %d dead-lettered: %s",
+            job.id,
+            job.task,
+            job.attempt,
+            error.message if error else "no reason given",
+            extra=extra,
+        )
+    elif outcome.kind in (OutcomeKind.RETRY, OutcomeKind.RESCHEDULE):
+        logger.debug(
+            "job %s %s attempt %d %s recorded",
+            job.id,
+            job.task,
+            job.attempt,
+            outcome.kind,
+            extra=extra,
+        )
+    else:
+        logger.info(
+            "job %s %s attempt %d %s%s",
+            job.id,
+            job.task,
+            job.attempt,
+            outcome.kind,
+            took,
+            extra=extra,
+        )

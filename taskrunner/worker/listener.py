@@ -1,0 +1,64 @@
+"""The event listener: follows every partition's events channel for a worker.
+
+Messages are ``"<kind>"`` or ``"<kind> <argument>"``: ``due`` (a delayed set changed),
+``ready`` (a drained partition got a job), ``abort <job id>``, ``pause``, ``resume``.
+Handlers are plain callbacks registered per kind and called with ``(queue, argument)``.
+Anything else on the channel (anything in Redis may be hostile) is ignored. After each
+(re)subscription ``on_resubscribed`` runs, because messages published while the worker
+was not subscribed are lost (the periodic fallbacks cover them too).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+from taskrunner.keys import QueueKeys
+from taskrunner.logs import excerpt
+from taskrunner.subscriber import Subscriber, handler
+
+logger = logging.getLogger("taskrunner.worker")
+
+EventHandler = Callable[[str, str], None]
+"""``handler(queue, argument)``."""
+
+
+class EventListener:
+    """Dispatches events of some partitions to handlers."""
+
+    def __init__(self, subscriber: Subscriber, on_resubscribed: Callable[[], None]) -> None:
+        self._subscriber = subscriber
+        self._on_resubscribed = on_resubscribed
+        self._handlers: dict[str, list[EventHandler]] = {}
+        self._channels: dict[str, str] = {}
+
+    def on(self, kind: str, fn: EventHandler) -> None:
+        self._handlers.setdefault(kind, []).append(fn)
+
+    async def follow(self, partitions: Sequence[QueueKeys]) -> None:
+        """Subscribe to the events of these partitions (those not followed yet)."""
+        for keys in partitions:
+            if keys.events in self._channels:
+                continue
+            self._channels[keys.events] = keys.queue
+            await self._subscriber.subscribe(
+                keys.events, handler(self._dispatcher(keys.queue), self._on_resubscribed)
+            )
+
+    def _dispatcher(self, queue: str) -> Callable[[str], None]:
+        def dispatch(data: str) -> None:
+            self.dispatch(queue, data)
+
+        return dispatch
+
+    def dispatch(self, queue: str, data: str) -> None:
+        kind, _, argument = data.partition(" ")
+        found = self._handlers.get(kind)
+        if found is None:
+            logger.debug("ignored an unknown event on queue %s: %s", queue, excerpt(data))
+            return
+        for fn in found:
+            try:
+                fn(queue, argument)
+            except Exception:
+                logger.exception("event handler for %r failed", kind)

@@ -1,0 +1,113 @@
+"""The scheduler: moves due jobs from each partition's delayed set into their streams.
+
+It sleeps until the earliest due time, or until woken: by a "due" message on an events
+channel (a producer or another worker added an earlier job), or by this worker after
+it scheduled a retry. The sleep is capped, as a fallback for a missed message. "Now"
+is the server's clock (read with TIME each round, plus the runner's clock offset), and
+promote.lua checks every member against the server's clock again, so a worker whose
+clock runs ahead never promotes a job early. Two schedulers racing never move a job
+twice, and a crash in between loses nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+
+import anyio
+from redis.asyncio import Redis
+
+from taskrunner import scripts
+from taskrunner.connection import REDIS_ERRORS, reachable, report
+from taskrunner.keys import QueueKeys
+
+logger = logging.getLogger("taskrunner.worker")
+
+PROMOTE_BATCH = 500
+"""Members read and moved per script call."""
+
+
+async def server_ms(redis: Redis, offset_ms: int = 0) -> int:
+    """The server's clock in ms (plus the clock offset)."""
+    seconds, micros = await redis.time()
+    return int(seconds) * 1000 + int(micros) // 1000 + offset_ms
+
+
+def parse_member(member: str) -> tuple[str, str]:
+    """``(level, job_id)`` of a delayed-set member ``<16 hex>:<level>:<job id>``."""
+    level, _, job_id = member[17:].partition(":")
+    return level, job_id
+
+
+class Scheduler:
+    """Promotes due jobs of some partitions; ``run()`` until cancelled."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        partitions: Callable[[], Sequence[QueueKeys]],
+        env: Callable[[], scripts.Env],
+        max_wait: float,
+    ) -> None:
+        self._redis = redis
+        self._partitions = partitions
+        self._env = env
+        self._max_wait = max_wait
+        self._due = anyio.Event()
+
+    def wake(self) -> None:
+        """Look at the delayed sets again now (something was added or may be due)."""
+        self._due.set()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.promote_due()
+                wait = await self._next_due_in()
+                reachable()
+            except REDIS_ERRORS as exc:
+                report("the scheduler", exc)
+                wait = 0.5
+            except Exception:  # a bug or hostile data: keep scheduling
+                logger.exception("scheduler: unexpected error; retrying")
+                wait = 0.5
+            with anyio.move_on_after(wait):
+                await self._due.wait()
+            self._due = anyio.Event()
+
+    async def promote_due(self) -> int:
+        """Move every job due by now into its stream; the number moved."""
+        env = self._env()
+        now = await server_ms(self._redis, env.offset_ms)
+        moved = 0
+        for keys in self._partitions():
+            while True:
+                found = await self._redis.zrangebyscore(
+                    keys.delayed, "-inf", now, start=0, num=PROMOTE_BATCH
+                )
+                members = [(m, *reversed(parse_member(m))) for m in cast(list[str], found)]
+                if not members:
+                    break
+                call = scripts.promote(env, keys, [(m, j, lv) for m, j, lv in members])
+                count = int(await scripts.run(self._redis, call))
+                moved += count
+                if count:
+                    logger.debug("promoted %d due job(s) of %s", count, keys.prefix)
+                if len(members) < PROMOTE_BATCH or count == 0:
+                    break
+        return moved
+
+    async def _next_due_in(self) -> float:
+        partitions = self._partitions()
+        pipe = cast(Any, self._redis.pipeline(transaction=False))
+        pipe.time()
+        for keys in partitions:
+            pipe.zrange(keys.delayed, 0, 0, withscores=True)
+        replies = await pipe.execute()
+        seconds, micros = replies[0]
+        now = int(seconds) * 1000 + int(micros) // 1000 + self._env().offset_ms
+        firsts = [float(r[0][1]) for r in replies[1:] if r]
+        if not firsts:
+            return self._max_wait
+        return max(0.0, min(self._max_wait, (min(firsts) - now) / 1000))

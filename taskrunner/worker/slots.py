@@ -1,0 +1,79 @@
+"""A worker's consumer slots, and the gate that lets one job run alone.
+
+``free`` slots bound how many jobs the worker reads. A job may ask to run alone (a
+suspect of killing its worker, see ``taskrunner.middleware.isolation``): it waits until
+no other job runs, no new job starts while it waits or runs, and the reader reads
+nothing meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+
+class Slots:
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.free = size
+        self._shared = 0
+        self._alone_wanted = 0
+        self._alone = False
+        self._changed = asyncio.Event()
+
+    @property
+    def busy(self) -> int:
+        return self.size - self.free
+
+    @property
+    def readable(self) -> int:
+        """Slots the reader may fill now (none while a job runs or waits to run alone)."""
+        return 0 if self._alone or self._alone_wanted else self.free
+
+    def take(self, n: int) -> None:
+        self.free -= n
+
+    def release(self, n: int = 1) -> None:
+        if n:
+            self.free += n
+            self._notify()
+
+    def poke(self) -> None:
+        """Wake whoever waits for a change (e.g. the reader, when the worker stops)."""
+        self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def changed(self) -> None:
+        """Wait for the next release or gate change."""
+        await self._changed.wait()
+
+    @asynccontextmanager
+    async def alone(self) -> AsyncIterator[None]:
+        self._alone_wanted += 1
+        try:
+            while self._shared or self._alone:
+                await self.changed()
+        finally:
+            self._alone_wanted -= 1
+        self._alone = True
+        try:
+            yield
+        finally:
+            self._alone = False
+            self._notify()
+
+    @asynccontextmanager
+    async def shared(self) -> AsyncIterator[None]:
+        while self._alone or self._alone_wanted:
+            await self.changed()
+        self._shared += 1
+        try:
+            yield
+        finally:
+            self._shared -= 1
+            if not self._shared:
+                self._notify()

@@ -1,0 +1,457 @@
+"""The worker: composes the reader, the consumers and the committer, and runs them.
+
+It reads (as many entries as it has free slots, from every partition of its queues),
+claims each entry under a new lease, dispatches it to a pool of long-lived consumers
+that run it through its task's middleware chain, and commits the outcome, coalescing
+commits into pipelined round trips. It knows nothing of retries, locks, timeouts or
+heartbeats: those are middleware, which see the worker only through ``WorkerPort``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import socket
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from contextlib import AbstractAsyncContextManager
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from taskrunner import scripts
+from taskrunner.connection import REDIS_ERRORS, Connection, PoolOptions, open_connection, report
+from taskrunner.keys import Queue, QueueKeys
+from taskrunner.middleware.base import CancelReason, Held, Middleware
+from taskrunner.subscriber import Subscriber
+from taskrunner.worker.committer import Coalescer, Committer
+from taskrunner.worker.consumers import Consumers
+from taskrunner.worker.listener import EventHandler, EventListener
+from taskrunner.worker.reader import Reader, ensure_groups
+from taskrunner.worker.scheduler import Scheduler
+from taskrunner.worker.slots import Slots
+
+if TYPE_CHECKING:
+    from taskrunner.client import Client
+    from taskrunner.task import TaskDefinition
+
+logger = logging.getLogger("taskrunner.worker")
+
+COMMIT_DEADLINE = 10.0
+"""Seconds a stopping worker keeps retrying outcomes Redis has not recorded yet."""
+INTERNAL_CONNECTIONS = 8
+"""Connections of a worker's own client (heartbeats, reads, commits), apart from the
+pool that task code shares, so tasks can never starve them."""
+PARTITION_REFRESH = 30.0
+"""Seconds between looks at the queues' partition counts (a change of N is followed)."""
+
+
+class Host(Protocol):
+    """What a worker needs of its TaskRunner."""
+
+    registry: dict[str, TaskDefinition]
+    middleware: list[Middleware]
+    max_idle_wait: float
+    priority_aging: float
+
+    @property
+    def client(self) -> Client: ...
+
+    @property
+    def pool_options(self) -> PoolOptions: ...
+
+    def queues(self) -> list[str]: ...
+
+    async def __aenter__(self) -> Any: ...
+
+    async def __aexit__(self, et: Any, e: Any, tb: Any) -> Any: ...
+
+
+class Worker:
+    """Runs jobs from one or more queues. ``await worker.run()`` in the foreground, or
+    ``async with worker:`` to run it in the background of the caller (embedded)."""
+
+    def __init__(
+        self,
+        runner: Host,
+        *,
+        queues: Sequence[str] | None = None,
+        concurrency: int = 100,
+        burst: bool = False,
+        grace_period: float = 30.0,
+        handle_signals: bool | None = None,
+        max_deliveries: int = 5,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        if max_deliveries < 1:
+            raise ValueError("max_deliveries must be at least 1")
+        self.runner = runner
+        self.queue_names = list(queues) if queues else runner.queues()
+        self.concurrency = concurrency
+        self.burst = burst
+        self.grace_period = grace_period
+        self.handle_signals = handle_signals
+        """None (default): SIGINT/SIGTERM stop ``run()``; ``async with`` leaves them alone."""
+        self.max_deliveries = max_deliveries
+        self._id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(16)}"
+        self.queues: list[Queue] = []
+        self._stopping = anyio.Event()
+        self._handlers: list[tuple[str, EventHandler]] = []
+        self._drained_hooks: list[Callable[[], Awaitable[bool]]] = []
+        self._services: TaskGroup | None = None
+        self._background: TaskGroup | None = None
+        self.connection: Connection
+        self.slots: Slots
+        self.consumers: Consumers
+        self.committer: Committer
+        self.reader: Reader
+        self.scheduler: Scheduler
+        self.listener: EventListener
+
+    def __repr__(self) -> str:
+        return f"Worker({self._id!r}, queues={self.queue_names!r})"
+
+    # -- public lifecycle ---------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run until stopped (a signal, ``stop()``) or, in burst mode, until drained."""
+        async with self.runner, anyio.create_task_group() as tg:
+            if self.handle_signals is not False:
+                tg.start_soon(self._signals, tg.cancel_scope)
+            await self._serve()
+            tg.cancel_scope.cancel()
+
+    async def __aenter__(self) -> Worker:
+        self._background = anyio.create_task_group()
+        await self._background.__aenter__()
+        try:
+            if self.handle_signals:  # embedded: only when asked for explicitly
+                self._background.start_soon(self._signals, self._background.cancel_scope)
+            await self._background.start(self._serve_started)
+        except BaseException as exc:  # close the task group, then report the real error
+            await self._close_after_failed_start(exc)
+            raise
+        return self
+
+    async def _close_after_failed_start(self, exc: BaseException) -> None:
+        assert self._background is not None
+        try:
+            await self._background.__aexit__(type(exc), exc, exc.__traceback__)
+        except BaseExceptionGroup as group:  # the start-up error, wrapped by the task group
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        self.stop()
+        assert self._background is not None
+        return await self._background.__aexit__(et, e, tb)
+
+    def stop(self) -> None:
+        """Stop reading, let running jobs finish within the grace period, then hand
+        the rest back to the queue."""
+        self._stopping.set()
+        with contextlib.suppress(AttributeError):  # not started yet
+            self.reader.wake()
+            self.slots.poke()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    # -- the port middleware see (taskrunner.middleware.base.WorkerPort) --------------
+
+    @property
+    def id(self) -> str:
+        return self._id
+
+    @property
+    def redis(self) -> Redis:
+        return self.connection.redis
+
+    @property
+    def clock_offset_ms(self) -> int:
+        return self.runner.client.env.offset_ms
+
+    @property
+    def publish_command(self) -> str:
+        return self.connection.publish_command
+
+    def partitions(self) -> list[QueueKeys]:
+        return [keys for q in self.queues for keys in q.parts]
+
+    def streams(self, keys: QueueKeys) -> list[str]:
+        for q in self.queues:
+            if q.name == keys.queue:
+                return q.streams(keys)
+        return [keys.stream]
+
+    def spawn(self, fn: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+        assert self._services is not None, "spawn() is for on_worker_start hooks"
+        self._services.start_soon(fn)
+
+    def on_event(self, kind: str, handler: EventHandler) -> None:
+        self._handlers.append((kind, handler))
+        with contextlib.suppress(AttributeError):  # the listener exists once serving
+            self.listener.on(kind, handler)
+
+    def on_drained(self, hook: Callable[[], Awaitable[bool]]) -> None:
+        """Before a burst worker exits, ``hook()`` may bring in more work (True)."""
+        self._drained_hooks.append(hook)
+
+    def held(self) -> list[Held]:
+        return list(self.consumers.waiting.values())
+
+    def drop_held(self, token: str, reason: CancelReason) -> None:
+        self.consumers.drop(token, reason)
+
+    def run_alone(self) -> AbstractAsyncContextManager[None]:
+        return self.slots.alone()
+
+    def run_shared(self) -> AbstractAsyncContextManager[None]:
+        return self.slots.shared()
+
+    async def server_identity(self) -> str:
+        return await self.connection.identity()
+
+    async def server_uptime(self) -> float:
+        return await self.connection.uptime()
+
+    @property
+    def running(self) -> dict[str, Any]:
+        """Running attempts by lease token."""
+        consumers = getattr(self, "consumers", None)
+        return consumers.running if consumers is not None else {}
+
+    @property
+    def waiting(self) -> dict[str, Any]:
+        """Claimed jobs no consumer has started yet, by lease token."""
+        consumers = getattr(self, "consumers", None)
+        return consumers.waiting if consumers is not None else {}
+
+    # -- serving -------------------------------------------------------------------------
+
+    async def _serve_started(self, *, task_status: TaskStatus[None]) -> None:
+        async with self.runner:
+            await self._serve(task_status)
+        if self.handle_signals:
+            assert self._background is not None
+            self._background.cancel_scope.cancel()  # ends the signal watcher
+
+    async def _serve(self, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        client = self.runner.client
+        options = self.runner.pool_options
+        self.connection = await open_connection(
+            client.connection.target.url,
+            PoolOptions(
+                max_connections=INTERNAL_CONNECTIONS,
+                pool_timeout=options.pool_timeout,
+                socket_timeout=options.socket_timeout,
+                health_check_interval=options.health_check_interval,
+            ),
+        )
+        try:
+            self.queues = [
+                await client.resolve(name, refresh=True, record=True) for name in self.queue_names
+            ]
+            await ensure_groups(self.redis, [(q, k) for q in self.queues for k in q.parts])
+            await self._warn_if_evicting()
+            self._build()
+            async with anyio.create_task_group() as services:
+                self._services = services
+                await self._start_services(services)
+                await self._consume(task_status)
+                await self._await_commits()
+                for mw in reversed(self.runner.middleware):
+                    await mw.on_worker_stop(self)
+                services.cancel_scope.cancel()
+            await self._leave_groups()
+        finally:
+            with anyio.CancelScope(shield=True):  # close it even when cancelled
+                await self.connection.aclose()
+        logger.info("worker %s stopped", self.id)
+
+    def _build(self) -> None:
+        client = self.runner.client
+        self.slots = Slots(self.concurrency)
+        self.subscriber = Subscriber(self.connection)
+        coalescer = Coalescer(self.redis)
+        self.committer = Committer(
+            coalescer,
+            lambda: client.env,
+            self.runner.middleware,
+            self.slots.release,
+            result_ttl_ms=client.result_ttl_ms,
+            max_payload=client.max_payload,
+        )
+        self.consumers = Consumers(
+            port=self,
+            registry=self.runner.registry,
+            middleware=self.runner.middleware,
+            committer=self.committer,
+            release=self.slots.release,
+            redis=self.redis,
+            env=lambda: client.env,
+            max_deliveries=self.max_deliveries,
+            max_payload=client.max_payload,
+        )
+        self.scheduler = Scheduler(
+            self.redis, self.partitions, lambda: client.env, self.runner.max_idle_wait
+        )
+        self.committer.on_retry = self.scheduler.wake
+        self.reader = Reader(
+            redis=self.redis,
+            consumer=self.id,
+            queues=lambda: self.queues,
+            slots=self.slots,
+            env=lambda: client.env,
+            deliver=lambda items: self.consumers.deliver(items, self.stopping),
+            max_deliveries=self.max_deliveries,
+            max_payload=client.max_payload,
+            idle_wait=self.runner.max_idle_wait,
+            aging_ms=int(self.runner.priority_aging * 1000),
+        )
+        self.listener = EventListener(self.subscriber, self._resubscribed)
+        self.listener.on("due", lambda queue, argument: self.scheduler.wake())
+        self.listener.on("ready", lambda queue, argument: self.reader.wake())
+        self.listener.on("resume", lambda queue, argument: self.reader.wake())
+        for kind, handler in self._handlers:
+            self.listener.on(kind, handler)
+
+    def _resubscribed(self) -> None:
+        self.reader.wake()
+        self.scheduler.wake()
+
+    async def _start_services(self, services: TaskGroup) -> None:
+        services.start_soon(self.subscriber.run)
+        services.start_soon(self.committer.coalescer.run)
+        services.start_soon(self.scheduler.run)
+        services.start_soon(self._follow_partitions)
+        for mw in self.runner.middleware:
+            await mw.on_worker_start(self)
+
+    async def _consume(self, task_status: TaskStatus[None]) -> None:
+        async with anyio.create_task_group() as jobs:
+            for _ in range(self.concurrency):
+                jobs.start_soon(self.consumers.consume)
+            logger.info(
+                "worker %s ready: queues %s, concurrency %d",
+                self.id,
+                ",".join(self.queue_names),
+                self.concurrency,
+            )
+            task_status.started()
+            await self.reader.run(lambda: self.stopping, self._drained if self.burst else None)
+            self._stopping.set()  # also after a burst: nothing new is taken from here on
+            await self._drain()
+            for _ in range(self.concurrency):
+                self.consumers.queue.put_nowait(None)  # each consumer ends after its queue
+
+    async def _drain(self) -> None:
+        self.consumers.hand_back_waiting()  # not started yet: another worker can take them
+        with anyio.move_on_after(self.grace_period):
+            while self.consumers.running or self.slots.busy:
+                await self.slots.changed()
+        self.consumers.hand_back_waiting()
+        self.consumers.cancel_running(CancelReason.SHUTDOWN)
+
+    async def _drained(self) -> bool:
+        """Whether a burst worker that found nothing to read may exit: nothing runs,
+        nothing is due, and no stale job could be reclaimed (the lease middleware's
+        hook)."""
+        if self.slots.busy:
+            await self.slots.changed()
+            return False
+        if await self.scheduler.promote_due():
+            return False
+        for hook in self._drained_hooks:
+            if await hook():
+                return False
+        return True
+
+    async def _follow_partitions(self) -> None:
+        """Subscribe to every partition's events; follow changes of the partition count
+        (a worker started before N was raised reads the new partitions too)."""
+        while True:
+            try:
+                await self.listener.follow(self.partitions())
+                await anyio.sleep(PARTITION_REFRESH)
+                await self._refresh_partitions()
+            except REDIS_ERRORS as exc:
+                report("looking up partitions", exc)
+                await anyio.sleep(1.0)
+
+    async def _refresh_partitions(self) -> None:
+        client = self.runner.client
+        fresh = [await client.resolve(q.name, refresh=True, record=True) for q in self.queues]
+        grown = [q for q, old in zip(fresh, self.queues, strict=True) if q.read > old.read]
+        if grown:
+            await ensure_groups(self.redis, [(q, k) for q in grown for k in q.parts])
+            logger.info("queues %s have more partitions now", ",".join(q.name for q in grown))
+        self.queues = fresh
+        self.reader.wake()
+
+    async def _await_commits(self) -> None:
+        """Every outcome recorded before the worker stops; if Redis stays away longer
+        than ``COMMIT_DEADLINE``, give up: those jobs are requeued after stale_after."""
+        with anyio.move_on_after(COMMIT_DEADLINE) as scope:
+            await self.committer.coalescer.drained()
+        if scope.cancelled_caught:
+            lost = list(self.committer.unrecorded.values())
+            logger.error(
+                "worker %s: %d outcome(s) not recorded before stopping (redis unavailable "
+                "for %gs); their jobs will run again after stale_after: %s",
+                self.id,
+                len(lost),
+                COMMIT_DEADLINE,
+                ", ".join(f"{item.queue}/{item.job_id}" for item in lost[:20]),
+            )
+
+    async def _leave_groups(self) -> None:
+        """Remove this consumer from each stream's group when it holds nothing, so the
+        groups do not collect one dead consumer per worker process ever started."""
+        calls = [
+            scripts.leave(stream, self.id)
+            for q in self.queues
+            for keys in q.parts
+            for stream in q.streams(keys)
+        ]
+        try:
+            await scripts.run_many(self.redis, calls, raise_on_error=False)
+        except REDIS_ERRORS as exc:
+            logger.warning("could not leave the consumer groups: %s", exc)
+
+    async def _warn_if_evicting(self) -> None:
+        try:
+            policy = (await self.redis.config_get("maxmemory-policy")).get("maxmemory-policy")
+        except ResponseError:  # CONFIG is disabled on some managed servers
+            return
+        if policy and policy != "noeviction":
+            logger.warning(
+                "redis maxmemory-policy is %s: the server may evict job state under memory "
+                "pressure; set it to noeviction",
+                policy,
+            )
+
+    async def _signals(self, scope: anyio.CancelScope) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                if self._stopping.is_set():
+                    logger.warning("second signal: exiting now")
+                    scope.cancel()
+                    return
+                logger.info(
+                    "received %s: stopping gracefully (grace period %.1fs)",
+                    signal.Signals(signum).name,
+                    self.grace_period,
+                )
+                self.stop()
