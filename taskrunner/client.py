@@ -22,6 +22,7 @@ from typing import Any, TypeVar, cast
 import anyio
 
 from taskrunner import scripts
+from taskrunner.clock import Clock
 from taskrunner.connection import REDIS_ERRORS, Connection, reachable, report
 from taskrunner.exceptions import JobNotFound, LockConflictError, TaskrunnerError
 from taskrunner.job import Job, JobStatus
@@ -68,14 +69,15 @@ class Client:
         self.default_level = default_level
         self.partitions = partitions
         self.max_payload = max_payload
-        self.env = scripts.Env(publish=connection.publish_command)
+        self.clock = Clock()
         self._queues: dict[str, Queue] = {}
         self._subscriber: Subscriber | None = None
         self._subscriber_task: asyncio.Task[None] | None = None
 
-    def set_clock_offset(self, offset_ms: int) -> None:
-        """Shift the server's clock as the scripts see it (frozen time in tests)."""
-        self.env = scripts.Env(publish=self.env.publish, offset_ms=offset_ms)
+    @property
+    def env(self) -> scripts.Env:
+        """What every script call shares: how to publish, and the clock."""
+        return scripts.Env(publish=self.connection.publish_command, clock=self.clock.arg)
 
     # -- queues and partitions -----------------------------------------------------
 

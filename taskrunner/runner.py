@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import timedelta
@@ -16,6 +15,7 @@ import pydantic
 
 from taskrunner import scripts
 from taskrunner.client import Client
+from taskrunner.clock import Clock
 from taskrunner.codec import ResultCodec
 from taskrunner.connection import PoolOptions, open_connection
 from taskrunner.embedded import EmbeddedRedis
@@ -139,7 +139,8 @@ class TaskRunner:
         self._client: Client | None = None
         self._embedded: EmbeddedRedis | None = None
         self._entered = 0
-        self._clock_offset_ms = 0
+        self.clock = Clock()
+        """Shifts or freezes the server's clock as the scripts see it (tests only)."""
 
     def __repr__(self) -> str:
         where = redact(self.url) if self.url else "TASKRUNNER_REDIS_URL or embedded"
@@ -306,26 +307,13 @@ class TaskRunner:
             partitions=self.partitions,
             max_payload=self.max_payload,
         )
-        self._client.set_clock_offset(self._clock_offset_ms)
+        self._client.clock = self.clock
 
     async def _disconnect(self) -> None:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
         self._release_embedded()
-
-    @property
-    def clock_offset(self) -> float:
-        """Seconds added to the Redis server's clock wherever taskrunner reads it (due
-        times, lock TTLs, timings). 0 in production; taskrunner.testing moves it to
-        freeze or advance time in tests."""
-        return self._clock_offset_ms / 1000
-
-    @clock_offset.setter
-    def clock_offset(self, seconds: float) -> None:
-        self._clock_offset_ms = int(seconds * 1000)
-        if self._client is not None:
-            self._client.set_clock_offset(self._clock_offset_ms)
 
     def _release_embedded(self) -> None:
         if self._embedded is not None:
@@ -366,7 +354,7 @@ class TaskRunner:
         priority = opts.priority or definition.priority
         if priority is not None:
             self.check_priority(priority, definition.name)
-        now = time.time()
+        now = self.clock.now()
         due: float | None = None
         if opts.at is not None:
             due = opts.at.timestamp()

@@ -55,13 +55,17 @@ def _sha(source: str) -> str:
     return hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
 
 
-_PRELUDE = """local function now_ms(offset)
+_PRELUDE = """local function now_ms(clock)
+  if string.sub(clock, 1, 1) == '=' then
+    return tonumber(string.sub(clock, 2))
+  end
   local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + (tonumber(offset) or 0)
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + (tonumber(clock) or 0)
 end
 """
-"""Prepended to every script: the server's time in ms, plus the runner's clock offset
-(0 except under taskrunner.testing's frozen time). Scripts never trust a client clock."""
+"""Prepended to every script: "now" in ms from the server's clock (TIME) plus the
+runner's clock offset, or a frozen instant (``=<ms>``, tests only; see
+taskrunner.clock). Scripts never trust a client's clock."""
 
 
 class Script:
@@ -238,8 +242,8 @@ class Env:
 
     publish: str = "PUBLISH"
     """PUBLISH, or SPUBLISH on a Redis 7 cluster (sharded pub/sub)."""
-    offset_ms: int = 0
-    """Added to the server's clock (0 except under frozen time in tests)."""
+    clock: str = "0"
+    """The scripts' clock argument (taskrunner.clock.Clock.arg)."""
 
 
 def enqueue(
@@ -275,7 +279,7 @@ def enqueue(
             meta,
             keys.events,
             env.publish,
-            env.offset_ms,
+            env.clock,
             *(ttl for _, ttl in locks),
         ],
     )
@@ -288,7 +292,7 @@ def fetch(
     return ScriptCall(
         FETCH,
         [*streams, keys.idle, keys.paused],
-        [GROUP, consumer, count, aging_ms, env.offset_ms],
+        [GROUP, consumer, count, aging_ms, env.clock],
     )
 
 
@@ -303,7 +307,7 @@ def promote(env: Env, keys: QueueKeys, members: Sequence[tuple[str, str, str]]) 
             *(keys.level_stream(level) for _, _, level in members),
         ],
         [
-            env.offset_ms,
+            env.clock,
             env.publish,
             keys.events,
             *(part for member, job_id, _ in members for part in (member, job_id)),
@@ -326,7 +330,7 @@ def claim(
     return ScriptCall(
         CLAIM,
         [stream, keys.job(job_id)],
-        [GROUP, consumer, entry_id, token, max_deliveries, max_payload, env.offset_ms],
+        [GROUP, consumer, entry_id, token, max_deliveries, max_payload, env.clock],
     )
 
 
@@ -370,7 +374,7 @@ def commit(
             keys.done(job_id),
             keys.events,
             env.publish,
-            env.offset_ms,
+            env.clock,
             level,
             lock_ttl_ms,
         ],
@@ -413,7 +417,7 @@ def abort(
     return ScriptCall(
         ABORT,
         [keys.job(job_id), stream, keys.delayed, *locks],
-        [job_id, ttl_ms, keys.done(job_id), keys.events, GROUP, env.publish, env.offset_ms],
+        [job_id, ttl_ms, keys.done(job_id), keys.events, GROUP, env.publish, env.clock],
     )
 
 
@@ -446,7 +450,7 @@ def orphan(
     return ScriptCall(
         ORPHAN,
         [stream, keys.job(job_id), keys.dead],
-        [GROUP, entry_id, job_id, task, keys.queue, error, env.offset_ms],
+        [GROUP, entry_id, job_id, task, keys.queue, error, env.clock],
     )
 
 
@@ -467,7 +471,7 @@ def partitions(meta_key: str, wanted: int, default: int, *, record: bool) -> Scr
 
 def turn(env: Env, keys: QueueKeys, period_ms: int, worker: str) -> ScriptCall:
     """Take this partition's reclaim turn (1: ours, 0: not)."""
-    return ScriptCall(TURN, [keys.reclaim], [period_ms, env.offset_ms, worker])
+    return ScriptCall(TURN, [keys.reclaim], [period_ms, env.clock, worker])
 
 
 def progress(env: Env, keys: QueueKeys, job_id: str, token: str, value: str) -> ScriptCall:

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
     from taskrunner.job import Job
     from taskrunner.keys import QueueKeys
+    from taskrunner.scripts import Env
     from taskrunner.task import TaskDefinition
 
 __all__ = [
@@ -153,12 +154,8 @@ class WorkerPort(Protocol):
     def stopping(self) -> bool: ...
 
     @property
-    def clock_offset_ms(self) -> int:
-        """Added to the server's clock in scripts (0 outside frozen time in tests)."""
-
-    @property
-    def publish_command(self) -> str:
-        """PUBLISH or SPUBLISH: how scripts publish events on this deployment."""
+    def env(self) -> Env:
+        """What the worker's script calls share: how to publish, and the clock."""
 
     def partitions(self) -> Sequence[QueueKeys]:
         """Every partition of every queue the worker reads."""

@@ -300,7 +300,7 @@ class LeaseMiddleware(Middleware):
         """One reclaim round over every partition whose turn this worker gets."""
         if not await self.may_reclaim(worker):
             return 0
-        env = scripts.Env(worker.publish_command, worker.clock_offset_ms)
+        env = worker.env
         period = max(1, int(self.reclaim_interval * 1000))
         turns = [scripts.turn(env, keys, period, worker.id) for keys in worker.partitions()]
         replies = await scripts.run_many(worker.redis, turns, raise_on_error=False)
@@ -350,7 +350,7 @@ class LeaseMiddleware(Middleware):
     async def _requeue(
         self, worker: WorkerPort, keys: QueueKeys, stream: str, entries: list[Entry]
     ) -> int:
-        env = scripts.Env(worker.publish_command, worker.clock_offset_ms)
+        env = worker.env
         calls = [
             scripts.requeue(env, keys, stream, worker.id, entry_id, _job_id(entry_id, fields))
             for entry_id, fields in entries

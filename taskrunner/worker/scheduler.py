@@ -19,6 +19,7 @@ import anyio
 from redis.asyncio import Redis
 
 from taskrunner import scripts
+from taskrunner.clock import Clock
 from taskrunner.connection import REDIS_ERRORS, reachable, report
 from taskrunner.keys import QueueKeys
 
@@ -28,10 +29,10 @@ PROMOTE_BATCH = 500
 """Members read and moved per script call."""
 
 
-async def server_ms(redis: Redis, offset_ms: int = 0) -> int:
-    """The server's clock in ms (plus the clock offset)."""
+async def server_ms(redis: Redis) -> int:
+    """The server's clock in ms."""
     seconds, micros = await redis.time()
-    return int(seconds) * 1000 + int(micros) // 1000 + offset_ms
+    return int(seconds) * 1000 + int(micros) // 1000
 
 
 def parse_member(member: str) -> tuple[str, str]:
@@ -48,11 +49,13 @@ class Scheduler:
         redis: Redis,
         partitions: Callable[[], Sequence[QueueKeys]],
         env: Callable[[], scripts.Env],
+        clock: Callable[[], Clock],
         max_wait: float,
     ) -> None:
         self._redis = redis
         self._partitions = partitions
         self._env = env
+        self._clock = clock
         self._max_wait = max_wait
         self._due = anyio.Event()
 
@@ -79,7 +82,7 @@ class Scheduler:
     async def promote_due(self) -> int:
         """Move every job due by now into its stream; the number moved."""
         env = self._env()
-        now = await server_ms(self._redis, env.offset_ms)
+        now = self._clock().shift(await server_ms(self._redis))
         moved = 0
         for keys in self._partitions():
             while True:
@@ -106,7 +109,7 @@ class Scheduler:
             pipe.zrange(keys.delayed, 0, 0, withscores=True)
         replies = await pipe.execute()
         seconds, micros = replies[0]
-        now = int(seconds) * 1000 + int(micros) // 1000 + self._env().offset_ms
+        now = self._clock().shift(int(seconds) * 1000 + int(micros) // 1000)
         firsts = [float(r[0][1]) for r in replies[1:] if r]
         if not firsts:
             return self._max_wait

@@ -179,12 +179,8 @@ class Worker:
         return self.connection.redis
 
     @property
-    def clock_offset_ms(self) -> int:
-        return self.runner.client.env.offset_ms
-
-    @property
-    def publish_command(self) -> str:
-        return self.connection.publish_command
+    def env(self) -> scripts.Env:
+        return self.runner.client.env
 
     def partitions(self) -> list[QueueKeys]:
         return [keys for q in self.queues for keys in q.parts]
@@ -305,7 +301,11 @@ class Worker:
             max_payload=client.max_payload,
         )
         self.scheduler = Scheduler(
-            self.redis, self.partitions, lambda: client.env, self.runner.max_idle_wait
+            self.redis,
+            self.partitions,
+            lambda: client.env,
+            lambda: client.clock,
+            self.runner.max_idle_wait,
         )
         self.committer.on_retry = self.scheduler.wake
         self.reader = Reader(
