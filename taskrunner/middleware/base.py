@@ -124,6 +124,8 @@ class CancelReason(StrEnum):
     ABORTED = "aborted"
     LOST_LEASE = "lost_lease"
     SHUTDOWN = "shutdown"
+    HANDBACK = "handback"
+    """Not started yet and given back to the queue (a job is about to run alone)."""
 
 
 class Held(Protocol):

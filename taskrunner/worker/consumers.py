@@ -45,6 +45,7 @@ logger = logging.getLogger("taskrunner.worker")
 CANCEL_OUTCOMES = {
     CancelReason.ABORTED: Outcome(OutcomeKind.ABORTED),
     CancelReason.SHUTDOWN: Outcome(OutcomeKind.HANDBACK),
+    CancelReason.HANDBACK: Outcome(OutcomeKind.HANDBACK),
 }
 PROGRESS_LIMIT = 64 * 1024
 """Bytes of JSON a progress value may have."""
@@ -119,12 +120,13 @@ class Consumers:
             self.waiting[item.token] = item
             self.queue.put_nowait(item)
 
-    def hand_back_waiting(self) -> None:
+    def hand_back_waiting(self, reason: CancelReason) -> None:
         """Settle every claimed job no consumer has started, now: hand it back, or
-        record its abort (the consumers may all be busy for the whole grace period)."""
+        record its abort (at shutdown the consumers may all be busy for the whole grace
+        period; before a job runs alone, none may be caught in its crash)."""
         for item in list(self.waiting.values()):
             if item.cancelled is None:  # a lost lease or an abort stays what it is
-                item.cancelled = CancelReason.SHUTDOWN
+                item.cancelled = reason
             self._settle(item)
 
     def drop(self, token: str, reason: CancelReason) -> None:

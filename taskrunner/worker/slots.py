@@ -27,6 +27,11 @@ class Slots:
         return self.size - self.free
 
     @property
+    def isolating(self) -> bool:
+        """A job runs alone, or waits to."""
+        return self._alone or self._alone_wanted > 0
+
+    @property
     def readable(self) -> int:
         """Slots the reader may fill now (none while a job runs or waits to run alone)."""
         return 0 if self._alone or self._alone_wanted else self.free

@@ -211,6 +211,9 @@ class Worker:
         self.consumers.drop(token, reason)
 
     def run_alone(self) -> AbstractAsyncContextManager[None]:
+        # Claimed jobs that wait for a consumer go back to the queue at once: if the job
+        # that runs alone kills this process, they must not be caught in the crash.
+        self.consumers.hand_back_waiting(CancelReason.HANDBACK)
         return self.slots.alone()
 
     def run_shared(self) -> AbstractAsyncContextManager[None]:
@@ -314,7 +317,9 @@ class Worker:
             queues=lambda: self.queues,
             slots=self.slots,
             env=lambda: client.env,
-            deliver=lambda items: self.consumers.deliver(items, self.stopping),
+            deliver=lambda items: self.consumers.deliver(
+                items, self.stopping or self.slots.isolating
+            ),
             max_deliveries=self.max_deliveries,
             max_payload=client.max_payload,
             idle_wait=self.runner.max_idle_wait,
@@ -357,11 +362,12 @@ class Worker:
                 self.consumers.queue.put_nowait(None)  # each consumer ends after its queue
 
     async def _drain(self) -> None:
-        self.consumers.hand_back_waiting()  # not started yet: another worker can take them
+        # not started yet: another worker can take them now
+        self.consumers.hand_back_waiting(CancelReason.SHUTDOWN)
         with anyio.move_on_after(self.grace_period):
-            while self.consumers.running or self.slots.busy:
+            while self.consumers.running:  # (unrecorded outcomes: see _await_commits)
                 await self.slots.changed()
-        self.consumers.hand_back_waiting()
+        self.consumers.hand_back_waiting(CancelReason.SHUTDOWN)
         self.consumers.cancel_running(CancelReason.SHUTDOWN)
 
     async def _drained(self) -> bool:
