@@ -139,7 +139,8 @@ def write(client: redis.Redis, keys: QueueKeys, unique: str, kind: str, value: A
         return set()
     if kind == "entry":
         entry = client.xadd(keys.stream, value)
-        return {value.get(b"job") or b"entry-" + entry}
+        entry_id = entry if isinstance(entry, bytes) else str(entry).encode()
+        return {value.get(b"job") or b"entry-" + entry_id}
     job_id = f"bad-{unique}"
     client.hset(keys.job(job_id), mapping=value)
     client.xadd(keys.stream, {"job": job_id})

@@ -75,7 +75,7 @@ class Command:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=DEADLINE)
         self._file.close()
-        print(f"--- {self.proc.args} (exit {self.proc.returncode}) ---\n{self.output()}")
+        print(f"--- {self.proc.args!r} (exit {self.proc.returncode}) ---\n{self.output()}")
 
 
 @pytest.fixture
@@ -185,7 +185,7 @@ async def test_consumers_and_workers_of_killed_processes_are_pruned(
 
         async def pruned() -> bool:
             names = await consumers()
-            members = set(await redis.zrange(keys.workers, 0, -1))
+            members = {str(m) for m in await redis.zrange(keys.workers, 0, -1)}
             return bool(names) and all(n.startswith(live.consumer_prefix) for n in names | members)
 
         await wait_until(pruned, DEADLINE)
