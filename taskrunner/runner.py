@@ -17,6 +17,12 @@ from taskrunner import scripts
 from taskrunner.client import Client
 from taskrunner.clock import Clock
 from taskrunner.codec import ResultCodec
+from taskrunner.config import (
+    DEFAULT_DEAD_LETTER_LIMIT,
+    DEFAULT_DEAD_LETTER_TTL,
+    RunnerSettings,
+    describe_options,
+)
 from taskrunner.connection import PoolOptions, open_connection
 from taskrunner.embedded import EmbeddedRedis
 from taskrunner.exceptions import (
@@ -41,7 +47,7 @@ from taskrunner.middleware.timeout import TimeoutMiddleware
 from taskrunner.middleware.unique import ConflictStrategy, LockKind, UniqueMiddleware
 from taskrunner.options import TaskOptions
 from taskrunner.task import Call, Task, TaskDefinition
-from taskrunner.urls import redact
+from taskrunner.urls import parse_url, redact
 from taskrunner.worker import Worker
 
 P = ParamSpec("P")
@@ -94,7 +100,7 @@ class TaskRunner:
         timeout: float | timedelta | None = None,
         heartbeat_interval: float | timedelta = 5.0,
         stale_after: float | timedelta = 30.0,
-        socket_timeout: float = 10.0,
+        socket_timeout: float | timedelta = 10.0,
         lock_ttl: float | timedelta = 600.0,
         partitions: int | None = None,
         priorities: Sequence[str] = DEFAULT_PRIORITIES,
@@ -103,34 +109,55 @@ class TaskRunner:
         max_connections: int = 100,
         pool_timeout: float | timedelta = 20.0,
         max_payload: int = 1 << 20,
+        dead_letter_limit: int = DEFAULT_DEAD_LETTER_LIMIT,
+        dead_letter_ttl: float | timedelta = DEFAULT_DEAD_LETTER_TTL,
     ) -> None:
+        if url is not None:
+            parse_url(url)  # a bad URL is refused here, in one sentence, password hidden
+        cfg = RunnerSettings.check(
+            result_ttl=result_ttl,
+            max_retries=max_retries,
+            retry_delay=retry_delay,
+            timeout=timeout,
+            heartbeat_interval=heartbeat_interval,
+            stale_after=stale_after,
+            socket_timeout=socket_timeout,
+            lock_ttl=lock_ttl,
+            partitions=partitions,
+            priority_aging=priority_aging,
+            max_connections=max_connections,
+            pool_timeout=pool_timeout,
+            max_payload=max_payload,
+            dead_letter_limit=dead_letter_limit,
+            dead_letter_ttl=dead_letter_ttl,
+        )
         self.url = url
         self.queue = check_name("queue", queue)
         self.namespace = check_name("namespace", namespace)
-        self.result_ttl = _seconds(result_ttl)
-        self.socket_timeout = socket_timeout
+        self.result_ttl = cfg.result_ttl
+        self.socket_timeout = cfg.socket_timeout
+        self.dead_letter_limit = cfg.dead_letter_limit
+        self.dead_letter_ttl = cfg.dead_letter_ttl
         self.max_idle_wait = 5.0
-        self.partitions = partitions
+        self.partitions = cfg.partitions
         self.priorities = check_levels(priorities)
         self.default_priority = _default_level(self.priorities, default_priority)
-        self.priority_aging = _seconds(priority_aging)
-        self.max_payload = max_payload
+        self.priority_aging = cfg.priority_aging
+        self.max_payload = cfg.max_payload
         self.pool_options = PoolOptions(
-            max_connections=max_connections,
-            pool_timeout=_seconds(pool_timeout),
-            socket_timeout=socket_timeout,
+            max_connections=cfg.max_connections,
+            pool_timeout=cfg.pool_timeout,
+            socket_timeout=cfg.socket_timeout,
         )
-        self.lease = LeaseMiddleware(_seconds(heartbeat_interval), _seconds(stale_after))
-        retry = RetryMiddleware(max_retries=max_retries, retry_delay=_seconds(retry_delay))
-        self.unique = UniqueMiddleware(
-            lambda: self.client, lock_ttl=_seconds(lock_ttl), retry=retry
-        )
+        self.lease = LeaseMiddleware(cfg.heartbeat_interval, cfg.stale_after)
+        retry = RetryMiddleware(max_retries=cfg.max_retries, retry_delay=cfg.retry_delay)
+        self.unique = UniqueMiddleware(lambda: self.client, lock_ttl=cfg.lock_ttl, retry=retry)
         self.middleware: list[Middleware] = [
             self.lease,
             IsolationMiddleware(),
             self.unique,
             retry,
-            TimeoutMiddleware(None if timeout is None else _seconds(timeout)),
+            TimeoutMiddleware(cfg.timeout),
             *middleware,
         ]
         self._option_owners = self._collect_option_owners()
@@ -252,7 +279,7 @@ class TaskRunner:
         try:
             return {model: model(**values) for model, values in grouped.items()}
         except pydantic.ValidationError as exc:
-            raise ConfigurationError(f"task {task}: invalid option: {exc}") from exc
+            raise ConfigurationError(f"task {task}: {describe_options(exc)}") from None
 
     def check_priority(self, level: str, task: str) -> str:
         if level not in self.priorities:

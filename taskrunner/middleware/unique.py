@@ -91,6 +91,8 @@ ALLOWED_STRATEGIES: dict[str, tuple[str, ...]] = {
 
 DEFAULT_LOCK_TTL = 600.0
 DEFAULT_RESCHEDULE_DELAY = 5.0
+MIN_RESCHEDULE_DELAY = 0.05
+"""Below this a conflicting job would spin (reschedule, promote, conflict, ...)."""
 _ENQUEUE_LOCKS = ("until_executing", "until_executed")
 _RETRY_AFTER_REDIS_ERROR = 1.0
 
@@ -107,8 +109,9 @@ class UniqueOptions(TaskOptions):
     unique_args: Callable[..., Any] | None = None
     """Called with the job's arguments as the task receives them; returns the
     JSON-able value that defines uniqueness. None: every argument, defaults applied."""
-    reschedule_delay: OptionalSeconds = Field(default=None, ge=0)
-    """Seconds (or a timedelta) before a rescheduled job is tried again (5 s)."""
+    reschedule_delay: OptionalSeconds = Field(default=None, ge=MIN_RESCHEDULE_DELAY)
+    """Seconds (or a timedelta) before a rescheduled job is tried again (5 s); at
+    least ``MIN_RESCHEDULE_DELAY`` (0.05 s)."""
 
     @model_validator(mode="after")
     def _combination(self) -> Self:

@@ -1,0 +1,111 @@
+"""The settings of a ``TaskRunner``, validated by one pydantic model.
+
+``TaskRunner(...)`` checks its arguments here, like task options are checked by their
+middleware: a value of the wrong type or out of range raises ``ConfigurationError``
+where the runner is built, with one sentence per bad setting that names it::
+
+    invalid TaskRunner setting max_retries=-1: it must be 0 or more.
+
+Durations are seconds (``float``) or ``datetime.timedelta``; the model turns them
+into seconds.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Annotated, Any, Self
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import ErrorDetails
+
+from taskrunner.exceptions import ConfigurationError
+
+DEFAULT_DEAD_LETTER_LIMIT = 10_000
+"""Dead letters kept per queue: the oldest beyond this are removed (Sidekiq's default)."""
+DEFAULT_DEAD_LETTER_TTL = 30 * 24 * 3600.0
+"""Seconds a dead letter is kept (30 days)."""
+
+
+def _seconds(value: object) -> object:
+    if isinstance(value, bool):
+        raise ValueError("it must be a number of seconds or a timedelta, not a boolean")
+    return value.total_seconds() if isinstance(value, timedelta) else value
+
+
+Seconds = Annotated[float, BeforeValidator(_seconds)]
+"""Seconds as a number or a ``timedelta``."""
+Count = Annotated[int, Field(strict=True)]
+"""A whole number (``1.5``, ``"3"`` and ``True`` are refused)."""
+
+
+class RunnerSettings(BaseModel):
+    """Every setting of ``TaskRunner(...)`` but the URL (checked by ``taskrunner.urls``),
+    the names (checked by ``taskrunner.keys.check_name``) and the middleware."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    result_ttl: Seconds = Field(default=24 * 3600.0, gt=0)
+    max_retries: Count = Field(default=3, ge=0)
+    retry_delay: Seconds = Field(default=1.0, ge=0)
+    timeout: Seconds | None = Field(default=None, gt=0)
+    heartbeat_interval: Seconds = Field(default=5.0, gt=0)
+    stale_after: Seconds = Field(default=30.0, gt=0)
+    socket_timeout: Seconds = Field(default=10.0, gt=0)
+    lock_ttl: Seconds = Field(default=600.0, gt=0)
+    partitions: Count | None = Field(default=None, ge=1)
+    priority_aging: Seconds = Field(default=60.0, gt=0)
+    max_connections: Count = Field(default=100, ge=1)
+    pool_timeout: Seconds = Field(default=20.0, gt=0)
+    max_payload: Count = Field(default=1 << 20, ge=1)
+    dead_letter_limit: Count = Field(default=DEFAULT_DEAD_LETTER_LIMIT, ge=1)
+    dead_letter_ttl: Seconds = Field(default=DEFAULT_DEAD_LETTER_TTL, gt=0)
+
+    @model_validator(mode="after")
+    def _stale_after_covers_two_heartbeats(self) -> Self:
+        if self.stale_after < 2 * self.heartbeat_interval:
+            raise ValueError(
+                f"stale_after ({self.stale_after:g}s) must be at least twice "
+                f"heartbeat_interval ({self.heartbeat_interval:g}s), or live jobs would be "
+                "reclaimed"
+            )
+        return self
+
+    @classmethod
+    def check(cls, **values: Any) -> RunnerSettings:
+        """Validate ``values``; raise ``ConfigurationError`` naming each bad setting."""
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise ConfigurationError(describe(exc)) from None
+
+
+_READABLE = {
+    "greater_than": "it must be more than {gt:g}",
+    "greater_than_equal": "it must be {ge:g} or more",
+    "int_type": "it must be a whole number",
+    "int_from_float": "it must be a whole number",
+    "int_parsing": "it must be a whole number",
+    "float_type": "it must be a number of seconds or a timedelta",
+    "float_parsing": "it must be a number of seconds or a timedelta",
+}
+
+
+def describe(exc: ValidationError) -> str:
+    """One sentence: each bad setting with its value and what it must be."""
+    return "; ".join(_one(error, "TaskRunner setting") for error in exc.errors()) + "."
+
+
+def describe_options(exc: ValidationError) -> str:
+    """One sentence for bad task options (``invalid option reschedule_delay=0: ...``)."""
+    return "; ".join(_one(error, "option") for error in exc.errors()) + "."
+
+
+def _one(error: ErrorDetails, what: str) -> str:
+    location = [str(part) for part in error["loc"] if isinstance(part, str)]
+    ctx = error.get("ctx") or {}
+    template = _READABLE.get(error["type"])
+    reason = template.format(**ctx) if template else str(error["msg"]).removeprefix("Value error, ")
+    if not location:  # a rule over several settings: its message names them
+        return f"invalid {what}s: {reason}"
+    value = error["input"]
+    return f"invalid {what} {location[0]}={value!r}: {reason}"
