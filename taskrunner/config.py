@@ -28,7 +28,7 @@ DEFAULT_DEAD_LETTER_TTL = 30 * 24 * 3600.0
 
 def _seconds(value: object) -> object:
     if isinstance(value, bool):
-        raise ValueError("it must be a number of seconds or a timedelta, not a boolean")
+        raise ValueError("it must be a number of seconds or a timedelta, not a boolean")  # noqa: TRY004 (pydantic wants ValueError)
     return value.total_seconds() if isinstance(value, timedelta) else value
 
 
