@@ -22,6 +22,7 @@ from taskrunner.exceptions import (
     JobRejected,
     TaskrunnerError,
 )
+from taskrunner.urls import redact
 
 if TYPE_CHECKING:
     from taskrunner.codec import ResultCodec
@@ -112,7 +113,9 @@ class ErrorInfo(BaseModel):
             message = str(exc)
         except Exception:  # noqa: BLE001 - a broken __str__ must not break the commit
             message = f"<{name} whose str() failed>"
-        return cls(type=name, message=safe_text(message), traceback=_user_traceback(exc))
+        return cls(
+            type=name, message=redact(safe_text(message)), traceback=redact(_user_traceback(exc))
+        )
 
     @classmethod
     def parse(cls, text: str) -> ErrorInfo:

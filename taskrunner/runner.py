@@ -311,7 +311,9 @@ class TaskRunner:
 
     async def _connect(self) -> None:
         url = self.url or os.environ.get("TASKRUNNER_REDIS_URL")
-        if not url:
+        if url:
+            parse_url(url)  # ConfigurationError, password hidden, before redis-py sees it
+        else:
             self._embedded = EmbeddedRedis()
             url = await anyio.to_thread.run_sync(self._embedded.acquire)
         try:

@@ -40,6 +40,7 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from taskrunner.exceptions import ConfigurationError
+from taskrunner.urls import parse_url, redact
 
 if TYPE_CHECKING:
     from taskrunner.runner import TaskRunner
@@ -61,7 +62,7 @@ class Settings(BaseSettings):
         env_prefix=ENV_PREFIX, extra="forbid", case_sensitive=False, validate_default=True
     )
 
-    redis_url: str | None = None
+    redis_url: str | None = Field(default=None, repr=False)  # it may hold a password
     queues: Annotated[list[str], NoDecode] = Field(default_factory=list)
     concurrency: int = Field(default=100, ge=1)
     processes: int = Field(default=1, ge=1)
@@ -113,7 +114,7 @@ def describe(exc: ValidationError, flags: Mapping[str, Any]) -> str:
         field = str(error["loc"][0]) if error["loc"] else "?"
         source = flag_name(field) if field in flags else env_name(field)
         parts.append(f"invalid {source}={error['input']!r}: {error['msg']}")
-    return "; ".join(parts)
+    return redact("; ".join(parts))
 
 
 def load(
@@ -129,6 +130,11 @@ def load(
         settings = Settings(**given)
     except ValidationError as exc:
         raise SettingsError(describe(exc, given)) from None
+    if settings.redis_url is not None:
+        try:
+            parse_url(settings.redis_url)
+        except ConfigurationError as exc:
+            raise SettingsError(f"{env_name('redis_url')}: {exc}") from None
     if runner is None:
         return settings
     return with_runner_defaults(settings, runner)
@@ -143,8 +149,8 @@ def with_runner_defaults(settings: Settings, runner: TaskRunner) -> Settings:
         logger.warning(
             "TASKRUNNER_REDIS_URL (%s) overrides the url given to TaskRunner() (%s) for this "
             "command; producers that use that TaskRunner in Python still use the latter",
-            settings.redis_url,
-            runner.url,
+            redact(settings.redis_url or ""),
+            redact(runner.url),
         )
     if "queues" not in settings.model_fields_set:
         update["queues"] = runner.queues()

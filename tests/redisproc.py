@@ -36,27 +36,33 @@ def free_port() -> int:
         return port
 
 
-def ping(port: int, timeout: float = 0.5) -> str | None:
+def _auth(password: str | None) -> bytes:
+    """An inline AUTH command (its "+OK" reply is skipped by the readers), or nothing."""
+    return f"AUTH {password}\r\n".encode() if password else b""
+
+
+def ping(port: int, timeout: float = 0.5, password: str | None = None) -> str | None:
     """The first reply line to PING on 127.0.0.1:port, or None if nothing answers."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-            sock.sendall(b"PING\r\n")
+            sock.sendall(_auth(password) + b"PING\r\n")
             data = b""
-            while b"\r\n" not in data:
+            while data.count(b"\r\n") < (2 if password else 1):
                 chunk = sock.recv(256)
                 if not chunk:
                     break
                 data += chunk
     except OSError:
         return None
-    return data.split(b"\r\n", 1)[0].decode(errors="replace")
+    lines = data.split(b"\r\n")
+    return lines[1 if password and len(lines) > 1 else 0].decode(errors="replace")
 
 
-def server_pid(port: int, timeout: float = 0.5) -> int | None:
+def server_pid(port: int, timeout: float = 0.5, password: str | None = None) -> int | None:
     """The ``process_id`` that the server on 127.0.0.1:port reports in INFO."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-            sock.sendall(b"INFO server\r\n")
+            sock.sendall(_auth(password) + b"INFO server\r\n")
             data = b""
             while b"process_id:" not in data or not data.endswith(b"\r\n"):
                 chunk = sock.recv(4096)
@@ -75,7 +81,9 @@ class RedisProcess:
     """A redis-server child process bound to 127.0.0.1 on a free port, data in ``directory``.
 
     RDB snapshots are off; ``appendonly=True`` turns the AOF on for persistence tests.
-    The port is chosen on the first ``start()`` and kept by ``restart()``/``start()``.
+    ``password`` turns ``requirepass`` on (``url`` then carries it; ``url_without_password``
+    does not). The port is chosen on the first ``start()`` and kept by
+    ``restart()``/``start()``.
     """
 
     def __init__(
@@ -83,12 +91,14 @@ class RedisProcess:
         directory: str | os.PathLike[str],
         *,
         appendonly: bool = False,
+        password: str | None = None,
         port: int | None = None,
         start_timeout: float = 10.0,
         stop_timeout: float = 10.0,
     ) -> None:
         self.directory = Path(directory).absolute()
         self.appendonly = appendonly
+        self.password = password
         self._port = port
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
@@ -102,6 +112,11 @@ class RedisProcess:
 
     @property
     def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    @property
+    def url_without_password(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     @property
@@ -177,6 +192,7 @@ class RedisProcess:
             "no",
             "--logfile",
             str(self.logfile),
+            *(["--requirepass", self.password] if self.password else []),
         ]
 
     def _launch(self, port: int) -> bool:
@@ -191,8 +207,8 @@ class RedisProcess:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 return False
-            if ping(port) == "+PONG":
-                if server_pid(port) != proc.pid:
+            if ping(port, password=self.password) == "+PONG":
+                if server_pid(port, password=self.password) != proc.pid:
                     # Another server holds this port and ours will exit: try another.
                     proc.kill()
                     proc.wait()

@@ -1,4 +1,12 @@
-"""Helpers shared by the commands: one-line errors, loading the app, settings, running."""
+"""Helpers shared by the commands: one-line errors, loading the app, settings, running.
+
+Exit codes (docs/workers.md): 2 when what the user gave is wrong and running the same
+command again cannot help: a bad flag, APP or setting, a malformed Redis URL, and a
+Redis URL the server turns down (credentials refused, a database index it does not
+have, an endpoint that does not speak Redis); 1 when Redis cannot be reached (refused,
+timed out, unknown host: perhaps only for now) and for other runtime failures. Every
+message goes through ``taskrunner.urls.redact``: no password is ever printed.
+"""
 
 from __future__ import annotations
 
@@ -11,21 +19,31 @@ from typing import Any, NoReturn
 
 import anyio
 import click
+from redis.exceptions import AuthenticationError, InvalidResponse, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from taskrunner.exceptions import TaskrunnerError
+from taskrunner.exceptions import ConfigurationError, TaskrunnerError
 from taskrunner.runner import TaskRunner
 from taskrunner.settings import Settings, SettingsError, load
+from taskrunner.urls import redact
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 USAGE_ERROR = 2
-"""Exit code of a bad argument, flag, setting or APP (like click and argparse)."""
+"""Exit code of a bad argument, flag, setting, APP or Redis URL (like click and argparse)."""
+RUNTIME_ERROR = 1
+"""Exit code of an unreachable Redis and of other failures at run time."""
+
+_AUTH_REPLIES = ("NOAUTH", "WRONGPASS", "NOPERM")
+_DB_REPLIES = ("DB index is out of range", "invalid DB index", "SELECT is not allowed")
+
+_target = {"redis": "redis"}
+"""What the command connects to, redacted, for error messages (set by ``use_url``)."""
 
 
-def fail(message: str, code: int = 1) -> NoReturn:
-    """Print one line to stderr and exit non-zero: no traceback for user errors."""
-    line = " ".join(message.split())
+def fail(message: str, code: int = RUNTIME_ERROR) -> NoReturn:
+    """Print one line to stderr (passwords hidden) and exit non-zero: no traceback."""
+    line = " ".join(redact(message).split())
     click.echo(f"taskrunner: error: {line}", err=True)
     sys.exit(code)
 
@@ -72,6 +90,8 @@ def load_app(path: str) -> TaskRunner:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         fail(f"cannot import module {module_name!r}: {exc}", USAGE_ERROR)
+    except ConfigurationError as exc:  # e.g. TaskRunner(url=...) with a bad URL
+        fail(f"cannot load {path}: {exc}", USAGE_ERROR)
     app = getattr(module, attribute, None)
     if app is None:
         fail(f"module {module_name!r} has no attribute {attribute!r}", USAGE_ERROR)
@@ -88,13 +108,32 @@ def settings_for(flags: Mapping[str, Any], runner: TaskRunner | None = None) -> 
     except SettingsError as exc:
         fail(str(exc), USAGE_ERROR)
     setup_logging(settings.log_level)
-    if runner is not None and settings.redis_url:
-        runner.url = settings.redis_url
+    if runner is not None:
+        use_url(runner, settings)
     return settings
 
 
+def use_url(runner: TaskRunner, settings: Settings) -> None:
+    """Point ``runner`` at the settings' Redis URL (if any); name it in error messages."""
+    if settings.redis_url:
+        runner.url = settings.redis_url
+    url = runner.url or os.environ.get("TASKRUNNER_REDIS_URL")
+    _target["redis"] = f"redis at {redact(url)}" if url else "the embedded redis-server"
+
+
+class RedactingFormatter(logging.Formatter):
+    """Formats as usual, then hides the password of every URL in the line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
 def setup_logging(level: str) -> None:
+    """Log to stderr at ``level``; no line can show a URL's password."""
     logging.basicConfig(level=level.upper(), format=LOG_FORMAT)
+    for handler in logging.getLogger().handlers:
+        if not isinstance(handler.formatter, RedactingFormatter):
+            handler.setFormatter(RedactingFormatter(LOG_FORMAT))
 
 
 def run_async(fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -124,11 +163,33 @@ def _first_leaf(exc: BaseException) -> BaseException:
 
 
 def _fail_known(exc: BaseException) -> None:
-    """One line (and exit 1) for errors that are about the setup, not a bug."""
+    """One line for errors about the setup, not a bug: exit 2 when the URL or the
+    configuration is wrong, 1 when Redis cannot be reached or for another failure."""
+    if isinstance(exc, ConfigurationError):
+        fail(str(exc), USAGE_ERROR)
+    rejected = _rejected_by_server(exc)
+    if rejected is not None:
+        fail(f"{_target['redis']} {rejected}: {exc}", USAGE_ERROR)
     if isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError)):
-        fail(f"cannot reach redis: {exc}")
+        fail(f"cannot reach {_target['redis']}: {exc}")
     if isinstance(exc, TaskrunnerError):
         fail(str(exc))
+
+
+def _rejected_by_server(exc: BaseException) -> str | None:
+    """What the server's answer says is wrong with the URL, or None if it is not that."""
+    text = str(exc)
+    if isinstance(exc, AuthenticationError) or (
+        isinstance(exc, ResponseError) and text.startswith(_AUTH_REPLIES)
+    ):
+        return "refused the credentials (check the user and password in the URL)"
+    if isinstance(exc, ResponseError) and text.startswith(_DB_REPLIES):
+        return "has no such database (check the /DB of the URL)"
+    if isinstance(exc, InvalidResponse) or (
+        isinstance(exc, RedisError) and "Protocol error" in text
+    ):
+        return "does not speak the Redis protocol (check the host and port of the URL)"
+    return None
 
 
 def example(text: str) -> str:

@@ -9,6 +9,9 @@ forwards it once.
   that keeps crashing right after start is restarted with a growing delay (up to 10s).
   Its unfinished jobs are reclaimed by the other workers once its leases go stale.
 * A child that exits 0 (burst mode drained, or someone stopped it) is not restarted.
+* A child that exits 2 (a configuration error: a bad setting or Redis URL, refused
+  credentials, ...) is not restarted either, since every restart would fail the same
+  way: the supervisor stops the other children and exits 2.
 * SIGTERM or SIGINT is forwarded to every child, which stops reading and lets its
   running jobs finish within the grace period; a second signal is forwarded too, and
   the children exit at once. The supervisor exits when the last child has exited:
@@ -30,6 +33,8 @@ from anyio.abc import Process
 
 logger = logging.getLogger("taskrunner.supervisor")
 
+CONFIG_ERROR = 2
+"""Exit code of a child whose configuration is wrong (see taskrunner.cli._common)."""
 STABLE_AFTER = 10.0
 """A child that ran this long before crashing is restarted at once."""
 MAX_BACKOFF = 10.0
@@ -47,14 +52,23 @@ class Supervisor:
         self._signals_seen = 0
 
     async def run(self) -> int:
-        """Run the children; return 0 when every child ended with 0, else 1."""
+        """Run the children; return 0 when every child ended with 0, 2 when one had a
+        configuration error, else 1."""
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._forward_signals)
             async with anyio.create_task_group() as children:
                 for index in range(self.processes):
                     children.start_soon(self._keep_running, index)
             tg.cancel_scope.cancel()
+        if CONFIG_ERROR in self.exit_codes:
+            return CONFIG_ERROR
         return 0 if all(code == 0 for code in self.exit_codes) else 1
+
+    def _stop_all(self, signum: int) -> None:
+        self._stopping.set()
+        for process in list(self.children.values()):
+            if process.returncode is None:
+                process.send_signal(signum)
 
     async def _keep_running(self, index: int) -> None:
         crashes = 0
@@ -63,6 +77,15 @@ class Supervisor:
             code = await self._run_child(index)
             if self._stopping.is_set() or code == 0:
                 self.exit_codes.append(code)
+                return
+            if code == CONFIG_ERROR:
+                logger.error(
+                    "worker process %d exited with code 2 (a configuration error): not "
+                    "restarting it, stopping the others",
+                    index,
+                )
+                self.exit_codes.append(code)
+                self._stop_all(signal.SIGTERM)
                 return
             crashes = 0 if time.monotonic() - started >= STABLE_AFTER else crashes + 1
             delay = min(MAX_BACKOFF, 0.5 * 2 ** (crashes - 1)) if crashes else 0.0
@@ -104,10 +127,7 @@ class Supervisor:
                     logger.info("received %s: stopping %d worker process(es)", name, self.processes)
                 else:
                     logger.warning("received %s again: the workers exit now", name)
-                self._stopping.set()
-                for process in list(self.children.values()):
-                    if process.returncode is None:
-                        process.send_signal(signum)
+                self._stop_all(signum)
 
 
 def _describe(code: int) -> str:

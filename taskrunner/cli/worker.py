@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from taskrunner.cli._common import example, fail, load_app, run_async, settings_for
+from taskrunner.cli._common import example, fail, load_app, run_async, settings_for, use_url
 from taskrunner.runner import TaskRunner
 from taskrunner.settings import Settings, with_runner_defaults
 
@@ -92,8 +92,7 @@ def worker(
         return
     runner = load_app(app)
     settings = with_runner_defaults(base, runner)
-    if settings.redis_url:
-        runner.url = settings.redis_url
+    use_url(runner, settings)
     if settings.processes > 1:
         from taskrunner.cli.supervisor import supervise
 
