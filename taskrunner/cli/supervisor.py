@@ -64,7 +64,7 @@ class Supervisor:
             return CONFIG_ERROR
         return 0 if all(code == 0 for code in self.exit_codes) else 1
 
-    def _stop_all(self, signum: int) -> None:
+    def _stop_all(self, signum: signal.Signals) -> None:
         self._stopping.set()
         for process in list(self.children.values()):
             if process.returncode is None:
@@ -127,7 +127,7 @@ class Supervisor:
                     logger.info("received %s: stopping %d worker process(es)", name, self.processes)
                 else:
                     logger.warning("received %s again: the workers exit now", name)
-                self._stop_all(signum)
+                self._stop_all(signal.Signals(signum))
 
 
 def _describe(code: int) -> str:
