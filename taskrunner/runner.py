@@ -13,7 +13,7 @@ from typing import Any, ParamSpec, TypeVar, overload
 import anyio
 import pydantic
 
-from taskrunner import scripts
+from taskrunner import deadletters, scripts
 from taskrunner.client import Client
 from taskrunner.clock import Clock
 from taskrunner.codec import ResultCodec
@@ -24,6 +24,7 @@ from taskrunner.config import (
     describe_options,
 )
 from taskrunner.connection import PoolOptions, open_connection
+from taskrunner.deadletters import DeadLetters
 from taskrunner.embedded import EmbeddedRedis
 from taskrunner.exceptions import (
     ConfigurationError,
@@ -36,6 +37,7 @@ from taskrunner.keys import (
     DEFAULT_LEVEL,
     DEFAULT_NAMESPACE,
     DEFAULT_PRIORITIES,
+    QueueKeys,
     check_levels,
     check_name,
 )
@@ -412,22 +414,73 @@ class TaskRunner:
         definition = self.registry.get(task)
         return definition.codec.result if definition is not None else None
 
-    async def dead_letters(self, queue: str | None = None) -> list[JobInfo]:
-        """Dead-lettered jobs of ``queue`` (default: every queue of this app); the
-        reason is each one's ``error.message``. See ``taskrunner.deadletters``."""
-        from taskrunner import deadletters
+    # -- dead letters (see taskrunner.deadletters) ----------------------------------------
 
-        return await deadletters.dead_letters(self.client, [queue] if queue else self.queues())
+    async def _dead_keys(self, queue: str | None) -> list[QueueKeys]:
+        """The key group of every partition of ``queue`` (default: every queue)."""
+        groups: list[QueueKeys] = []
+        for name in [queue] if queue else self.queues():
+            groups.extend((await self.client.resolve(name)).parts)
+        return groups
+
+    async def dead_letters(
+        self, queue: str | None = None, *, limit: int = 100, cursor: str | None = None
+    ) -> DeadLetters:
+        """One page of dead-lettered jobs of ``queue`` (default: every queue of this
+        app), oldest first: a list of at most ``limit`` (1 to 1000) ``JobInfo`` whose
+        reason is ``error.message``, with ``.next_cursor`` to pass as ``cursor`` for the
+        next page (None on the last)."""
+        redis = self.client.redis
+        return await deadletters.list_dead(
+            redis, await self._dead_keys(queue), limit=limit, cursor=cursor
+        )
 
     async def retry_dead(
         self, job_ids: Sequence[str] | None = None, *, all: bool = False, queue: str | None = None
     ) -> int:
         """Put dead-lettered jobs (``job_ids``, or ``all=True``) back on their queue under
-        the same id with attempts reset; returns how many were revived."""
-        from taskrunner import deadletters
+        the same id with attempts reset, in bounded batches; returns how many were
+        revived."""
+        if all == bool(job_ids):
+            raise ValueError("retry_dead needs either job ids or all=True (not both)")
+        revived = 0
+        for keys in await self._dead_keys(queue):
+            if job_ids:
+                revived += await deadletters.retry_ids(self.client.redis, keys, list(job_ids))
+            else:
+                revived += await deadletters.retry_all(self.client.redis, keys)
+        return revived
 
-        queues = [queue] if queue else self.queues()
-        return await deadletters.retry_dead(self.client, queues, job_ids, all=all)
+    async def delete_dead(self, job_ids: Sequence[str], *, queue: str | None = None) -> int:
+        """Remove these dead letters and their job info for good; returns how many
+        were dead letters."""
+        removed = 0
+        for keys in await self._dead_keys(queue):
+            removed += await deadletters.delete_dead(self.client.redis, keys, list(job_ids))
+        return removed
+
+    async def purge_dead(
+        self, *, queue: str | None = None, older_than: float | timedelta | None = None
+    ) -> int:
+        """Remove every dead letter (or those that died more than ``older_than`` ago) and
+        their job info for good, then apply the bounds; returns how many were removed."""
+        age = None if older_than is None else _seconds(older_than)
+        if age is not None and age < 0:
+            raise ValueError(f"older_than must be 0 or more, got {age:g}")
+        removed = 0
+        for keys in await self._dead_keys(queue):
+            removed += await deadletters.purge_dead(self.client.redis, keys, older_than=age)
+        return removed + await self.trim_dead(queue)
+
+    async def trim_dead(self, queue: str | None = None) -> int:
+        """Apply ``dead_letter_ttl`` and ``dead_letter_limit`` now (workers do it
+        periodically); returns how many dead letters were removed."""
+        removed = 0
+        for keys in await self._dead_keys(queue):
+            removed += await deadletters.trim_dead(
+                self.client.redis, keys, limit=self.dead_letter_limit, max_age=self.dead_letter_ttl
+            )
+        return removed
 
     # -- working -------------------------------------------------------------------------
 

@@ -105,6 +105,8 @@ WATCH = Script("watch")
 PARTITIONS = Script("partitions")
 TURN = Script("turn")
 PROGRESS = Script("progress")
+PURGE = Script("purge")
+PAGE = Script("page")
 ALL = (
     ENQUEUE,
     FETCH,
@@ -124,6 +126,8 @@ ALL = (
     PARTITIONS,
     TURN,
     PROGRESS,
+    PURGE,
+    PAGE,
 )
 
 
@@ -477,3 +481,16 @@ def turn(env: Env, keys: QueueKeys, period_ms: int, worker: str) -> ScriptCall:
 def progress(env: Env, keys: QueueKeys, job_id: str, token: str, value: str) -> ScriptCall:
     """Store a running attempt's progress (JSON), fenced by its lease."""
     return ScriptCall(PROGRESS, [keys.job(job_id)], [token, value, keys.done(job_id), env.publish])
+
+
+def purge(keys: QueueKeys, job_ids: Sequence[str], cutoff_ms: int, keep: int) -> ScriptCall:
+    """Remove these dead letters (and their job hashes) if they died at or before
+    ``cutoff_ms`` or the dead letters hold more than ``keep`` (-1: remove them all)."""
+    return ScriptCall(
+        PURGE, [keys.dead, *(keys.job(i) for i in job_ids)], [cutoff_ms, keep, *job_ids]
+    )
+
+
+def page(keys: QueueKeys, after_id: str, after_score_ms: int, count: int) -> ScriptCall:
+    """Up to ``count`` dead letters (id, score) after the cursor, oldest first."""
+    return ScriptCall(PAGE, [keys.dead], [after_id, after_score_ms, count])
