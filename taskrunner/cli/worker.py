@@ -1,14 +1,17 @@
-"""``taskrunner worker``: one worker process, N under a supervisor, or one that reloads."""
+"""``taskrunner worker``: one worker process, N under a supervisor, or one that reloads.
+
+Signals: a worker process stops gracefully on the first SIGINT or SIGTERM and exits at
+once on the second. Under ``--processes`` and ``--reload`` the workers run in sessions
+of their own, so a terminal's Ctrl-C reaches only the supervisor or the reloader, which
+forwards it once: one Ctrl-C is one graceful stop."""
 
 from __future__ import annotations
 
 import logging
 import os
-import shlex
 import signal
 import sys
 import threading
-from pathlib import Path
 from typing import Any
 
 import click
@@ -88,7 +91,8 @@ def worker(
     }
     base = settings_for(flags)
     if reload:
-        run_with_reload(child_argv(app, base, processes=base.processes), base.grace_period)
+        argv = child_argv(app, base, processes=base.processes, supervised=True)
+        run_with_reload(argv, base.grace_period)
         return
     runner = load_app(app)
     settings = with_runner_defaults(base, runner)
@@ -96,6 +100,8 @@ def worker(
     if settings.processes > 1:
         from taskrunner.cli.supervisor import supervise
 
+        if supervised:  # the child of --reload: stop when the reloader is gone
+            _stop_when_parent_exits()
         sys.exit(supervise(child_argv(app, base, processes=1, supervised=True), settings.processes))
     run_worker(runner, settings, supervised=supervised)
 
@@ -134,7 +140,8 @@ def child_argv(
 
 
 def _stop_when_parent_exits() -> None:
-    """Stop gracefully (as on SIGTERM) when stdin, a pipe from the supervisor, closes."""
+    """Stop gracefully (as on SIGTERM) when stdin, a pipe from the supervisor or the
+    reloader, closes."""
 
     fd = sys.stdin.fileno()
 
@@ -146,7 +153,7 @@ def _stop_when_parent_exits() -> None:
                 pass
         except OSError:
             pass
-        logger.warning("the supervisor is gone; stopping")
+        logger.warning("the supervisor is gone; stopping")  # (or the reloader)
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=wait_for_eof, name="taskrunner-supervisor-watch", daemon=True).start()
@@ -154,23 +161,11 @@ def _stop_when_parent_exits() -> None:
 
 def run_with_reload(argv: list[str], grace_period: float) -> None:
     """Run ``argv`` and restart it whenever a .py file below the current directory
-    changes. The old process gets SIGINT (a graceful stop) and the grace period."""
+    changes; Ctrl-C (or SIGTERM) is one graceful stop (see ``taskrunner.cli.reloader``)."""
     try:
-        import watchfiles
+        import watchfiles  # noqa: F401
     except ImportError:
         fail("--reload needs watchfiles: pip install 'taskrunner[reload]'")
+    from taskrunner.cli.reloader import reload
 
-    def changed(changes: set[tuple[watchfiles.Change, str]]) -> None:
-        paths = sorted({Path(p).name for _, p in changes})
-        logger.info("detected changes in %s; restarting the worker", ", ".join(paths))
-
-    root = os.getcwd()
-    logger.info("watching %s for changes (--reload)", root)
-    watchfiles.run_process(
-        root,
-        target=shlex.join(argv),
-        target_type="command",
-        callback=changed,
-        watch_filter=watchfiles.PythonFilter(),
-        sigint_timeout=int(grace_period) + 5,
-    )
+    sys.exit(reload(argv, os.getcwd(), grace_period))
