@@ -3,6 +3,7 @@
 Typed tasks, no lost jobs, no job run twice at once. Start with ``TaskRunner``.
 """
 
+from taskrunner.deadletters import DeadLetters
 from taskrunner.exceptions import (
     ConfigurationError,
     EmbeddedRedisError,
@@ -41,6 +42,7 @@ __all__ = [
     "BoundTask",
     "Call",
     "ConfigurationError",
+    "DeadLetters",
     "EmbeddedRedisError",
     "EnqueueContext",
     "ErrorInfo",

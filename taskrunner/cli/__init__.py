@@ -1,4 +1,4 @@
-"""The ``taskrunner`` command: ``worker``, ``enqueue``, ``info`` (and ``deadletters``).
+"""The ``taskrunner`` command: ``worker``, ``enqueue``, ``info`` and the dead-letter commands.
 
 Why click: it is already a dependency of most of the ecosystem (uvicorn, typer, flask),
 so it costs nothing extra to install; its help output, repeatable options, choices and
@@ -7,10 +7,12 @@ that would slow start-up (a supervisor starts worker processes with it) or fight
 own pydantic validation of settings. typer is click plus annotations, which we do not
 need for four commands.
 
-Every usage error (a bad flag, ARGS, APP or ``TASKRUNNER_*`` setting) prints one line
-on stderr and exits 2; a Redis that cannot be reached prints one line and exits 1.
-Each command lives in its own module; ``taskrunner.cli.deadletters`` is added to the
-group when present.
+Every usage or configuration error (a bad flag, ARGS, APP or ``TASKRUNNER_*`` setting,
+a malformed Redis URL, or one the server turns down: credentials, database, not Redis)
+prints one line on stderr and exits 2; a Redis that cannot be reached prints one line
+and exits 1 (see ``taskrunner.cli._common``). No line shows a password. Each command
+lives in its own module; the commands of ``taskrunner.cli.deadletters`` are added to
+the group when present.
 """
 
 from __future__ import annotations
