@@ -245,10 +245,17 @@ async def delete_dead(redis: Redis, keys: QueueKeys, job_ids: Sequence[str]) -> 
     return removed
 
 
-async def purge_dead(redis: Redis, keys: QueueKeys, *, older_than: float | None = None) -> int:
+async def purge_dead(
+    redis: Redis,
+    keys: QueueKeys,
+    *,
+    older_than: float | None = None,
+    max_batches: int | None = None,
+) -> int:
     """Remove every dead letter of one key group (or those that died more than
     ``older_than`` seconds ago, by Redis's clock) with their job hashes, ``BATCH`` per
-    script call. Dead letters that arrive meanwhile are left alone."""
+    script call, at most ``max_batches`` calls (None: all). Dead letters that arrive
+    meanwhile are left alone."""
     if older_than is None:
         last = cast(list[tuple[str, float]], await redis.zrange(keys.dead, -1, -1, withscores=True))
         if not last:
@@ -256,7 +263,9 @@ async def purge_dead(redis: Redis, keys: QueueKeys, *, older_than: float | None 
         cutoff = int(last[0][1])
     else:
         cutoff = await redis_now_ms(redis) - int(older_than * 1000)
-    return await _remove_oldest(redis, keys, cutoff_ms=cutoff, keep=_NO_COUNT_RULE)
+    return await _remove_oldest(
+        redis, keys, cutoff_ms=cutoff, keep=_NO_COUNT_RULE, max_batches=max_batches
+    )
 
 
 async def trim_dead(
