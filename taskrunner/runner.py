@@ -32,7 +32,7 @@ from taskrunner.exceptions import (
     TaskrunnerError,
     UnknownOptionError,
 )
-from taskrunner.job import Job, JobInfo
+from taskrunner.job import Job
 from taskrunner.keys import (
     DEFAULT_LEVEL,
     DEFAULT_NAMESPACE,

@@ -75,7 +75,6 @@ def test_good_settings_are_kept_in_seconds() -> None:
     )
     assert tr.result_ttl == 60.0
     assert tr.socket_timeout == 4.0
-    assert tr.block_ms == 2000
     assert (tr.dead_letter_limit, tr.dead_letter_ttl) == (5, 86400.0)
     default = TaskRunner(URL)
     assert default.dead_letter_limit == DEFAULT_DEAD_LETTER_LIMIT == 10_000
