@@ -251,6 +251,7 @@ async def purge_dead(
     *,
     older_than: float | None = None,
     max_batches: int | None = None,
+    offset_ms: int = 0,
 ) -> int:
     """Remove every dead letter of one key group (or those that died more than
     ``older_than`` seconds ago, by Redis's clock) with their job hashes, ``BATCH`` per
@@ -262,24 +263,31 @@ async def purge_dead(
             return 0
         cutoff = int(last[0][1])
     else:
-        cutoff = await redis_now_ms(redis) - int(older_than * 1000)
+        cutoff = await redis_now_ms(redis) + offset_ms - int(older_than * 1000)
     return await _remove_oldest(
         redis, keys, cutoff_ms=cutoff, keep=_NO_COUNT_RULE, max_batches=max_batches
     )
 
 
 async def trim_dead(
-    redis: Redis, keys: QueueKeys, *, limit: int, max_age: float, max_batches: int | None = None
+    redis: Redis,
+    keys: QueueKeys,
+    *,
+    limit: int,
+    max_age: float,
+    max_batches: int | None = None,
+    offset_ms: int = 0,
 ) -> int:
     """Apply the dead-letter bounds to one key group: remove the dead letters that died
     more than ``max_age`` seconds ago (by Redis's clock) and the oldest beyond ``limit``,
     with their job hashes, ``BATCH`` per script call, at most ``max_batches`` calls
-    (None: until within bounds). Returns how many were removed.
+    (None: until within bounds). ``offset_ms`` shifts the server's clock (the runner's
+    ``clock_offset``, 0 in production). Returns how many were removed.
 
     Cheap when there is nothing to do (``TIME``, ``ZCARD`` and one ``ZRANGE`` of one
     id): call it from a periodic housekeeping pass (a worker's, once a minute or so)
     and after operations that add many dead letters."""
-    cutoff = await redis_now_ms(redis) - int(max_age * 1000)
+    cutoff = await redis_now_ms(redis) + offset_ms - int(max_age * 1000)
     return await _remove_oldest(redis, keys, cutoff_ms=cutoff, keep=limit, max_batches=max_batches)
 
 

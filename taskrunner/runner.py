@@ -469,7 +469,9 @@ class TaskRunner:
             raise ValueError(f"older_than must be 0 or more, got {age:g}")
         removed = 0
         for keys in await self._dead_keys(queue):
-            removed += await deadletters.purge_dead(self.client.redis, keys, older_than=age)
+            removed += await deadletters.purge_dead(
+                self.client.redis, keys, older_than=age, offset_ms=self._clock_offset_ms
+            )
         return removed + await self.trim_dead(queue)
 
     async def trim_dead(self, queue: str | None = None) -> int:
@@ -478,7 +480,11 @@ class TaskRunner:
         removed = 0
         for keys in await self._dead_keys(queue):
             removed += await deadletters.trim_dead(
-                self.client.redis, keys, limit=self.dead_letter_limit, max_age=self.dead_letter_ttl
+                self.client.redis,
+                keys,
+                limit=self.dead_letter_limit,
+                max_age=self.dead_letter_ttl,
+                offset_ms=self._clock_offset_ms,
             )
         return removed
 
