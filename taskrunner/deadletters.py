@@ -30,6 +30,7 @@ from typing import cast
 from redis.asyncio import Redis
 
 from taskrunner import scripts
+from taskrunner.clock import Clock
 from taskrunner.job import ErrorInfo, JobInfo, JobStatus
 from taskrunner.keys import QueueKeys
 
@@ -251,7 +252,7 @@ async def purge_dead(
     *,
     older_than: float | None = None,
     max_batches: int | None = None,
-    offset_ms: int = 0,
+    clock: Clock | None = None,
 ) -> int:
     """Remove every dead letter of one key group (or those that died more than
     ``older_than`` seconds ago, by Redis's clock) with their job hashes, ``BATCH`` per
@@ -263,7 +264,7 @@ async def purge_dead(
             return 0
         cutoff = int(last[0][1])
     else:
-        cutoff = await redis_now_ms(redis) + offset_ms - int(older_than * 1000)
+        cutoff = await redis_now_ms(redis, clock) - int(older_than * 1000)
     return await _remove_oldest(
         redis, keys, cutoff_ms=cutoff, keep=_NO_COUNT_RULE, max_batches=max_batches
     )
@@ -276,18 +277,18 @@ async def trim_dead(
     limit: int,
     max_age: float,
     max_batches: int | None = None,
-    offset_ms: int = 0,
+    clock: Clock | None = None,
 ) -> int:
     """Apply the dead-letter bounds to one key group: remove the dead letters that died
     more than ``max_age`` seconds ago (by Redis's clock) and the oldest beyond ``limit``,
     with their job hashes, ``BATCH`` per script call, at most ``max_batches`` calls
-    (None: until within bounds). ``offset_ms`` shifts the server's clock (the runner's
-    ``clock_offset``, 0 in production). Returns how many were removed.
+    (None: until within bounds). Ages are judged by the server's clock as the runner's
+    ``clock`` sees it (the identity in production). Returns how many were removed.
 
     Cheap when there is nothing to do (``TIME``, ``ZCARD`` and one ``ZRANGE`` of one
     id): call it from a periodic housekeeping pass (a worker's, once a minute or so)
     and after operations that add many dead letters."""
-    cutoff = await redis_now_ms(redis) + offset_ms - int(max_age * 1000)
+    cutoff = await redis_now_ms(redis, clock) - int(max_age * 1000)
     return await _remove_oldest(redis, keys, cutoff_ms=cutoff, keep=limit, max_batches=max_batches)
 
 
@@ -314,7 +315,8 @@ async def _remove_oldest(
     return removed
 
 
-async def redis_now_ms(redis: Redis) -> int:
-    """The server's clock, in ms (due times and ages are judged by it)."""
+async def redis_now_ms(redis: Redis, clock: Clock | None = None) -> int:
+    """The server's clock in ms (ages are judged by it), shifted or frozen by ``clock``."""
     seconds, micros = await redis.time()
-    return int(seconds) * 1000 + int(micros) // 1000
+    server_ms = int(seconds) * 1000 + int(micros) // 1000
+    return clock.shift(server_ms) if clock is not None else server_ms

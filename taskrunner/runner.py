@@ -470,7 +470,7 @@ class TaskRunner:
         removed = 0
         for keys in await self._dead_keys(queue):
             removed += await deadletters.purge_dead(
-                self.client.redis, keys, older_than=age, offset_ms=self._clock_offset_ms
+                self.client.redis, keys, older_than=age, clock=self.clock
             )
         return removed + await self.trim_dead(queue)
 
@@ -484,7 +484,7 @@ class TaskRunner:
                 keys,
                 limit=self.dead_letter_limit,
                 max_age=self.dead_letter_ttl,
-                offset_ms=self._clock_offset_ms,
+                clock=self.clock,
             )
         return removed
 
