@@ -1,5 +1,11 @@
 """Shared fixtures: one real redis-server per test session (per xdist worker), and a
-fresh namespace per test so tests never see each other's keys."""
+fresh namespace per test so tests never see each other's keys.
+
+Topologies (tests/topology.py): ``@pytest.mark.topologies("standalone", "cluster",
+"sentinel")`` runs a test once per topology and points ``redis_url`` at it; the
+``topology`` fixture gives its URL and fault operations. Also here: ``make_proxy``
+(tests/tcpproxy.py, a misbehaving TCP proxy) and ``cli_workers`` (real worker processes).
+"""
 
 from __future__ import annotations
 
@@ -17,8 +23,27 @@ from redis.asyncio import Redis
 sys.path.insert(0, str(Path(__file__).parent))
 
 from redisproc import RedisProcess
+from tcpproxy import make_proxy  # noqa: F401 - fixture
+from topology import (  # noqa: F401 - fixtures
+    cluster_topology,
+    make_topology,
+    sentinel_topology,
+    standalone_topology,
+    topology,
+)
+from topology import configure as configure_topologies
+from topology import generate_tests as parametrize_topologies
+from workerproc import CliWorker
 
 from taskrunner import TaskRunner
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    configure_topologies(config)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    parametrize_topologies(metafunc)
 
 
 @pytest.fixture(scope="session")
@@ -27,9 +52,13 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProc
         yield server
 
 
-@pytest.fixture(scope="session")
-def redis_url(redis_server: RedisProcess) -> str:
-    return redis_server.url
+@pytest.fixture
+def redis_url(request: pytest.FixtureRequest) -> str:
+    """The session's redis-server, or the test's topology when it has one."""
+    if "topology" in request.fixturenames:
+        return str(request.getfixturevalue("topology").url)
+    server: RedisProcess = request.getfixturevalue("redis_server")
+    return server.url
 
 
 @pytest.fixture
@@ -79,3 +108,25 @@ def subprocess_env(redis_url: str, namespace: str) -> dict[str, str]:
     env["TASKRUNNER_REDIS_URL"] = redis_url
     env["TEST_NAMESPACE"] = namespace
     return env
+
+
+StartWorker = Callable[..., CliWorker]
+
+
+@pytest.fixture
+def cli_workers(redis_url: str, namespace: str, tmp_path: Path) -> Iterator[StartWorker]:
+    """``cli_workers(APP, *args, env=None)`` starts ``python -m taskrunner.cli worker APP``
+    on the test's Redis and namespace; all are killed after the test, output printed."""
+    started: list[CliWorker] = []
+
+    def start(app: str, *args: str, env: dict[str, str] | None = None) -> CliWorker:
+        full_env = subprocess_env(redis_url, namespace)
+        full_env.update(env or {})
+        worker = CliWorker(app, full_env, tmp_path / f"cli-worker-{len(started)}.log")
+        started.append(worker)
+        return worker.start(*args)
+
+    yield start
+    for worker in started:
+        worker.close()
+        print(f"--- worker {worker.app} (exit {worker.returncode}) ---\n{worker.output()}")

