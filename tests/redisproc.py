@@ -78,24 +78,34 @@ class Probe:
     ) -> bytes | None:
         """Send (AUTH and) ``command``; read until ``done(reply)``; None if unreachable."""
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw:
-                sock = raw
+            with contextlib.ExitStack() as stack:
+                sock = stack.enter_context(
+                    socket.create_connection(("127.0.0.1", port), timeout=timeout)
+                )
                 if self.ssl_context is not None:
-                    sock = self.ssl_context.wrap_socket(raw, server_hostname="127.0.0.1")
-                if self.auth is not None:
-                    sock.sendall(_resp(["AUTH", *self.auth]))
-                    if not _read_line(sock).startswith(b"+OK"):
-                        return None
-                sock.sendall(_resp(command))
-                data = b""
-                while not done(data):
-                    chunk = sock.recv(4096)
-                    if not chunk:
-                        break
-                    data += chunk
-                return data
+                    # wrap_socket detaches the plain socket: close the wrapper instead.
+                    sock = stack.enter_context(
+                        self.ssl_context.wrap_socket(sock, server_hostname="127.0.0.1")
+                    )
+                return self._talk(sock, command, done)
         except (OSError, ssl.SSLError):
             return None
+
+    def _talk(
+        self, sock: socket.socket, command: Sequence[str], done: Callable[[bytes], bool]
+    ) -> bytes | None:
+        if self.auth is not None:
+            sock.sendall(_resp(["AUTH", *self.auth]))
+            if not _read_line(sock).startswith(b"+OK"):
+                return None
+        sock.sendall(_resp(command))
+        data = b""
+        while not done(data):
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        return data
 
 
 def _resp(args: Sequence[str]) -> bytes:
@@ -241,6 +251,11 @@ class RedisProcess:
     def logfile(self) -> Path:
         return self.directory / "redis.log"
 
+    @property
+    def outfile(self) -> Path:
+        """The process's stdout and stderr (config errors)."""
+        return self.directory / "redis.out"
+
     def start(self, extra_args: Sequence[str] = ()) -> None:
         """Start redis-server and wait until it answers PING (``extra_args`` this time only)."""
         if self.running:
@@ -339,12 +354,14 @@ class RedisProcess:
 
     def _launch(self, port: int, extra_args: Sequence[str] = ()) -> bool:
         """Start on ``port``; True once it answers PING, False if it exited (port taken)."""
-        proc = subprocess.Popen(
-            self._command(port, extra_args),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        # Config errors go to stdout before the logfile is opened: keep them.
+        with self.outfile.open("ab") as out:
+            proc = subprocess.Popen(
+                self._command(port, extra_args),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         _LIVE[proc.pid] = proc
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
@@ -389,8 +406,8 @@ class RedisProcess:
         _LIVE.pop(proc.pid, None)
 
     def _log_tail(self) -> str:
-        try:
-            lines = self.logfile.read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        return "\n" + "\n".join(lines[-20:])
+        lines = []
+        for path in (self.outfile, self.logfile):
+            with contextlib.suppress(OSError):
+                lines += path.read_text(errors="replace").splitlines()[-20:]
+        return "".join(f"\n{line}" for line in lines)
