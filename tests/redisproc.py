@@ -345,7 +345,7 @@ class RedisProcess:
         if self.acl is None or self._admin is None:
             return
         lines = list(self.acl)
-        lines.append(f"user {self._admin[0]} on >{self._admin[1]} ~* &* +@all")
+        lines.append(f"user {self._admin[0]} on >{self._admin[1]} allkeys allchannels +@all")
         if not any(line.split()[:2] == ["user", "default"] for line in self.acl):
             lines.append("user default off")
         path = self.directory / "users.acl"
@@ -367,6 +367,10 @@ class RedisProcess:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 _LIVE.pop(proc.pid, None)
+                if not self._port_was_taken():
+                    raise RedisProcessError(
+                        f"redis-server exited with {proc.returncode}{self._log_tail()}"
+                    )
                 return False
             if ping(port, probe=self.probe) == "+PONG":
                 if server_pid(port, probe=self.probe) != proc.pid:
@@ -404,6 +408,11 @@ class RedisProcess:
                 f"redis-server pid {proc.pid} ignored {sig.name}; killed it"
             ) from None
         _LIVE.pop(proc.pid, None)
+
+    def _port_was_taken(self) -> bool:
+        """Whether the last start failed for want of its port (else: a config error)."""
+        tail = self._log_tail()
+        return "Address already in use" in tail or "Could not create server" in tail
 
     def _log_tail(self) -> str:
         lines = []

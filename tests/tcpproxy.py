@@ -46,7 +46,7 @@ class ProxyStats:
     dropped_bytes: int = 0
 
 
-@dataclass
+@dataclass(eq=False)
 class _Link:
     client: asyncio.StreamWriter
     upstream: asyncio.StreamWriter
@@ -208,19 +208,23 @@ class TcpProxy:
         link = _Link(writer, up_writer)
         self._links.add(link)
         self.stats.open += 1
-        link.tasks = [
-            asyncio.create_task(self._pump(reader, up_writer)),
-            asyncio.create_task(self._pump(up_reader, writer)),
-        ]
         try:
+            link.tasks = [
+                asyncio.create_task(self._pump(reader, up_writer)),
+                asyncio.create_task(self._pump(up_reader, writer)),
+            ]
             await asyncio.wait(link.tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
             self.stats.open -= 1
             self._links.discard(link)
             for task in link.tasks:
                 task.cancel()
+            await asyncio.gather(*link.tasks, return_exceptions=True)
             for side in (writer, up_writer):
                 side.close()
+            for side in (writer, up_writer):
+                with contextlib.suppress(OSError):
+                    await side.wait_closed()
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Copy one direction until EOF or an error, obeying the mode per chunk."""
