@@ -12,11 +12,11 @@ import pytest
 import redis
 import redis.asyncio
 from conftest import wait_until
+from polling import poll_until
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError, TimeoutError
 from redis.retry import Retry
-from polling import poll_until
 from redisproc import RedisProcess
 from tcpproxy import MakeProxy, TcpProxy
 
@@ -90,9 +90,7 @@ def test_blackholed_bytes_are_lost_and_the_connection_stays_open(
         assert sock.recv(64) == b"$5\r\nfound\r\n"  # the black-holed ECHO never ran
 
 
-def test_stall_holds_bytes_until_resume(
-    redis_server: RedisProcess, make_proxy: MakeProxy
-) -> None:
+def test_stall_holds_bytes_until_resume(redis_server: RedisProcess, make_proxy: MakeProxy) -> None:
     proxy = make_proxy("127.0.0.1", redis_server.port)
     client = sync_client(proxy, timeout=0.3)
     direct = redis.Redis(port=redis_server.port, decode_responses=True)
