@@ -86,25 +86,29 @@ async def test_killed_master_is_replaced_by_its_replica_and_rejoins_as_a_replica
     key = "{failover-test}k"
     async with cluster.connect() as client:
         await client.set(key, "before")
-        owner = cluster.key_owner(key)
-        (replica,) = cluster.replicas_of(owner)
-        cluster.wait_replicated(owner)
+    owner = cluster.key_owner(key)
+    (replica,) = cluster.replicas_of(owner)
+    cluster.wait_replicated(owner)
 
-        killed = cluster.kill_master(key=key)
-        assert killed is owner
-        assert not killed.running
-        new_master = await anyio.to_thread.run_sync(cluster.wait_failover, killed)
+    killed = cluster.kill_master(key=key)
+    assert killed is owner
+    assert not killed.running
+    new_master = await anyio.to_thread.run_sync(cluster.wait_failover, killed)
 
-        assert new_master is replica
-        assert cluster.key_owner(key) is replica
+    assert new_master is replica
+    assert cluster.key_owner(key) is replica
+    async with cluster.connect() as client:
         assert await client.get(key) == "before"
         await client.set(key, "after")
 
-        await anyio.to_thread.run_sync(cluster.restart, killed)
-        assert killed.running
-        assert cluster.replicas_of(replica) == [killed]
-        assert "slave" in next(v for v in cluster.view(killed) if "myself" in v.flags).flags
-        assert await client.get(key) == "after"
+    await anyio.to_thread.run_sync(cluster.restart, killed)
+    assert killed.running
+    assert cluster.replicas_of(replica) == [killed]
+    assert "slave" in next(v for v in cluster.view(killed) if "myself" in v.flags).flags
+    cluster.wait_replicated(replica)
+    with cluster.admin(killed) as direct:
+        direct.execute_command("READONLY")
+        assert direct.get(key) == "after"
     assert cluster.healthy()
 
 

@@ -3,14 +3,15 @@
     worker = CliWorker("apps.core_app:tr", subprocess_env(url, ns), tmp_path / "w.log")
     worker.start("--concurrency", "4")
     await worker.logged(" ready: ")          # or worker.wait_for(" ready: ") in sync tests
-    worker.kill()                            # SIGKILL the whole process group
+    worker.kill()                            # SIGKILL it and its children
     code = await worker.exited()             # or worker.wait()
     worker.close()                           # always: kills what is left, closes the log
 
-The worker runs in its own session (process group), so ``kill()`` and ``close()`` also
-reach the children of ``--processes N``. Output goes to a file, read with ``output()``.
-The ``cli_workers`` fixture (conftest) starts them on the test's Redis and namespace and
-closes them all at the end of the test, printing their output.
+The worker runs in its own session, and ``kill()`` and ``close()`` also kill its
+descendants (the ``--processes N`` children, which have sessions of their own). Output
+goes to a file, read with ``output()``. The ``cli_workers`` fixture (conftest) starts
+them on the test's Redis and namespace and closes them all after the test, printing
+their output.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import IO
 
 import anyio
+import psutil
 from polling import poll_until
 
 DEADLINE = 30.0
@@ -144,19 +146,30 @@ class CliWorker:
         self.signal(signal.SIGTERM)
 
     def kill(self) -> None:
-        """SIGKILL the worker and every process in its group; wait for the worker."""
-        proc = self._proc()
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(DEADLINE)
+        """SIGKILL the worker and all its descendants (``--processes`` children run in
+        sessions of their own); wait until they are gone. To kill the supervisor
+        alone, use ``signal(signal.SIGKILL)``."""
+        self._kill_tree(self._proc())
 
     def close(self) -> None:
-        """Kill whatever is left of the group, reap the worker and close the log."""
+        """Kill whatever is left of the worker and its children, close the log."""
         if self.proc is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(DEADLINE)
+                self._kill_tree(self.proc)
         if self._file is not None:
             self._file.close()
             self._file = None
+
+    @staticmethod
+    def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
+        try:
+            family = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            family = []
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        for child in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        proc.wait(DEADLINE)
+        psutil.wait_procs(family, timeout=DEADLINE)
