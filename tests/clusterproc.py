@@ -34,7 +34,7 @@ import redis.asyncio
 import redis.cluster
 from polling import poll_until
 from redis.crc import key_slot
-from redisproc import RedisProcess, RedisProcessError
+from redisproc import AdminClients, RedisProcess, RedisProcessError
 from tlsfiles import TLSFiles
 
 SLOTS = 16384
@@ -170,6 +170,7 @@ class LocalCluster:
             for i in range(masters * (1 + replicas))
         ]
         self._ids: dict[str, str] = {}
+        self._admins = AdminClients()
 
     # -- addresses and clients ---------------------------------------------------------
 
@@ -213,12 +214,8 @@ class LocalCluster:
 
     @contextlib.contextmanager
     def admin(self, node: RedisProcess) -> Iterator[redis.Redis]:
-        """A direct connection to one node (no redirections)."""
-        client = redis.Redis(**node.client_kwargs(), decode_responses=True, socket_timeout=5)
-        try:
-            yield client
-        finally:
-            client.close()
+        """A direct connection to one node (no redirections; cached, no retries)."""
+        yield self._admins.get(node)
 
     def command(self, node: RedisProcess, *args: Any) -> Any:
         with self.admin(node) as client:
@@ -242,6 +239,7 @@ class LocalCluster:
 
     def stop(self) -> None:
         """SIGKILL every node (a test cluster's data is throw-away)."""
+        self._admins.close()
         for node in self.nodes:
             with contextlib.suppress(RedisProcessError):
                 node.kill()

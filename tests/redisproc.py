@@ -32,12 +32,45 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import quote
 
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from tlsfiles import AuthClients, TLSFiles
 
 from taskrunner.embedded import find_redis_server
 
 _START_ATTEMPTS = 5
 _POLL = 0.02
+
+
+class AdminClients:
+    """One cached synchronous redis-py client per node, for fixture code that polls.
+
+    A redis-py TLS connection costs ~150 ms (it builds an SSL context that loads the
+    system CA store each time), so polling with a new client per call is slow. The
+    clients do not retry: a fixture's poll loop decides what to do with an error.
+    """
+
+    def __init__(self) -> None:
+        self._clients: dict[str, redis.Redis] = {}
+
+    def get(self, node: RedisProcess) -> redis.Redis:
+        client = self._clients.get(node.address)
+        if client is None:
+            client = redis.Redis(
+                **node.client_kwargs(),
+                decode_responses=True,
+                socket_timeout=5,
+                socket_connect_timeout=5,
+                retry=Retry(NoBackoff(), 0),
+            )
+            self._clients[node.address] = client
+        return client
+
+    def close(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            client.close()
 
 
 class RedisProcessError(RuntimeError):

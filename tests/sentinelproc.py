@@ -25,7 +25,7 @@ import redis
 import redis.asyncio
 import redis.asyncio.sentinel
 from polling import poll_until
-from redisproc import RedisProcess, RedisProcessError
+from redisproc import AdminClients, RedisProcess, RedisProcessError
 from tlsfiles import TLSFiles
 
 
@@ -69,6 +69,7 @@ class LocalSentinel:
             )
             for i in range(1 + replicas)
         ]
+        self._admins = AdminClients()
         self.sentinels = [
             RedisProcess(
                 self.directory / f"sentinel-{i}",
@@ -117,11 +118,8 @@ class LocalSentinel:
 
     @contextlib.contextmanager
     def admin(self, node: RedisProcess) -> Iterator[redis.Redis]:
-        client = redis.Redis(**node.client_kwargs(), decode_responses=True, socket_timeout=5)
-        try:
-            yield client
-        finally:
-            client.close()
+        """A direct connection to one node (no redirections; cached, no retries)."""
+        yield self._admins.get(node)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -143,6 +141,7 @@ class LocalSentinel:
 
     def stop(self) -> None:
         """SIGKILL every sentinel and data node (throw-away data)."""
+        self._admins.close()
         for node in [*self.sentinels, *self.data]:
             with contextlib.suppress(RedisProcessError):
                 node.kill()
