@@ -356,6 +356,12 @@ class LocalCluster:
     def healthy(self) -> bool:
         """Every node up; every node says state ok, sees all slots and the same owners;
         every master has its replicas with the replication link up."""
+        try:  # a node that is down or starting cannot answer: not healthy
+            return self._check_health()
+        except (OSError, redis.RedisError):
+            return False
+
+    def _check_health(self) -> bool:
         if not all(node.running for node in self.nodes):
             return False
         maps = set()

@@ -206,6 +206,12 @@ class LocalSentinel:
     def healthy(self) -> bool:
         """All processes up; all sentinels agree on a master that says it is one and
         see each other; every other data node replicates from it with the link up."""
+        try:  # a node that is down or starting cannot answer: not healthy
+            return self._check_health()
+        except (OSError, redis.RedisError):
+            return False
+
+    def _check_health(self) -> bool:
         if not all(n.running for n in [*self.data, *self.sentinels]):
             return False
         addresses = {self.master_address(s) for s in self.sentinels}

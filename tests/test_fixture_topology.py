@@ -4,9 +4,13 @@ operations work on each, and the session's topology is healthy again after a tes
 
 from __future__ import annotations
 
+import os
+import signal
+
+import anyio
 import pytest
 from redisproc import RedisProcess
-from topology import TOPOLOGIES, Topology, selected
+from topology import TOPOLOGIES, MakeTopology, Topology, TopologyName, selected
 
 ALL = pytest.mark.topologies(*TOPOLOGIES)
 
@@ -84,3 +88,19 @@ def test_test_topologies_narrows_every_marker(monkeypatch: pytest.MonkeyPatch) -
 
 def test_plain_tests_keep_the_session_server(redis_url: str, redis_server: RedisProcess) -> None:
     assert redis_url == redis_server.url
+
+
+@pytest.mark.parametrize("name", ["cluster", "sentinel"])
+async def test_a_private_topology_heals_after_every_process_died(
+    make_topology: MakeTopology, name: TopologyName
+) -> None:
+    private = make_topology(name, appendfsync="always")
+    assert private.options.appendfsync == "always"
+    for pid in private.pids().values():
+        os.kill(pid, signal.SIGKILL)
+    assert not private.healthy()
+    await anyio.to_thread.run_sync(private.heal)
+    assert private.healthy()
+    async with private.connect() as client:
+        await client.set("again", "2")
+        assert await client.get("again") == "2"
