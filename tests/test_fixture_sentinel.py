@@ -10,12 +10,12 @@ from pathlib import Path
 import anyio
 import pytest
 from polling import poll_until
-from redisbin import RedisBinary, available_binaries
+from redisbin import RedisBinary, binaries_under_test
 from redisproc import ping
 from sentinelproc import LocalSentinel
 from tlsfiles import make_tls_files
 
-BINARIES = [pytest.param(b, id=b.name) for b in available_binaries()]
+BINARIES = [pytest.param(b, id=b.name) for b in binaries_under_test()]
 
 
 @pytest.fixture(scope="module", params=BINARIES)

@@ -14,13 +14,13 @@ import redis
 from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, ConnectionError, NoPermissionError
 from redis.retry import Retry
-from redisbin import RedisBinary, available_binaries
+from redisbin import RedisBinary, available_binaries, binaries_under_test
 from redisproc import RedisProcess, RedisProcessError, ping, server_pid
 from tlsfiles import TLSFiles, make_tls_files
 
 # redis-py 8 retries connection errors, AuthenticationError included, with backoff (~3 s).
 NO_RETRY = Retry(NoBackoff(), 0)
-BINARIES = [pytest.param(b, id=b.name) for b in available_binaries()]
+BINARIES = [pytest.param(b, id=b.name) for b in binaries_under_test()]
 TLS_BINARIES = [b for b in available_binaries() if b.tls]
 # resetchannels: Redis 6.2 starts a user with every channel ("allchannels").
 USER_LINE = "user taskrunner on >s3cret:p@ss resetchannels ~ns:* &ns:* +@all -@dangerous"
