@@ -27,6 +27,7 @@ import abc
 import contextlib
 import os
 import shutil
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, replace
@@ -150,7 +151,8 @@ class Topology(abc.ABC):
         """Restart what was killed and wait until healthy; rebuild on new ports if not."""
         try:
             self._heal(timeout)
-        except (NotReadyError, RedisProcessError, OSError, redis.RedisError):
+        except (NotReadyError, RedisProcessError, OSError, redis.RedisError) as exc:
+            print(f"{self!r} did not heal ({exc!r}): rebuilding it", file=sys.stderr)
             self._stop()
             self.start()
 
