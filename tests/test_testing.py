@@ -1,0 +1,368 @@
+"""taskrunner.testing: run_until_idle, frozen_time and the pytest plugin, on real Redis
+servers, with real in-process workers; the plugin also in fresh pytest processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import anyio
+import pytest
+from conftest import wait_until
+from redis.asyncio import Redis
+
+import taskrunner.client
+import taskrunner.runner
+from taskrunner import (
+    JobDeadLettered,
+    JobFailed,
+    JobStatus,
+    OutcomeKind,
+    TaskRunner,
+    current_job,
+)
+from taskrunner.testing import Committed, TaskRunnerBinder, frozen_time, run_until_idle
+
+MakeRunner = Callable[..., TaskRunner]
+ROOT = Path(__file__).resolve().parents[1]
+DEADLINE = 30.0
+
+
+# -- run_until_idle --------------------------------------------------------------------------
+
+
+async def test_run_until_idle_runs_every_job_and_returns_the_outcomes(
+    make_runner: MakeRunner,
+) -> None:
+    tr = make_runner()
+
+    @tr.task(name="double")
+    async def double(x: int) -> int:
+        return 2 * x
+
+    @tr.task(name="chain")
+    async def chain(x: int) -> int:
+        await double.enqueue(x)  # a job enqueued by a job runs too
+        return x
+
+    async with tr:
+        jobs = [await double.enqueue(1), await chain.enqueue(5)]
+        done = await tr.run_until_idle()
+        assert [await job.result(timeout=1) for job in jobs] == [2, 5]
+    assert sorted((c.task, c.kind) for c in done) == [
+        ("chain", OutcomeKind.SUCCEEDED),
+        ("double", OutcomeKind.SUCCEEDED),
+        ("double", OutcomeKind.SUCCEEDED),
+    ]
+    assert {c.id for c in done} >= {job.id for job in jobs}
+    assert tr.middleware[-1].__class__.__name__ != "_Recorder"  # removed afterwards
+
+
+async def test_run_until_idle_raises_the_first_failure_after_running_everything(
+    make_runner: MakeRunner,
+) -> None:
+    tr = make_runner()
+
+    @tr.task(name="broken", max_retries=0)
+    async def broken() -> None:
+        raise ValueError("no good")
+
+    @tr.task(name="fine")
+    async def fine() -> str:
+        return "fine"
+
+    async with tr:
+        failing = await broken.enqueue()
+        other = await fine.enqueue()
+        with pytest.raises(JobFailed) as caught:
+            await run_until_idle(tr, concurrency=1)
+        assert caught.value.job_id == failing.id
+        assert caught.value.exc_type == "ValueError"
+        assert "no good" in caught.value.traceback
+        assert await other.result(timeout=1) == "fine"  # it ran to idle first
+
+        again = await broken.enqueue()
+        done = await run_until_idle(tr, raise_failures=False)
+    assert [(c.id, c.kind) for c in done] == [(again.id, OutcomeKind.FAILED)]
+    assert done[0].error is not None
+    assert done[0].error.message == "no good"
+
+
+async def test_run_until_idle_raises_a_dead_letter(make_runner: MakeRunner) -> None:
+    producer, worker_side = make_runner(), make_runner()
+
+    @producer.task(name="nobody_runs_this")
+    async def unknown() -> None: ...
+
+    async with producer:
+        job = await unknown.enqueue()
+    with pytest.raises(JobDeadLettered) as caught:
+        await worker_side.run_until_idle()
+    assert caught.value.job_id == job.id
+    assert "unknown task" in caught.value.reason
+
+
+async def test_run_until_idle_waits_for_retries_due_soon_but_not_for_tomorrow(
+    make_runner: MakeRunner,
+) -> None:
+    tr = make_runner(retry_delay=0.05)
+
+    @tr.task(name="flaky", max_retries=3)
+    async def flaky() -> int:
+        if current_job().attempt < 3:
+            raise RuntimeError("not yet")
+        return current_job().attempt
+
+    @tr.task(name="later")
+    async def later() -> None: ...
+
+    async with tr:
+        retried = await flaky.enqueue()
+        tomorrow = await later.options(delay=timedelta(days=1)).enqueue()
+        done = await tr.run_until_idle(timeout=DEADLINE)
+        assert await retried.result(timeout=1) == 3
+        assert await tomorrow.status() == JobStatus.SCHEDULED
+    assert [c.kind for c in done] == [OutcomeKind.RETRY, OutcomeKind.RETRY, OutcomeKind.SUCCEEDED]
+
+
+async def test_run_until_idle_waits_for_a_job_another_worker_is_running(
+    make_runner: MakeRunner,
+) -> None:
+    tr = make_runner()
+    release = anyio.Event()
+
+    @tr.task(name="held")
+    async def held() -> str:
+        await release.wait()
+        return "released"
+
+    async with tr, tr.worker(concurrency=1):  # e.g. the worker of the app under test
+        job = await held.enqueue()
+        await wait_until(lambda: _has_status(tr, job.id, "running"), DEADLINE)
+        done: list[Committed] = []
+
+        async def run() -> None:
+            done.extend(await tr.run_until_idle(timeout=DEADLINE))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            await wait_until(lambda: _watching(tr), DEADLINE)
+            release.set()
+    # It returned only after the other worker recorded the job it was running.
+    assert [(c.id, c.kind) for c in done] == [(job.id, OutcomeKind.SUCCEEDED)]
+
+
+async def test_run_until_idle_times_out_saying_what_is_left(make_runner: MakeRunner) -> None:
+    tr = make_runner()
+    release = anyio.Event()
+
+    @tr.task(name="stuck")
+    async def stuck() -> None:
+        await release.wait()
+
+    async with tr, tr.worker(concurrency=1):
+        job = await stuck.enqueue()
+        await wait_until(lambda: _has_status(tr, job.id, "running"), DEADLINE)
+        with pytest.raises(TimeoutError, match=r"not idle after 0.2s: queue default: 1 running"):
+            await tr.run_until_idle(timeout=0.2)
+        release.set()
+        await job.result(timeout=DEADLINE)
+
+
+async def _has_status(tr: TaskRunner, job_id: str, status: str) -> bool:
+    return await tr.job(job_id).status() == status
+
+
+async def _watching(tr: TaskRunner) -> bool:
+    return any(type(mw).__name__ == "_Recorder" for mw in tr.middleware)
+
+
+# -- frozen_time -----------------------------------------------------------------------------
+
+
+async def test_delayed_job_runs_only_when_the_frozen_clock_reaches_it(
+    make_runner: MakeRunner,
+) -> None:
+    tr = make_runner()
+
+    @tr.task(name="remind")
+    async def remind(who: str) -> str:
+        return f"reminded {who}"
+
+    async with tr, frozen_time(tr) as clock:
+        start = clock.now()
+        soon = await remind.options(delay=60).enqueue("ann")
+        at = await remind.options(at=clock.now_datetime() + timedelta(hours=2)).enqueue("bob")
+        assert await tr.run_until_idle() == []  # frozen: nothing is due, nothing waited for
+        assert await soon.status() == JobStatus.SCHEDULED
+        await clock.advance(59.999)
+        assert await tr.run_until_idle() == []
+        await clock.advance(0.001)
+        await tr.run_until_idle()
+        assert await soon.result(timeout=1) == "reminded ann"
+        assert await at.status() == JobStatus.SCHEDULED
+        await clock.move_to(datetime.fromtimestamp(start, UTC) + timedelta(hours=2))
+        await tr.run_until_idle()
+        assert await at.result(timeout=1) == "reminded bob"
+        info = await at.info()
+    assert info.due_at == datetime.fromtimestamp(start + 7200, UTC)  # the job's own times
+    assert info.finished_at == datetime.fromtimestamp(start + 7200, UTC)  # are frozen too
+
+
+async def test_retries_wait_for_the_frozen_clock(make_runner: MakeRunner) -> None:
+    tr = make_runner(retry_delay=10.0)
+
+    @tr.task(name="flaky", max_retries=2)
+    async def flaky() -> int:
+        if current_job().attempt == 1:
+            raise RuntimeError("first attempt fails")
+        return current_job().attempt
+
+    async with tr, frozen_time(tr) as clock:
+        job = await flaky.enqueue()
+        first = await tr.run_until_idle()
+        assert [c.kind for c in first] == [OutcomeKind.RETRY]
+        assert await job.status() == JobStatus.SCHEDULED
+        await clock.advance(10)  # the first backoff is at most retry_delay
+        await tr.run_until_idle()
+        assert await job.result(timeout=1) == 2
+
+
+async def test_advancing_wakes_a_running_workers_scheduler(make_runner: MakeRunner) -> None:
+    tr = make_runner()
+
+    @tr.task(name="tick")
+    async def tick() -> str:
+        return "tick"
+
+    async with tr, tr.worker(concurrency=1), frozen_time(tr) as clock:
+        job = await tick.options(delay=3600).enqueue()
+        await clock.advance(3600)
+        assert await job.result(timeout=DEADLINE) == "tick"
+
+
+async def test_time_is_real_again_after_the_block(make_runner: MakeRunner) -> None:
+    originals = (taskrunner.client.now_ms, vars(taskrunner.runner)["time"])
+    tr = make_runner()
+    async with frozen_time(tr, start=datetime(2030, 1, 1, tzinfo=UTC)) as clock:
+        assert taskrunner.client.now_ms() == int(clock.now() * 1000)
+        assert clock.now_datetime() == datetime(2030, 1, 1, tzinfo=UTC)
+        with pytest.raises(RuntimeError, match="already frozen"):
+            async with frozen_time(tr):
+                pass
+        with pytest.raises(ValueError, match="forward"):
+            await clock.advance(-1)
+        with pytest.raises(ValueError, match="naive"):
+            await clock.move_to(datetime(2031, 1, 1))  # naive: refused
+        await clock.advance(timedelta(days=1))  # not connected: nothing to wake
+        assert clock.now_datetime() == datetime(2030, 1, 2, tzinfo=UTC)
+    assert (taskrunner.client.now_ms, vars(taskrunner.runner)["time"]) == originals
+
+
+# -- the plugin's fixtures, in this process ---------------------------------------------------
+
+
+async def test_taskrunner_redis_url_is_a_private_server_of_this_run(
+    taskrunner_redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    assert taskrunner_redis_url.startswith("unix://")
+    async with Redis.from_url(taskrunner_redis_url, decode_responses=True) as client:
+        directory = str((await client.config_get("dir"))["dir"])
+    assert Path(directory).is_relative_to(tmp_path_factory.getbasetemp())
+
+
+async def test_bind_taskrunner_points_the_app_at_the_test_server_and_restores_it(
+    taskrunner_redis_url: str, taskrunner_namespace: str
+) -> None:
+    app = TaskRunner("redis://example.invalid:6379/0", namespace="prod")
+
+    @app.task(name="ping")
+    async def ping() -> str:
+        return "pong"
+
+    binder = TaskRunnerBinder(taskrunner_redis_url, taskrunner_namespace)
+    assert binder(app) is app
+    assert binder(app) is app  # binding twice is harmless
+    assert (app.url, app.namespace) == (taskrunner_redis_url, taskrunner_namespace)
+    async with app:
+        with pytest.raises(RuntimeError, match="already connected"):
+            TaskRunnerBinder(taskrunner_redis_url, "other")(app)
+        job = await ping.enqueue()
+        await app.run_until_idle()
+        assert await job.result(timeout=1) == "pong"
+        keys = [str(key) for key in await app.client.redis.keys("*")]
+    assert keys
+    assert all(key.startswith(f"{taskrunner_namespace}:") for key in keys)
+    binder.restore()
+    assert (app.url, app.namespace) == ("redis://example.invalid:6379/0", "prod")
+
+
+# -- the plugin in fresh pytest processes -----------------------------------------------------
+
+
+def run_pytest(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    environ.update(PYTHONPATH=str(ROOT), **env)
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", *args],
+        cwd=tmp_path,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def write_project(tmp_path: Path, ini: str, test: str) -> None:
+    (tmp_path / "pytest.ini").write_text(f"[pytest]\nasyncio_mode = auto\n{ini}")
+    (tmp_path / "test_app.py").write_text(test)
+
+
+APP_TEST = """
+from examples import signup
+
+async def test_the_app_fixture_is_bound(taskrunner):
+    assert taskrunner is signup.tr
+    assert taskrunner.namespace.startswith("test-")
+    async with taskrunner:
+        job = await signup.send_email.enqueue("dee@example.com", "hi")
+        await taskrunner.run_until_idle()
+        assert await job.result() == 1
+"""
+
+
+def test_plugin_loads_from_pytest_plugins_in_conftest_with_autoload_off(tmp_path: Path) -> None:
+    write_project(tmp_path, "taskrunner_app = examples.signup:tr\n", APP_TEST)
+    (tmp_path / "conftest.py").write_text('pytest_plugins = ["taskrunner.testing"]\n')
+    done = run_pytest(
+        tmp_path, "-p", "pytest_asyncio.plugin", "test_app.py", PYTEST_DISABLE_PLUGIN_AUTOLOAD="1"
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 passed" in done.stdout
+
+
+def test_plugin_is_not_loaded_twice_by_the_entry_point_and_pytest_plugins(tmp_path: Path) -> None:
+    write_project(tmp_path, "taskrunner_app = examples.signup:tr\n", APP_TEST)
+    (tmp_path / "conftest.py").write_text('pytest_plugins = ["taskrunner.testing"]\n')
+    done = run_pytest(tmp_path, "test_app.py")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 passed" in done.stdout
+
+
+def test_taskrunner_fixture_binds_the_configured_app(tmp_path: Path) -> None:
+    write_project(tmp_path, "taskrunner_app = examples.signup:tr\n", APP_TEST)
+    done = run_pytest(tmp_path, "test_app.py")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 passed" in done.stdout
+
+
+def test_taskrunner_fixture_without_an_app_is_a_usage_error(tmp_path: Path) -> None:
+    write_project(tmp_path, "", APP_TEST)
+    done = run_pytest(tmp_path, "test_app.py")
+    assert done.returncode != 0
+    assert "taskrunner_app = module:attribute" in done.stdout + done.stderr
