@@ -131,6 +131,15 @@ class _Families:
 _families: MutableMapping[CollectorRegistry, _Families] = weakref.WeakKeyDictionary()
 
 
+@dataclass(frozen=True, slots=True)
+class _Children:
+    """The labelled series of one (task, queue): looked up once, not per job."""
+
+    counters: dict[str, Counter]
+    duration: Histogram
+    queue_wait: Histogram
+
+
 def _families_for(
     registry: CollectorRegistry, duration_buckets: Sequence[float], wait_buckets: Sequence[float]
 ) -> _Families:
@@ -199,36 +208,51 @@ class PrometheusMiddleware(Middleware):
         """Seconds between two reads of the queue gauges by each worker."""
         self._metrics = _families_for(self.registry, duration_buckets, wait_buckets)
         self._known: frozenset[str] = frozenset()
+        self._series: dict[tuple[str, str], _Children] = {}
+
+    def _children(self, task: str, queue: str) -> _Children:
+        """The series of ``task`` on ``queue`` (created at zero on first use, so that
+        ``rate()`` sees every counter from the start)."""
+        found = self._series.get((task, queue))
+        if found is None:
+            metrics = self._metrics
+            found = self._series[task, queue] = _Children(
+                counters={name: c.labels(task, queue) for name, c in metrics.counters.items()},
+                duration=metrics.duration.labels(task, queue),
+                queue_wait=metrics.queue_wait.labels(task, queue),
+            )
+        return found
 
     # -- producer side -------------------------------------------------------------------
 
     async def enqueue(self, ctx: EnqueueContext, call_next: EnqueueNext) -> Job[Any]:
         job = await call_next(ctx)
         if not job.deduplicated:
-            self._metrics.counters["enqueued"].labels(ctx.task.name, ctx.queue).inc()
+            self._children(ctx.task.name, ctx.queue).counters["enqueued"].inc()
         return job
 
     # -- worker side ---------------------------------------------------------------------
 
     async def execute(self, ctx: ExecutionContext, call_next: ExecuteNext) -> Outcome:
-        labels = (ctx.job.task, ctx.job.queue)
-        self._metrics.counters["started"].labels(*labels).inc()
+        series = self._children(ctx.job.task, ctx.job.queue)
+        series.counters["started"].inc()
         if ctx.job.ready_at > 0:
-            wait = max(0.0, time.time() - ctx.job.ready_at)
-            self._metrics.queue_wait.labels(*labels).observe(wait)
+            series.queue_wait.observe(max(0.0, time.time() - ctx.job.ready_at))
         started = time.perf_counter()
         try:
             return await call_next(ctx)
         finally:  # also when it raises or is cancelled (timeout, abort, shutdown)
-            self._metrics.duration.labels(*labels).observe(time.perf_counter() - started)
+            series.duration.observe(time.perf_counter() - started)
 
     def on_commit(self, job: JobContext, outcome: Outcome) -> None:
         task = job.task if job.task in self._known else UNKNOWN_TASK
         name = _OUTCOME_COUNTERS.get(outcome.kind)
-        if name is not None:
-            self._metrics.counters[name].labels(task, job.queue).inc()
+        if name is None:  # a hand-back: counted by the worker that runs the job
+            return
+        counters = self._children(task, job.queue).counters
+        counters[name].inc()
         if job.reclaimed:
-            self._metrics.counters["reclaimed"].labels(task, job.queue).inc()
+            counters["reclaimed"].inc()
 
     async def on_worker_start(self, worker: Worker) -> None:
         self._known = frozenset(worker.runner.registry)
