@@ -444,3 +444,30 @@ async def test_queue_counts_read_every_status_in_one_round_trip(
     assert now + 3590 < default.next_due < now + 3610
     assert unused.by_status() == dict.fromkeys(unused.by_status(), 0)
     assert (unused.next_due, unused.workers) == (None, [])
+
+
+async def test_a_job_handed_back_at_shutdown_counts_only_its_start(
+    make_runner: MakeRunner,
+) -> None:
+    registry = CollectorRegistry()
+    tr = make_runner(middleware=[PrometheusMiddleware(registry)])
+
+    @tr.task(name="hold")
+    async def hold() -> None:
+        await anyio.sleep(3600)
+
+    async with tr:
+        async with tr.worker(concurrency=1, grace_period=0):
+            job = await hold.enqueue()
+            await wait_until(lambda: _running(tr, job.id), DEADLINE)
+        assert await job.status() == "queued"  # handed back for another worker
+    labels = {"task": "hold", "queue": "default"}
+    counted = {
+        name: registry.get_sample_value(f"taskrunner_jobs_{name}_total", labels)
+        for name in ("started", "succeeded", "failed", "retried", "aborted", "reclaimed")
+    }
+    assert counted == {
+        "started": 1, "succeeded": 0, "failed": 0, "retried": 0, "aborted": 0, "reclaimed": 0,
+    }  # fmt: skip
+    duration = registry.get_sample_value("taskrunner_job_duration_seconds_count", labels)
+    assert duration == 1  # the cancelled attempt is timed too
