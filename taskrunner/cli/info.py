@@ -1,9 +1,9 @@
 """``taskrunner info``: what every queue holds, and which workers are alive.
 
-The counts of every queue come from ``taskrunner.counts`` in one pipelined round trip
-(queued, scheduled, running, failed, dead; see there how each is computed); workers
-are the consumers whose heartbeat is at most ``stale_after`` old, with its age, and
-the stale ones apart.
+The counts of every queue, summed over its partitions and priority levels, come from
+``taskrunner.counts`` in one pipelined round trip (queued, scheduled, running,
+failed, dead; see there how each is computed); workers are the consumers whose
+heartbeat is at most ``stale_after`` old, with its age, and the stale ones apart.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import click
 from pydantic import BaseModel
 
 from taskrunner.cli._common import example, load_app, run_async, settings_for
-from taskrunner.counts import queue_counts
+from taskrunner.counts import queue_counts, resolve
 from taskrunner.runner import TaskRunner
 
 EXAMPLE = """
@@ -68,9 +68,14 @@ def info(app: str, queues: tuple[str, ...], as_json: bool) -> None:
 
 async def gather(runner: TaskRunner, queues: list[str]) -> Info:
     """Read the counts of every queue in one pipelined round trip (``taskrunner.counts``)."""
-    now = time.time()
-    keys = [runner.client.keys(q) for q in queues]
-    counts = await queue_counts(runner.client.redis, keys, now=now, result_ttl=runner.result_ttl)
+    found_queues = await resolve(runner.client, queues)
+    counts = await queue_counts(
+        runner.client.redis,
+        found_queues,
+        now=runner.clock.now(),
+        result_ttl=runner.result_ttl,
+    )
+    now = time.time()  # heartbeats are on real time
     result: dict[str, QueueInfo] = {}
     for found in counts:
         live, stale = _workers(found.workers, now, runner.lease.stale_after)
