@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from taskrunner.counts import queue_counts
+from taskrunner.counts import queue_counts, worker_queues
 from taskrunner.exceptions import ConfigurationError
 from taskrunner.middleware.base import (
     EnqueueContext,
@@ -57,6 +57,7 @@ from taskrunner.middleware.base import (
     Middleware,
     Outcome,
     OutcomeKind,
+    WorkerPort,
 )
 
 try:
@@ -78,7 +79,7 @@ except ImportError as exc:  # pragma: no cover - exercised by users without the 
 if TYPE_CHECKING:
     from taskrunner.job import Job, JobContext
     from taskrunner.runner import TaskRunner
-    from taskrunner.worker import Worker
+    from taskrunner.scripts import Env
 
 logger = logging.getLogger("taskrunner.metrics")
 
@@ -236,8 +237,8 @@ class PrometheusMiddleware(Middleware):
     async def execute(self, ctx: ExecutionContext, call_next: ExecuteNext) -> Outcome:
         series = self._children(ctx.job.task, ctx.job.queue)
         series.counters["started"].inc()
-        if ctx.job.ready_at > 0:
-            series.queue_wait.observe(max(0.0, time.time() - ctx.job.ready_at))
+        if ctx.job.ready_at > 0:  # on the scripts' clock, like "now" here
+            series.queue_wait.observe(max(0.0, scripts_now(ctx.worker.env) - ctx.job.ready_at))
         started = time.perf_counter()
         try:
             return await call_next(ctx)
@@ -254,11 +255,11 @@ class PrometheusMiddleware(Middleware):
         if job.reclaimed:
             counters["reclaimed"].inc()
 
-    async def on_worker_start(self, worker: Worker) -> None:
-        self._known = frozenset(worker.runner.registry)
+    async def on_worker_start(self, worker: WorkerPort) -> None:
+        self._known = self._known | frozenset(worker.tasks())
         worker.spawn(lambda: self._watch_queues(worker))
 
-    async def _watch_queues(self, worker: Worker) -> None:
+    async def _watch_queues(self, worker: WorkerPort) -> None:
         """Refresh the queue gauges every ``queue_interval`` until the worker stops."""
         failing = False
         while True:
@@ -274,18 +275,33 @@ class PrometheusMiddleware(Middleware):
                 failing = False
             await anyio.sleep(self.queue_interval)
 
-    async def read_queues(self, worker: Worker) -> None:
-        """Read every queue's counts (one round trip) and set the gauges."""
-        now = time.time()
+    async def read_queues(self, worker: WorkerPort) -> None:
+        """Read the counts of every queue the worker reads, summed over partitions and
+        priority levels (one round trip), and set the gauges."""
         counts = await queue_counts(
-            worker.redis, list(worker.keys.values()), now=now, result_ttl=worker.runner.result_ttl
+            worker.redis,
+            worker_queues(worker),
+            now=scripts_now(worker.env),
+            result_ttl=worker.result_ttl,
         )
-        stale_after = worker.runner.lease.stale_after
+        now = time.time()  # heartbeats are on real time
+        stale_after = worker.stale_after
         for found in counts:
             for status, value in found.by_status().items():
                 self._metrics.depth.labels(found.queue, status).set(value)
             live = sum(1 for _, seen in found.workers if now - seen <= stale_after)
             self._metrics.workers.labels(found.queue).set(live)
+
+
+def scripts_now(env: Env) -> float:
+    """Epoch seconds as the worker's scripts see them (``env.clock``: an offset in ms,
+    or ``=<ms>`` while a test froze the clock), estimated with this process's clock."""
+    try:
+        if env.clock.startswith("="):
+            return int(env.clock[1:]) / 1000
+        return time.time() + int(env.clock) / 1000
+    except ValueError:  # never fail a job over a measurement
+        return time.time()
 
 
 # -- exposing --------------------------------------------------------------------------

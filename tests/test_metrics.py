@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -28,8 +27,10 @@ from redis.asyncio import Redis
 from redisproc import free_port
 
 from taskrunner import Job, JobDeadLettered, JobFailed, TaskRunner
-from taskrunner.counts import queue_counts
+from taskrunner.cli.info import gather
+from taskrunner.counts import queue_counts, resolve
 from taskrunner.exceptions import ConfigurationError
+from taskrunner.keys import Queue
 from taskrunner.metrics import PrometheusMiddleware, metrics_app
 
 MakeRunner = Callable[..., TaskRunner]
@@ -221,12 +222,12 @@ async def test_producer_counts_enqueues_but_not_deduplicated_ones(make_runner: M
     assert enqueued == 5
 
 
-async def test_queue_gauges_show_running_queued_and_scheduled_jobs(
+async def test_queue_gauges_sum_running_queued_and_scheduled_jobs_over_partitions_and_levels(
     make_runner: MakeRunner,
 ) -> None:
     registry = CollectorRegistry()
     middleware = PrometheusMiddleware(registry, queue_interval=0.05)
-    tr = make_runner(middleware=[middleware])
+    tr = make_runner(middleware=[middleware], partitions=3)
     tasks = declare(tr)
     release = anyio.Event()
 
@@ -241,12 +242,14 @@ async def test_queue_gauges_show_running_queued_and_scheduled_jobs(
     async with tr, tr.worker(concurrency=1) as worker:
         held = await hold.enqueue()
         await wait_until(lambda: _running(tr, held.id), DEADLINE)
-        await tasks.ok.enqueue(1)  # no free slot: it stays queued
-        await tasks.ok.options(delay=3600).enqueue(2)
+        for n in range(4):  # no free slot: they stay queued, on every level
+            await tasks.ok.options(priority=("high", "default", "low")[n % 3]).enqueue(n)
+        for n in range(3):
+            await tasks.ok.options(delay=3600 + n).enqueue(n)
         await middleware.read_queues(worker)
         seen = {status: depth(status) for status in ("running", "queued", "scheduled")}
         release.set()
-    assert seen == {"running": 1, "queued": 1, "scheduled": 1}
+    assert seen == {"running": 1, "queued": 4, "scheduled": 3}
 
 
 # -- two worker processes under a supervisor ---------------------------------------------------
@@ -290,7 +293,9 @@ async def test_supervisor_serves_the_sum_of_two_worker_processes(
     assert not directory.exists()  # the supervisor deleted it
     text = log.read_text()
     assert "Address already in use" not in text  # the children did not bind the port
-    assert "Traceback" not in text
+    # The only traceback is the one job that failed for good, logged once.
+    assert text.count("Traceback") == 1
+    assert 'raise ValueError("boom")' in text
 
 
 async def _ok_jobs(tr: TaskRunner) -> list[Job[Any]]:
@@ -424,26 +429,65 @@ def test_two_runners_share_one_registry() -> None:
 # -- the queue counts ------------------------------------------------------------------------
 
 
-async def test_queue_counts_read_every_status_in_one_round_trip(
-    make_runner: MakeRunner, namespace: str
+async def test_queue_counts_sum_every_partition_and_priority_level(
+    make_runner: MakeRunner, redis: Redis
 ) -> None:
-    tr = make_runner()
+    tr = make_runner(partitions=3)
     tasks = declare(tr)
-    async with tr:
-        await tasks.ok.options(delay=3600).enqueue(1)
-        await tasks.ok.options(delay=7200).enqueue(2)
-        for i in range(3):
-            await tasks.ok.enqueue(i)
-        keys = [tr.client.keys("default"), tr.client.keys("never-used")]
-        now = time.time()
-        default, unused = await queue_counts(tr.client.redis, keys, now=now, result_ttl=60)
+    producer = make_runner(partitions=3)
+    release = anyio.Event()
+
+    @producer.task(name="ghost")
+    async def ghost() -> None: ...
+
+    @tr.task(name="hold")
+    async def hold() -> None:
+        await release.wait()
+
+    async with tr, producer:
+        for _ in range(4):
+            await tasks.boom.enqueue()
+        for _ in range(2):
+            await ghost.enqueue()  # the worker does not know it: dead-lettered
+        await tr.run_until_idle(raise_failures=False)
+        async with tr.worker(concurrency=1):
+            held = await hold.enqueue()
+            await wait_until(lambda: _running(tr, held.id), DEADLINE)
+            for i in range(2):
+                await tasks.ok.options(priority="high").enqueue(i)  # no free slot: queued
+            for i in range(3):
+                await tasks.ok.enqueue(i)
+            await tasks.ok.options(priority="low").enqueue(9)
+            await tasks.ok.options(delay=7200).enqueue(2)
+            await tasks.ok.options(delay=3600, priority="high").enqueue(1)
+            queues = await resolve(tr.client, ["default", "never-used"])
+            now = tr.clock.now()
+            default, unused = await queue_counts(tr.client.redis, queues, now=now, result_ttl=60)
+            where = await _entries_by_stream(redis, queues[0])
+            shown = (await gather(tr, ["default"])).queues["default"]  # taskrunner info
+            release.set()
     assert default.by_status() == {
-        "queued": 3, "scheduled": 2, "running": 0, "failed": 0, "dead": 0,
+        "queued": 6, "scheduled": 2, "running": 1, "failed": 4, "dead": 2,
     }  # fmt: skip
+    assert shown.model_dump(include=set(default.by_status())) == default.by_status()
+    assert len(shown.workers) == 1
+    assert len({stream for stream in where if ":stream:high" in stream}) >= 1
+    assert len({stream.split("}")[0] for stream in where}) >= 2  # several partitions
     assert default.next_due is not None
     assert now + 3590 < default.next_due < now + 3610
+    assert [w for w, _ in default.workers]  # the worker's heartbeat is on record
     assert unused.by_status() == dict.fromkeys(unused.by_status(), 0)
     assert (unused.next_due, unused.workers) == (None, [])
+
+
+async def _entries_by_stream(redis: Redis, queue: Queue) -> list[str]:
+    """The level streams of every partition that hold an entry."""
+    found = []
+    for keys in queue.parts:
+        for stream in queue.streams(keys):
+            if await redis.xlen(stream):
+                found.append(stream)
+    return found
 
 
 async def test_a_job_handed_back_at_shutdown_counts_only_its_start(
