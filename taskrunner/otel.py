@@ -23,11 +23,13 @@ Redis streams, not a Redis messaging API, and ``redis`` is the database system o
 the Redis client's own spans), ``messaging.operation.name`` and
 ``messaging.operation.type`` (``send`` / ``process``), ``messaging.destination.name``
 (the queue), ``messaging.message.id`` (the job id), ``messaging.message.body.size``
-(the JSON arguments, in bytes), ``messaging.consumer.group.name`` and
+(the JSON arguments, in bytes), ``messaging.destination.partition.id`` (the queue
+partition holding the job), ``messaging.consumer.group.name`` and
 ``messaging.client.id`` (the worker) on the consumer; and taskrunner's own:
 ``taskrunner.task.name``, ``taskrunner.job.attempt``, ``taskrunner.job.deliveries``,
-``taskrunner.job.reclaimed``, ``taskrunner.job.delay`` (seconds, for a delayed
-enqueue), ``taskrunner.job.deduplicated`` and ``taskrunner.outcome``. A failed
+``taskrunner.job.reclaimed``, ``taskrunner.job.priority`` (the priority level; on the
+producer only when the call or the task chose one), ``taskrunner.job.delay`` (seconds,
+for a delayed enqueue), ``taskrunner.job.deduplicated`` and ``taskrunner.outcome``. A failed
 attempt records the exception as an event and sets the span's status to ERROR and
 ``error.type`` to the exception's qualified name; an attempt cancelled from outside
 (its timeout, an abort, a shutdown hand-back, a lost lease) ends with status ERROR
@@ -103,6 +105,8 @@ class OpenTelemetryMiddleware(Middleware):
             "messaging.message.body.size": len(ctx.payload.encode()),
             "taskrunner.task.name": ctx.task.name,
         }
+        if ctx.priority is not None:
+            attributes["taskrunner.job.priority"] = ctx.priority
         if ctx.due is not None:
             attributes["taskrunner.job.delay"] = max(0.0, ctx.due - ctx.now)
         with self._tracer.start_as_current_span(
@@ -132,6 +136,7 @@ class OpenTelemetryMiddleware(Middleware):
             "messaging.operation.name": "process",
             "messaging.operation.type": "process",
             "messaging.destination.name": job.queue,
+            "messaging.destination.partition.id": str(ctx.keys.partition),
             "messaging.message.id": job.id,
             "messaging.message.body.size": len(ctx.payload.encode()),
             "messaging.consumer.group.name": GROUP,
@@ -140,6 +145,7 @@ class OpenTelemetryMiddleware(Middleware):
             "taskrunner.job.attempt": job.attempt,
             "taskrunner.job.deliveries": job.deliveries,
             "taskrunner.job.reclaimed": job.reclaimed,
+            "taskrunner.job.priority": job.priority,
         }
         with self._tracer.start_as_current_span(
             f"process {job.queue}",

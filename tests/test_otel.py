@@ -71,15 +71,16 @@ def links_to(span: ReadableSpan, targets: Sequence[ReadableSpan]) -> bool:
 async def test_attempt_span_is_a_child_of_the_enqueue_span_with_messaging_attributes(
     make_runner: MakeRunner, provider: TracerProvider, exporter: InMemorySpanExporter
 ) -> None:
-    tr = make_runner(middleware=[OpenTelemetryMiddleware(provider)])
+    tr = make_runner(middleware=[OpenTelemetryMiddleware(provider)], partitions=4)
 
-    @tr.task(name="add")
+    @tr.task(name="add", priority="high")
     async def add(x: int, y: int) -> int:
         return x + y
 
     async with tr, tr.worker(concurrency=2) as worker:
         job = await add.enqueue(1, 2)
-        stored = await tr.client.redis.hget(tr.client.keys("default").job(job.id), "meta")
+        keys = await tr.client.locate("default", job.id)
+        stored = await tr.client.redis.hget(keys.job(job.id), "meta")
         assert await job.result(timeout=DEADLINE) == 3
         (consumer,) = await finished(exporter, "process default", 1)
     (producer,) = spans(exporter, "send default")
@@ -93,6 +94,7 @@ async def test_attempt_span_is_a_child_of_the_enqueue_span_with_messaging_attrib
         "messaging.message.id": job.id,
         "messaging.message.body.size": len('{"x":1,"y":2}'),
         "taskrunner.task.name": "add",
+        "taskrunner.job.priority": "high",
     }
     assert consumer.kind == SpanKind.CONSUMER
     assert is_child_of(consumer, producer)
@@ -102,6 +104,7 @@ async def test_attempt_span_is_a_child_of_the_enqueue_span_with_messaging_attrib
         "messaging.operation.name": "process",
         "messaging.operation.type": "process",
         "messaging.destination.name": "default",
+        "messaging.destination.partition.id": str(keys.partition),
         "messaging.message.id": job.id,
         "messaging.message.body.size": len('{"x":1,"y":2}'),
         "messaging.consumer.group.name": "taskrunner",
@@ -110,6 +113,7 @@ async def test_attempt_span_is_a_child_of_the_enqueue_span_with_messaging_attrib
         "taskrunner.job.attempt": 1,
         "taskrunner.job.deliveries": 1,
         "taskrunner.job.reclaimed": False,
+        "taskrunner.job.priority": "high",
         "taskrunner.outcome": "succeeded",
     }
     assert consumer.status.status_code == StatusCode.UNSET
