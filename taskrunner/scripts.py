@@ -105,6 +105,7 @@ WATCH = Script("watch")
 PARTITIONS = Script("partitions")
 TURN = Script("turn")
 PROGRESS = Script("progress")
+AGE = Script("age")
 ALL = (
     ENQUEUE,
     FETCH,
@@ -124,6 +125,7 @@ ALL = (
     PARTITIONS,
     TURN,
     PROGRESS,
+    AGE,
 )
 
 
@@ -477,3 +479,9 @@ def turn(env: Env, keys: QueueKeys, period_ms: int, worker: str) -> ScriptCall:
 def progress(env: Env, keys: QueueKeys, job_id: str, token: str, value: str) -> ScriptCall:
     """Store a running attempt's progress (JSON), fenced by its lease."""
     return ScriptCall(PROGRESS, [keys.job(job_id)], [token, value, keys.done(job_id), env.publish])
+
+
+def age_lock(lock: str, job: str, holder: str, step_ms: int) -> ScriptCall:
+    """Shorten a unique lock's TTL by ``step_ms`` unless its holder ``job`` is held by
+    a worker (taskrunner.testing's frozen clock)."""
+    return ScriptCall(AGE, [lock, job], [holder, step_ms])

@@ -3,25 +3,28 @@ servers, with real in-process workers; the plugin also in fresh pytest processes
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 from conftest import wait_until
 from redis.asyncio import Redis
 
-import taskrunner.client
-import taskrunner.runner
 from taskrunner import (
+    Job,
     JobDeadLettered,
     JobFailed,
     JobStatus,
     OutcomeKind,
+    Retry,
     TaskRunner,
     current_job,
 )
@@ -177,6 +180,12 @@ async def _has_status(tr: TaskRunner, job_id: str, status: str) -> bool:
     return await tr.job(job_id).status() == status
 
 
+async def _retry_of(job: Job[Any], attempt: int) -> bool:
+    """Whether ``job`` waits for the retry after attempt ``attempt``."""
+    info = await job.info()
+    return (info.status, info.attempts) == (JobStatus.SCHEDULED, attempt)
+
+
 async def _watching(tr: TaskRunner) -> bool:
     return any(type(mw).__name__ == "_Recorder" for mw in tr.middleware)
 
@@ -233,34 +242,133 @@ async def test_retries_wait_for_the_frozen_clock(make_runner: MakeRunner) -> Non
 
 
 async def test_advancing_wakes_a_running_workers_scheduler(make_runner: MakeRunner) -> None:
-    tr = make_runner()
+    tr = make_runner(partitions=3)
 
     @tr.task(name="tick")
-    async def tick() -> str:
-        return "tick"
+    async def tick(n: int) -> int:
+        return n
 
-    async with tr, tr.worker(concurrency=1), frozen_time(tr) as clock:
-        job = await tick.options(delay=3600).enqueue()
+    async with tr, frozen_time(tr) as clock:
+        jobs = [await tick.options(delay=3600).enqueue(n) for n in range(6)]
+        assert len({(await job.info()).due_at for job in jobs}) == 1  # frozen: one due time
+        assert await tr.run_until_idle() == []  # an hour early: nothing is promoted
+        async with tr.worker(concurrency=2):
+            await clock.advance(3601)  # wakes the worker's scheduler on every partition
+            assert [await job.result(timeout=DEADLINE) for job in jobs] == list(range(6))
+
+
+async def test_a_long_retry_backoff_runs_when_the_clock_is_advanced_past_it(
+    make_runner: MakeRunner,
+) -> None:
+    tr = make_runner(retry_delay=200.0)
+
+    @tr.task(name="flaky", max_retries=2)
+    async def flaky() -> int:
+        if current_job().attempt == 1:
+            raise Retry(delay=timedelta(hours=2))  # a backoff of its own
+        if current_job().attempt == 2:
+            raise RuntimeError("the second attempt fails too")  # the runner's backoff
+        return current_job().attempt
+
+    async with tr, frozen_time(tr) as clock, tr.worker(concurrency=1):
+        job = await flaky.enqueue()
+        for attempt, low, high in ((1, 7200, 7200), (2, 200, 400)):  # 2nd: equal jitter
+            await wait_until(functools.partial(_retry_of, job, attempt), DEADLINE)
+            info = await job.info()
+            assert info.due_at is not None
+            backoff = info.due_at.timestamp() - clock.now()
+            assert low <= backoff <= high
+            await clock.advance(backoff - 1)
+            assert await job.status() == JobStatus.SCHEDULED
+            await clock.advance(1)
+        assert await job.result(timeout=DEADLINE) == 3
+
+
+async def test_unique_lock_ttls_follow_the_frozen_clock(make_runner: MakeRunner) -> None:
+    tr = make_runner(lock_ttl=600)
+    start = datetime(2020, 1, 1, tzinfo=UTC)  # years behind the server's own clock
+
+    @tr.task(name="report", lock="until_executed")
+    async def report(n: int) -> int:
+        return n
+
+    @tr.task(name="ping", lock="until_executing", queue="unserved")
+    async def ping(n: int) -> int:
+        return n
+
+    async with tr, frozen_time(tr, start=start) as clock:
+        # The TTL is the frozen clock's: (due - now) + lock_ttl = 1 h + 10 min.
+        later = await report.options(at=start + timedelta(hours=1)).enqueue(1)
+        key = tr.unique.lock_key(report, (1,))
+        ttl = await tr.client.redis.pttl(key)
+        assert 4190_000 < ttl <= 4200_000
+
+        # A lock whose holder never runs expires lock_ttl later, in frozen time.
+        first = await ping.enqueue(1)
+        await clock.advance(599)
+        assert (await ping.enqueue(1)).id == first.id  # still held: deduplicated
+        await clock.advance(2)
+        second = await ping.enqueue(1)
+        assert not second.deduplicated
+        assert second.id != first.id
+
+        # The until_executed lock has aged too, by the same 601 s.
+        assert 3590_000 < await tr.client.redis.pttl(key) <= 3599_000
         await clock.advance(3600)
-        assert await job.result(timeout=DEADLINE) == "tick"
+        await tr.run_until_idle(queues=["default"])
+        assert await later.result(timeout=1) == 1
+        assert await tr.client.redis.exists(key) == 0  # released by its final commit
 
 
-async def test_time_is_real_again_after_the_block(make_runner: MakeRunner) -> None:
-    originals = (taskrunner.client.now_ms, vars(taskrunner.runner)["time"])
-    tr = make_runner()
+async def test_a_lock_held_by_a_running_job_is_left_to_its_heartbeat(
+    make_runner: MakeRunner,
+) -> None:
+    tr = make_runner(lock_ttl=60)
+    release = anyio.Event()
+
+    @tr.task(name="sync", lock="while_executing")
+    async def sync(n: int) -> int:
+        await release.wait()
+        return n
+
+    async with tr, frozen_time(tr) as clock, tr.worker(concurrency=1):
+        job = await sync.enqueue(1)
+        await wait_until(lambda: _has_status(tr, job.id, "running"), DEADLINE)
+        key = tr.unique.lock_key(sync, (1,))
+        await wait_until(lambda: _holds(tr, key, job.id), DEADLINE)
+        await clock.advance(3600)  # far past lock_ttl: the job still runs and holds it
+        assert await tr.client.redis.get(key) == job.id
+        release.set()
+        assert await job.result(timeout=DEADLINE) == 1
+
+
+async def _holds(tr: TaskRunner, key: str, job_id: str) -> bool:
+    return bool(await tr.client.redis.get(key) == job_id)
+
+
+async def test_frozen_time_restores_the_clock_and_freezes_one_runner(
+    make_runner: MakeRunner,
+) -> None:
+    tr, other = make_runner(), make_runner()
+    tr.clock.advance(30)  # an offset set before the block survives it
     async with frozen_time(tr, start=datetime(2030, 1, 1, tzinfo=UTC)) as clock:
-        assert taskrunner.client.now_ms() == int(clock.now() * 1000)
+        assert tr.clock.now() == clock.now() == datetime(2030, 1, 1, tzinfo=UTC).timestamp()
         assert clock.now_datetime() == datetime(2030, 1, 1, tzinfo=UTC)
+        assert abs(other.clock.now() - time.time()) < 5  # another runner keeps its own
         with pytest.raises(RuntimeError, match="already frozen"):
             async with frozen_time(tr):
                 pass
+        async with frozen_time(other, start=0) as other_clock:  # two runners at once
+            assert other_clock.now() == 0
         with pytest.raises(ValueError, match="forward"):
             await clock.advance(-1)
         with pytest.raises(ValueError, match="naive"):
             await clock.move_to(datetime(2031, 1, 1))  # naive: refused
         await clock.advance(timedelta(days=1))  # not connected: nothing to wake
         assert clock.now_datetime() == datetime(2030, 1, 2, tzinfo=UTC)
-    assert (taskrunner.client.now_ms, vars(taskrunner.runner)["time"]) == originals
+    assert tr.clock.frozen_ms is None
+    assert tr.clock.offset_ms == 30_000
+    assert (other.clock.frozen_ms, other.clock.offset_ms) == (None, 0)
 
 
 # -- the plugin's fixtures, in this process ---------------------------------------------------

@@ -1,4 +1,4 @@
-"""A frozen clock for tests of delayed jobs, retries and (later) cron schedules.
+"""A frozen clock for tests of delayed jobs, retries, unique locks and (later) cron.
 
 ::
 
@@ -8,40 +8,35 @@
         await clock.advance(3600)                   # an hour passes, at once
         await run_until_idle(tr)                    # the reminder runs
 
-While the clock is frozen, every due time taskrunner computes or compares (a delay,
-``at=``, a retry's backoff, a unique-job reschedule, the scheduler's promotion of due
-jobs, the timestamps of a job's info) reads the clock instead of the system time, in
-this process. What Redis times by itself is not affected: lease staleness
-(``stale_after``), unique-lock and result TTLs, and worker heartbeats keep real time.
+It drives the runner's own clock (``TaskRunner.clock``, taskrunner.clock), which every
+script of that runner reads for "now": due times of delays, ``at=`` and retries,
+the promotion of due jobs, the timestamps of a job's info, and the failed-job window.
+``advance`` also wakes the workers' schedulers (a "due" message on every partition's
+events channel) and ages the queues' unique locks by as much (``_LockAger``): a lock
+whose TTL runs out in frozen time is gone, one held by a job a worker holds (and
+heartbeats) is left alone. Lease staleness, heartbeats and result TTLs keep real time.
 
-How it hooks in (today): the core reads ``time.time()`` (runner, retry and unique
-middleware) and ``taskrunner.client.now_ms()`` (worker, scheduler, client) for due
-times; ``frozen_time`` swaps those for the clock in those modules and puts them back
-on exit (``_CoreTime``). When the core takes a clock of its own (``tr.clock``, due
-times on the Redis server's clock plus an offset), ``frozen_time`` sets that instead;
-the API here stays the same. Only one clock can be frozen at a time in a process.
+The clock belongs to one TaskRunner: another runner in this process, or a worker in
+another process, keeps its own (freeze each runner that takes part in the test).
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
-from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
+from taskrunner import scripts
 from taskrunner.connection import REDIS_ERRORS
+from taskrunner.exceptions import TaskrunnerError
 
 if TYPE_CHECKING:
+    from taskrunner.client import Client
     from taskrunner.runner import TaskRunner
 
-_active: list[FrozenClock] = []
-
-
-def current_clock() -> FrozenClock | None:
-    """The frozen clock in force in this process, or None (system time)."""
-    return _active[-1] if _active else None
+LOCK_SCAN = 500
+"""Keys asked for per SCAN call when ageing the locks."""
 
 
 def _seconds(value: float | timedelta) -> float:
@@ -57,112 +52,115 @@ def _epoch(when: datetime | float) -> float:
 
 
 class FrozenClock:
-    """Time as taskrunner sees it while frozen: it moves only when told to."""
+    """Time as one TaskRunner's scripts see it while frozen: it moves only when told to."""
 
-    def __init__(self, runner: TaskRunner, start: float) -> None:
+    def __init__(self, runner: TaskRunner) -> None:
         self._runner = runner
-        self._now = start
 
     def now(self) -> float:
         """The frozen time, in epoch seconds."""
-        return self._now
+        return self._runner.clock.now()
 
     def now_datetime(self) -> datetime:
         """The frozen time as an aware UTC datetime."""
-        return datetime.fromtimestamp(self._now, UTC)
+        return datetime.fromtimestamp(self.now(), UTC)
 
     async def advance(self, seconds: float | timedelta) -> None:
-        """Move time forward by ``seconds``; wake the workers' schedulers so that jobs
-        now due are promoted (``run_until_idle`` then runs them)."""
+        """Move time forward by ``seconds``: unique locks age by as much, and the
+        workers' schedulers wake, so jobs now due are promoted (``run_until_idle``
+        then runs them; a running embedded worker runs them at once)."""
         step = _seconds(seconds)
         if step < 0:
             raise ValueError("time only moves forward: advance by a positive amount")
-        self._now += step
-        await self._wake()
+        self._runner.clock.advance(step)
+        client = _client(self._runner)
+        if client is None:  # not connected: no lock to age, no worker of ours to wake
+            return
+        try:
+            await _LockAger(client).age(int(step * 1000))
+        finally:
+            await _wake(client, self._runner.queues())
 
     async def move_to(self, when: datetime | float) -> None:
         """Move time forward to ``when`` (an aware datetime or epoch seconds)."""
-        await self.advance(_epoch(when) - self._now)
+        await self.advance(_epoch(when) - self.now())
 
-    async def _wake(self) -> None:
-        """Tell every worker of the runner's queues to look at its delayed set again
-        (the message producers send when they add an earlier job)."""
-        try:
-            client = self._runner.client
-        except Exception:  # noqa: BLE001 - not connected: no worker of ours is running
+
+def _client(runner: TaskRunner) -> Client | None:
+    try:
+        return runner.client
+    except TaskrunnerError:
+        return None
+
+
+async def _wake(client: Client, queues: list[str]) -> None:
+    """Tell every worker of these queues to look at its delayed sets again (the
+    message a producer sends when it adds an earlier job), on every partition, with
+    the runner's publish command (SPUBLISH on a Redis 7 cluster)."""
+    try:
+        parts = [keys for name in queues for keys in (await client.resolve(name)).parts]
+        pipe = cast(Any, client.redis.pipeline(transaction=False))
+        for keys in parts:
+            pipe.execute_command(client.env.publish, keys.events, "due")
+        await pipe.execute()
+    except REDIS_ERRORS:  # a worker also re-reads its delayed sets within max_idle_wait
+        return
+
+
+class _LockAger:
+    """Shortens the TTL of every unique lock of the runner's namespace by the step the
+    clock moved (a lock's TTL is on Redis's real clock: without this, a lock would
+    outlive its holder's due time plus ``lock_ttl`` in frozen time). Locks whose
+    holder is held by a worker are left alone: its heartbeat keeps them, in real time
+    as in frozen time. Finds the locks with SCAN over the namespace, which is
+    fine on a test's server and slow on a big shared one."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def _pattern(self) -> str:
+        namespace = "".join(f"\\{c}" if c in "*?[]\\" else c for c in self._client.namespace)
+        return f"{namespace}:{{*}}:lock:*"
+
+    async def age(self, step_ms: int) -> None:
+        if step_ms <= 0:
             return
-        pipe = client.redis.pipeline(transaction=False)
-        for queue in self._runner.queues():
-            pipe.publish(client.keys(queue).events, "due")
-        try:
-            await pipe.execute()
-        except REDIS_ERRORS:  # a worker also re-reads its delayed set within max_idle_wait
+        redis = cast(Any, self._client.redis)
+        found = redis.scan_iter(match=self._pattern(), count=LOCK_SCAN, _type="string")
+        locks = [str(key) async for key in found]
+        if not locks:
             return
-
-
-class _TimeModule:
-    """Stands in for the ``time`` module inside a core module: ``time()`` is the clock."""
-
-    def __init__(self, clock: FrozenClock) -> None:
-        self._clock = clock
-
-    def time(self) -> float:
-        return self._clock.now()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(time, name)
-
-
-class _CoreTime:
-    """Where the core reads the time for due times today (see the module docstring)."""
-
-    TIME_MODULES = (
-        "taskrunner.runner",
-        "taskrunner.middleware.retry",
-        "taskrunner.middleware.unique",
-    )
-    NOW_MS_MODULES = ("taskrunner.client", "taskrunner.worker", "taskrunner.scheduler")
-
-    def __init__(self, clock: FrozenClock) -> None:
-        import importlib
-
-        self._saved: list[tuple[ModuleType, str, Any]] = []
-        frozen_ms: Callable[[], int] = lambda: int(clock.now() * 1000)  # noqa: E731
-        for name in self.TIME_MODULES:
-            self._swap(importlib.import_module(name), "time", _TimeModule(clock))
-        for name in self.NOW_MS_MODULES:
-            self._swap(importlib.import_module(name), "now_ms", frozen_ms)
-
-    def _swap(self, module: ModuleType, attribute: str, value: Any) -> None:
-        if not hasattr(module, attribute):  # the core changed: fail loudly, not silently
-            raise RuntimeError(f"frozen_time: {module.__name__}.{attribute} no longer exists")
-        self._saved.append((module, attribute, getattr(module, attribute)))
-        setattr(module, attribute, value)
-
-    def restore(self) -> None:
-        for module, attribute, value in reversed(self._saved):
-            setattr(module, attribute, value)
-        self._saved.clear()
+        pipe = redis.pipeline(transaction=False)
+        for key in locks:
+            pipe.get(key)
+        holders = await pipe.execute(raise_on_error=False)
+        calls = [
+            scripts.age_lock(key, f"{key.rpartition(':lock:')[0]}:job:{holder}", holder, step_ms)
+            for key, holder in zip(locks, holders, strict=True)
+            if isinstance(holder, str)  # gone meanwhile, or not a lock after all
+        ]
+        await scripts.run_many(redis, calls, raise_on_error=False)
 
 
 @asynccontextmanager
 async def frozen_time(
     runner: TaskRunner, start: datetime | float | None = None
 ) -> AsyncIterator[FrozenClock]:
-    """Freeze taskrunner's clock at ``start`` (default: now, truncated to the whole
+    """Freeze ``runner``'s clock at ``start`` (default: now, truncated to the whole
     second, so that a job delayed by whole seconds falls due exactly when the clock is
     advanced by as much) for the block; yields the ``FrozenClock`` that moves it.
-    Time is real again after the block."""
-    if _active:
-        raise RuntimeError("a clock is already frozen in this process")
-    clock = FrozenClock(runner, float(int(time.time())) if start is None else _epoch(start))
-    patch = _CoreTime(clock)
-    _active.append(clock)
+    The clock is put back as it was after the block (real time, for a runner whose
+    clock nobody had moved)."""
+    clock = runner.clock
+    if clock.frozen_ms is not None:
+        raise RuntimeError("this TaskRunner's clock is already frozen")
+    saved = clock.offset_ms
+    clock.freeze(float(int(clock.now())) if start is None else _epoch(start))
     try:
-        yield clock
+        yield FrozenClock(runner)
     finally:
-        _active.remove(clock)
-        patch.restore()
+        clock.reset()
+        clock.offset_ms = saved
 
 
-__all__ = ["FrozenClock", "current_clock", "frozen_time"]
+__all__ = ["FrozenClock", "frozen_time"]

@@ -2,10 +2,12 @@
 
 Idle means, for every queue of the runner (or those given): nothing queued, nothing
 running (in this worker or any other), and nothing scheduled that falls due by the
-clock. With the system clock, "by the clock" is before the call's ``timeout`` runs
-out: a retry due in half a second is waited for, a reminder due tomorrow is left
-scheduled. Under ``frozen_time`` it is the frozen time: jobs due later stay
-scheduled until the test advances the clock.
+clock (the runner's ``clock``, which the scripts read). With a running clock, "by the
+clock" is before the call's ``timeout`` runs out: a retry due in half a second is
+waited for, a reminder due tomorrow is left scheduled. Under ``frozen_time`` it is
+the frozen time: jobs due later stay scheduled until the test advances the clock.
+Every queue is looked at in all its partitions and priority levels
+(``taskrunner.counts``).
 
 Every outcome a worker of this runner records in this process meanwhile (this one's,
 and an embedded one's, e.g. a FastAPI app's) is collected through
@@ -22,11 +24,10 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from taskrunner.counts import QueueCounts, queue_counts
+from taskrunner.counts import QueueCounts, queue_counts, resolve
 from taskrunner.exceptions import JobDeadLettered, JobFailed
 from taskrunner.job import ErrorInfo, JobContext
 from taskrunner.middleware.base import Middleware, Outcome, OutcomeKind
-from taskrunner.testing.clock import current_clock
 
 if TYPE_CHECKING:
     from taskrunner.runner import TaskRunner
@@ -111,7 +112,7 @@ async def _round(runner: TaskRunner, queues: list[str], concurrency: int, deadli
     True if the queues are idle, else wait until they may have changed and False."""
     worker = runner.worker(queues=queues, concurrency=concurrency, burst=True, handle_signals=False)
     await worker.run()
-    wait = _wait(await _counts(runner, queues), deadline)
+    wait = _wait(runner, await _counts(runner, queues), deadline)
     if wait is None:
         return True
     await anyio.sleep(wait)
@@ -119,17 +120,12 @@ async def _round(runner: TaskRunner, queues: list[str], concurrency: int, deadli
 
 
 async def _counts(runner: TaskRunner, queues: list[str]) -> list[QueueCounts]:
-    keys = [runner.client.keys(q) for q in queues]
-    now = _now()
-    return await queue_counts(runner.client.redis, keys, now=now, result_ttl=runner.result_ttl)
+    found = await resolve(runner.client, queues)
+    now = runner.clock.now()
+    return await queue_counts(runner.client.redis, found, now=now, result_ttl=runner.result_ttl)
 
 
-def _now() -> float:
-    clock = current_clock()
-    return clock.now() if clock is not None else time.time()
-
-
-def _wait(counts: list[QueueCounts], deadline: float) -> float | None:
+def _wait(runner: TaskRunner, counts: list[QueueCounts], deadline: float) -> float | None:
     """Seconds to wait before running a worker again, or None when idle."""
     if any(c.queued for c in counts):
         return 0.0  # arrived after the worker's last read (e.g. from another worker)
@@ -138,10 +134,10 @@ def _wait(counts: list[QueueCounts], deadline: float) -> float | None:
     dues = [c.next_due for c in counts if c.next_due is not None]
     if not dues:
         return None
-    wait = min(dues) - _now()
+    wait = min(dues) - runner.clock.now()
     if wait <= 0:
         return 0.0
-    if current_clock() is not None:
+    if runner.clock.frozen_ms is not None:
         return None  # frozen: due later only when the test advances the clock
     if time.monotonic() + wait < deadline:
         return wait
