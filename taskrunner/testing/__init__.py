@@ -8,7 +8,7 @@
   this process until every job is final; raises the first job that failed for good
   or was dead-lettered.
 * ``async with frozen_time(tr) as clock: await clock.advance(60)``: control time for
-  delayed jobs and retries.
+  delayed jobs, retries and unique-lock TTLs (the runner's own clock, ``tr.clock``).
 
 Documented in docs/testing.md ("Testing your tasks").
 """
