@@ -272,7 +272,9 @@ async def test_a_long_retry_backoff_runs_when_the_clock_is_advanced_past_it(
 
     async with tr, frozen_time(tr) as clock, tr.worker(concurrency=1):
         job = await flaky.enqueue()
-        for attempt, low, high in ((1, 7200, 7200), (2, 200, 400)):  # 2nd: equal jitter
+        # Attempt 2: 200 s x 2, capped at max_delay (300 s), from its upper half (jitter).
+        # The delay is sent relative to the commit: a ms or so is spent before it.
+        for attempt, low, high in ((1, 7199.9, 7200), (2, 149.9, 300)):
             await wait_until(functools.partial(_retry_of, job, attempt), DEADLINE)
             info = await job.info()
             assert info.due_at is not None
@@ -366,6 +368,8 @@ async def test_frozen_time_restores_the_clock_and_freezes_one_runner(
             await clock.move_to(datetime(2031, 1, 1))  # naive: refused
         await clock.advance(timedelta(days=1))  # not connected: nothing to wake
         assert clock.now_datetime() == datetime(2030, 1, 2, tzinfo=UTC)
+        await clock.advance(1.005)  # to the millisecond: 1.005 * 1000 is 1004.99...
+        assert tr.clock.frozen_ms == datetime(2030, 1, 2, 0, 0, 1, 5000, UTC).timestamp() * 1000
     assert tr.clock.frozen_ms is None
     assert tr.clock.offset_ms == 30_000
     assert (other.clock.frozen_ms, other.clock.offset_ms) == (None, 0)
