@@ -24,7 +24,8 @@ Metrics (all prefixed ``taskrunner_``; ``task`` and ``queue`` labels on the job 
   worker);
 * histograms ``job_duration_seconds`` (one attempt, as seen by this middleware) and
   ``job_queue_wait_seconds`` (from when the job became runnable to its attempt's start);
-* gauges ``queue_depth{queue,status}`` (queued, scheduled, running, failed, dead) and
+* gauges ``queue_depth{queue,status}`` (queued, scheduled, running, failed, dead;
+  summed over the queue's partitions and priority levels) and
   ``queue_workers{queue}`` (live workers), read by each worker every
   ``queue_interval`` seconds in one pipelined round trip (``taskrunner.counts``).
 
