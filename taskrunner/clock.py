@@ -57,7 +57,7 @@ class Clock:
 
     def advance(self, seconds: float) -> None:
         """Move time forward (frozen or not)."""
-        step = int(seconds * 1000)
+        step = round(seconds * 1000)  # int() loses a ms to float error: 1.005 s
         if self.frozen_ms is not None:
             self.frozen_ms += step
         else:

@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import timedelta
 from types import TracebackType
-from typing import Any, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 import anyio
 import pydantic
@@ -51,6 +51,9 @@ from taskrunner.options import TaskOptions
 from taskrunner.task import Call, Task, TaskDefinition
 from taskrunner.urls import parse_url, redact
 from taskrunner.worker import Worker
+
+if TYPE_CHECKING:
+    from taskrunner.testing import Committed
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -511,6 +514,27 @@ class TaskRunner:
             grace_period=grace_period,
             handle_signals=handle_signals,
             max_deliveries=max_deliveries,
+        )
+
+    async def run_until_idle(
+        self,
+        *,
+        queues: Sequence[str] | None = None,
+        timeout: float = 30.0,
+        concurrency: int = 10,
+        raise_failures: bool = True,
+    ) -> list[Committed]:
+        """For tests: run a worker in this process until every job is final, and raise
+        the first job that failed for good or was dead-lettered. See
+        ``taskrunner.testing.run_until_idle`` and docs/testing.md."""
+        from taskrunner.testing import run_until_idle
+
+        return await run_until_idle(
+            self,
+            queues=queues,
+            timeout=timeout,
+            concurrency=concurrency,
+            raise_failures=raise_failures,
         )
 
 

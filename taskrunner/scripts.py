@@ -107,6 +107,7 @@ TURN = Script("turn")
 PROGRESS = Script("progress")
 PURGE = Script("purge")
 PAGE = Script("page")
+AGE = Script("age")
 ALL = (
     ENQUEUE,
     FETCH,
@@ -128,6 +129,7 @@ ALL = (
     PROGRESS,
     PURGE,
     PAGE,
+    AGE,
 )
 
 
@@ -494,3 +496,9 @@ def purge(keys: QueueKeys, job_ids: Sequence[str], cutoff_ms: int, keep: int) ->
 def page(keys: QueueKeys, after_id: str, after_score_ms: int, count: int) -> ScriptCall:
     """Up to ``count`` dead letters (id, score) after the cursor, oldest first."""
     return ScriptCall(PAGE, [keys.dead], [after_id, after_score_ms, count])
+
+
+def age_lock(lock: str, job: str, holder: str, step_ms: int) -> ScriptCall:
+    """Shorten a unique lock's TTL by ``step_ms`` unless its holder ``job`` is held by
+    a worker (taskrunner.testing's frozen clock)."""
+    return ScriptCall(AGE, [lock, job], [holder, step_ms])

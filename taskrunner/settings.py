@@ -21,6 +21,8 @@ bad value; both are reported in one line that names the variable or the flag::
     TASKRUNNER_GRACE_PERIOD   seconds running jobs get to finish on SIGTERM (default 30)
     TASKRUNNER_LOG_LEVEL      debug, info, warning or error (default info)
     TASKRUNNER_MAX_DELIVERIES deliveries before a job goes to the dead letters (default 5)
+    TASKRUNNER_METRICS_PORT   serve Prometheus metrics on this port (default: off)
+    TASKRUNNER_METRICS_HOST   address the metrics port binds (default 0.0.0.0)
 
 Precedence note: a TaskRunner created with an explicit ``url`` in Python still uses that
 url when it enqueues; ``TASKRUNNER_REDIS_URL`` overrides it only for the command. The
@@ -70,6 +72,8 @@ class Settings(BaseSettings):
     grace_period: float = Field(default=30.0, ge=0)
     log_level: LogLevel = "info"
     max_deliveries: int = Field(default=5, ge=1)
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_host: str = "0.0.0.0"  # noqa: S104 - metrics are scraped from other hosts
 
     @field_validator("queues", mode="before")
     @classmethod

@@ -1,28 +1,20 @@
 """``taskrunner info``: what every queue holds, and which workers are alive.
 
-Per queue, in one pipelined round trip:
-
-* queued: entries in the stream no worker has read yet (stream length minus pending:
-  commits delete their entry, so every entry left is either unread or pending);
-* scheduled: members of the delayed set (delays, retries, reschedules);
-* running: entries pending in the consumer group (read and held under a lease);
-* failed: jobs that failed for good within the last ``result_ttl``;
-* dead: jobs in the dead letters;
-* workers: consumers whose heartbeat is at most ``stale_after`` old, with its age.
+The counts of every queue, summed over its partitions and priority levels, come from
+``taskrunner.counts`` in one pipelined round trip (queued, scheduled, running,
+failed, dead; see there how each is computed); workers are the consumers whose
+heartbeat is at most ``stale_after`` old, with its age, and the stale ones apart.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, cast
 
 import click
 from pydantic import BaseModel
-from redis.asyncio import Redis
-from redis.exceptions import ResponseError
 
 from taskrunner.cli._common import example, load_app, run_async, settings_for
-from taskrunner.keys import GROUP, QueueKeys
+from taskrunner.counts import queue_counts, resolve
 from taskrunner.runner import TaskRunner
 
 EXAMPLE = """
@@ -75,43 +67,20 @@ def info(app: str, queues: tuple[str, ...], as_json: bool) -> None:
 
 
 async def gather(runner: TaskRunner, queues: list[str]) -> Info:
-    """Read the counts of every queue in one pipelined round trip."""
-    redis = runner.client.redis
-    keys = [runner.client.keys(q) for q in queues]
-    pipe = cast(Any, redis.pipeline(transaction=False))
-    now = time.time()
-    for k in keys:
-        pipe.xlen(k.stream)
-        pipe.zcard(k.delayed)
-        pipe.zcount(k.failed, int((now - runner.result_ttl) * 1000), "+inf")
-        pipe.zcard(k.dead)
-        pipe.zrange(k.workers, 0, -1, withscores=True)
-    replies = await pipe.execute()
+    """Read the counts of every queue in one pipelined round trip (``taskrunner.counts``)."""
+    found_queues = await resolve(runner.client, queues)
+    counts = await queue_counts(
+        runner.client.redis,
+        found_queues,
+        now=runner.clock.now(),
+        result_ttl=runner.result_ttl,
+    )
+    now = time.time()  # heartbeats are on real time
     result: dict[str, QueueInfo] = {}
-    for index, k in enumerate(keys):
-        length, scheduled, failed, dead, workers = replies[index * 5 : index * 5 + 5]
-        running = await _pending(redis, k)
-        live, stale = _workers(workers, now, runner.lease.stale_after)
-        result[k.queue] = QueueInfo(
-            queued=max(0, length - running),
-            scheduled=scheduled,
-            running=running,
-            failed=failed,
-            dead=dead,
-            workers=live,
-            stale_workers=stale,
-        )
+    for found in counts:
+        live, stale = _workers(found.workers, now, runner.lease.stale_after)
+        result[found.queue] = QueueInfo(**found.by_status(), workers=live, stale_workers=stale)
     return Info(namespace=runner.namespace, queues=result)
-
-
-async def _pending(redis: Redis, keys: QueueKeys) -> int:
-    try:
-        summary = await redis.xpending(keys.stream, GROUP)
-    except ResponseError as exc:  # no stream or no group yet: nothing was ever read
-        if "NOGROUP" in str(exc):
-            return 0
-        raise
-    return int(summary["pending"])
 
 
 def _workers(
@@ -119,8 +88,7 @@ def _workers(
 ) -> tuple[list[WorkerInfo], list[WorkerInfo]]:
     live: list[WorkerInfo] = []
     stale: list[WorkerInfo] = []
-    for worker_id, score in entries:
-        seen = score / 1000
+    for worker_id, seen in entries:
         found = WorkerInfo(id=worker_id, last_heartbeat=seen, age=round(max(0.0, now - seen), 3))
         (live if found.age <= stale_after else stale).append(found)
     return live, stale

@@ -16,6 +16,8 @@ forwards it once.
   running jobs finish within the grace period; a second signal is forwarded too, and
   the children exit at once. The supervisor exits when the last child has exited:
   0 if every child exited 0.
+* With ``env``, the children get that environment; ``on_exit(pid)`` is called after
+  each child exits (the metrics exporter clears its live gauges there).
 * Each child watches its stdin, a pipe from the supervisor: if the supervisor dies
   (even by SIGKILL), the pipe closes and the child stops gracefully on its own.
 """
@@ -26,7 +28,7 @@ import logging
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import anyio
 from anyio.abc import Process
@@ -43,9 +45,18 @@ MAX_BACKOFF = 10.0
 class Supervisor:
     """Keeps ``processes`` copies of ``argv`` running until a signal or a clean exit."""
 
-    def __init__(self, argv: Sequence[str], processes: int) -> None:
+    def __init__(
+        self,
+        argv: Sequence[str],
+        processes: int,
+        *,
+        env: Mapping[str, str] | None = None,
+        on_exit: Callable[[int], None] | None = None,
+    ) -> None:
         self.argv = list(argv)
         self.processes = processes
+        self.env = env
+        self.on_exit = on_exit
         self.children: dict[int, Process] = {}
         self.exit_codes: list[int] = []
         self._stopping = anyio.Event()
@@ -103,7 +114,12 @@ class Supervisor:
 
     async def _run_child(self, index: int) -> int:
         process = await anyio.open_process(
-            self.argv, stdin=subprocess.PIPE, stdout=None, stderr=None, start_new_session=True
+            self.argv,
+            stdin=subprocess.PIPE,
+            stdout=None,
+            stderr=None,
+            start_new_session=True,
+            env=self.env,
         )
         self.children[index] = process
         logger.info("started worker process %d (pid %d)", index, process.pid)
@@ -116,6 +132,8 @@ class Supervisor:
             del self.children[index]
             if process.stdin is not None:
                 await process.stdin.aclose()
+        if self.on_exit is not None:
+            self.on_exit(process.pid)
         return code
 
     async def _forward_signals(self) -> None:
@@ -139,9 +157,15 @@ def _describe(code: int) -> str:
     return f"code {code}"
 
 
-def supervise(argv: Sequence[str], processes: int) -> int:
+def supervise(
+    argv: Sequence[str],
+    processes: int,
+    *,
+    env: Mapping[str, str] | None = None,
+    on_exit: Callable[[int], None] | None = None,
+) -> int:
     """Run the supervisor in the foreground and return its exit code."""
-    supervisor = Supervisor(argv, processes)
+    supervisor = Supervisor(argv, processes, env=env, on_exit=on_exit)
     code = 1
 
     async def main() -> None:

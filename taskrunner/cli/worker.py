@@ -12,13 +12,17 @@ import os
 import signal
 import sys
 import threading
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from taskrunner.cli._common import example, fail, load_app, run_async, settings_for, use_url
 from taskrunner.runner import TaskRunner
 from taskrunner.settings import Settings, with_runner_defaults
+
+if TYPE_CHECKING:
+    from taskrunner.metrics import MetricsServer
 
 logger = logging.getLogger("taskrunner.cli")
 
@@ -67,6 +71,12 @@ taskrunner worker myapp.tasks:tr -q emails -q reports --processes 4
     type=int,
     help="Deliveries before a job goes to the dead letters. [default: 5]",
 )
+@click.option(
+    "--metrics-port",
+    type=int,
+    help="Serve Prometheus metrics on this port (needs the metrics extra). [default: off]",
+)
+@click.option("--metrics-host", help="Address the metrics port binds. [default: 0.0.0.0]")
 @click.option("--supervised", is_flag=True, hidden=True)
 def worker(
     app: str,
@@ -78,6 +88,8 @@ def worker(
     grace_period: float | None,
     log_level: str | None,
     max_deliveries: int | None,
+    metrics_port: int | None,
+    metrics_host: str | None,
     supervised: bool,
 ) -> None:
     flags: dict[str, Any] = {
@@ -88,6 +100,8 @@ def worker(
         "grace_period": grace_period,
         "log_level": log_level,
         "max_deliveries": max_deliveries,
+        "metrics_port": metrics_port,
+        "metrics_host": metrics_host,
     }
     base = settings_for(flags)
     if reload:
@@ -98,12 +112,29 @@ def worker(
     settings = with_runner_defaults(base, runner)
     use_url(runner, settings)
     if settings.processes > 1:
-        from taskrunner.cli.supervisor import supervise
-
         if supervised:  # the child of --reload: stop when the reloader is gone
             _stop_when_parent_exits()
-        sys.exit(supervise(child_argv(app, base, processes=1, supervised=True), settings.processes))
+        argv = child_argv(app, base, processes=1, supervised=True)
+        sys.exit(supervise_workers(argv, settings))
     run_worker(runner, settings, supervised=supervised)
+
+
+def supervise_workers(argv: list[str], settings: Settings) -> int:
+    """Run ``settings.processes`` children under a supervisor (which also serves their
+    summed metrics with ``--metrics-port``); its exit code."""
+    from taskrunner.cli.supervisor import supervise
+
+    if settings.metrics_port is None:
+        return supervise(argv, settings.processes)
+    metrics = _metrics_module()
+    try:
+        exporter = metrics.MultiprocessExporter(settings.metrics_port, settings.metrics_host)
+    except OSError as exc:
+        fail(f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port}: {exc}")
+    with exporter:
+        return supervise(
+            argv, settings.processes, env=exporter.env(), on_exit=exporter.child_exited
+        )
 
 
 def run_worker(runner: TaskRunner, settings: Settings, *, supervised: bool = False) -> None:
@@ -116,9 +147,43 @@ def run_worker(runner: TaskRunner, settings: Settings, *, supervised: bool = Fal
         max_deliveries=settings.max_deliveries,
         handle_signals=True,
     )
+    server = _serve_metrics(runner, settings, supervised=supervised)
     if supervised:
         _stop_when_parent_exits()
-    run_async(w.run)
+    try:
+        run_async(w.run)
+    finally:
+        if server is not None:
+            server.close()
+
+
+def _serve_metrics(
+    runner: TaskRunner, settings: Settings, *, supervised: bool
+) -> MetricsServer | None:
+    """With ``--metrics-port``: make sure the runner has the Prometheus middleware and,
+    unless a supervisor serves the children's sum, serve it from this process."""
+    if settings.metrics_port is None:
+        return None
+    metrics = _metrics_module()
+    middleware = metrics.install(runner)
+    if supervised:  # the supervisor serves what this child writes to its directory
+        return None
+    registry = metrics.exposed_registry(middleware.registry)
+    try:
+        server: MetricsServer = metrics.MetricsServer(
+            registry, settings.metrics_port, settings.metrics_host
+        )
+    except OSError as exc:
+        fail(f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port}: {exc}")
+    return server
+
+
+def _metrics_module() -> ModuleType:
+    try:
+        from taskrunner import metrics
+    except ImportError:
+        fail("--metrics-port needs prometheus-client: pip install 'taskrunner[metrics]'")
+    return metrics
 
 
 def child_argv(
@@ -130,6 +195,9 @@ def child_argv(
     argv += ["--processes", str(processes), "--concurrency", str(settings.concurrency)]
     argv += ["--grace-period", repr(settings.grace_period), "--log-level", settings.log_level]
     argv += ["--max-deliveries", str(settings.max_deliveries)]
+    if settings.metrics_port is not None:
+        argv += ["--metrics-port", str(settings.metrics_port)]
+        argv += ["--metrics-host", settings.metrics_host]
     for queue in settings.queues:
         argv += ["--queue", queue]
     if settings.burst:

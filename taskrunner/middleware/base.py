@@ -12,7 +12,7 @@ Never catch cancellation (``BaseException``) in a middleware: catch ``Exception`
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -161,6 +161,17 @@ class WorkerPort(Protocol):
 
     def partitions(self) -> Sequence[QueueKeys]:
         """Every partition of every queue the worker reads."""
+
+    def tasks(self) -> Collection[str]:
+        """Names of the tasks the worker runs (its runner's declared tasks)."""
+
+    @property
+    def result_ttl(self) -> float:
+        """Seconds a finished job's state is kept (the runner's ``result_ttl``)."""
+
+    @property
+    def stale_after(self) -> float:
+        """Seconds without a heartbeat after which a worker's leases are stale."""
 
     def streams(self, keys: QueueKeys) -> Sequence[str]:
         """The priority-level streams of one partition, highest first."""

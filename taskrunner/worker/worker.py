@@ -15,7 +15,7 @@ import os
 import secrets
 import signal
 import socket
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Sequence
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
@@ -39,6 +39,7 @@ from taskrunner.worker.slots import Slots
 
 if TYPE_CHECKING:
     from taskrunner.client import Client
+    from taskrunner.middleware.lease import LeaseMiddleware
     from taskrunner.task import TaskDefinition
 
 logger = logging.getLogger("taskrunner.worker")
@@ -57,6 +58,8 @@ class Host(Protocol):
 
     registry: dict[str, TaskDefinition]
     middleware: list[Middleware]
+    result_ttl: float
+    lease: LeaseMiddleware
     max_idle_wait: float
     priority_aging: float
 
@@ -184,6 +187,17 @@ class Worker:
 
     def partitions(self) -> list[QueueKeys]:
         return [keys for q in self.queues for keys in q.parts]
+
+    def tasks(self) -> Collection[str]:
+        return self.runner.registry.keys()
+
+    @property
+    def result_ttl(self) -> float:
+        return self.runner.result_ttl
+
+    @property
+    def stale_after(self) -> float:
+        return self.runner.lease.stale_after
 
     def streams(self, keys: QueueKeys) -> list[str]:
         for q in self.queues:

@@ -1,0 +1,168 @@
+"""``run_until_idle``: run a worker in this process until every job is final.
+
+Idle means, for every queue of the runner (or those given): nothing queued, nothing
+running (in this worker or any other), and nothing scheduled that falls due by the
+clock (the runner's ``clock``, which the scripts read). With a running clock, "by the
+clock" is before the call's ``timeout`` runs out: a retry due in half a second is
+waited for, a reminder due tomorrow is left scheduled. Under ``frozen_time`` it is
+the frozen time: jobs due later stay scheduled until the test advances the clock.
+Every queue is looked at in all its partitions and priority levels
+(``taskrunner.counts``).
+
+Every outcome a worker of this runner records in this process meanwhile (this one's,
+and an embedded one's, e.g. a FastAPI app's) is collected through
+``Middleware.on_commit``; the first job that failed for good or was dead-lettered is
+raised at the end (``JobFailed``, ``JobDeadLettered``) unless ``raise_failures=False``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import anyio
+
+from taskrunner.counts import QueueCounts, queue_counts, resolve
+from taskrunner.exceptions import JobDeadLettered, JobFailed
+from taskrunner.job import ErrorInfo, JobContext
+from taskrunner.middleware.base import Middleware, Outcome, OutcomeKind
+
+if TYPE_CHECKING:
+    from taskrunner.runner import TaskRunner
+
+BUSY_POLL = 0.02
+"""Seconds between two looks at the queues while another worker runs a job."""
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """An outcome a worker recorded while ``run_until_idle`` ran."""
+
+    job: JobContext
+    outcome: Outcome
+
+    @property
+    def id(self) -> str:
+        return self.job.id
+
+    @property
+    def task(self) -> str:
+        return self.job.task
+
+    @property
+    def kind(self) -> OutcomeKind:
+        return self.outcome.kind
+
+    @property
+    def error(self) -> ErrorInfo | None:
+        return self.outcome.error
+
+
+class _Recorder(Middleware):
+    def __init__(self) -> None:
+        self.committed: list[Committed] = []
+
+    def on_commit(self, job: JobContext, outcome: Outcome) -> None:
+        self.committed.append(Committed(job, outcome))
+
+
+async def run_until_idle(
+    runner: TaskRunner,
+    *,
+    queues: Sequence[str] | None = None,
+    timeout: float = 30.0,
+    concurrency: int = 10,
+    raise_failures: bool = True,
+) -> list[Committed]:
+    """Run a worker in this process until every job is final (see the module docstring);
+    return the outcomes recorded meanwhile, in order.
+
+    Raises ``TimeoutError`` (saying what is left) if that takes longer than
+    ``timeout`` seconds, and the first job that failed for good (``JobFailed``) or was
+    dead-lettered (``JobDeadLettered``) unless ``raise_failures`` is false.
+    """
+    names = list(queues) if queues else runner.queues()
+    recorder = _Recorder()
+    runner.middleware.append(recorder)
+    try:
+        async with runner:
+            await _run(runner, names, timeout, concurrency)
+    finally:
+        runner.middleware.remove(recorder)
+    if raise_failures:
+        _raise_first_failure(recorder.committed)
+    return recorder.committed
+
+
+async def _run(runner: TaskRunner, queues: list[str], timeout: float, concurrency: int) -> None:
+    deadline = time.monotonic() + timeout
+    idle = False
+    while not idle:
+        with anyio.move_on_after(deadline - time.monotonic()) as scope:
+            idle = await _round(runner, queues, concurrency, deadline)
+        if scope.cancelled_caught:
+            counts = await _counts(runner, queues)
+            raise TimeoutError(f"run_until_idle: not idle after {timeout:g}s: {_describe(counts)}")
+
+
+async def _round(runner: TaskRunner, queues: list[str], concurrency: int, deadline: float) -> bool:
+    """Run a burst worker (until nothing is ready, running in it, or due now); then
+    True if the queues are idle, else wait until they may have changed and False."""
+    worker = runner.worker(queues=queues, concurrency=concurrency, burst=True, handle_signals=False)
+    await worker.run()
+    wait = _wait(runner, await _counts(runner, queues), deadline)
+    if wait is None:
+        return True
+    await anyio.sleep(wait)
+    return False
+
+
+async def _counts(runner: TaskRunner, queues: list[str]) -> list[QueueCounts]:
+    found = await resolve(runner.client, queues)
+    now = runner.clock.now()
+    return await queue_counts(runner.client.redis, found, now=now, result_ttl=runner.result_ttl)
+
+
+def _wait(runner: TaskRunner, counts: list[QueueCounts], deadline: float) -> float | None:
+    """Seconds to wait before running a worker again, or None when idle."""
+    if any(c.queued for c in counts):
+        return 0.0  # arrived after the worker's last read (e.g. from another worker)
+    if any(c.running for c in counts):
+        return BUSY_POLL  # another worker (an embedded one) holds a job
+    dues = [c.next_due for c in counts if c.next_due is not None]
+    if not dues:
+        return None
+    wait = min(dues) - runner.clock.now()
+    if wait <= 0:
+        return 0.0
+    if runner.clock.frozen_ms is not None:
+        return None  # frozen: due later only when the test advances the clock
+    if time.monotonic() + wait < deadline:
+        return wait
+    return None  # due after the deadline: left scheduled
+
+
+def _describe(counts: list[QueueCounts]) -> str:
+    parts = []
+    for c in counts:
+        left = {k: v for k, v in c.by_status().items() if k in ("queued", "running") and v}
+        if c.scheduled:
+            left["scheduled"] = c.scheduled
+        if left:
+            text = ", ".join(f"{n} {status}" for status, n in left.items())
+            parts.append(f"queue {c.queue}: {text}")
+    return "; ".join(parts) or "the queues emptied as the time ran out"
+
+
+def _raise_first_failure(committed: list[Committed]) -> None:
+    for record in committed:
+        error = record.error or ErrorInfo(type="", message="")
+        if record.kind == OutcomeKind.FAILED:
+            raise JobFailed(record.id, error.type, error.message, error.traceback)
+        if record.kind == OutcomeKind.DEAD:
+            raise JobDeadLettered(record.id, error.message)
+
+
+__all__ = ["Committed", "run_until_idle"]
