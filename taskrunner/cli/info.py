@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from taskrunner.cli._common import example, load_app, run_async, settings_for
+from taskrunner.cli._queues import check_queue_names
 from taskrunner.keys import GROUP, QueueKeys
 from taskrunner.runner import TaskRunner
 
@@ -65,6 +66,7 @@ class Info(BaseModel):
 def info(app: str, queues: tuple[str, ...], as_json: bool) -> None:
     runner = load_app(app)
     settings = settings_for({"queues": list(queues)}, runner)
+    check_queue_names(settings.queues)
 
     async def main() -> None:
         async with runner:

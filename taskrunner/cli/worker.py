@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from taskrunner.cli._common import example, fail, load_app, run_async, settings_for
+from taskrunner.cli._queues import check_queue_names
 from taskrunner.runner import TaskRunner
 from taskrunner.settings import Settings, with_runner_defaults
 
@@ -87,6 +88,7 @@ def worker(
         "max_deliveries": max_deliveries,
     }
     base = settings_for(flags)
+    check_queue_names(base.queues)  # from -q or TASKRUNNER_QUEUES, before any Redis starts
     if reload:
         run_with_reload(child_argv(app, base, processes=base.processes), base.grace_period)
         return
@@ -159,7 +161,7 @@ def run_with_reload(argv: list[str], grace_period: float) -> None:
     try:
         import watchfiles
     except ImportError:
-        fail("--reload needs watchfiles: pip install 'taskrunner[reload]'")
+        fail("--reload needs watchfiles: pip install 'taskrunner-streams[reload]'")
 
     def changed(changes: set[tuple[watchfiles.Change, str]]) -> None:
         paths = sorted({Path(p).name for _, p in changes})
