@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import anyio
 
@@ -39,6 +39,12 @@ logger = logging.getLogger("examples.middleware")
 class TimingOptions(TaskOptions):
     log_args: bool = False
     """Include the job's arguments in its log lines (off by default: they may be private)."""
+
+
+class TimingTaskOptions(TypedDict, total=False):
+    """The same option for type checkers: ``@tr.task(options=TimingTaskOptions(...))``."""
+
+    log_args: bool
 
 
 class TimingLog(Middleware):
@@ -93,7 +99,7 @@ class TimingLog(Middleware):
 tr = TaskRunner(middleware=[TimingLog()], namespace="examples-middleware")
 
 
-@tr.task(log_args=True)
+@tr.task(options=TimingTaskOptions(log_args=True))
 async def add(x: int, y: int) -> int:
     await anyio.sleep(0.05)
     return x + y

@@ -1,7 +1,7 @@
 """Metrics and traces of a FastAPI app that runs jobs (docs/metrics-and-tracing.md).
 
 Serve it; an embedded worker runs the jobs, ``/metrics`` serves the Prometheus metrics,
-and every span is printed on the console (needs ``taskrunner[metrics,otel]`` and
+and every span is printed on the console (needs ``taskrunner-streams[metrics,otel]`` and
 ``opentelemetry-sdk``)::
 
     uvicorn examples.observability:app

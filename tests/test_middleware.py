@@ -234,7 +234,7 @@ async def test_a_middleware_owns_typed_task_options(make_runner: MakeRunner) -> 
     weigh = Weigh()
     tr = make_runner(middleware=[weigh])
 
-    @tr.task(weight=5, tags=["a"])
+    @tr.task(options={"weight": 5, "tags": ("a",)})
     async def heavy() -> None: ...
 
     @tr.task
@@ -243,7 +243,7 @@ async def test_a_middleware_owns_typed_task_options(make_runner: MakeRunner) -> 
     assert heavy.definition.options_for(WeightOptions) == WeightOptions(weight=5, tags=("a",))
     with pytest.raises(ConfigurationError, match="weight"):
 
-        @tr.task(weight="high")
+        @tr.task(options={"weight": "high"})
         async def wrong() -> None: ...
 
     async with tr, tr.worker(handle_signals=False):
@@ -254,9 +254,10 @@ async def test_a_middleware_owns_typed_task_options(make_runner: MakeRunner) -> 
 
 def test_an_option_no_middleware_owns_is_refused_by_name(make_runner: MakeRunner) -> None:
     tr = make_runner()
+    unknown: dict[str, Any] = {"colour": "red"}  # as a keyword, a static error
     with pytest.raises(UnknownOptionError, match="'colour'") as caught:
 
-        @tr.task(colour="red")
+        @tr.task(**unknown)
         async def f() -> None: ...
 
     assert "lock" in str(caught.value)  # the message lists the known options

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 import pytest
 
@@ -55,9 +56,10 @@ def test_decorator_with_options_stores_typed_options() -> None:
 
 def test_unknown_option_is_refused_at_declaration_naming_it() -> None:
     tr = TaskRunner("redis://127.0.0.1:1/0")
+    misspelt: dict[str, Any] = {"retires": 3}  # as a keyword, a static error
     with pytest.raises(UnknownOptionError, match="'retires'"):
 
-        @tr.task(retires=3)
+        @tr.task(**misspelt)
         async def oops() -> None:
             return None
 
@@ -89,14 +91,14 @@ def test_middleware_owned_option_is_accepted_and_typed() -> None:
 
     tr = TaskRunner("redis://127.0.0.1:1/0", middleware=[Tagging()])
 
-    @tr.task(tag="blue")
+    @tr.task(options={"tag": "blue"})
     async def tagged() -> None:
         return None
 
     assert tr.registry[tagged.name].options_for(TagOptions).tag == "blue"
     with pytest.raises(ConfigurationError):
 
-        @tr.task(tag=3)
+        @tr.task(options={"tag": 3})
         async def badly_tagged() -> None:
             return None
 

@@ -1,25 +1,99 @@
-"""Static typing contract, checked by ``mypy --strict`` in CI (never run by pytest).
+"""Static typing contract: the whole public API, checked by mypy --strict and pyright --strict.
 
-``@tr.task`` keeps the function's types: ``enqueue(*P.args, **P.kwargs) -> Job[R]``
-and ``await job.result() -> R``. Each ``# type: ignore[...]`` below marks a call
-that must be a type error: with ``warn_unused_ignores`` (on under strict), mypy
-fails on this file if enqueue ever stops being checked against the signature.
+Never run by pytest. ``mypy`` checks it with the rest of tests/ (pyproject's ``files``);
+``tests/test_typing.py`` runs pyright --strict over it and checks that it imports every
+name of ``taskrunner.__all__``, so a new public name needs a line here. Calls that must
+be refused are in ``tests/typing_errors.py``, with the error each checker must report.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import assert_type
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any, TypedDict, assert_type
 
 from pydantic import BaseModel
 
-from taskrunner import BoundTask, Call, Job, JobInfo, JobStatus, Task, TaskRunner
-
-tr = TaskRunner("redis://127.0.0.1:6379/0")
+from taskrunner import (
+    BoundTask,
+    Call,
+    ConfigurationError,
+    DeadLetters,
+    EmbeddedRedisError,
+    EnqueueContext,
+    ErrorInfo,
+    ExecutionContext,
+    Job,
+    JobAborted,
+    JobContext,
+    JobDeadLettered,
+    JobError,
+    JobFailed,
+    JobInfo,
+    JobNotFound,
+    JobRejected,
+    JobStatus,
+    LockConflictError,
+    LostLease,
+    Middleware,
+    MiddlewareError,
+    Outcome,
+    OutcomeKind,
+    PayloadTooLarge,
+    Retry,
+    Task,
+    TaskOptions,
+    TaskRunner,
+    TaskrunnerError,
+    TaskTimeout,
+    UnknownOptionError,
+    Worker,
+    WorkerPort,
+    __version__,
+    current_job,
+)
+from taskrunner.middleware.base import EnqueueNext, ExecuteNext
+from taskrunner.typed_options import TaskOptionsDict
 
 
 class Receipt(BaseModel):
     to: str
+
+
+class AuditOptions(TaskOptions):
+    audited: bool = False
+
+
+class AuditTaskOptions(TypedDict, total=False):
+    """The user middleware's options for type checkers (``options=``)."""
+
+    audited: bool
+
+
+class Audit(Middleware):
+    Options = AuditOptions
+
+    async def enqueue(self, ctx: EnqueueContext, call_next: EnqueueNext) -> Job[Any]:
+        assert_type(ctx.job_id, str)
+        assert_type(ctx.due, float | None)
+        assert_type(ctx.meta, dict[str, str])
+        return await call_next(ctx)
+
+    async def on_worker_start(self, worker: WorkerPort) -> None:
+        assert_type(worker.id, str)
+        assert_type(worker.stopping, bool)
+
+    async def execute(self, ctx: ExecutionContext, call_next: ExecuteNext) -> Outcome:
+        assert_type(ctx.job, JobContext)
+        assert_type(self.options(ctx.task, AuditOptions).audited, bool)
+        outcome = await call_next(ctx)
+        assert_type(outcome.kind, OutcomeKind)
+        return outcome
+
+
+tr = TaskRunner("redis://127.0.0.1:6379/0", middleware=[Audit()], lock_ttl=timedelta(minutes=5))
+assert_type(tr, TaskRunner)
+version: str = __version__
 
 
 @tr.task
@@ -27,42 +101,162 @@ async def add(x: int, y: int) -> int:
     return x + y
 
 
-@tr.task(queue="emails", timeout=30, max_retries=5)
+@tr.task(queue="emails", timeout=30, max_retries=5, retry_delay=timedelta(seconds=2))
 async def send(to: str, when: datetime, *, cc: list[str] | None = None) -> Receipt:
     return Receipt(to=to)
 
 
-async def check() -> None:
+@tr.task(lock="while_executing", on_conflict="reschedule", reschedule_delay=1.5, lock_ttl=60)
+async def sync_account(account_id: int, full: bool = False) -> None:
+    assert_type(current_job(), JobContext)
+
+
+def by_account(account_id: int) -> list[int]:
+    return [account_id]
+
+
+@tr.task(lock="until_executed", unique_args=by_account)
+async def rebuild(account_id: int) -> None: ...
+
+
+@tr.task(name="audited", options=AuditTaskOptions(audited=True))
+async def audited_task() -> str:
+    return "ok"
+
+
+builtin: TaskOptionsDict = {"timeout": 3, "max_retries": 0}
+
+
+@tr.task(**builtin)
+async def forwarded() -> None: ...
+
+
+def declared(runner: TaskRunner) -> Callable[..., Any]:
+    return runner.task(timeout=None, max_retries=None)
+
+
+async def check_tasks() -> None:
     as_task: Task[[int, int], int] = add
     bound: BoundTask[[int, int], int] = add.options(delay=1.0)
-    del as_task, bound
+    later: BoundTask[[int, int], int] = add.options(at=datetime.now(), job_id="j", queue="q")
+    assert_type(add.name, str)
+    assert_type(add.queue, str)
+    del as_task, bound, later
 
     job = await add.enqueue(1, 2)
     assert_type(job, Job[int])
+    assert_type(job.id, str)
+    assert_type(job.queue, str)
+    assert_type(job.deduplicated, bool)
     assert_type(await job.result(), int)
     assert_type(await job.result(timeout=5), int)
     assert_type(await job.status(), JobStatus)
     assert_type(await job.info(), JobInfo)
+    assert_type(await job.abort(), JobStatus)
     assert_type(await add(1, 2), int)
 
     receipt_job = await send.options(delay=10, job_id="r1", queue="q").enqueue("a", datetime.now())
     assert_type(receipt_job, Job[Receipt])
     assert_type(await receipt_job.result(), Receipt)
     assert_type(await send.enqueue("a", datetime.now(), cc=["b"]), Job[Receipt])
+    assert_type(await sync_account.enqueue(1), Job[None])
+    assert_type(await audited_task.enqueue(), Job[str])
 
     call = add.call(1, 2)
     assert_type(call, Call[int])
     assert_type(await add.enqueue_many([call, add.call(3, 4)]), list[Job[int]])
+    assert_type(await add.options(delay=5).enqueue_many([call]), list[Job[int]])
+    assert_type(await tr.enqueue_many([call]), list[Job[int]])
 
-    # Each of these must be refused by mypy (the ignore would be unused otherwise).
-    await add.enqueue(1, "2")  # type: ignore[arg-type]
-    await add.enqueue(1)  # type: ignore[call-arg]
-    await add.enqueue(1, 2, 3)  # type: ignore[call-arg]
-    await add.enqueue(x=1, z=2)  # type: ignore[call-arg]
-    await add.options(delay=5).enqueue("1", 2)  # type: ignore[arg-type]
-    await send.enqueue("a", "not a datetime")  # type: ignore[arg-type]
-    await send.enqueue("a", datetime.now(), cc="b")  # type: ignore[arg-type]
-    add.call("1", 2)  # type: ignore[arg-type]
-    await add.enqueue_many([send.call("a", datetime.now())])  # type: ignore[list-item]
-    wrong: str = await job.result()  # type: ignore[assignment]
-    del wrong
+
+async def check_mixed_batches() -> None:
+    # A tuple of calls: one handle per position, each typed by its own task.
+    a, s = await tr.enqueue_many((add.call(1, 2), send.call("a", datetime.now())))
+    assert_type(a, Job[int])
+    assert_type(s, Job[Receipt])
+    triple = await tr.enqueue_many((add.call(1, 2), audited_task.call(), rebuild.call(3)))
+    assert_type(triple, tuple[Job[int], Job[str], Job[None]])
+    # A list of calls of different tasks: handles of the common result type.
+    mixed: list[Job[int | Receipt]] = await tr.enqueue_many(
+        [add.call(1, 2), send.call("a", datetime.now())]
+    )
+    calls: list[Call[int | Receipt]] = [add.call(1, 2), send.call("a", datetime.now())]
+    assert_type(await tr.enqueue_many(calls), list[Job[int | Receipt]])
+    for job in mixed:
+        assert_type(await job.result(), int | Receipt)
+
+
+async def check_runner_and_worker() -> None:
+    async with tr as entered:
+        assert_type(entered, TaskRunner)
+        assert_type(tr.job("id"), Job[Any])
+        assert_type(tr.job("id", queue="emails"), Job[Any])
+        page = await tr.dead_letters()
+        assert_type(page, DeadLetters)
+        assert_type(page.next_cursor, str | None)
+        assert_type(list(page), list[JobInfo])
+        assert_type(await tr.retry_dead(["id"]), int)
+        assert_type(await tr.retry_dead(all=True, queue="emails"), int)
+        assert_type(tr.queues(), list[str])
+    worker = tr.worker(queues=["default"], concurrency=10, burst=True, grace_period=1.0)
+    assert_type(worker, Worker)
+    assert_type(worker.id, str)
+    async with worker as running:
+        assert_type(running, Worker)
+        running.stop()
+    await tr.worker(handle_signals=False, max_deliveries=3).run()
+
+
+def check_job_values(info: JobInfo, ctx: JobContext, outcome: Outcome) -> None:
+    assert_type(info.status, JobStatus)
+    assert_type(info.status.is_final, bool)
+    assert_type(info.attempts, int)
+    assert_type(info.enqueued_at, datetime)
+    assert_type(info.due_at, datetime | None)
+    assert_type(info.started_at, datetime | None)
+    assert_type(info.finished_at, datetime | None)
+    assert_type(info.error, ErrorInfo | None)
+    assert_type(info.worker, str | None)
+    assert_type(info.reclaims, int)
+    assert_type(info.reschedules, int)
+    assert_type(info.abort_requested, bool)
+    assert_type(ErrorInfo.from_exception(ValueError("x")).message, str)
+    assert_type(ctx.attempt, int)
+    assert_type(ctx.reclaimed, bool)
+    assert_type(ctx.extra, dict[str, Any])
+    assert_type(Outcome.succeeded(1), Outcome)
+    assert_type(Outcome.reschedule(0.0), Outcome)
+    assert_type(outcome.error, ErrorInfo | None)
+    statuses: list[JobStatus] = [JobStatus.SUCCEEDED, JobStatus.ABORTED, *JobStatus]
+    kinds: list[OutcomeKind] = [OutcomeKind.RETRY, *OutcomeKind]
+    del statuses, kinds
+
+
+def check_exceptions() -> None:
+    errors: list[type[TaskrunnerError]] = [
+        ConfigurationError,
+        UnknownOptionError,
+        EmbeddedRedisError,
+        JobError,
+        JobNotFound,
+        JobFailed,
+        JobAborted,
+        JobRejected,
+        JobDeadLettered,
+        LockConflictError,
+        LostLease,
+        MiddlewareError,
+        PayloadTooLarge,
+        Retry,
+        TaskTimeout,
+    ]
+    del errors
+    failed = JobFailed("id", "ValueError", "bad", "Traceback ...")
+    assert_type(failed.exc_type, str)
+    assert_type(failed.traceback, str)
+    assert_type(JobDeadLettered("id", "why").reason, str)
+    too_large = PayloadTooLarge("the arguments", 2_000_000, 1_000_000)
+    assert_type(too_large.limit, int)
+    conflict = LockConflictError("lock", "holder")
+    assert_type(conflict.holder, str)
+    raise Retry(delay=timedelta(seconds=3))

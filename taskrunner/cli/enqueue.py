@@ -9,6 +9,8 @@ import click
 import pydantic
 
 from taskrunner.cli._common import USAGE_ERROR, example, fail, load_app, run_async, settings_for
+from taskrunner.cli._queues import check_queue_names
+from taskrunner.connection import REDIS_ERRORS
 from taskrunner.exceptions import JobError
 from taskrunner.runner import TaskRunner
 from taskrunner.task import Call, EnqueueOptions, TaskDefinition
@@ -46,6 +48,10 @@ def enqueue(
 ) -> None:
     if delay is not None and delay < 0:
         fail(f"--delay must be zero or more, got {delay:g}", USAGE_ERROR)
+    if timeout is not None and not wait:
+        fail("--timeout only applies with --wait (it bounds the wait for the result)", USAGE_ERROR)
+    if queue is not None:
+        check_queue_names([queue])
     runner = load_app(app)
     settings_for({}, runner)
     definition = runner.registry.get(task)
@@ -60,12 +66,36 @@ def enqueue(
     async def main() -> None:
         async with runner:
             job_id = await send(runner, call)
+            await warn_if_unserved(runner, call.options.queue or definition.queue)
             if wait:
                 await print_result(runner, definition, job_id, call.options.queue, timeout)
             else:
                 click.echo(job_id)
 
     run_async(main)
+
+
+async def warn_if_unserved(runner: TaskRunner, queue: str) -> None:
+    """Warn when no declared task uses ``queue`` and no live worker consumes it.
+
+    A worker is live on a queue while its last heartbeat in the queue's workers sorted
+    set (``{ns}:{queue}:workers``, scored in ms) is at most ``stale_after`` old by the
+    Redis clock. A failed check only skips the warning: the job is already sent.
+    """
+    if queue in runner.queues():
+        return
+    try:
+        seconds, micros = await runner.client.redis.time()
+        oldest = (seconds + micros / 1e6 - runner.lease.stale_after) * 1000
+        live = await runner.client.redis.zcount(runner.client.keys(queue).workers, oldest, "+inf")
+    except REDIS_ERRORS:
+        return
+    if not live:
+        click.echo(
+            f"taskrunner: warning: no task is declared on queue {queue!r} and no worker "
+            f"consumes it: the job waits until one runs (taskrunner worker ... -q {queue})",
+            err=True,
+        )
 
 
 def parse_args(text: str | None) -> tuple[tuple[Any, ...], dict[str, Any]]:

@@ -14,6 +14,7 @@ import click
 from pydantic import BaseModel
 
 from taskrunner.cli._common import example, load_app, run_async, settings_for
+from taskrunner.cli._queues import check_queue_names
 from taskrunner.counts import queue_counts, resolve
 from taskrunner.runner import TaskRunner
 
@@ -57,6 +58,7 @@ class Info(BaseModel):
 def info(app: str, queues: tuple[str, ...], as_json: bool) -> None:
     runner = load_app(app)
     settings = settings_for({"queues": list(queues)}, runner)
+    check_queue_names(settings.queues)
 
     async def main() -> None:
         async with runner:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from taskrunner.cli._common import example, fail, load_app, run_async, settings_for, use_url
+from taskrunner.cli._queues import check_queue_names
 from taskrunner.runner import TaskRunner
 from taskrunner.settings import Settings, with_runner_defaults
 
@@ -104,6 +105,7 @@ def worker(
         "metrics_host": metrics_host,
     }
     base = settings_for(flags)
+    check_queue_names(base.queues)  # from -q or TASKRUNNER_QUEUES, before any Redis starts
     if reload:
         argv = child_argv(app, base, processes=base.processes, supervised=True)
         run_with_reload(argv, base.grace_period)
@@ -182,7 +184,7 @@ def _metrics_module() -> ModuleType:
     try:
         from taskrunner import metrics
     except ImportError:
-        fail("--metrics-port needs prometheus-client: pip install 'taskrunner[metrics]'")
+        fail("--metrics-port needs prometheus-client: pip install 'taskrunner-streams[metrics]'")
     return metrics
 
 
@@ -233,7 +235,7 @@ def run_with_reload(argv: list[str], grace_period: float) -> None:
     try:
         import watchfiles  # noqa: F401
     except ImportError:
-        fail("--reload needs watchfiles: pip install 'taskrunner[reload]'")
+        fail("--reload needs watchfiles: pip install 'taskrunner-streams[reload]'")
     from taskrunner.cli.reloader import reload
 
     sys.exit(reload(argv, os.getcwd(), grace_period))

@@ -1,0 +1,1 @@
+"""The sample application the docs refer to as ``app.tasks`` (see tests/docsrun.py)."""

@@ -1,0 +1,104 @@
+"""Calls that must be type errors, each marked with the error mypy and pyright must give.
+
+Checked by ``tests/test_typing.py`` (never imported, never run; excluded from the
+project's mypy run). The line after a ``# E: mypy[CODE,...] pyright[RULE,...]`` comment
+must get exactly those errors from ``mypy --strict`` and ``pyright --strict``; every
+other line none.
+Add a case: write the call, run ``pytest tests/test_typing.py``, and mark the line.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import TypedDict
+
+from pydantic import BaseModel
+
+from taskrunner import Job, TaskRunner
+
+tr = TaskRunner("redis://127.0.0.1:6379/0")
+
+
+class AuditTaskOptions(TypedDict, total=False):
+    audited: bool
+
+
+class Receipt(BaseModel):
+    to: str
+
+
+@tr.task
+async def add(x: int, y: int) -> int:
+    return x + y
+
+
+@tr.task(queue="emails")
+async def send(to: str, when: datetime, *, cc: list[str] | None = None) -> Receipt:
+    return Receipt(to=to)
+
+
+# Task options: a misspelt option, a value of the wrong type, an unknown lock kind.
+# E: mypy[call-overload,untyped-decorator] pyright[reportCallIssue,reportUntypedFunctionDecorator]
+@tr.task(timout=3)
+async def misspelt() -> None: ...
+
+
+# E: mypy[call-overload,untyped-decorator] pyright[reportArgumentType]
+@tr.task(max_retries="3")
+async def coerced() -> None: ...
+
+
+# E: mypy[call-overload,untyped-decorator] pyright[reportArgumentType]
+@tr.task(lock="forever")
+async def bad_lock() -> None: ...
+
+
+# E: mypy[call-overload,untyped-decorator] pyright[reportArgumentType]
+@tr.task(on_conflict="ignore")
+async def bad_strategy() -> None: ...
+
+
+# E: mypy[call-overload,untyped-decorator] pyright[reportArgumentType]
+@tr.task(retry_delay="1s")
+async def bad_delay() -> None: ...
+
+
+# E: mypy[typeddict-unknown-key] pyright[reportCallIssue]
+@tr.task(options=AuditTaskOptions(audit=True))
+async def bad_user_option() -> None: ...
+
+
+# E: mypy[arg-type] pyright[reportArgumentType]
+@tr.task
+def not_async(x: int) -> int:
+    return x
+
+
+async def enqueue_checks() -> None:
+    job = await add.enqueue(1, 2)
+    # E: mypy[arg-type] pyright[reportArgumentType]
+    await add.enqueue(1, "2")
+    # E: mypy[call-arg] pyright[reportCallIssue]
+    await add.enqueue(1)
+    # E: mypy[call-arg] pyright[reportCallIssue]
+    await add.enqueue(1, 2, 3)
+    # E: mypy[call-arg] pyright[reportCallIssue]
+    await add.enqueue(x=1, z=2)
+    # E: mypy[arg-type] pyright[reportArgumentType]
+    await add.options(delay=5).enqueue("1", 2)
+    # E: mypy[call-arg] pyright[reportCallIssue,reportUnknownMemberType]
+    await add.options(dealy=5).enqueue(1, 2)
+    # E: mypy[arg-type] pyright[reportArgumentType]
+    await send.enqueue("a", "not a datetime")
+    # E: mypy[arg-type] pyright[reportArgumentType]
+    await send.enqueue("a", datetime.now(), cc="b")
+    # E: mypy[arg-type] pyright[reportArgumentType]
+    add.call("1", 2)
+    # E: mypy[list-item] pyright[reportArgumentType]
+    await add.enqueue_many([send.call("a", datetime.now())])
+    # E: mypy[assignment] pyright[reportAssignmentType]
+    wrong: str = await job.result()
+    a, s = await tr.enqueue_many((add.call(1, 2), send.call("a", datetime.now())))
+    # E: mypy[assignment] pyright[reportAssignmentType]
+    mistyped: Job[str] = a
+    del wrong, s, mistyped
