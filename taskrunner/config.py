@@ -95,17 +95,17 @@ def describe(exc: ValidationError) -> str:
     return "; ".join(_one(error, "TaskRunner setting") for error in exc.errors()) + "."
 
 
-def describe_options(exc: ValidationError) -> str:
-    """One sentence for bad task options (``invalid option reschedule_delay=0: ...``)."""
-    return "; ".join(_one(error, "option") for error in exc.errors()) + "."
+def reason(error: ErrorDetails) -> str:
+    """What a value must be, in words (``it must be 0.05 or more``)."""
+    ctx = error.get("ctx") or {}
+    template = _READABLE.get(error["type"])
+    return template.format(**ctx) if template else str(error["msg"]).removeprefix("Value error, ")
 
 
 def _one(error: ErrorDetails, what: str) -> str:
     location = [str(part) for part in error["loc"] if isinstance(part, str)]
-    ctx = error.get("ctx") or {}
-    template = _READABLE.get(error["type"])
-    reason = template.format(**ctx) if template else str(error["msg"]).removeprefix("Value error, ")
+    why = reason(error)
     if not location:  # a rule over several settings: its message names them
-        return f"invalid {what}s: {reason}"
+        return f"invalid {what}s: {why}"
     value = error["input"]
-    return f"invalid {what} {location[0]}={value!r}: {reason}"
+    return f"invalid {what} {location[0]}={value!r}: {why}"

@@ -22,6 +22,7 @@ from taskrunner.config import (
     DEFAULT_DEAD_LETTER_LIMIT,
     DEFAULT_DEAD_LETTER_TTL,
     RunnerSettings,
+    reason,
 )
 from taskrunner.connection import PoolOptions, open_connection
 from taskrunner.deadletters import DeadLetters
@@ -625,7 +626,7 @@ def _describe_invalid(exc: pydantic.ValidationError, values: Mapping[str, Any], 
     input should be a valid integer`` (several problems are joined with ``;``)."""
     parts: list[str] = []
     for error in exc.errors(include_url=False):
-        message = str(error["msg"]).removeprefix("Value error, ")
+        message = reason(error)
         message = message[:1].lower() + message[1:]
         option = str(error["loc"][0]) if error["loc"] else None
         if option is not None and option in values:

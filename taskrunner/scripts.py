@@ -475,9 +475,10 @@ def partitions(meta_key: str, wanted: int, default: int, *, record: bool) -> Scr
     return ScriptCall(PARTITIONS, [meta_key], [wanted, default, int(record)])
 
 
-def turn(env: Env, keys: QueueKeys, period_ms: int, worker: str) -> ScriptCall:
-    """Take this partition's reclaim turn (1: ours, 0: not)."""
-    return ScriptCall(TURN, [keys.reclaim], [period_ms, env.clock, worker])
+def turn(keys: QueueKeys, period_ms: int, worker: str) -> ScriptCall:
+    """Take this partition's reclaim turn (1: ours, 0: not). Real time, like leases:
+    a frozen test clock must not stop reclaims."""
+    return ScriptCall(TURN, [keys.reclaim], [period_ms, "0", worker])
 
 
 def progress(env: Env, keys: QueueKeys, job_id: str, token: str, value: str) -> ScriptCall:

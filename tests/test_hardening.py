@@ -97,7 +97,7 @@ async def test_tasks_that_hammer_redis_never_starve_the_workers_heartbeats(
 ) -> None:
     # 150 running tasks each enqueue a child and wait for its result, through a user
     # pool of 10 connections; the worker's leases live on its own connections.
-    tr = make_runner(heartbeat_interval=0.1, stale_after=0.5, max_connections=10)
+    tr = make_runner(heartbeat_interval=0.2, stale_after=2.0, max_connections=10)
 
     @tr.task
     async def child(n: int) -> int:

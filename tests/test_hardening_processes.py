@@ -153,6 +153,13 @@ async def test_a_burst_run_reclaims_what_a_dead_worker_left_before_it_exits(
         await wait_until(count_runs(redis, namespace, job.id, 1), DEADLINE)
         dead.kill()  # leaves the job running under a consumer that is gone
         assert await job.status() == JobStatus.RUNNING
+        keys = QueueKeys(namespace, "default")
+
+        async def stale() -> bool:  # no heartbeat for stale_after: the job is stale
+            found = await redis.xpending_range(keys.stream, GROUP, "-", "+", 1)
+            return bool(found) and found[0]["time_since_delivered"] > STALE * 1000
+
+        await wait_until(stale, DEADLINE)
         burst = command("worker", APP, "--burst")
         assert await burst.exited(timeout=60) == 0, burst.output()
         assert (await job.result(timeout=1)).endswith(":2")

@@ -57,11 +57,17 @@ MakeRunner = Callable[..., TaskRunner]
 # -- helpers ------------------------------------------------------------------------------
 
 
+HOUSEKEEPING = (":workers", ":meta", ":idle", ":reclaim")
+"""Keys workers write on their own schedule (presence, partition counts, drained marks,
+reclaim turns): they say nothing about jobs or locks."""
+
+
 async def namespace_keys(redis: Redis, namespace: str) -> set[str]:
-    """Every key of the namespace but the workers' presence set, which heartbeats
-    write on their own schedule (it says nothing about jobs or locks)."""
+    """Every key of the namespace but the workers' housekeeping keys."""
     return {
-        key async for key in redis.scan_iter(match=f"{namespace}:*") if not key.endswith(":workers")
+        key
+        async for key in redis.scan_iter(match=f"{namespace}:*")
+        if not key.endswith(HOUSEKEEPING)
     }
 
 

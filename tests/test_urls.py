@@ -16,7 +16,7 @@ SECRET = "s3cr3t-Pw"
 
 
 @pytest.mark.parametrize(
-    ("url", "topology", "nodes", "db"),
+    ("url", "kind", "nodes", "db"),
     [
         ("redis://localhost", "standalone", (("localhost", 6379),), 0),
         ("redis://localhost:6380/2", "standalone", (("localhost", 6380),), 2),
@@ -35,10 +35,10 @@ SECRET = "s3cr3t-Pw"
     ],
 )  # fmt: skip
 def test_valid_urls_parse_into_a_target(
-    url: str, topology: str, nodes: tuple[tuple[str, int], ...], db: int
+    url: str, kind: str, nodes: tuple[tuple[str, int], ...], db: int
 ) -> None:
     target = parse_url(url)
-    assert target.topology == topology
+    assert target.topology == kind
     assert target.nodes == nodes
     assert target.db == db
     assert target.unix_path is None

@@ -8,4 +8,5 @@ if (tonumber(redis.call('HGET', KEYS[1], 'until')) or 0) > now then
   return 0
 end
 redis.call('HSET', KEYS[1], 'until', now + tonumber(ARGV[1]), 'holder', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[1]))  -- gone once no worker scans
 return 1

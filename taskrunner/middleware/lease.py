@@ -300,9 +300,8 @@ class LeaseMiddleware(Middleware):
         """One reclaim round over every partition whose turn this worker gets."""
         if not await self.may_reclaim(worker):
             return 0
-        env = worker.env
         period = max(1, int(self.reclaim_interval * 1000))
-        turns = [scripts.turn(env, keys, period, worker.id) for keys in worker.partitions()]
+        turns = [scripts.turn(keys, period, worker.id) for keys in worker.partitions()]
         replies = await scripts.run_many(worker.redis, turns, raise_on_error=False)
         taken = 0
         for keys, reply in zip(worker.partitions(), replies, strict=True):
