@@ -157,7 +157,7 @@ async def test_a_burst_run_reclaims_what_a_dead_worker_left_before_it_exits(
 
         async def stale() -> bool:  # no heartbeat for stale_after: the job is stale
             found = await redis.xpending_range(keys.stream, GROUP, "-", "+", 1)
-            return bool(found) and found[0]["time_since_delivered"] > STALE * 1000
+            return bool(found) and int(found[0]["time_since_delivered"]) > STALE * 1000
 
         await wait_until(stale, DEADLINE)
         burst = command("worker", APP, "--burst")
