@@ -146,6 +146,8 @@ class Connection:
         self.options = options
         self.cluster = cluster
         self.version: tuple[int, ...] = (0,)
+        self.extra: list[Redis] = []
+        """Other clients this connection opened and closes (a Sentinel's clients)."""
 
     def __repr__(self) -> str:
         return f"Connection({self.target.redacted()!r})"
@@ -211,8 +213,9 @@ class Connection:
         )
 
     async def aclose(self) -> None:
-        with contextlib.suppress(*REDIS_ERRORS):
-            await self.redis.aclose()
+        for client in [self.redis, *self.extra]:
+            with contextlib.suppress(*REDIS_ERRORS):
+                await client.aclose()
 
 
 async def open_connection(url: str, options: PoolOptions) -> Connection:
@@ -221,10 +224,12 @@ async def open_connection(url: str, options: PoolOptions) -> Connection:
     if target.topology == "cluster":
         redis: Redis = cast(Redis, _cluster(target, options))
     elif target.topology == "sentinel":
-        redis = _sentinel(target, options)
+        redis, sentinels = _sentinel(target, options)
     else:
         redis = _standalone(target, options)
     connection = Connection(target, redis, options, cluster=target.topology == "cluster")
+    if target.topology == "sentinel":
+        connection.extra = sentinels
     try:
         if target.topology == "cluster":
             await cast(RedisCluster, redis).initialize()
@@ -281,7 +286,8 @@ def _standalone(
     return Redis.from_pool(pool)
 
 
-def _sentinel(target: RedisTarget, options: PoolOptions) -> Redis:
+def _sentinel(target: RedisTarget, options: PoolOptions) -> tuple[Redis, list[Redis]]:
+    """The master's client, and the clients of the sentinels (to close with it)."""
     common = _common(target, options)
     node_kwargs = {k: v for k, v in common.items() if k not in ("username", "password")}
     sentinel_kwargs: dict[str, Any] = {
@@ -302,7 +308,7 @@ def _sentinel(target: RedisTarget, options: PoolOptions) -> Redis:
 
     base = SentinelManagedSSLConnection if target.tls else SentinelManagedConnection
     node_kwargs.pop("ssl", None)
-    return cast(
+    master = cast(
         Redis,
         sentinel.master_for(
             target.master_name or "",
@@ -318,14 +324,33 @@ def _sentinel(target: RedisTarget, options: PoolOptions) -> Redis:
             **node_kwargs,
         ),
     )
+    return master, list(sentinel.sentinels)
 
 
 class _WaitingCluster(RedisCluster):
     """A cluster client whose callers wait for a free connection, as a blocking pool's
-    do: redis-py's cluster client raises MaxConnectionsError at a node's limit."""
+    do: redis-py's cluster client raises MaxConnectionsError at a node's limit. It also
+    keeps a plain client per node (``node_redis``) for what redis-py's cluster pipeline
+    refuses: pipelined EVALSHA (taskrunner.scripts routes script calls by slot)."""
 
     _gate: asyncio.Semaphore
     _gate_timeout: float
+    _node_factory: Callable[[ClusterNode], Redis]
+    _node_clients: dict[str, Redis]
+
+    def node_redis(self, node: ClusterNode) -> Redis:
+        """A plain client of ``node`` (made once)."""
+        found = self._node_clients.get(node.name)
+        if found is None:
+            found = self._node_clients[node.name] = self._node_factory(node)
+        return found
+
+    async def aclose(self) -> None:
+        clients, self._node_clients = list(self._node_clients.values()), {}
+        for client in clients:
+            with contextlib.suppress(*REDIS_ERRORS):
+                await client.aclose()
+        await super().aclose()
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         return await _gated(
@@ -366,4 +391,8 @@ def _cluster(target: RedisTarget, options: PoolOptions) -> RedisCluster:
     cluster.connection_kwargs["connection_class"] = fast(base)
     cluster._gate = asyncio.Semaphore(options.max_connections)
     cluster._gate_timeout = options.pool_timeout
+    cluster._node_clients = {}
+    cluster._node_factory = lambda node: _standalone(
+        target, options, host=node.host, port=int(node.port)
+    )
     return cluster

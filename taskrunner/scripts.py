@@ -20,8 +20,10 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, cast
 
+import anyio
 from redis.asyncio import Redis, RedisCluster
-from redis.exceptions import NoScriptError
+from redis.exceptions import ClusterDownError, NoScriptError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from taskrunner.keys import GROUP, QueueKeys
 
@@ -203,7 +205,62 @@ def _group(calls: Sequence[ScriptCall]) -> list[list[int]]:
     return list(groups.values())
 
 
+_REDIRECTS = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN")
+_CLUSTER_TRIES = 4
+
+
 async def _pipeline(
+    redis: Redis, calls: Sequence[ScriptCall], groups: list[list[int]]
+) -> list[Any]:
+    if isinstance(redis, RedisCluster):
+        return await _cluster_pipeline(redis, calls, groups)
+    return await _node_pipeline(redis, calls, groups)
+
+
+async def _cluster_pipeline(
+    cluster: RedisCluster, calls: Sequence[ScriptCall], groups: list[list[int]]
+) -> list[Any]:
+    """One pipeline per node, concurrently (redis-py's cluster pipeline refuses
+    EVALSHA). Calls whose slot moved meanwhile (MOVED/ASK, a migration, a failover)
+    are retried a few times after the slot map is refreshed."""
+    results: list[Any] = [None] * len(calls)
+    pending = groups
+    for attempt in range(_CLUSTER_TRIES):
+        by_node: dict[str, tuple[Any, list[list[int]]]] = {}
+        for group in pending:
+            node = cluster.get_node_from_key(calls[group[0]].keys[0])
+            if node is None:
+                raise ClusterDownError("no node serves the slot of " + calls[group[0]].keys[0])
+            by_node.setdefault(node.name, (node, []))[1].append(group)
+
+        async def one(node: Any, node_groups: list[list[int]]) -> None:
+            client = cast(Any, cluster).node_redis(node)
+            try:
+                partial = await _node_pipeline(client, calls, node_groups)
+            except (RedisConnectionError, OSError) as exc:  # a node that just died
+                partial = [exc] * len(calls)
+            for group in node_groups:
+                for index in group:
+                    results[index] = partial[index]
+
+        async with anyio.create_task_group() as tg:
+            for node, node_groups in by_node.values():
+                tg.start_soon(one, node, node_groups)
+        pending = [g for g in pending if _redirected(results[g[0]])]
+        if not pending or attempt == _CLUSTER_TRIES - 1:
+            break
+        await anyio.sleep(0.05 * (attempt + 1))
+        await cluster.nodes_manager.initialize()
+    return results
+
+
+def _redirected(result: Any) -> bool:
+    if isinstance(result, (RedisConnectionError, OSError)):
+        return True
+    return isinstance(result, ResponseError) and str(result).startswith(_REDIRECTS)
+
+
+async def _node_pipeline(
     redis: Redis, calls: Sequence[ScriptCall], groups: list[list[int]]
 ) -> list[Any]:
     pipe = cast(Any, redis.pipeline(transaction=False))

@@ -59,10 +59,12 @@ def handler(message: Callable[[str], None], resubscribed: Callable[[], None]) ->
 class _Link:
     """One pub/sub connection and its channels."""
 
-    def __init__(self, owner: Subscriber, client: Redis, sharded: bool) -> None:
+    def __init__(self, owner: Subscriber, client: Redis, sharded: bool, owned: bool) -> None:
         self.owner = owner
         self.client = client
         self.sharded = sharded
+        self.owned = owned
+        """The link made ``client`` (a cluster node's) and closes it when it ends."""
         self.channels: dict[str, set[Handler]] = {}
         self.pubsub: PubSub | None = None
         self.confirmed: set[str] = set()
@@ -108,12 +110,17 @@ class _Link:
                 await pubsub.unsubscribe(channel)
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self._session()
-            except Exception as exc:  # noqa: BLE001 - a link never dies of one failure
-                report("pub/sub", exc)
-            await anyio.sleep(_BACKOFF)
+        try:
+            while True:
+                try:
+                    await self._session()
+                except Exception as exc:  # noqa: BLE001 - a link never dies of one failure
+                    report("pub/sub", exc)
+                await anyio.sleep(_BACKOFF)
+        finally:
+            if self.owned:
+                with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                    await self.client.aclose()
 
     async def _session(self) -> None:
         pubsub = self.client.pubsub()
@@ -236,9 +243,10 @@ class Subscriber:
 
     def _new_link(self, channel: str) -> _Link:
         if not self.connection.cluster:
-            return _Link(self, self.connection.redis, sharded=False)
+            return _Link(self, self.connection.redis, sharded=False, owned=False)
         cluster = cast("RedisCluster", self.connection.redis)
         node = cluster.get_node_from_key(channel) if self.connection.sharded_pubsub else None
         if node is None:
             node = cluster.get_random_node()
-        return _Link(self, self.connection.node_client(node), self.connection.sharded_pubsub)
+        client = self.connection.node_client(node)
+        return _Link(self, client, self.connection.sharded_pubsub, owned=True)

@@ -31,6 +31,7 @@ from collections.abc import Coroutine, Sequence
 from typing import Any, cast
 
 import anyio
+from redis.asyncio import RedisCluster
 from redis.exceptions import NoScriptError, ResponseError
 
 from taskrunner import scripts
@@ -239,17 +240,7 @@ class LeaseMiddleware(Middleware):
         held = list(worker.held())
         calls = [_beat_call(worker, ctx) for ctx in leases]
         calls += [_held_call(worker, item) for item in held]
-        homes = _homes(worker.partitions())
-        pipe = cast(Any, worker.redis.pipeline(transaction=False))
-        now = now_ms()
-        for keys in homes:
-            pipe.zadd(keys.workers, {worker.id: now})
-        for call in calls:
-            pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
-        replies = (await pipe.execute(raise_on_error=False))[len(homes) :]
-        if any(isinstance(r, NoScriptError) for r in replies):
-            await scripts.load_all(worker.redis)  # a restarted server: renew at once
-            replies = await scripts.run_many(worker.redis, calls, raise_on_error=False)
+        replies = await _renew(worker, _homes(worker.partitions()), calls)
         if replies and all(isinstance(r, Exception) for r in replies):
             raise replies[0]
         for ctx, reply in zip(leases, replies[: len(leases)], strict=True):
@@ -433,6 +424,31 @@ class LeaseMiddleware(Middleware):
             pipe.xpending_range(stream, GROUP, "-", "+", 1, idle=idle_ms)
         replies = await pipe.execute(raise_on_error=False)
         return any(isinstance(r, list) and r for r in replies)
+
+
+async def _renew(
+    worker: WorkerPort, homes: list[QueueKeys], calls: list[scripts.ScriptCall]
+) -> list[Any]:
+    """The worker's presence (ZADD per queue) and every heartbeat script: one pipelined
+    round trip on one server; on a cluster, one pipeline per node, concurrently."""
+    now = now_ms()
+    if isinstance(worker.redis, RedisCluster):
+        presence = worker.redis.pipeline(transaction=False)
+        for keys in homes:
+            presence.zadd(keys.workers, {worker.id: now})
+        replies = await scripts.run_many(worker.redis, calls, raise_on_error=False)
+        await presence.execute()
+        return replies
+    pipe = cast(Any, worker.redis.pipeline(transaction=False))
+    for keys in homes:
+        pipe.zadd(keys.workers, {worker.id: now})
+    for call in calls:
+        pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+    replies = (await pipe.execute(raise_on_error=False))[len(homes) :]
+    if any(isinstance(r, NoScriptError) for r in replies):
+        await scripts.load_all(worker.redis)  # a restarted server: renew at once
+        replies = await scripts.run_many(worker.redis, calls, raise_on_error=False)
+    return list(replies)
 
 
 def _homes(partitions: Sequence[QueueKeys]) -> list[QueueKeys]:

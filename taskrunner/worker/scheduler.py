@@ -103,14 +103,11 @@ class Scheduler:
 
     async def _next_due_in(self) -> float:
         partitions = self._partitions()
+        now = self._clock().shift(await server_ms(self._redis))
         pipe = cast(Any, self._redis.pipeline(transaction=False))
-        pipe.time()
         for keys in partitions:
             pipe.zrange(keys.delayed, 0, 0, withscores=True)
-        replies = await pipe.execute()
-        seconds, micros = replies[0]
-        now = self._clock().shift(int(seconds) * 1000 + int(micros) // 1000)
-        firsts = [float(r[0][1]) for r in replies[1:] if r]
+        firsts = [float(r[0][1]) for r in await pipe.execute() if r]
         if not firsts:
             return self._max_wait
         return max(0.0, min(self._max_wait, (min(firsts) - now) / 1000))
