@@ -60,8 +60,11 @@ class Client:
         default_level: str = DEFAULT_LEVEL,
         partitions: int | None = None,
         max_payload: int = 1 << 20,
+        replicas: scripts.Replicas | None = None,
     ) -> None:
         self.connection = connection
+        self.replicas = replicas
+        """WAIT for ``(replicas, timeout_ms)`` after every enqueue (``wait_replicas``)."""
         self.redis = connection.redis
         self.namespace = namespace
         self.result_ttl_ms = int(result_ttl * 1000)
@@ -185,6 +188,11 @@ class Client:
 
     async def write(self, ctx: EnqueueContext) -> Job[Any]:
         """The innermost enqueue layer: one atomic write."""
+        if self.replicas is not None:
+            [reply] = await scripts.run_many(
+                self.redis, [self.write_call(ctx)], replicas=self.replicas
+            )
+            return self.job_from_reply(ctx, reply)
         return self.job_from_reply(ctx, await scripts.run(self.redis, self.write_call(ctx)))
 
     async def write_many(
@@ -199,7 +207,9 @@ class Client:
         if not any(layers(ctx) for ctx in contexts):
             if len(contexts) == 1:
                 return [await self.write(contexts[0])]
-            replies = await scripts.run_many(self.redis, [self.write_call(c) for c in contexts])
+            replies = await scripts.run_many(
+                self.redis, [self.write_call(c) for c in contexts], replicas=self.replicas
+            )
             return [self.job_from_reply(c, r) for c, r in zip(contexts, replies, strict=True)]
         return await _EnqueueBatch(self, len(contexts)).run(contexts, layers)
 
@@ -377,7 +387,9 @@ class _EnqueueBatch:
             for index, ctx in enumerate(contexts):
                 tg.start_soon(one, index, ctx)
             await self._arrived.wait()
-            self._replies = await scripts.run_many(self._client.redis, self._calls)
+            self._replies = await scripts.run_many(
+                self._client.redis, self._calls, replicas=self._client.replicas
+            )
             self._flushed.set()
         if errors:
             raise errors[0]

@@ -59,6 +59,8 @@ class RunnerSettings(BaseModel):
     max_payload: Count = Field(default=1 << 20, ge=1)
     dead_letter_limit: Count = Field(default=DEFAULT_DEAD_LETTER_LIMIT, ge=1)
     dead_letter_ttl: Seconds = Field(default=DEFAULT_DEAD_LETTER_TTL, gt=0)
+    wait_replicas: Count = Field(default=0, ge=0)
+    wait_timeout: Seconds = Field(default=1.0, gt=0)
 
     @model_validator(mode="after")
     def _stale_after_covers_two_heartbeats(self) -> Self:

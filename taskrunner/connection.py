@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar, cast
 
 import hiredis
@@ -27,6 +27,7 @@ from redis.asyncio.connection import AbstractConnection, SSLConnection
 from redis.asyncio.connection import Connection as RedisConnection
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.exceptions import (
+    AskError,
     BusyLoadingError,
     ClusterDownError,
     DataError,
@@ -63,8 +64,8 @@ _throttle = Throttle(logging.getLogger("taskrunner"))
 
 def unavailable(exc: BaseException) -> bool:
     """Whether ``exc`` means the server cannot be used right now (away, restarting,
-    loading, failing over), as opposed to refusing this particular call."""
-    if isinstance(exc, _UNAVAILABLE):
+    loading, failing over, a slot moving), as opposed to refusing this particular call."""
+    if isinstance(exc, (*_UNAVAILABLE, AskError)):  # MovedError is an AskError
         return True
     return isinstance(exc, ResponseError) and str(exc).startswith(_UNAVAILABLE_REPLIES)
 
@@ -203,10 +204,13 @@ class Connection:
         return found
 
     def node_client(self, node: ClusterNode) -> Redis:
-        """A plain client of one cluster node (pub/sub there)."""
+        """A plain client of one cluster node, for pub/sub there. Without redis-py's
+        health checks: on a connection that only has sharded subscriptions they would
+        read replies in the caller's task and steal the reader's confirmations (the
+        subscriber's own PING watchdog checks the link instead)."""
         return _standalone(
             self.target,
-            self.options,
+            replace(self.options, health_check_interval=0),
             host=node.host,
             port=int(node.port),
             max_connections=4,

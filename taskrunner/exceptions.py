@@ -16,6 +16,7 @@ they are, because callers already know them)::
     │   ├── JobRejected           a unique-job lock rejected the job when it ran
     │   └── JobDeadLettered       the job went to the dead letters
     ├── PayloadTooLarge           arguments or a result over ``max_payload`` bytes
+    ├── NotReplicated             fewer replicas than ``wait_replicas`` confirmed a write
     ├── LockConflictError         a unique-job lock is held by another job
     ├── LostLease                 this worker no longer owns the job it ran
     ├── MiddlewareError           a middleware returned something it may not
@@ -102,6 +103,21 @@ class PayloadTooLarge(TaskrunnerError, ValueError):
         )
         self.size = size
         self.limit = limit
+
+
+class NotReplicated(TaskrunnerError):
+    """An enqueue reached the master, but fewer replicas than ``wait_replicas``
+    confirmed it within ``wait_timeout``: a failover now could lose it. The job was
+    written; enqueue again under the same ``job_id`` to be sure (enqueue is idempotent
+    on a job id)."""
+
+    def __init__(self, wanted: int, confirmed: object, timeout_ms: int) -> None:
+        super().__init__(
+            f"the write was confirmed by {confirmed} of {wanted} replica(s) within "
+            f"{timeout_ms} ms (wait_replicas)"
+        )
+        self.wanted = wanted
+        self.confirmed = confirmed
 
 
 class MiddlewareError(TaskrunnerError):

@@ -97,7 +97,9 @@ class TaskRunner:
 
     Connections: ``max_connections`` per client (and per node on a cluster); a caller
     beyond it waits up to ``pool_timeout`` seconds. ``max_payload`` bounds a job's
-    arguments and its result, as JSON bytes.
+    arguments and its result, as JSON bytes. ``wait_replicas`` (default 0): every
+    enqueue waits (Redis WAIT) until that many replicas have its write, up to
+    ``wait_timeout`` seconds, else raises ``NotReplicated`` (see docs/deployment.md).
     """
 
     def __init__(
@@ -124,6 +126,8 @@ class TaskRunner:
         max_payload: int = 1 << 20,
         dead_letter_limit: int = DEFAULT_DEAD_LETTER_LIMIT,
         dead_letter_ttl: float | timedelta = DEFAULT_DEAD_LETTER_TTL,
+        wait_replicas: int = 0,
+        wait_timeout: float | timedelta = 1.0,
     ) -> None:
         if url is not None:
             parse_url(url)  # a bad URL is refused here, in one sentence, password hidden
@@ -143,6 +147,8 @@ class TaskRunner:
             max_payload=max_payload,
             dead_letter_limit=dead_letter_limit,
             dead_letter_ttl=dead_letter_ttl,
+            wait_replicas=wait_replicas,
+            wait_timeout=wait_timeout,
         )
         self.url = url
         self.queue = check_name("queue", queue)
@@ -157,6 +163,9 @@ class TaskRunner:
         self.default_priority = _default_level(self.priorities, default_priority)
         self.priority_aging = cfg.priority_aging
         self.max_payload = cfg.max_payload
+        self.replicas = (
+            (cfg.wait_replicas, int(cfg.wait_timeout * 1000)) if cfg.wait_replicas else None
+        )
         self.pool_options = PoolOptions(
             max_connections=cfg.max_connections,
             pool_timeout=cfg.pool_timeout,
@@ -377,6 +386,7 @@ class TaskRunner:
             default_level=self.default_priority,
             partitions=self.partitions,
             max_payload=self.max_payload,
+            replicas=self.replicas,
         )
         self._client.clock = self.clock
 

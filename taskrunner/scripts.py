@@ -22,9 +22,16 @@ from typing import Any, cast
 
 import anyio
 from redis.asyncio import Redis, RedisCluster
-from redis.exceptions import ClusterDownError, NoScriptError, ResponseError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    NoScriptError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from taskrunner.exceptions import NotReplicated
 from taskrunner.keys import GROUP, QueueKeys
 
 Arg = str | int | float
@@ -169,22 +176,32 @@ async def run(redis: Redis, call: ScriptCall) -> Any:
         return await client.evalsha(*args)
 
 
+Replicas = tuple[int, int]
+"""``(replicas, timeout_ms)``: WAIT for that many replicas after the scripts' writes."""
+
+
 async def run_many(
-    redis: Redis, calls: Sequence[ScriptCall], *, raise_on_error: bool = True
+    redis: Redis,
+    calls: Sequence[ScriptCall],
+    *,
+    raise_on_error: bool = True,
+    replicas: Replicas | None = None,
 ) -> list[Any]:
     """Run many scripts in one pipelined round trip (not a transaction). Calls of the
     same script on the same queue go as one batch EVALSHA.
 
     With ``raise_on_error=False`` a script's error is returned in its place (an error
-    in a batch is returned for every call of that batch)."""
+    in a batch is returned for every call of that batch). With ``replicas``, each
+    pipeline ends with WAIT; a call whose write fewer replicas confirmed in time gets
+    ``NotReplicated`` in its place."""
     if not calls:
         return []
     groups = _group(calls)
-    results = await _pipeline(redis, calls, groups)
+    results = await _pipeline(redis, calls, groups, replicas)
     missing = [g for g in groups if isinstance(results[g[0]], NoScriptError)]
     if missing:  # a restarted server lost the scripts: load them, rerun only those
         await load_all(redis)
-        again = await _pipeline(redis, calls, missing)
+        again = await _pipeline(redis, calls, missing, replicas)
         for group in missing:
             for index in group:
                 results[index] = again[index]
@@ -210,15 +227,21 @@ _CLUSTER_TRIES = 4
 
 
 async def _pipeline(
-    redis: Redis, calls: Sequence[ScriptCall], groups: list[list[int]]
+    redis: Redis,
+    calls: Sequence[ScriptCall],
+    groups: list[list[int]],
+    replicas: Replicas | None = None,
 ) -> list[Any]:
     if isinstance(redis, RedisCluster):
-        return await _cluster_pipeline(redis, calls, groups)
-    return await _node_pipeline(redis, calls, groups)
+        return await _cluster_pipeline(redis, calls, groups, replicas)
+    return await _node_pipeline(redis, calls, groups, replicas)
 
 
 async def _cluster_pipeline(
-    cluster: RedisCluster, calls: Sequence[ScriptCall], groups: list[list[int]]
+    cluster: RedisCluster,
+    calls: Sequence[ScriptCall],
+    groups: list[list[int]],
+    replicas: Replicas | None,
 ) -> list[Any]:
     """One pipeline per node, concurrently (redis-py's cluster pipeline refuses
     EVALSHA). Calls whose slot moved meanwhile (MOVED/ASK, a migration, a failover)
@@ -236,7 +259,7 @@ async def _cluster_pipeline(
         async def one(node: Any, node_groups: list[list[int]]) -> None:
             client = cast(Any, cluster).node_redis(node)
             try:
-                partial = await _node_pipeline(client, calls, node_groups)
+                partial = await _node_pipeline(client, calls, node_groups, replicas)
             except (RedisConnectionError, OSError) as exc:  # a node that just died
                 partial = [exc] * len(calls)
             for group in node_groups:
@@ -255,13 +278,19 @@ async def _cluster_pipeline(
 
 
 def _redirected(result: Any) -> bool:
-    if isinstance(result, (RedisConnectionError, OSError)):
+    """Whether a call failed because its slot is elsewhere or its node is away now."""
+    if isinstance(result, (RedisConnectionError, OSError, AskError, TryAgainError)):
+        return True  # (MovedError is an AskError)
+    if isinstance(result, ClusterDownError):
         return True
     return isinstance(result, ResponseError) and str(result).startswith(_REDIRECTS)
 
 
 async def _node_pipeline(
-    redis: Redis, calls: Sequence[ScriptCall], groups: list[list[int]]
+    redis: Redis,
+    calls: Sequence[ScriptCall],
+    groups: list[list[int]],
+    replicas: Replicas | None = None,
 ) -> list[Any]:
     pipe = cast(Any, redis.pipeline(transaction=False))
     for group in groups:
@@ -270,7 +299,11 @@ async def _node_pipeline(
             pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
         else:
             _batch(pipe, [calls[i] for i in group])
+    if replicas is not None:
+        pipe.execute_command("WAIT", *replicas)
     replies = await pipe.execute(raise_on_error=False)
+    if replicas is not None:
+        replies = _replicated(replies, replicas)
     results: list[Any] = [None] * len(calls)
     for group, reply in zip(groups, replies, strict=True):
         if len(group) == 1:
@@ -282,6 +315,16 @@ async def _node_pipeline(
             for index, value in zip(group, reply, strict=True):
                 results[index] = value
     return results
+
+
+def _replicated(replies: list[Any], replicas: Replicas) -> list[Any]:
+    """The replies before the final WAIT's, each replaced by NotReplicated if WAIT
+    confirmed fewer replicas than asked."""
+    replies, confirmed = replies[:-1], replies[-1]
+    if isinstance(confirmed, int) and confirmed >= replicas[0]:
+        return replies
+    lost = NotReplicated(replicas[0], confirmed, replicas[1])
+    return [r if isinstance(r, Exception) else lost for r in replies]
 
 
 def _batch(pipe: Any, calls: Sequence[ScriptCall]) -> None:

@@ -44,6 +44,10 @@ class Handler(Protocol):
         """The link was re-established: messages may have been missed."""
 
 
+class SlotMoved(Exception):
+    """A sharded channel's slot moved to another node: the link re-homes it."""
+
+
 class _Callbacks:
     """A Handler from two plain callbacks."""
 
@@ -59,8 +63,11 @@ def handler(message: Callable[[str], None], resubscribed: Callable[[], None]) ->
 class _Link:
     """One pub/sub connection and its channels."""
 
-    def __init__(self, owner: Subscriber, client: Redis, sharded: bool, owned: bool) -> None:
+    def __init__(
+        self, owner: Subscriber, name: str, client: Redis, sharded: bool, owned: bool
+    ) -> None:
         self.owner = owner
+        self.name = name
         self.client = client
         self.sharded = sharded
         self.owned = owned
@@ -78,10 +85,40 @@ class _Link:
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(channel, []).append(future)
-        if first and self.pubsub is not None:
-            with contextlib.suppress(*REDIS_ERRORS):  # the session loop resubscribes
-                await self._subscribe(self.pubsub, [channel])
+        if first:
+            await self._subscribe_now(channel)
         await future
+
+    def adopt(
+        self, channel: str, handlers: set[Handler], waiters: list[asyncio.Future[None]]
+    ) -> None:
+        """Take over a channel from a link whose node no longer serves its slot; its
+        handlers are told (``resubscribed``) once the subscription is confirmed here."""
+        first = channel not in self.channels
+        self.channels.setdefault(channel, set()).update(handlers)
+        self._waiters.setdefault(channel, []).extend(waiters)
+        self._resubscribing.add(channel)
+        if first:
+            self.owner.spawn(lambda: self._subscribe_now(channel))
+
+    async def _subscribe_now(self, channel: str) -> None:
+        pubsub = self.pubsub
+        if pubsub is None:
+            return  # the next session subscribes it
+        try:
+            await self._subscribe(pubsub, [channel])
+        except REDIS_ERRORS:  # drop the connection: a new session subscribes everything
+            connection = pubsub.connection
+            if connection is not None:
+                with contextlib.suppress(Exception):
+                    await connection.disconnect()
+
+    def release(self, channel: str) -> tuple[set[Handler], list[asyncio.Future[None]]]:
+        """Give a channel up (to another link): its handlers and waiters."""
+        handlers = self.channels.pop(channel, set())
+        self.confirmed.discard(channel)
+        self._resubscribing.discard(channel)
+        return handlers, self._waiters.pop(channel, [])
 
     def remove(self, channel: str, h: Handler) -> None:
         found = self.channels.get(channel)
@@ -117,6 +154,8 @@ class _Link:
                 except Exception as exc:  # noqa: BLE001 - a link never dies of one failure
                     report("pub/sub", exc)
                 await anyio.sleep(_BACKOFF)
+                if self.owner.connection.cluster and not await self.owner.rehome(self):
+                    return  # every channel moved to other nodes' links
         finally:
             if self.owned:
                 with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
@@ -127,11 +166,16 @@ class _Link:
         self.confirmed = set()
         self._resubscribing = set(self.channels)
         try:
+            # Connected first (concurrent commands on a PubSub that has no connection
+            # yet would each take one of their own), then published: a channel added
+            # from now on is subscribed by its adder, one added before is in the list
+            # below (a channel sent twice is harmless).
+            await pubsub.connect()
+            self.pubsub = pubsub
             if self.channels:
                 await self._subscribe(pubsub, list(self.channels))
             else:
                 await pubsub.ping()  # connect, so that silence can be measured
-            self.pubsub = pubsub
             await self._listen(pubsub)
         finally:
             self.pubsub = None
@@ -163,6 +207,9 @@ class _Link:
         channel = message.get("channel")
         if kind in ("subscribe", "ssubscribe") and isinstance(channel, str):
             self._confirmed(channel)
+        elif kind == "sunsubscribe" and channel in self.channels:
+            # The server dropped a wanted channel: its slot moved (a reshard, a failover).
+            raise SlotMoved(f"the slot of {channel!r} moved")
         elif kind in ("message", "smessage") and isinstance(channel, str):
             data = message.get("data")
             for h in list(self.channels.get(channel, ())):
@@ -220,6 +267,34 @@ class Subscriber:
         """Subscribe ``h`` to ``channel``; returns once the server confirmed it."""
         await self._link(channel).add(channel, h)
 
+    async def rehome(self, link: _Link) -> bool:
+        """After ``link`` failed on a cluster: refresh the slot map, move its channels to
+        the links of the nodes that now serve them (a non-sharded link moves to a live
+        node). False when nothing is left for ``link`` to do."""
+        cluster = cast("RedisCluster", self.connection.redis)
+        with contextlib.suppress(*REDIS_ERRORS):
+            await cluster.nodes_manager.initialize()
+        if not link.sharded:
+            node = cluster.get_random_node()
+            if node.name != link.name:
+                old, link.client, link.name = (
+                    link.client,
+                    self.connection.node_client(node),
+                    node.name,
+                )
+                with contextlib.suppress(Exception):
+                    await old.aclose()
+            return True
+        for channel in list(link.channels):
+            name = self._link_name(channel)
+            if name and name != link.name:
+                handlers, waiters = link.release(channel)
+                self._link(channel).adopt(channel, handlers, waiters)
+        if link.channels or self._links.get(link.name) is not link:
+            return bool(link.channels)
+        del self._links[link.name]
+        return False
+
     def unsubscribe(self, channel: str, h: Handler) -> None:
         link = self._links.get(self._link_name(channel))
         if link is not None:
@@ -243,10 +318,11 @@ class Subscriber:
 
     def _new_link(self, channel: str) -> _Link:
         if not self.connection.cluster:
-            return _Link(self, self.connection.redis, sharded=False, owned=False)
+            return _Link(self, "", self.connection.redis, sharded=False, owned=False)
         cluster = cast("RedisCluster", self.connection.redis)
         node = cluster.get_node_from_key(channel) if self.connection.sharded_pubsub else None
         if node is None:
             node = cluster.get_random_node()
         client = self.connection.node_client(node)
-        return _Link(self, client, self.connection.sharded_pubsub, owned=True)
+        name = node.name if self.connection.sharded_pubsub else ""
+        return _Link(self, name, client, self.connection.sharded_pubsub, owned=True)

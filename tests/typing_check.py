@@ -37,6 +37,7 @@ from taskrunner import (
     LostLease,
     Middleware,
     MiddlewareError,
+    NotReplicated,
     Outcome,
     OutcomeKind,
     PayloadTooLarge,
@@ -246,6 +247,7 @@ def check_exceptions() -> None:
         LockConflictError,
         LostLease,
         MiddlewareError,
+        NotReplicated,
         PayloadTooLarge,
         Retry,
         TaskTimeout,
@@ -257,6 +259,7 @@ def check_exceptions() -> None:
     assert_type(JobDeadLettered("id", "why").reason, str)
     too_large = PayloadTooLarge("the arguments", 2_000_000, 1_000_000)
     assert_type(too_large.limit, int)
+    assert_type(NotReplicated(1, 0, 1000).wanted, int)
     conflict = LockConflictError("lock", "holder")
     assert_type(conflict.holder, str)
     raise Retry(delay=timedelta(seconds=3))

@@ -22,7 +22,7 @@ import anyio
 from redis.asyncio import Redis
 
 from taskrunner import scripts
-from taskrunner.connection import REDIS_ERRORS, reachable, report
+from taskrunner.connection import REDIS_ERRORS, reachable, report, unavailable
 from taskrunner.exceptions import PayloadTooLarge
 from taskrunner.job import ErrorInfo, JobContext, safe_text
 from taskrunner.logs import job_extra
@@ -90,22 +90,37 @@ class Coalescer:
             self._idle.set()
 
     async def _flush(self, batch: list[tuple[scripts.ScriptCall, Done]]) -> None:
+        """Send ``batch``; hand each reply to its caller. Calls the server could not
+        take now (unreachable, failing over, a slot moving) are sent again, with
+        backoff, until it can: an outcome is never given up while the worker runs."""
         delay = 0.05
-        while True:
+        while batch:
             try:
                 calls = [call for call, _ in batch]
                 results = await scripts.run_many(self._redis, calls, raise_on_error=False)
-                break
             except REDIS_ERRORS as exc:
                 report("recording outcomes", exc)
+                results = [exc] * len(batch)
+            later = []
+            for item, result in zip(batch, results, strict=True):
+                if isinstance(result, Exception) and unavailable(result):
+                    later.append(item)
+                else:
+                    _deliver(item[1], result)
+            if later:
+                report("recording outcomes", next(r for r in results if isinstance(r, Exception)))
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 2.0)
-        reachable()
-        for (_, done), result in zip(batch, results, strict=True):
-            try:
-                done(result)
-            except Exception:
-                logger.exception("internal error after a commit reply")
+            else:
+                reachable()
+            batch = later
+
+
+def _deliver(done: Done, result: Any) -> None:
+    try:
+        done(result)
+    except Exception:
+        logger.exception("internal error after a commit reply")
 
 
 class Committer:

@@ -49,6 +49,8 @@ def key(*parts: str) -> str:
 
 def _client() -> Redis:
     global _redis  # noqa: PLW0603 - one client per worker process
+    if URL and "+" in URL.partition(":")[0]:  # a cluster or a sentinel: the app's own client
+        return tr.client.redis
     if _redis is None:
         # Retries: a pooled connection that a Redis restart closed fails once.
         _redis = Redis.from_url(
@@ -60,14 +62,27 @@ def _client() -> Redis:
     return _redis
 
 
+async def _rpush(name: str, value: str) -> None:
+    """RPUSH through restarts and failovers (a pooled connection to a server that is gone
+    fails; the next call reaches the new one)."""
+    for attempt in range(50):
+        try:
+            await _client().rpush(name, value)
+            return
+        except (ConnectionError, OSError):
+            if attempt == 49:
+                raise
+            await anyio.sleep(0.1)
+
+
 async def record_start() -> None:
     job = current_job()
     entry = f"{os.getpid()} {job.attempt} {int(time.time() * 1000)}"
-    await _client().rpush(key("runs", job.id), entry)
+    await _rpush(key("runs", job.id), entry)
 
 
 async def event(kind: str) -> None:
-    await _client().rpush(key("events"), f"{kind} {current_job().id} {os.getpid()}")
+    await _rpush(key("events"), f"{kind} {current_job().id} {os.getpid()}")
 
 
 @tr.task
