@@ -170,7 +170,7 @@ class _Link:
             # yet would each take one of their own), then published: a channel added
             # from now on is subscribed by its adder, one added before is in the list
             # below (a channel sent twice is harmless).
-            await pubsub.connect()
+            await pubsub.connect()  # type: ignore[no-untyped-call]
             self.pubsub = pubsub
             if self.channels:
                 await self._subscribe(pubsub, list(self.channels))

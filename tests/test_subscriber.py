@@ -4,6 +4,7 @@ restart, cluster failover) and its listener is told to re-read what it waits for
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import anyio
 from conftest import wait_until
@@ -13,6 +14,10 @@ from taskrunner.connection import PoolOptions, open_connection
 from taskrunner.subscriber import Subscriber, handler
 
 DEADLINE = 60.0
+
+
+async def publish(redis: Any, command: str, channel: str, message: str) -> None:
+    await redis.execute_command(command, channel, message)
 
 
 async def test_a_sharded_subscription_follows_its_slot_through_a_cluster_failover(
@@ -30,7 +35,7 @@ async def test_a_sharded_subscription_follows_its_slot_through_a_cluster_failove
             tg.start_soon(subscriber.run)
             await subscriber.subscribe(channel, handler(got.append, resubscribed.set))
             command = connection.publish_command
-            await publisher.redis.execute_command(command, channel, "before")
+            await publish(publisher.redis, command, channel, "before")
 
             async def heard(text: str) -> bool:
                 return text in got
@@ -45,8 +50,8 @@ async def test_a_sharded_subscription_follows_its_slot_through_a_cluster_failove
                 await resubscribed.wait()  # the listener re-reads what it waits for
 
             async def publish_until_heard() -> bool:
-                await publisher.redis.execute_command(command, channel, "after")
-                await publisher.redis.execute_command(command, other, "late")
+                await publish(publisher.redis, command, channel, "after")
+                await publish(publisher.redis, command, other, "late")
                 return "after" in got and "late" in late
 
             await wait_until(publish_until_heard, DEADLINE, interval=0.2)
