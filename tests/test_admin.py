@@ -608,7 +608,7 @@ def _error(message: str) -> str:
 # -- the Lua writes behind the indexes ------------------------------------------------------
 
 
-async def test_commits_index_each_final_status_and_trim_it_by_result_ttl(
+async def test_commits_index_each_final_status_and_trim_it_by_result_ttl_in_steps(
     make_runner: MakeRunner, redis: Redis, tmp_path: Path
 ) -> None:
     tr = build(make_runner, result_ttl=3600)
@@ -617,7 +617,9 @@ async def test_commits_index_each_final_status_and_trim_it_by_result_ttl(
     assert tr.clock.frozen_ms is not None
     tr.clock.frozen_ms -= tr.clock.frozen_ms % 32  # a commit at a multiple of 32 ms trims
     old = tr.clock.frozen_ms - 2 * 3600 * 1000
-    for index in (keys.succeeded, keys.aborted, keys.rejected):
+    ancient = {f"ancient{i:03d}": old + i for i in range(250)}
+    await redis.zadd(keys.succeeded, ancient)
+    for index in (keys.aborted, keys.rejected):
         await redis.zadd(index, {"ancient": old})
     async with running(tr):
         ok = await _enqueue(tr, "add", x=1, y=1)
@@ -626,7 +628,10 @@ async def test_commits_index_each_final_status_and_trim_it_by_result_ttl(
         await final(tr, bad)
         aborted = await _enqueue(tr, "add", delay=60, x=1, y=1)
         assert await tr.admin.abort(aborted) == JobStatus.ABORTED
-    assert await redis.zrange(keys.succeeded, 0, -1, withscores=True) == [(ok, tr.clock.frozen_ms)]
+    succeeded = await redis.zrange(keys.succeeded, 0, -1, withscores=True)
+    assert succeeded[-1] == (ok, tr.clock.frozen_ms)
+    # at most 100 stale members leave per trim: the oldest first, the rest next time
+    assert [m for m, _ in succeeded[:-1]] == sorted(ancient)[100:]
     assert await redis.zrange(keys.failed, 0, -1) == [bad]
     assert await redis.zrange(keys.aborted, 0, -1) == [aborted]
     assert await redis.zrange(keys.rejected, 0, -1) == ["ancient"]  # no rejection trimmed it

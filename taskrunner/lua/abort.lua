@@ -1,8 +1,8 @@
 -- Abort a job. A scheduled or queued job is removed and finished as aborted at
 -- once; a running one is flagged and its worker told over pub/sub (the worker's
 -- heartbeat also sees the flag, as a fallback).
--- A job aborted here joins the aborted index (trimmed to result_ttl), as commit.lua
--- does for the jobs it finishes.
+-- A job aborted here joins the aborted index (and up to 100 of its members older than
+-- result_ttl leave it), as commit.lua does for the jobs it finishes.
 -- KEYS: job, stream, delayed, aborted, lock_1 .. lock_n
 -- ARGV: job_id, ttl_ms, done_channel, events_channel, group, publish_command,
 --       clock_offset_ms
@@ -30,7 +30,10 @@ end
 redis.call('HSET', job, 'status', 'aborted', 'finished', now, 'abort', now)
 redis.call('PEXPIRE', job, ARGV[2])
 redis.call('ZADD', aborted, now, ARGV[1])
-redis.call('ZREMRANGEBYSCORE', aborted, '-inf', now - tonumber(ARGV[2]))
+local stale = redis.call('ZCOUNT', aborted, '-inf', now - tonumber(ARGV[2]))
+if stale > 0 then
+  redis.call('ZREMRANGEBYRANK', aborted, 0, math.min(stale, 100) - 1)
+end
 for i = 5, #KEYS do
   if redis.call('GET', KEYS[i]) == ARGV[1] then
     redis.call('DEL', KEYS[i])

@@ -18,8 +18,9 @@
 -- done channel only when someone waits for it (watch.lua set 'watch').
 -- A succeeded, aborted or rejected job joins its status's index (failed and dead jobs
 -- have theirs): the admin API lists and counts from them. One ZADD per job; the trim to
--- result_ttl runs in one commit out of ~32 (when now is a multiple of 32 ms), since
--- readers skip members older than result_ttl anyway.
+-- result_ttl runs in one commit out of ~32 (when now is a multiple of 32 ms: readers
+-- skip members older than result_ttl anyway) and removes at most 100 members, so a
+-- backlog (a queue quiet for a day, a shorter result_ttl) never stalls one commit.
 local stream, job, delayed, dead, seq = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local group, entry, token, job_id, outcome = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local publish = ARGV[11]
@@ -98,7 +99,10 @@ if outcome == 'failed' then
 elseif outcome ~= 'dead' then
   redis.call('ZADD', KEYS[8], now, job_id)
   if now % 32 == 0 then
-    redis.call('ZREMRANGEBYSCORE', KEYS[8], '-inf', now - tonumber(ARGV[7]))
+    local stale = redis.call('ZCOUNT', KEYS[8], '-inf', now - tonumber(ARGV[7]))
+    if stale > 0 then
+      redis.call('ZREMRANGEBYRANK', KEYS[8], 0, math.min(stale, 100) - 1)
+    end
   end
 end
 for i = FIRST_LOCK, #KEYS do
