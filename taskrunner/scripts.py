@@ -114,6 +114,7 @@ RERUN = Script("rerun")
 PAUSE = Script("pause")
 FORGET = Script("forget")
 MINUTES = Script("minutes")
+MATCH = Script("match")
 ALL = (
     ENQUEUE,
     FETCH,
@@ -140,6 +141,7 @@ ALL = (
     PAUSE,
     FORGET,
     MINUTES,
+    MATCH,
 )
 
 
@@ -606,3 +608,15 @@ def forget(keys: QueueKeys, job_ids: Sequence[str]) -> ScriptCall:
 def minutes(env: Env, indexes: Sequence[str], count: int) -> ScriptCall:
     """Jobs finished in each of the last ``count`` minutes, per index (one partition)."""
     return ScriptCall(MINUTES, list(indexes), [count, env.clock])
+
+
+def match(
+    keys: QueueKeys, job_ids: Sequence[str], status: str, task: str, level: str
+) -> ScriptCall:
+    """Which of these jobs of one partition have ``status``, ``task`` and ``level``
+    ("" matches any task or level)."""
+    return ScriptCall(
+        MATCH,
+        [keys.job(i) for i in job_ids],
+        [status, task, level, keys.default_level],
+    )

@@ -34,6 +34,7 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 
+from taskrunner import scripts
 from taskrunner.job import JobInfo, JobStatus
 from taskrunner.keys import GROUP, Queue, QueueKeys
 from taskrunner.worker.scheduler import parse_member
@@ -51,7 +52,7 @@ STATUS_ORDER = (
 MAX_LIMIT = 1000
 EXAMINE_BUDGET = 5000
 """Candidates looked at per call when a filter drops most of them."""
-FILTERED_READ = 100
+FILTERED_READ = 500
 """Candidates read per source at a time with a filter."""
 FIELDS = (
     "status",
@@ -71,8 +72,6 @@ FIELDS = (
     "crashes",
     "progress",
 )
-BRIEF = ("status", "task", "level")
-"""What a filter reads of every candidate (the rest only for those that match)."""
 
 
 class CursorError(ValueError):
@@ -409,17 +408,41 @@ class Merge:
     async def _states(
         self, batch: list[tuple[Source, Item]], filters: Filters
     ) -> list[dict[str, str]]:
-        """Each candidate's listed fields; with a filter, only the brief fields of those
-        that do not match (their error and traceback are never read)."""
+        """Each candidate's listed fields; with a filter, the server picks the matches
+        first (match.lua) and only theirs are read (the others read as empty)."""
         wanted = [(s.keys, item.job_id) for s, item in batch]
         if not filters.active:
             return await states(self.redis, wanted)
-        brief = await states(self.redis, wanted, BRIEF)
-        matching = [i for i, state in enumerate(brief) if filters.match(state)]
+        matching = await _matching(self.redis, batch, filters)
+        found: list[dict[str, str]] = [{} for _ in batch]
         full = await states(self.redis, [wanted[i] for i in matching])
         for i, state in zip(matching, full, strict=True):
-            brief[i] = state
-        return brief
+            found[i] = state
+        return found
+
+
+async def _matching(redis: Redis, batch: list[tuple[Source, Item]], filters: Filters) -> list[int]:
+    """The positions in ``batch`` of the candidates that match (one script call per
+    partition, in one round trip)."""
+    by_part: dict[str, list[int]] = {}
+    for index, (source, item) in enumerate(batch):
+        if item.job_id:
+            by_part.setdefault(source.keys.prefix, []).append(index)
+    calls = []
+    for positions in by_part.values():
+        source = batch[positions[0]][0]
+        ids = [batch[i][1].job_id for i in positions]
+        status = source.status.value
+        calls.append(
+            scripts.match(source.keys, ids, status, filters.task or "", filters.priority or "")
+        )
+    replies = await scripts.run_many(redis, calls)
+    found = [
+        positions[int(p) - 1]
+        for positions, reply in zip(by_part.values(), replies, strict=True)
+        for p in reply
+    ]
+    return sorted(found)
 
 
 # -- a page over queues and statuses --------------------------------------------------------
