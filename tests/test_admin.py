@@ -684,3 +684,39 @@ def test_queue_keys_name_each_finished_index() -> None:
     for outcome in ("aborted", "retry", "reschedule", "handback"):
         assert keys.finished(outcome) == "ns:{q#2}:aborted"
     assert Queue("ns", "q", partitions=2).parts[1].succeeded == "ns:{q#1}:succeeded"
+
+
+async def test_hostile_entries_members_and_hashes_leave_the_reads_standing(
+    make_runner: MakeRunner, redis: Redis
+) -> None:
+    tr = build(make_runner)
+    keys = QueueKeys(tr.namespace, "default")
+    good = "good"
+    await redis.hset(keys.job(good), mapping={"status": "queued", "task": "add", "enqueued": 1})
+    await redis.xadd(keys.stream, {"not-job": "x"})  # an entry without a job
+    await redis.xadd(keys.stream, {"job": good})
+    await redis.zadd(keys.delayed, {"garbage": 1, "0000000000000001:low:": 2})
+    await redis.zadd(keys.succeeded, {"odd": now_ms()})
+    hostile: dict[Any, float] = {b"\xff\xfe": now_ms()}  # a member that is not UTF-8
+    await redis.zadd(keys.succeeded, hostile)
+    await redis.hset(
+        keys.job("odd"),
+        mapping={"status": "succeeded", "attempts": "many", "enqueued": "soon", "level": "{x}"},
+    )
+    async with tr:
+        queued = await tr.admin.jobs(queue="default", status="queued")
+        scheduled = await tr.admin.jobs(queue="default", status="scheduled")
+        done = await tr.admin.jobs(queue="default", status="succeeded")
+        everything = await collect(tr, 2, queue="default")
+        counts = (await tr.admin.counts(["default"]))[0]
+        chart = await tr.admin.throughput(["default"], minutes=1)
+        workers = await tr.admin.workers()
+        odd = await tr.admin.job("odd")
+    assert [j.id for j in queued.jobs] == [good]
+    assert scheduled.jobs == []
+    assert [(j.id, j.attempts) for j in done.jobs] == [("odd", 0)]
+    assert sorted(j.id for p in everything for j in p.jobs) == [good, "odd"]
+    assert (counts.queued, counts.scheduled, counts.succeeded) == (2, 2, 2)
+    assert chart[-1].succeeded == 2
+    assert workers == []
+    assert (odd.priority, odd.attempts) == ("{x}", 0)
