@@ -112,7 +112,6 @@ PAGE = Script("page")
 AGE = Script("age")
 RERUN = Script("rerun")
 PAUSE = Script("pause")
-FORGET = Script("forget")
 MINUTES = Script("minutes")
 MATCH = Script("match")
 ALL = (
@@ -139,7 +138,6 @@ ALL = (
     AGE,
     RERUN,
     PAUSE,
-    FORGET,
     MINUTES,
     MATCH,
 )
@@ -598,11 +596,6 @@ def pause(env: Env, keys: QueueKeys, *, paused: bool) -> ScriptCall:
         [keys.paused],
         ["pause" if paused else "resume", env.publish, keys.events, env.clock],
     )
-
-
-def forget(keys: QueueKeys, job_ids: Sequence[str]) -> ScriptCall:
-    """Delete these dead letters of one partition and their jobs (those still dead)."""
-    return ScriptCall(FORGET, [keys.dead, *(keys.job(i) for i in job_ids)], list(job_ids))
 
 
 def minutes(env: Env, indexes: Sequence[str], count: int) -> ScriptCall:

@@ -5,7 +5,8 @@ from scanning the key space, so each call costs the same with a million jobs; a
 queue's partitions are read together and summed or merged. Every change is one atomic
 script per partition: ``retry`` is rerun.lua, ``abort`` is abort.lua (``Job.abort``),
 ``pause``/``resume`` is pause.lua on every partition of the queue (fetch.lua then reads
-nothing from it; its workers are told), dead letters are deleted by forget.lua.
+nothing from it; its workers are told); dead letters are deleted and purged by
+``taskrunner.deadletters`` (bounded batches, per partition).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
-from taskrunner import scripts
-from taskrunner.admin import deadletters_bridge, listing, scope, stats, workers
+from taskrunner import deadletters, scripts
+from taskrunner.admin import listing, scope, stats, workers
 from taskrunner.admin.models import (
     JobDetail,
     JobPage,
@@ -228,15 +229,20 @@ class Admin:
 
     async def delete_dead(self, job_ids: Sequence[str], queue: str) -> int:
         """Delete these dead letters of ``queue`` (and their jobs); how many."""
-        deleted = 0
+        by_part: dict[str, tuple[QueueKeys, list[str]]] = {}
         for keys, job_id in await self._dead(job_ids, queue):
-            deleted += await deadletters_bridge.delete_dead(self._client.redis, keys, [job_id])
+            by_part.setdefault(keys.prefix, (keys, []))[1].append(job_id)
+        deleted = 0
+        for keys, ids in by_part.values():
+            deleted += await deadletters.delete_dead(self._client.redis, keys, ids)
         return deleted
 
     async def purge_dead(self, queue: str) -> int:
-        """Delete every dead letter of ``queue`` (every partition); how many."""
-        q = await scope.queue(self._client, queue)
+        """Delete every dead letter of ``queue`` (every partition; those that arrive
+        meanwhile are left); how many."""
+        client = self._client
+        q = await scope.queue(client, queue)
         deleted = 0
-        for keys in scope.partitions(self._client, q):
-            deleted += await deadletters_bridge.purge_dead(self._client.redis, keys)
+        for keys in scope.partitions(client, q):
+            deleted += await deadletters.purge_dead(client.redis, keys, clock=client.clock)
         return deleted

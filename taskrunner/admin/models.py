@@ -102,15 +102,13 @@ class JobPage(BaseModel):
 
 
 class QueueCounts(BaseModel):
-    """How many jobs a queue holds in each status, summed over its partitions, read from
-    the structures kept for it (the level streams and their consumer group, the delayed
-    set, the finished-job indexes and the dead letters)."""
+    """How many jobs a queue holds in each status, summed over its partitions
+    (``taskrunner.counts`` for the unfinished, failed and dead jobs and the workers; the
+    finished-job indexes for the rest)."""
 
     queue: str
     partitions: int = 1
     queued: int = 0
-    queued_by_priority: dict[str, int] = Field(default_factory=dict)
-    """Queued jobs per priority level, highest first."""
     running: int = 0
     """Entries workers hold: running, or read and about to start."""
     scheduled: int = 0

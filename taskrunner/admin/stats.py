@@ -1,11 +1,11 @@
 """Queue counts and jobs finished per minute, from structures kept for them.
 
-Counts, per partition, in one pipelined round trip for every queue: each level
-stream's length and its consumer group's pending count (queued = length - pending:
-commits delete their entry, so every entry left is unread or pending), the delayed
-set's size, the finished-job indexes counted over the last ``result_ttl`` (ZCOUNT:
-O(log n)), the dead letters and the paused key; per queue, the live workers. Summed
-over the partitions. Nothing is scanned: the cost is the same with a million jobs.
+Counts: ``taskrunner.counts`` reads what every queue holds unfinished (queued,
+running, scheduled), the failed jobs within ``result_ttl``, the dead letters and the
+workers' heartbeats, summed over the partitions; a second pipeline, sent alongside,
+adds what only the admin API keeps: the succeeded, aborted and rejected jobs within
+``result_ttl`` (ZCOUNT of their indexes: O(log n)) and the paused keys. Nothing is
+scanned: the cost is the same with a million jobs.
 
 Jobs finished per minute come from the same finished-job indexes (minutes.lua: a
 ZCOUNT per index and minute, one script call per partition), so the commit path keeps
@@ -15,76 +15,87 @@ lives: with a ``result_ttl`` under an hour the older minutes of the chart thin o
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, cast
 
+from taskrunner import counts as core_counts
 from taskrunner import scripts
 from taskrunner.admin import scope
 from taskrunner.admin.models import MinuteCounts, QueueCounts
 from taskrunner.client import Client
-from taskrunner.keys import GROUP, Queue, QueueKeys
+from taskrunner.keys import Queue, QueueKeys
 
 MINUTES = 60
 FINISHED = ("succeeded", "failed", "aborted", "rejected", "dead")
-_PER_PART = 7
-"""Replies per partition besides two per level: delayed, 4 indexes, dead, paused."""
+
+
+class _Parts:
+    """A queue with every partition this runner knows of (``scope.partitions``), as
+    ``taskrunner.counts`` reads it."""
+
+    def __init__(self, q: Queue, parts: list[QueueKeys]) -> None:
+        self.name = q.name
+        self.parts = parts
+        self._q = q
+
+    def streams(self, keys: QueueKeys) -> Sequence[str]:
+        return self._q.streams(keys)
 
 
 async def counts(client: Client, queues: Sequence[Queue], stale_after: float) -> list[QueueCounts]:
-    """The counts of each queue (one round trip for all of them)."""
-    floor = scope.now_ms(client) - client.result_ttl_ms
-    parts = [scope.partitions(client, q) for q in queues]
+    """The counts of each queue: two pipelined round trips, sent together."""
+    now = client.clock.now()
+    parts = [_Parts(q, scope.partitions(client, q)) for q in queues]
+    base, extra = await asyncio.gather(
+        core_counts.queue_counts(
+            client.redis, parts, now=now, result_ttl=client.result_ttl_ms / 1000
+        ),
+        _finished(client, parts, int(now * 1000) - client.result_ttl_ms),
+    )
+    live_since = time.time() - stale_after  # heartbeats are written by the workers' clocks
+    found = []
+    for q, core, (succeeded, aborted, rejected, paused) in zip(parts, base, extra, strict=True):
+        found.append(
+            QueueCounts(
+                queue=q.name,
+                partitions=len(q.parts),
+                queued=core.queued,
+                running=core.running,
+                scheduled=core.scheduled,
+                succeeded=succeeded,
+                failed=core.failed,
+                aborted=aborted,
+                rejected=rejected,
+                dead=core.dead,
+                paused=paused > 0,
+                paused_partitions=paused,
+                workers=sum(1 for _, beat in core.workers if beat >= live_since),
+            )
+        )
+    return found
+
+
+async def _finished(
+    client: Client, queues: Sequence[_Parts], floor: int
+) -> list[tuple[int, int, int, int]]:
+    """Per queue: succeeded, aborted and rejected within result_ttl, paused partitions."""
     pipe = cast(Any, client.redis.pipeline(transaction=False))
-    for q, keys_list in zip(queues, parts, strict=True):
-        pipe.zcount(keys_list[0].workers, int((time.time() - stale_after) * 1000), "+inf")
-        for keys in keys_list:
-            _count_partition(pipe, q, keys, floor)
-    replies = iter(await pipe.execute(raise_on_error=False))
-    return [
-        _queue_counts(q, len(keys_list), replies)
-        for q, keys_list in zip(queues, parts, strict=True)
-    ]
-
-
-def _count_partition(pipe: Any, q: Queue, keys: QueueKeys, floor: int) -> None:
-    for stream in q.streams(keys):
-        pipe.xlen(stream)
-        pipe.xpending(stream, GROUP)
-    pipe.zcard(keys.delayed)
-    for index in (keys.succeeded, keys.failed, keys.aborted, keys.rejected):
-        pipe.zcount(index, floor, "+inf")
-    pipe.zcard(keys.dead)
-    pipe.exists(keys.paused)
-
-
-def _number(reply: Any) -> int:
-    if isinstance(reply, dict):  # XPENDING's summary
-        reply = reply.get("pending", 0)
-    try:
-        return int(reply)
-    except (TypeError, ValueError):  # an error reply: no stream or group yet
-        return 0
-
-
-def _queue_counts(q: Queue, partitions: int, replies: Any) -> QueueCounts:
-    found = QueueCounts(queue=q.name, partitions=partitions, workers=_number(next(replies)))
-    found.queued_by_priority = dict.fromkeys(q.levels, 0)
-    for _ in range(partitions):
-        for level in q.levels:
-            length, pending = _number(next(replies)), _number(next(replies))
-            found.queued_by_priority[level] += max(0, length - pending)
-            found.running += pending
-        found.scheduled += _number(next(replies))
-        found.succeeded += _number(next(replies))
-        found.failed += _number(next(replies))
-        found.aborted += _number(next(replies))
-        found.rejected += _number(next(replies))
-        found.dead += _number(next(replies))
-        found.paused_partitions += _number(next(replies))
-    found.queued = sum(found.queued_by_priority.values())
-    found.paused = found.paused_partitions > 0
+    for q in queues:
+        for keys in q.parts:
+            for index in (keys.succeeded, keys.aborted, keys.rejected):
+                pipe.zcount(index, floor, "+inf")
+            pipe.exists(keys.paused)
+    replies = iter(await pipe.execute())
+    found = []
+    for q in queues:
+        totals = [0, 0, 0, 0]
+        for _ in q.parts:
+            for i in range(4):
+                totals[i] += int(next(replies))
+        found.append((totals[0], totals[1], totals[2], totals[3]))
     return found
 
 

@@ -1,6 +1,6 @@
 """``taskrunner dashboard APP``: serve the web dashboard on its own (with uvicorn).
 
-It needs the ``dashboard`` extra: ``pip install 'taskrunner[dashboard]'``. It binds
+It needs the ``dashboard`` extra: ``pip install 'taskrunner-streams[dashboard]'``. It binds
 127.0.0.1 by default and has no authentication of its own: to expose it, mount
 ``taskrunner.dashboard.dashboard(tr, auth=...)`` in your own app (docs/operations.md)
 or put it behind a proxy that authenticates.
@@ -35,7 +35,7 @@ def dashboard(app: str, port: int, host: str) -> None:
     except ImportError as exc:
         fail(
             f"the dashboard needs the 'dashboard' extra ({exc}): "
-            "pip install 'taskrunner[dashboard]'",
+            "pip install 'taskrunner-streams[dashboard]'",
             USAGE_ERROR,
         )
     runner = load_app(app)

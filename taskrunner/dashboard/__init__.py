@@ -21,7 +21,7 @@ the host app's lifespan, as for ``TaskRunnerDep``); if it is not, the dashboard 
 it at its first request and keeps it open. ``open_runner=True`` gives the dashboard
 app its own lifespan that opens and closes it (the standalone command uses that).
 
-Needs the ``dashboard`` extra: ``pip install 'taskrunner[dashboard]'``.
+Needs the ``dashboard`` extra: ``pip install 'taskrunner-streams[dashboard]'``.
 """
 
 from __future__ import annotations
