@@ -11,6 +11,9 @@ script touches a single slot, and every script receives all its keys in KEYS::
     {ns}:{queue}:seq              counter that keeps equal due times in FIFO order
     {ns}:{queue}:dead             sorted set of dead-lettered job ids, scored by time
     {ns}:{queue}:failed           sorted set of failed job ids, scored by time (result_ttl)
+    {ns}:{queue}:succeeded        likewise for succeeded jobs (the admin API's listings)
+    {ns}:{queue}:aborted          likewise for aborted jobs
+    {ns}:{queue}:rejected         likewise for rejected jobs
     {ns}:{queue}:job:{id}         hash with the job's state, result and error
     {ns}:{queue}:lock:{digest}    unique-job lock; value is the holder's job id
     {ns}:{queue}:idle             set by a worker that found the partition drained: the
@@ -89,6 +92,7 @@ class QueueKeys:
     """The keys of one partition of a queue in one namespace (computed once)."""
 
     __slots__ = (
+        "aborted",
         "dead",
         "default_level",
         "delayed",
@@ -102,8 +106,10 @@ class QueueKeys:
         "prefix",
         "queue",
         "reclaim",
+        "rejected",
         "seq",
         "stream",
+        "succeeded",
         "workers",
     )
 
@@ -129,6 +135,9 @@ class QueueKeys:
         self.seq = f"{self.prefix}:seq"
         self.dead = f"{self.prefix}:dead"
         self.failed = f"{self.prefix}:failed"
+        self.succeeded = f"{self.prefix}:succeeded"
+        self.aborted = f"{self.prefix}:aborted"
+        self.rejected = f"{self.prefix}:rejected"
         self.events = f"{self.prefix}:events"
         self.idle = f"{self.prefix}:idle"
         self.paused = f"{self.prefix}:paused"
@@ -143,6 +152,16 @@ class QueueKeys:
     def level_stream(self, level: str) -> str:
         """The stream of one priority level (the default level's is ``stream``)."""
         return self.stream if level == self.default_level else f"{self.stream}:{level}"
+
+    def finished(self, outcome: str) -> str:
+        """The finished-job index commit.lua writes for ``outcome``: succeeded,
+        rejected, or aborted for any other (the status an abort request turns a retry,
+        reschedule or hand-back into; failed and dead jobs have their own keys)."""
+        if outcome == "succeeded":
+            return self.succeeded
+        if outcome == "rejected":
+            return self.rejected
+        return self.aborted
 
     def job(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"

@@ -15,6 +15,7 @@ import anyio
 import pydantic
 
 from taskrunner import deadletters, scripts
+from taskrunner.admin import Admin
 from taskrunner.client import Client
 from taskrunner.clock import Clock
 from taskrunner.codec import ResultCodec
@@ -583,6 +584,28 @@ class TaskRunner:
                 clock=self.clock,
             )
         return removed
+
+    # -- operations (taskrunner.admin) ---------------------------------------------------
+
+    @property
+    def admin(self) -> Admin:
+        """Operations on this runner's jobs, queues and workers: job detail, paginated
+        listings, retry, abort, pause/resume, counts, throughput, workers, dead letters
+        (docs/operations.md)."""
+        return Admin(self)
+
+    async def retry(self, job_id: str, queue: str | None = None) -> bool:
+        """Run a failed, aborted, rejected or dead job again under the same id; see
+        ``Admin.retry``."""
+        return await self.admin.retry(job_id, queue)
+
+    async def pause(self, queue: str) -> None:
+        """Pause ``queue``: it keeps accepting jobs; its workers stop taking new ones."""
+        await self.admin.pause(queue)
+
+    async def resume(self, queue: str) -> None:
+        """Resume a paused queue."""
+        await self.admin.resume(queue)
 
     # -- working -------------------------------------------------------------------------
 

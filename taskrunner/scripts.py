@@ -117,6 +117,10 @@ PROGRESS = Script("progress")
 PURGE = Script("purge")
 PAGE = Script("page")
 AGE = Script("age")
+RERUN = Script("rerun")
+PAUSE = Script("pause")
+MINUTES = Script("minutes")
+MATCH = Script("match")
 ALL = (
     ENQUEUE,
     FETCH,
@@ -139,6 +143,10 @@ ALL = (
     PURGE,
     PAGE,
     AGE,
+    RERUN,
+    PAUSE,
+    MINUTES,
+    MATCH,
 )
 
 
@@ -466,6 +474,7 @@ def commit(
             keys.seq,
             keys.failed,
             keys.idle,
+            keys.finished(outcome),
             *locks,
         ],
         [
@@ -522,7 +531,7 @@ def abort(
     """Abort a job (see abort.lua for what happens in each status)."""
     return ScriptCall(
         ABORT,
-        [keys.job(job_id), stream, keys.delayed, *locks],
+        [keys.job(job_id), stream, keys.delayed, keys.aborted, *locks],
         [job_id, ttl_ms, keys.done(job_id), keys.events, GROUP, env.publish, env.clock],
     )
 
@@ -603,3 +612,47 @@ def age_lock(lock: str, job: str, holder: str, step_ms: int) -> ScriptCall:
     """Shorten a unique lock's TTL by ``step_ms`` unless its holder ``job`` is held by
     a worker (taskrunner.testing's frozen clock)."""
     return ScriptCall(AGE, [lock, job], [holder, step_ms])
+
+
+def rerun(env: Env, keys: QueueKeys, stream: str, job_id: str) -> ScriptCall:
+    """Run a failed, aborted, rejected or dead job again under the same id, in
+    ``stream`` (its level's, in its partition); see rerun.lua."""
+    return ScriptCall(
+        RERUN,
+        [
+            keys.job(job_id),
+            stream,
+            keys.failed,
+            keys.aborted,
+            keys.rejected,
+            keys.dead,
+            keys.idle,
+        ],
+        [job_id, env.publish, keys.events, env.clock],
+    )
+
+
+def pause(env: Env, keys: QueueKeys, *, paused: bool) -> ScriptCall:
+    """Pause (or resume) one partition of a queue and tell its workers."""
+    return ScriptCall(
+        PAUSE,
+        [keys.paused],
+        ["pause" if paused else "resume", env.publish, keys.events, env.clock],
+    )
+
+
+def minutes(env: Env, indexes: Sequence[str], count: int) -> ScriptCall:
+    """Jobs finished in each of the last ``count`` minutes, per index (one partition)."""
+    return ScriptCall(MINUTES, list(indexes), [count, env.clock])
+
+
+def match(
+    keys: QueueKeys, job_ids: Sequence[str], status: str, task: str, level: str
+) -> ScriptCall:
+    """Which of these jobs of one partition have ``status``, ``task`` and ``level``
+    ("" matches any task or level)."""
+    return ScriptCall(
+        MATCH,
+        [keys.job(i) for i in job_ids],
+        [status, task, level, keys.default_level],
+    )

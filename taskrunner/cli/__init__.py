@@ -23,8 +23,11 @@ import click
 
 from taskrunner import __version__
 from taskrunner.cli._common import TaskrunnerGroup, fail, load_app, run_async
+from taskrunner.cli.dashboard import dashboard
 from taskrunner.cli.enqueue import enqueue
 from taskrunner.cli.info import info
+from taskrunner.cli.jobs import abort, job, jobs, retry
+from taskrunner.cli.queue import queue
 from taskrunner.cli.worker import worker
 
 __all__ = ["fail", "load_app", "main", "run_async"]
@@ -42,12 +45,16 @@ def main() -> None:
       taskrunner worker examples.quickstart:tr
       taskrunner enqueue examples.quickstart:tr add '[1, 2]' --wait
       taskrunner info examples.quickstart:tr
+      taskrunner jobs examples.quickstart:tr --status failed
+      taskrunner dashboard examples.quickstart:tr
     """
 
 
 main.add_command(worker)
 main.add_command(enqueue)
 main.add_command(info)
+for command in (job, jobs, abort, retry, queue, dashboard):  # operations (docs/operations.md)
+    main.add_command(command)
 
 
 def _add_optional(module_name: str) -> None:

@@ -1,11 +1,13 @@
 -- Abort a job. A scheduled or queued job is removed and finished as aborted at
 -- once; a running one is flagged and its worker told over pub/sub (the worker's
 -- heartbeat also sees the flag, as a fallback).
--- KEYS: job, stream, delayed, lock_1 .. lock_n
+-- A job aborted here joins the aborted index (and up to 100 of its members older than
+-- result_ttl leave it), as commit.lua does for the jobs it finishes.
+-- KEYS: job, stream, delayed, aborted, lock_1 .. lock_n
 -- ARGV: job_id, ttl_ms, done_channel, events_channel, group, publish_command,
 --       clock_offset_ms
 -- Returns the status after the call: 'aborted', 'aborting', a final status, or 'missing'.
-local job, stream, delayed = KEYS[1], KEYS[2], KEYS[3]
+local job, stream, delayed, aborted = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local h = redis.call('HMGET', job, 'status', 'entry', 'member', 'watch')
 local status = h[1]
 if not status then
@@ -27,7 +29,12 @@ else
 end
 redis.call('HSET', job, 'status', 'aborted', 'finished', now, 'abort', now)
 redis.call('PEXPIRE', job, ARGV[2])
-for i = 4, #KEYS do
+redis.call('ZADD', aborted, now, ARGV[1])
+local stale = redis.call('ZCOUNT', aborted, '-inf', now - tonumber(ARGV[2]))
+if stale > 0 then
+  redis.call('ZREMRANGEBYRANK', aborted, 0, math.min(stale, 100) - 1)
+end
+for i = 5, #KEYS do
   if redis.call('GET', KEYS[i]) == ARGV[1] then
     redis.call('DEL', KEYS[i])
   end

@@ -1,6 +1,9 @@
 -- Record what happens next to a job and acknowledge its entry, in one step,
 -- only while the caller's lease (fencing token) is still the job's lease.
--- KEYS: stream, job, delayed, dead, seq, failed, idle, lock_1 .. lock_n
+-- KEYS: stream, job, delayed, dead, seq, failed, idle, index, lock_1 .. lock_n
+--       index: the finished-job index (sorted set by finish time) of the outcome's
+--       status: succeeded, rejected, or aborted for any other outcome (the status an
+--       abort request turns a retry, reschedule or hand-back into)
 -- ARGV: group, entry_id, token, job_id, outcome, payload, ttl_ms, delay_ms,
 --       done_channel, events_channel, publish_command, clock_offset_ms, level, lock_ttl_ms
 -- outcome: succeeded | failed | aborted | rejected | dead   (final)
@@ -13,9 +16,15 @@
 -- The token is spent by the commit ('lease' cleared, kept as 'committed'), so at most
 -- one attempt of a job commits an outcome. The final status is published on the job's
 -- done channel only when someone waits for it (watch.lua set 'watch').
+-- A succeeded, aborted or rejected job joins its status's index (failed and dead jobs
+-- have theirs): the admin API lists and counts from them. One ZADD per job; the trim to
+-- result_ttl runs in one commit out of ~32 (when now is a multiple of 32 ms: readers
+-- skip members older than result_ttl anyway) and removes at most 100 members, so a
+-- backlog (a queue quiet for a day, a shorter result_ttl) never stalls one commit.
 local stream, job, delayed, dead, seq = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local group, entry, token, job_id, outcome = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local publish = ARGV[11]
+local FIRST_LOCK = 9
 
 local h = redis.call('HMGET', job, 'lease', 'committed', 'abort', 'watch')
 if h[1] ~= token then
@@ -48,7 +57,7 @@ if outcome == 'retry' or outcome == 'reschedule' then
   end
   -- the job's locks outlive the wait for its next attempt; never shorten one
   local ttl = delay + tonumber(ARGV[14])
-  for i = 8, #KEYS do
+  for i = FIRST_LOCK, #KEYS do
     if redis.call('GET', KEYS[i]) == job_id and redis.call('PTTL', KEYS[i]) < ttl then
       redis.call('PEXPIRE', KEYS[i], ttl)
     end
@@ -87,8 +96,16 @@ if outcome == 'failed' then
   -- failed jobs for `taskrunner info`: kept as long as their hash (result_ttl)
   redis.call('ZADD', KEYS[6], now, job_id)
   redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', now - tonumber(ARGV[7]))
+elseif outcome ~= 'dead' then
+  redis.call('ZADD', KEYS[8], now, job_id)
+  if now % 32 == 0 then
+    local stale = redis.call('ZCOUNT', KEYS[8], '-inf', now - tonumber(ARGV[7]))
+    if stale > 0 then
+      redis.call('ZREMRANGEBYRANK', KEYS[8], 0, math.min(stale, 100) - 1)
+    end
+  end
 end
-for i = 8, #KEYS do
+for i = FIRST_LOCK, #KEYS do
   if redis.call('GET', KEYS[i]) == job_id then
     redis.call('DEL', KEYS[i])
   end

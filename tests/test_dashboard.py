@@ -1,0 +1,406 @@
+"""The dashboard over HTTP (httpx against the ASGI app, mounted in FastAPI and in
+Starlette) on a real redis-server with a real in-process worker: auth, CSRF, every
+page, every action, and the standalone ``taskrunner dashboard`` command as a process.
+(The browser test is tests/test_browser.py.)"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+from conftest import subprocess_env, wait_until
+from fastapi import FastAPI, Request
+from fastapi.security import HTTPBasic
+from redis.asyncio import Redis
+from redisproc import free_port
+from starlette.applications import Starlette
+from starlette.routing import Mount
+
+from taskrunner import JobStatus, TaskRunner
+from taskrunner.dashboard import dashboard
+from taskrunner.keys import QueueKeys
+from taskrunner.task import Task
+
+MakeRunner = Callable[..., TaskRunner]
+DEADLINE = 20.0
+AUTH = ("admin", "secret")
+TASKRUNNER = str(Path(sys.executable).with_name("taskrunner"))
+
+
+def build(make_runner: MakeRunner) -> TaskRunner:
+    tr = make_runner(heartbeat_interval=0.1, stale_after=30, max_retries=0)
+
+    @tr.task(name="add")
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    @tr.task(name="fixable")
+    async def fixable(flag: str) -> str:
+        if not await anyio.Path(flag).exists():
+            raise RuntimeError(f"not fixed yet: {flag}")
+        return "fixed"
+
+    @tr.task(name="hold", timeout=3600, lock="until_executed")
+    async def hold(seconds: float) -> float:
+        await anyio.sleep(seconds)
+        return seconds
+
+    return tr
+
+
+async def enqueue(tr: TaskRunner, task: str, **kwargs: Any) -> str:
+    handle: Task[..., Any] = Task(tr, tr.registry[task])
+    return (await handle.enqueue(**kwargs)).id
+
+
+async def final(tr: TaskRunner, job_id: str) -> JobStatus:
+    async def done() -> bool:
+        return (await tr.job(job_id).status()).is_final
+
+    await wait_until(done, DEADLINE)
+    return await tr.job(job_id).status()
+
+
+security = HTTPBasic()
+
+
+async def fastapi_auth(request: Request) -> bool:
+    """The recipe of docs/operations.md: reuse FastAPI's HTTPBasic (it raises a 401
+    with its challenge when the header is missing)."""
+    credentials = await security(request)
+    assert credentials is not None
+    return (credentials.username, credentials.password) == AUTH
+
+
+@asynccontextmanager
+async def client_for(
+    tr: TaskRunner, worker: bool = True, **options: Any
+) -> AsyncIterator[httpx.AsyncClient]:
+    app = FastAPI()
+    app.mount("/ops", dashboard(tr, auth=fastapi_auth, poll_seconds=0, **options))
+    transport = httpx.ASGITransport(app=app)
+    async with tr:
+        if worker:
+            async with (
+                tr.worker(handle_signals=False, grace_period=0.1),
+                httpx.AsyncClient(
+                    transport=transport, base_url="http://testserver", auth=AUTH
+                ) as client,
+            ):
+                yield client
+        else:
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://testserver", auth=AUTH
+            ) as client:
+                yield client
+
+
+def csrf_of(html: str) -> str:
+    found = re.search(r'name="csrf" value="([^"]+)"', html)
+    assert found is not None, "no CSRF field on the page"
+    return found.group(1)
+
+
+# -- auth -----------------------------------------------------------------------------------
+
+
+async def test_every_path_asks_the_hosts_auth_when_mounted_in_fastapi(
+    make_runner: MakeRunner,
+) -> None:
+    tr = build(make_runner)
+    async with client_for(tr, worker=False) as client:
+        for url in ("/ops/", "/ops/jobs", "/ops/static/htmx.min.js", "/ops/workers"):
+            anonymous = await client.get(url, auth=None)
+            assert anonymous.status_code == 401, url
+            assert anonymous.headers["www-authenticate"].startswith("Basic")
+            wrong = await client.get(url, auth=("admin", "nope"))
+            assert wrong.status_code == 403, url
+            assert (await client.get(url)).status_code == 200, url
+
+
+async def test_auth_may_be_async_and_return_a_response_or_false(
+    make_runner: MakeRunner,
+) -> None:
+    from starlette.responses import RedirectResponse
+
+    tr = build(make_runner)
+
+    async def to_login(request: Request) -> bool | RedirectResponse:
+        if request.cookies.get("session") == "ok":
+            return True
+        if request.cookies.get("session") == "banned":
+            return False
+        return RedirectResponse("/login", 302)
+
+    app = Starlette(routes=[Mount("/ops", dashboard(tr, auth=to_login))])
+    async with (
+        tr,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://testserver"
+        ) as client,
+    ):
+        assert (await client.get("/ops/")).headers["location"] == "/login"
+        client.cookies.set("session", "banned")
+        assert (await client.get("/ops/")).status_code == 403
+        client.cookies.set("session", "ok")
+        assert (await client.get("/ops/")).status_code == 200
+
+
+async def test_a_dashboard_mounted_without_a_lifespan_opens_the_runner_itself(
+    make_runner: MakeRunner,
+) -> None:
+    tr = build(make_runner)
+    app = Starlette(routes=[Mount("/ops", dashboard(tr))])
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://testserver"
+    ) as client:
+        response = await client.get("/ops/")
+    assert response.status_code == 200
+    assert 'data-queue="default"' in response.text
+    await tr.__aexit__(None, None, None)  # the one the dashboard opened
+
+
+# -- CSRF -----------------------------------------------------------------------------------
+
+
+async def test_actions_need_the_csrf_token_of_the_cookie_and_a_same_origin(
+    make_runner: MakeRunner,
+) -> None:
+    tr = build(make_runner)
+    async with client_for(tr, worker=False) as client:
+        page = await client.get("/ops/")
+        token = csrf_of(page.text)
+        assert client.cookies.get("taskrunner_csrf") == token
+        cookie = page.headers["set-cookie"]
+        assert "HttpOnly" in cookie
+        assert "SameSite=Strict" in cookie
+        assert "Path=/ops" in cookie
+        url = "/ops/queues/default/pause"
+        assert (await client.post(url)).status_code == 403
+        assert (await client.post(url, data={"csrf": "x" * 43})).status_code == 403
+        evil = await client.post(url, data={"csrf": token}, headers={"origin": "https://evil.test"})
+        assert evil.status_code == 403
+        assert await tr.admin.paused() == set()
+        ok = await client.post(url, data={"csrf": token}, headers={"origin": "http://testserver"})
+        assert ok.status_code == 303
+        assert await tr.admin.paused() == {"default"}
+        header = await client.post("/ops/queues/default/resume", headers={"x-csrf-token": token})
+        assert header.status_code == 303
+        assert await tr.admin.paused() == set()
+        other = httpx.AsyncClient(transport=client._transport, base_url="http://testserver")
+        async with other:  # a browser without the cookie (another site's form)
+            stolen = await other.post(url, data={"csrf": token}, auth=AUTH)
+        assert stolen.status_code == 403
+
+
+# -- pages ----------------------------------------------------------------------------------
+
+
+async def test_pages_show_counts_jobs_detail_workers_and_the_cron_placeholder(
+    make_runner: MakeRunner, tmp_path: Path, redis: Redis
+) -> None:
+    tr = build(make_runner)
+    async with client_for(tr) as client:
+        ok = [await enqueue(tr, "add", x=i, y=1) for i in range(3)]
+        bad = await enqueue(tr, "fixable", flag=str(tmp_path / "flag"))
+        for job_id in [*ok, bad]:
+            await final(tr, job_id)
+        await redis.hset(QueueKeys(tr.namespace, "default").job(bad), "progress", '{"step": 2}')
+        queues = (await client.get("/ops/")).text
+        failed = (await client.get("/ops/jobs", params={"status": "failed"})).text
+        detail = (await client.get(f"/ops/jobs/default/{bad}")).text
+        found = await client.get("/ops/jobs", params={"id": bad})
+        missing = (await client.get("/ops/jobs", params={"id": "nope"})).text
+        fragment = (await client.get("/ops/", params={"fragment": 1})).text
+
+        async def heartbeat() -> bool:
+            return "data-worker=" in (await client.get("/ops/workers")).text
+
+        await wait_until(heartbeat, DEADLINE)
+        cron = (await client.get("/ops/cron")).text
+        bad_cursor = await client.get("/ops/jobs", params={"cursor": "???"})
+        bad_status = await client.get("/ops/jobs", params={"status": "nope"})
+        no_job = await client.get("/ops/jobs/default/nope")
+    assert re.search(r'data-status="succeeded"><a [^>]*>3<', queues)
+    assert re.search(r'data-status="failed"><a [^>]*>1<', queues)
+    assert "<svg" in queues
+    assert "4 finished" in queues
+    assert f'data-job="{bad}"' in failed
+    assert all(f'data-job="{i}"' not in failed for i in ok)
+    assert "RuntimeError" in detail
+    assert "Traceback" in detail
+    assert '"step": 2' in detail
+    assert '"flag": ' in detail
+    assert ">Retry</button>" in detail
+    assert found.status_code == 303
+    assert found.headers["location"] == f"/ops/jobs/default/{bad}"
+    assert "No job with id" in missing
+    assert fragment.strip().startswith('<div id="counts"')
+    assert "<html" not in fragment
+    assert 'id="cron-placeholder"' in cron
+    assert bad_cursor.status_code == 400
+    assert bad_status.status_code == 400
+    assert no_job.status_code == 404
+
+
+async def test_job_page_shows_the_lock_holder_and_aborts(make_runner: MakeRunner) -> None:
+    tr = build(make_runner)
+    async with client_for(tr) as client:
+        job_id = await enqueue(tr, "hold", seconds=60)
+
+        async def started() -> bool:
+            return await tr.job(job_id).status() == JobStatus.RUNNING
+
+        await wait_until(started, DEADLINE)
+        page = (await client.get(f"/ops/jobs/default/{job_id}")).text
+        assert "this job" in page
+        response = await client.post(
+            f"/ops/jobs/default/{job_id}/abort", data={"csrf": csrf_of(page)}
+        )
+        assert response.status_code == 303
+        assert await final(tr, job_id) == JobStatus.ABORTED
+        after = (await client.get(response.headers["location"])).text
+    assert "aborting" in after
+    assert ">Retry</button>" in after
+    assert ">Abort</button>" not in after
+
+
+async def test_retry_from_the_job_page_runs_the_job_again(
+    make_runner: MakeRunner, tmp_path: Path
+) -> None:
+    tr = build(make_runner)
+    flag = tmp_path / "flag"
+    async with client_for(tr) as client:
+        job_id = await enqueue(tr, "fixable", flag=str(flag))
+        assert await final(tr, job_id) == JobStatus.FAILED
+        page = (await client.get(f"/ops/jobs/default/{job_id}")).text
+        flag.touch()
+        response = await client.post(
+            f"/ops/jobs/default/{job_id}/retry", data={"csrf": csrf_of(page)}
+        )
+        assert response.status_code == 303
+        assert await tr.job(job_id).result(timeout=DEADLINE) == "fixed"
+        again = await client.post(f"/ops/jobs/default/{job_id}/retry", data={"csrf": csrf_of(page)})
+        notice = (await client.get(again.headers["location"])).text
+    assert "not retried" in notice
+
+
+async def test_dead_letters_page_retries_deletes_and_purges(
+    make_runner: MakeRunner, redis: Redis
+) -> None:
+    tr = build(make_runner)
+    keys = QueueKeys(tr.namespace, "default")
+    async with client_for(tr, worker=False) as client:
+        ids = [await enqueue(tr, "add", x=i, y=i) for i in range(4)]
+        for index, job_id in enumerate(ids):  # as the worker leaves a dead letter
+            entry = await redis.hget(keys.job(job_id), "entry")
+            await redis.xdel(keys.stream, str(entry))
+            await redis.hset(keys.job(job_id), "status", "dead")
+            await redis.zadd(keys.dead, {job_id: 1000 + index})
+        page = (await client.get("/ops/dead", params={"queue": "default"})).text
+        token = csrf_of(page)
+        assert all(f'data-job="{i}"' in page for i in ids)
+        assert "Purge default" in page
+        retried = await client.post(
+            "/ops/dead/default/retry",
+            data={"csrf": token, "job_id": ids[0]},
+            headers={"referer": "http://testserver/ops/dead?queue=default"},
+        )
+        assert retried.headers["location"].startswith("/ops/dead?queue=default&notice=1+dead")
+        assert await tr.job(ids[0]).status() == JobStatus.QUEUED
+        deleted = await client.post(
+            "/ops/dead/default/delete", data={"csrf": token, "job_id": ids[1]}
+        )
+        assert deleted.status_code == 303
+        assert not await redis.exists(keys.job(ids[1]))
+        purged = await client.post("/ops/dead/default/purge", data={"csrf": token})
+        assert "2+dead+letter" in purged.headers["location"]
+        assert await redis.zcard(keys.dead) == 0
+        unknown = await client.post("/ops/dead/default/explode", data={"csrf": token})
+    assert unknown.status_code == 404
+
+
+# -- the standalone command -----------------------------------------------------------------
+
+
+def test_taskrunner_dashboard_serves_the_app_on_loopback_and_stops_on_sigterm(
+    redis_url: str, namespace: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    log = (tmp_path / "dashboard.log").open("w")
+    proc = subprocess.Popen(
+        [TASKRUNNER, "dashboard", "apps.cli_app:tr", "--port", str(port)],
+        env=subprocess_env(redis_url, namespace),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        response = serving(proc, f"http://127.0.0.1:{port}/")
+        assert response is not None, (tmp_path / "dashboard.log").read_text()
+        assert response.status_code == 200
+        assert 'data-queue="default"' in response.text
+        assert 'data-queue="other"' in response.text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=DEADLINE)
+        log.close()
+    # uvicorn shuts down gracefully, then re-raises the signal it caught
+    assert code in (0, -signal.SIGTERM)
+    assert "Application shutdown complete" in (tmp_path / "dashboard.log").read_text()
+
+
+def test_dashboard_command_refuses_a_bad_port_in_one_line(redis_url: str, namespace: str) -> None:
+    done = subprocess.run(
+        [TASKRUNNER, "dashboard", "apps.cli_app:tr", "--port", "99999"],
+        env=subprocess_env(redis_url, namespace),
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1
+    assert done.stderr.startswith("taskrunner: error:")
+
+
+def serving(proc: subprocess.Popen[bytes], url: str) -> httpx.Response | None:
+    """The first answer of ``url`` once the process serves it (None if it exited or
+    did not answer before the deadline)."""
+    deadline = time.monotonic() + DEADLINE
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            return httpx.get(url, timeout=1)
+        except httpx.TransportError:
+            time.sleep(0.05)  # the server is starting: poll again
+    return None
+
+
+async def test_jobs_page_filters_by_priority_and_the_job_page_shows_it(
+    make_runner: MakeRunner,
+) -> None:
+    tr = build(make_runner)
+    add: Task[..., Any] = Task(tr, tr.registry["add"])
+    async with client_for(tr, worker=False) as client:
+        high = (await add.options(priority="high").enqueue(x=1, y=1)).id
+        low = (await add.options(priority="low").enqueue(x=2, y=2)).id
+        everything = (await client.get("/ops/jobs", params={"queue": "default"})).text
+        only_low = (await client.get("/ops/jobs", params={"priority": "low"})).text
+        detail = (await client.get(f"/ops/jobs/default/{high}")).text
+        unknown = await client.get("/ops/jobs", params={"priority": "urgent"})
+    assert f'data-job="{high}"' in everything
+    assert f'data-job="{low}"' in everything
+    assert f'data-job="{low}"' in only_low
+    assert f'data-job="{high}"' not in only_low
+    assert '<td class="priority">low</td>' in only_low
+    assert '<dd class="priority">high</dd>' in detail
+    assert "partition 0" in detail
+    assert unknown.status_code == 400
