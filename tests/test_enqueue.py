@@ -248,9 +248,11 @@ class CountingRunMany:
         self._real = scripts_module.run_many
         monkeypatch.setattr(scripts_module, "run_many", self)
 
-    async def __call__(self, redis: Redis, calls: Sequence[scripts_module.ScriptCall]) -> Any:
+    async def __call__(
+        self, redis: Redis, calls: Sequence[scripts_module.ScriptCall], **options: Any
+    ) -> Any:
         self.sizes.append(len(calls))
-        return await self._real(redis, calls)
+        return await self._real(redis, calls, **options)
 
 
 async def test_enqueue_many_keeps_order_and_sends_one_pipeline_per_batch(
