@@ -56,7 +56,7 @@ from taskrunner.urls import parse_url, redact
 from taskrunner.worker import Worker
 
 if TYPE_CHECKING:
-    from taskrunner.testing import Committed
+    from taskrunner.testing.idle import Committed
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -643,7 +643,7 @@ class TaskRunner:
         """For tests: run a worker in this process until every job is final, and raise
         the first job that failed for good or was dead-lettered. See
         ``taskrunner.testing.run_until_idle`` and docs/testing.md."""
-        from taskrunner.testing import run_until_idle
+        from taskrunner.testing.idle import run_until_idle
 
         return await run_until_idle(
             self,

@@ -5,14 +5,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar
 
 from taskrunner.codec import ArgsCodec
 from taskrunner.options import TaskOptions
 
 if TYPE_CHECKING:
     from taskrunner.job import Job
-    from taskrunner.runner import TaskRunner
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -78,10 +77,16 @@ class Call(Generic[R_co]):
     options: EnqueueOptions
 
 
+class Enqueues(Protocol):
+    """What a task needs of its runner: to enqueue calls (``TaskRunner.enqueue_many``)."""
+
+    async def enqueue_many(self, calls: list[Call[Any]], /) -> list[Job[Any]]: ...
+
+
 class _Enqueuer(Generic[P, R]):
     __slots__ = ("_definition", "_enqueue_options", "_runner")
 
-    def __init__(self, runner: TaskRunner, definition: TaskDefinition, opts: EnqueueOptions):
+    def __init__(self, runner: Enqueues, definition: TaskDefinition, opts: EnqueueOptions):
         self._runner = runner
         self._definition = definition
         self._enqueue_options = opts
@@ -117,7 +122,7 @@ class Task(_Enqueuer[P, R]):
 
     __slots__ = ("__wrapped__", "fn", "name", "queue")
 
-    def __init__(self, runner: TaskRunner, definition: TaskDefinition) -> None:
+    def __init__(self, runner: Enqueues, definition: TaskDefinition) -> None:
         super().__init__(runner, definition, EnqueueOptions())
         self.fn = definition.fn
         self.name = definition.name

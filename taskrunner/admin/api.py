@@ -12,7 +12,7 @@ nothing from it; its workers are told); dead letters are deleted and purged by
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from taskrunner import deadletters, scripts
 from taskrunner.admin import listing, scope, stats, workers
@@ -30,7 +30,23 @@ from taskrunner.job import JobStatus
 from taskrunner.keys import Queue, QueueKeys, check_name
 
 if TYPE_CHECKING:
-    from taskrunner.runner import TaskRunner
+    from taskrunner.job import Job
+    from taskrunner.middleware.lease import LeaseMiddleware
+
+
+class Runner(Protocol):
+    """What the admin API needs of a TaskRunner."""
+
+    priorities: tuple[str, ...]
+    lease: LeaseMiddleware
+
+    @property
+    def client(self) -> Client: ...
+
+    def queues(self) -> list[str]: ...
+
+    def job(self, job_id: str, queue: str | None = None) -> Job[Any]: ...
+
 
 DEFAULT_LIMIT = 50
 
@@ -40,7 +56,7 @@ class Admin:
     ``async with tr:``). ``queues`` default to the runner's (every queue its tasks
     use); any other valid queue name may be given."""
 
-    def __init__(self, runner: TaskRunner) -> None:
+    def __init__(self, runner: Runner) -> None:
         self.runner = runner
 
     @property

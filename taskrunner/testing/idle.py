@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 
@@ -30,7 +30,36 @@ from taskrunner.job import ErrorInfo, JobContext
 from taskrunner.middleware.base import Middleware, Outcome, OutcomeKind
 
 if TYPE_CHECKING:
-    from taskrunner.runner import TaskRunner
+    from taskrunner.client import Client
+    from taskrunner.clock import Clock
+    from taskrunner.worker import Worker
+
+
+class Runner(Protocol):
+    """What ``run_until_idle`` needs of a TaskRunner."""
+
+    middleware: list[Middleware]
+    result_ttl: float
+    clock: Clock
+
+    @property
+    def client(self) -> Client: ...
+
+    def queues(self) -> list[str]: ...
+
+    def worker(
+        self,
+        *,
+        queues: Sequence[str] | None = ...,
+        concurrency: int = ...,
+        burst: bool = ...,
+        handle_signals: bool | None = ...,
+    ) -> Worker: ...
+
+    async def __aenter__(self) -> Any: ...
+
+    async def __aexit__(self, et: Any, e: Any, tb: Any) -> Any: ...
+
 
 BUSY_POLL = 0.02
 """Seconds between two looks at the queues while another worker runs a job."""
@@ -69,7 +98,7 @@ class _Recorder(Middleware):
 
 
 async def run_until_idle(
-    runner: TaskRunner,
+    runner: Runner,
     *,
     queues: Sequence[str] | None = None,
     timeout: float = 30.0,
@@ -96,7 +125,7 @@ async def run_until_idle(
     return recorder.committed
 
 
-async def _run(runner: TaskRunner, queues: list[str], timeout: float, concurrency: int) -> None:
+async def _run(runner: Runner, queues: list[str], timeout: float, concurrency: int) -> None:
     deadline = time.monotonic() + timeout
     idle = False
     while not idle:
@@ -107,7 +136,7 @@ async def _run(runner: TaskRunner, queues: list[str], timeout: float, concurrenc
             raise TimeoutError(f"run_until_idle: not idle after {timeout:g}s: {_describe(counts)}")
 
 
-async def _round(runner: TaskRunner, queues: list[str], concurrency: int, deadline: float) -> bool:
+async def _round(runner: Runner, queues: list[str], concurrency: int, deadline: float) -> bool:
     """Run a burst worker (until nothing is ready, running in it, or due now); then
     True if the queues are idle, else wait until they may have changed and False."""
     worker = runner.worker(queues=queues, concurrency=concurrency, burst=True, handle_signals=False)
@@ -119,13 +148,13 @@ async def _round(runner: TaskRunner, queues: list[str], concurrency: int, deadli
     return False
 
 
-async def _counts(runner: TaskRunner, queues: list[str]) -> list[QueueCounts]:
+async def _counts(runner: Runner, queues: list[str]) -> list[QueueCounts]:
     found = await resolve(runner.client, queues)
     now = runner.clock.now()
     return await queue_counts(runner.client.redis, found, now=now, result_ttl=runner.result_ttl)
 
 
-def _wait(runner: TaskRunner, counts: list[QueueCounts], deadline: float) -> float | None:
+def _wait(runner: Runner, counts: list[QueueCounts], deadline: float) -> float | None:
     """Seconds to wait before running a worker again, or None when idle."""
     if any(c.queued for c in counts):
         return 0.0  # arrived after the worker's last read (e.g. from another worker)

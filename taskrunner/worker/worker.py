@@ -27,6 +27,7 @@ from redis.exceptions import ResponseError
 
 from taskrunner import scripts
 from taskrunner.connection import REDIS_ERRORS, Connection, PoolOptions, open_connection, report
+from taskrunner.deadletters import trim_dead
 from taskrunner.keys import Queue, QueueKeys
 from taskrunner.middleware.base import CancelReason, Held, Middleware
 from taskrunner.subscriber import Subscriber
@@ -50,7 +51,10 @@ INTERNAL_CONNECTIONS = 8
 """Connections of a worker's own client (heartbeats, reads, commits), apart from the
 pool that task code shares, so tasks can never starve them."""
 PARTITION_REFRESH = 30.0
-"""Seconds between looks at the queues' partition counts (a change of N is followed)."""
+"""Seconds between housekeeping passes: the queues' partition counts (a change of N is
+followed) and the dead-letter bounds."""
+TRIM_BATCHES = 10
+"""Dead-letter trim batches (100 ids each) per partition per housekeeping pass."""
 
 
 class Host(Protocol):
@@ -62,6 +66,8 @@ class Host(Protocol):
     lease: LeaseMiddleware
     max_idle_wait: float
     priority_aging: float
+    dead_letter_limit: int
+    dead_letter_ttl: float
 
     @property
     def client(self) -> Client: ...
@@ -399,16 +405,30 @@ class Worker:
         return True
 
     async def _follow_partitions(self) -> None:
-        """Subscribe to every partition's events; follow changes of the partition count
-        (a worker started before N was raised reads the new partitions too)."""
+        """Housekeeping: subscribe to every partition's events; follow changes of the
+        partition count (a worker started before N was raised reads the new partitions
+        too); keep each partition's dead letters within their bounds."""
         while True:
             try:
                 await self.listener.follow(self.partitions())
                 await anyio.sleep(PARTITION_REFRESH)
                 await self._refresh_partitions()
+                await self._trim_dead_letters()
             except REDIS_ERRORS as exc:
-                report("looking up partitions", exc)
+                report("housekeeping", exc)
                 await anyio.sleep(1.0)
+
+    async def _trim_dead_letters(self) -> None:
+        client = self.runner.client
+        for keys in self.partitions():
+            await trim_dead(
+                self.redis,
+                keys,
+                limit=self.runner.dead_letter_limit,
+                max_age=self.runner.dead_letter_ttl,
+                max_batches=TRIM_BATCHES,
+                clock=client.clock,
+            )
 
     async def _refresh_partitions(self) -> None:
         client = self.runner.client
