@@ -6,6 +6,8 @@
         proxy.stall()       # connections stay open, bytes wait (delivered on resume)
         proxy.resume()      # forward again (bytes dropped while black-holed stay lost)
         proxy.cut()         # reset (RST) every open connection; new ones are welcome
+        proxy.drop_open()   # like a NAT that forgot its flows: the open connections go
+                            # silent forever (no RST), new ones are forwarded
         proxy.refuse()      # reset each new connection at once; proxy.accept() undoes it
 
 The proxy runs its own asyncio loop in a daemon thread, so sync and async tests use the
@@ -51,6 +53,8 @@ class _Link:
     client: asyncio.StreamWriter
     upstream: asyncio.StreamWriter
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    dropped: bool = False
+    """Silenced for good (``drop_open``): every byte both ways is discarded."""
 
 
 class TcpProxy:
@@ -143,6 +147,11 @@ class TcpProxy:
         """Reset (RST) every open connection on both sides."""
         self._call(self._reset_all())
 
+    def drop_open(self) -> None:
+        """Silence every open connection for good, without closing it (a NAT or load
+        balancer that dropped idle flows); new connections are forwarded."""
+        self._call(self._drop_open())
+
     def refuse(self) -> None:
         """Reset every new connection as soon as it is accepted (open ones go on)."""
         self._refusing = True
@@ -172,6 +181,10 @@ class TcpProxy:
             self._flowing.clear()
         else:
             self._flowing.set()
+
+    async def _drop_open(self) -> None:
+        for link in self._links:
+            link.dropped = True
 
     async def _shutdown(self) -> None:
         if self._server is not None:
@@ -210,8 +223,8 @@ class TcpProxy:
         self.stats.open += 1
         try:
             link.tasks = [
-                asyncio.create_task(self._pump(reader, up_writer)),
-                asyncio.create_task(self._pump(up_reader, writer)),
+                asyncio.create_task(self._pump(reader, up_writer, link)),
+                asyncio.create_task(self._pump(up_reader, writer, link)),
             ]
             await asyncio.wait(link.tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -226,7 +239,9 @@ class TcpProxy:
                 with contextlib.suppress(OSError):
                     await side.wait_closed()
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: _Link
+    ) -> None:
         """Copy one direction until EOF or an error, obeying the mode per chunk."""
         assert self._flowing is not None
         with contextlib.suppress(OSError):
@@ -236,7 +251,7 @@ class TcpProxy:
                 if not data:
                     return
                 await self._flowing.wait()
-                if self._mode == "blackhole":
+                if self._mode == "blackhole" or link.dropped:
                     self.stats.dropped_bytes += len(data)
                     continue
                 writer.write(data)

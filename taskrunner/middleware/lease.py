@@ -175,6 +175,11 @@ class LeaseMiddleware(Middleware):
         state = self._workers[worker] = _WorkerLeases(self.stale_after, self.heartbeat_interval)
         beats, reclaims = state.scopes
         worker.on_event("abort", lambda queue, job_id: self._abort(worker, queue, job_id))
+        # An abort published while the worker's pub/sub link was down is lost: renew at
+        # once after a resubscription (a heartbeat reply flags a requested abort).
+        worker.on_event(
+            "resubscribed", lambda queue, _: worker.spawn(lambda: self._beat_now(worker))
+        )
         worker.spawn(lambda: self._in(beats, self._heartbeats(worker)))
         worker.spawn(lambda: self._in(reclaims, self._reclaims(worker)))
         on_drained = getattr(worker, "on_drained", None)
@@ -231,6 +236,14 @@ class LeaseMiddleware(Middleware):
             except REDIS_ERRORS as exc:
                 state.guard.beat_failed()
                 report("heartbeats", exc)
+
+    async def _beat_now(self, worker: WorkerPort) -> None:
+        if worker not in self._workers:
+            return
+        try:
+            await self.beat(worker)
+        except REDIS_ERRORS as exc:
+            report("heartbeats", exc)
 
     async def beat(self, worker: WorkerPort) -> None:
         """Renew the lease of every job this worker holds (running, or claimed and

@@ -1,7 +1,8 @@
 """The event listener: follows every partition's events channel for a worker.
 
 Messages are ``"<kind>"`` or ``"<kind> <argument>"``: ``due`` (a delayed set changed),
-``ready`` (a drained partition got a job), ``abort <job id>``, ``pause``, ``resume``.
+``ready`` (a drained partition got a job), ``abort <job id>``, ``pause``, ``resume``;
+the worker itself dispatches ``resubscribed`` (queue "") after a lost link came back.
 Handlers are plain callbacks registered per kind and called with ``(queue, argument)``.
 Anything else on the channel (anything in Redis may be hostile) is ignored. After each
 (re)subscription ``on_resubscribed`` runs, because messages published while the worker

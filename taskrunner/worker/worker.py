@@ -349,12 +349,17 @@ class Worker:
         self.listener.on("due", lambda queue, argument: self.scheduler.wake())
         self.listener.on("ready", lambda queue, argument: self.reader.wake())
         self.listener.on("resume", lambda queue, argument: self.reader.wake())
+        self.listener.on("pause", lambda queue, argument: None)  # fetch.lua reads the flag
         for kind, handler in self._handlers:
             self.listener.on(kind, handler)
 
     def _resubscribed(self) -> None:
+        """Events may have been missed while the link was down: read, promote, and tell
+        the middleware (``on_event("resubscribed", ...)``: the lease middleware renews at
+        once, which also catches a missed abort)."""
         self.reader.wake()
         self.scheduler.wake()
+        self.listener.dispatch("", "resubscribed")
 
     async def _start_services(self, services: TaskGroup) -> None:
         services.start_soon(self.subscriber.run)

@@ -1,0 +1,151 @@
+"""Connections that die without a close (a NAT or a load balancer forgetting an idle
+flow), and network cuts longer than stale_after without a Redis restart, through a TCP
+proxy on loopback (tests/tcpproxy.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import anyio
+import pytest
+from conftest import wait_until
+from redis.asyncio import Redis
+from tcpproxy import MakeProxy
+from test_reliability import Spawn, count_runs, runs, spawn_workers
+
+from taskrunner import JobAborted, JobStatus, TaskRunner
+
+MakeRunner = Callable[..., TaskRunner]
+DEADLINE = 60.0
+
+
+def through(proxy_port: int) -> str:
+    return f"redis://127.0.0.1:{proxy_port}/0"
+
+
+def proxied(redis_url: str, make_proxy: MakeProxy) -> Any:
+    parts = urlsplit(redis_url)
+    return make_proxy(parts.hostname or "127.0.0.1", parts.port or 6379)
+
+
+async def subscribed(redis: Redis, channel: str, n: int = 1) -> bool:
+    counts = dict(await redis.pubsub_numsub(channel))
+    return int(counts.get(channel, 0)) >= n
+
+
+async def test_result_notices_a_silently_dropped_connection_and_returns(
+    make_runner: MakeRunner, redis_url: str, redis: Redis, namespace: str, make_proxy: MakeProxy
+) -> None:
+    proxy = proxied(redis_url, make_proxy)
+    producer = TaskRunner(through(proxy.port), namespace=namespace)
+    runner = make_runner()  # the worker's side talks to Redis directly
+    gate = anyio.Event()
+
+    @runner.task(name="gated")
+    async def gated() -> str:
+        await gate.wait()
+        return "done"
+
+    @producer.task(name="gated")
+    async def gated_there() -> str:
+        raise NotImplementedError
+
+    async with producer, runner, runner.worker(handle_signals=False):
+        job = await gated_there.enqueue()
+        results: list[str] = []
+
+        async def wait_for_it() -> None:
+            # The issue's case: a dead link made result(timeout=40) time out.
+            results.append(await job.result(timeout=40))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait_for_it)
+            channel = (await producer.client.locate("default", job.id)).done(job.id)
+            await wait_until(lambda: subscribed(redis, channel), DEADLINE)
+            proxy.drop_open()  # the producer's connections go silent, no close
+            gate.set()  # the job succeeds; its done message is lost on the dead link
+        # Noticed within 10 s (the link's PING watchdog, and the read timeout of its
+        # connection), re-subscribed on a new connection, the status re-read: the
+        # result, measured about 10.5 s after the cut.
+    assert results == ["done"]
+
+
+async def test_a_worker_catches_an_abort_sent_while_its_link_was_silently_dead(
+    redis_url: str, redis: Redis, namespace: str, make_proxy: MakeProxy
+) -> None:
+    proxy = proxied(redis_url, make_proxy)
+    # Heartbeats a minute apart: a heartbeat cannot be what catches the abort here.
+    worker_side = TaskRunner(
+        through(proxy.port), namespace=namespace, heartbeat_interval=60, stale_after=120
+    )
+    producer = TaskRunner(redis_url, namespace=namespace)
+
+    @worker_side.task(name="forever")
+    async def forever() -> None:
+        await anyio.sleep_forever()
+
+    @producer.task(name="forever")
+    async def forever_there() -> None:
+        raise NotImplementedError
+
+    async with producer, worker_side, worker_side.worker(handle_signals=False):
+        job = await forever_there.enqueue()
+
+        async def running() -> bool:
+            return await job.status() == JobStatus.RUNNING
+
+        await wait_until(running, DEADLINE)
+        events = worker_side.client.keys("default").events
+        await wait_until(lambda: subscribed(redis, events), DEADLINE)
+        proxy.drop_open()  # the worker's connections go silent, no close
+        assert await job.abort() == JobStatus.RUNNING  # the message is lost
+        with pytest.raises(JobAborted):
+            await job.result(timeout=DEADLINE)
+
+
+@pytest.fixture
+def spawn(redis_url: str, namespace: str, tmp_path: Path) -> Iterator[Spawn]:
+    yield from spawn_workers(redis_url, namespace, tmp_path)
+
+
+async def test_a_network_cut_longer_than_stale_after_takes_no_live_job(
+    redis_url: str, redis: Redis, namespace: str, make_proxy: MakeProxy, spawn: Spawn
+) -> None:
+    """Two workers, each behind its own proxy, are cut off from Redis (Redis itself
+    stays up) for more than twice stale_after. Worker B gets back first; worker A half a
+    stale_after later. Every entry of A's running jobs looks stale to B by then; but a
+    worker reclaims only after it has itself been connected and heartbeating for
+    stale_after, so A renews its leases first: every job runs once, where it started."""
+    stale = 2.0
+    near_a, near_b = proxied(redis_url, make_proxy), proxied(redis_url, make_proxy)
+    producer = TaskRunner(redis_url, namespace=namespace)
+
+    @producer.task(name="hold")
+    async def hold(first: float, later: float) -> str:
+        raise NotImplementedError
+
+    async with producer:
+        a = spawn(url=through(near_a.port), concurrency=6, stale=stale)
+        await a.ready()
+        jobs = [await hold.enqueue(12, 0) for _ in range(6)]  # attempt 1: 12 s, on A
+        for job in jobs:
+            await wait_until(count_runs(redis, namespace, job.id, 1), DEADLINE)
+        b = spawn(url=through(near_b.port), concurrency=6, stale=stale)
+        await b.ready()
+        for proxy in (near_a, near_b):
+            proxy.blackhole()  # both cut off; Redis up
+        await anyio.sleep(2.5 * stale)  # the outage (the scenario's length)
+        for proxy in (near_b, near_a):
+            proxy.cut()  # calls stuck on the dead connections fail at once
+            proxy.resume()
+            await anyio.sleep(stale / 2)  # A comes back half a stale_after after B
+        results = [await job.result(timeout=DEADLINE) for job in jobs]
+        assert all(result == f"{a.pid}:1" for result in results), results
+        for job in jobs:
+            assert len(await runs(redis, namespace, job.id)) == 1
+            assert (await job.info()).reclaims == 0
+        assert a.alive
+        assert b.alive
