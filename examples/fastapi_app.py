@@ -38,6 +38,7 @@ from pydantic import BaseModel
 
 from taskrunner import JobNotFound, JobStatus, TaskRunner
 from taskrunner.fastapi import TaskRunnerDep
+from taskrunner.logs import log_through_uvicorn
 
 tr = TaskRunner()  # URL: TASKRUNNER_REDIS_URL, else the embedded redis-server
 
@@ -69,6 +70,7 @@ def make_lifespan(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        log_through_uvicorn()  # the worker's log lines go to uvicorn's handlers
         async with AsyncExitStack() as stack:
             await stack.enter_async_context(runner)
             if embed_worker:  # the same as `async with tr, tr.worker(concurrency=10):`

@@ -25,7 +25,9 @@ from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.connection import AbstractConnection, SSLConnection
 from redis.asyncio.connection import Connection as RedisConnection
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import (
     AskError,
     BusyLoadingError,
@@ -244,6 +246,14 @@ async def open_connection(url: str, options: PoolOptions) -> Connection:
     return connection
 
 
+def _retry() -> Retry:
+    """A pooled connection that a restart or a failover closed fails once: a call
+    retries it on a new connection (twice, 50-200 ms apart). Every script is safe to
+    repeat (enqueue and commit are idempotent; claim and requeue check who holds the
+    entry)."""
+    return Retry(ExponentialBackoff(cap=0.2, base=0.05), 2)
+
+
 def _common(target: RedisTarget, options: PoolOptions) -> dict[str, Any]:
     found: dict[str, Any] = {
         "username": target.username,
@@ -253,6 +263,8 @@ def _common(target: RedisTarget, options: PoolOptions) -> dict[str, Any]:
         "socket_keepalive": True,
         "decode_responses": True,
         "encoding_errors": ENCODING_ERRORS,
+        "retry": _retry(),
+        "retry_on_error": [RedisConnectionError],
     }
     return found
 

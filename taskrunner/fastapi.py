@@ -25,7 +25,10 @@ installs no signal handlers: the server (uvicorn) owns SIGINT/SIGTERM and runs t
 lifespan's exit, where the worker stops reading and lets running jobs finish within
 its ``grace_period`` before handing the rest back to the queue.
 
-``lifespan(tr, worker=True, concurrency=10)`` below is the same lifespan, ready-made.
+``lifespan(tr, worker=True, concurrency=10)`` below is the same lifespan, ready-made;
+it also routes taskrunner's log records to uvicorn's handlers (under ``uvicorn app:app``
+the root logger has none). In a lifespan of your own, call
+``taskrunner.logs.log_through_uvicorn()`` first for the same.
 The lifespan may also yield ``{"taskrunner": tr}`` (lifespan state) instead of setting
 ``app.state``; the dependency looks in both.
 """
@@ -38,6 +41,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 
+from taskrunner.logs import log_through_uvicorn
 from taskrunner.runner import TaskRunner
 
 STATE_KEY = "taskrunner"
@@ -69,6 +73,7 @@ def lifespan(
 
     @asynccontextmanager
     async def run(app: FastAPI) -> AsyncIterator[None]:
+        log_through_uvicorn()  # under uvicorn, the worker's lines go to uvicorn's log
         async with AsyncExitStack() as stack:
             await stack.enter_async_context(runner)
             if worker:

@@ -3,7 +3,11 @@
 Every record about a job carries ``extra`` fields ``job_id``, ``task``, ``queue`` and
 ``attempt`` (``job_extra``), so a JSON formatter or a log pipeline can filter by them.
 ``JsonFormatter`` writes one JSON object per line with those fields; the CLI selects it
-with ``--log-format json`` (``TASKRUNNER_LOG_FORMAT=json``).
+with ``--log-format json`` (``TASKRUNNER_LOG_FORMAT=json``). Both formatters hide the
+password of any Redis URL in a line.
+
+Under uvicorn (an embedded worker in a FastAPI app), ``log_through_uvicorn()`` sends
+taskrunner's records to uvicorn's handlers; ``taskrunner.fastapi.lifespan`` does it.
 
 ``Outage`` turns a stream of connection failures from several loops into one WARNING
 when Redis goes away and one INFO line when it is back.
@@ -18,6 +22,9 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from taskrunner.job import JobContext, safe_text
+from taskrunner.urls import redact
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 JOB_FIELDS = ("job_id", "task", "queue", "attempt")
 _EXCERPT = 200
@@ -97,11 +104,25 @@ class Outage:
         self._count = 0
 
 
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, the job fields when the
-    record has them, and the formatted exception if any."""
+class TextFormatter(logging.Formatter):
+    """``TEXT_FORMAT`` lines, with passwords of Redis URLs hidden."""
+
+    def __init__(self, fmt: str = TEXT_FORMAT) -> None:
+        super().__init__(fmt)
 
     def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, the job fields when the
+    record has them, and the formatted exception if any (passwords of Redis URLs
+    hidden)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(self._json(record))
+
+    def _json(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
@@ -133,3 +154,28 @@ class Throttle:
                 for old in sorted(self._last, key=self._last.__getitem__)[:500]:
                     del self._last[old]
             self._logger.warning(message, *args)
+
+
+def setup(level: str = "info", fmt: str = "text") -> None:
+    """Log to stderr at ``level`` as ``text`` or ``json`` lines (the CLI's setup)."""
+    logging.basicConfig(level=level.upper())
+    formatter = JsonFormatter() if fmt == "json" else TextFormatter()
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(formatter)
+
+
+def log_through_uvicorn(level: int | None = None) -> bool:
+    """Send taskrunner's records to uvicorn's handlers (those of the ``uvicorn`` logger,
+    which ``uvicorn.error`` uses), when uvicorn configured logging and nothing else did:
+    under ``uvicorn app:app`` the root logger has no handler, so an embedded worker's
+    lines would be lost (INFO) or printed bare (WARNING). True when it did. ``level``
+    defaults to uvicorn's."""
+    source = logging.getLogger("uvicorn")
+    target = logging.getLogger("taskrunner")
+    if target.handlers or logging.getLogger().handlers or not source.handlers:
+        return False
+    for handler in source.handlers:
+        target.addHandler(handler)
+    target.setLevel(level if level is not None else source.getEffectiveLevel())
+    target.propagate = False
+    return True

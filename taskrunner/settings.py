@@ -20,6 +20,7 @@ bad value; both are reported in one line that names the variable or the flag::
     TASKRUNNER_BURST          drain what is ready, then exit (default false)
     TASKRUNNER_GRACE_PERIOD   seconds running jobs get to finish on SIGTERM (default 30)
     TASKRUNNER_LOG_LEVEL      debug, info, warning or error (default info)
+    TASKRUNNER_LOG_FORMAT     text, or json: one JSON object per line (default text)
     TASKRUNNER_MAX_DELIVERIES deliveries before a job goes to the dead letters (default 5)
     TASKRUNNER_METRICS_PORT   serve Prometheus metrics on this port (default: off)
     TASKRUNNER_METRICS_HOST   address the metrics port binds (default 0.0.0.0)
@@ -71,6 +72,7 @@ class Settings(BaseSettings):
     burst: bool = False
     grace_period: float = Field(default=30.0, ge=0)
     log_level: LogLevel = "info"
+    log_format: Literal["text", "json"] = "text"
     max_deliveries: int = Field(default=5, ge=1)
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_host: str = "0.0.0.0"  # noqa: S104 - metrics are scraped from other hosts

@@ -11,7 +11,6 @@ message goes through ``taskrunner.urls.redact``: no password is ever printed.
 from __future__ import annotations
 
 import importlib
-import logging
 import os
 import sys
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -23,12 +22,13 @@ from redis.exceptions import AuthenticationError, InvalidResponse, RedisError, R
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from taskrunner import logs
 from taskrunner.exceptions import ConfigurationError, TaskrunnerError
 from taskrunner.runner import TaskRunner
 from taskrunner.settings import Settings, SettingsError, load
 from taskrunner.urls import redact
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_FORMAT = logs.TEXT_FORMAT
 USAGE_ERROR = 2
 """Exit code of a bad argument, flag, setting, APP or Redis URL (like click and argparse)."""
 RUNTIME_ERROR = 1
@@ -107,7 +107,7 @@ def settings_for(flags: Mapping[str, Any], runner: TaskRunner | None = None) -> 
         settings = load(flags, runner)
     except SettingsError as exc:
         fail(str(exc), USAGE_ERROR)
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     if runner is not None:
         use_url(runner, settings)
     return settings
@@ -121,19 +121,10 @@ def use_url(runner: TaskRunner, settings: Settings) -> None:
     _target["redis"] = f"redis at {redact(url)}" if url else "the embedded redis-server"
 
 
-class RedactingFormatter(logging.Formatter):
-    """Formats as usual, then hides the password of every URL in the line."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return redact(super().format(record))
-
-
-def setup_logging(level: str) -> None:
-    """Log to stderr at ``level``; no line can show a URL's password."""
-    logging.basicConfig(level=level.upper(), format=LOG_FORMAT)
-    for handler in logging.getLogger().handlers:
-        if not isinstance(handler.formatter, RedactingFormatter):
-            handler.setFormatter(RedactingFormatter(LOG_FORMAT))
+def setup_logging(level: str, fmt: str = "text") -> None:
+    """Log to stderr at ``level`` as text or JSON lines; no line can show a URL's
+    password (taskrunner.logs)."""
+    logs.setup(level, fmt)
 
 
 def run_async(fn: Callable[[], Coroutine[Any, Any, None]]) -> None:

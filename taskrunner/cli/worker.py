@@ -68,6 +68,12 @@ taskrunner worker myapp.tasks:tr -q emails -q reports --processes 4
     help="[default: info]",
 )
 @click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"], case_sensitive=False),
+    help="text lines, or one JSON object per line with job_id, task, queue and attempt "
+    "fields. [default: text]",
+)
+@click.option(
     "--max-deliveries",
     type=int,
     help="Deliveries before a job goes to the dead letters. [default: 5]",
@@ -88,6 +94,7 @@ def worker(
     reload: bool,
     grace_period: float | None,
     log_level: str | None,
+    log_format: str | None,
     max_deliveries: int | None,
     metrics_port: int | None,
     metrics_host: str | None,
@@ -100,6 +107,7 @@ def worker(
         "burst": burst or None,
         "grace_period": grace_period,
         "log_level": log_level,
+        "log_format": log_format,
         "max_deliveries": max_deliveries,
         "metrics_port": metrics_port,
         "metrics_host": metrics_host,
@@ -196,6 +204,7 @@ def child_argv(
     argv = [sys.executable, "-m", "taskrunner.cli", "worker", app]
     argv += ["--processes", str(processes), "--concurrency", str(settings.concurrency)]
     argv += ["--grace-period", repr(settings.grace_period), "--log-level", settings.log_level]
+    argv += ["--log-format", settings.log_format]
     argv += ["--max-deliveries", str(settings.max_deliveries)]
     if settings.metrics_port is not None:
         argv += ["--metrics-port", str(settings.metrics_port)]
