@@ -28,6 +28,11 @@ from redis.exceptions import ConnectionError
 
 from taskrunner import TaskRunner, current_job
 
+if os.environ.get("TEST_CLOCK_SHIFT"):  # a host whose clock is wrong by that many seconds
+    _shift = float(os.environ["TEST_CLOCK_SHIFT"])
+    _real_time = time.time
+    time.time = lambda: _real_time() + _shift
+
 NAMESPACE = os.environ.get("TEST_NAMESPACE", "reliability")
 URL = os.environ.get("TASKRUNNER_REDIS_URL")
 
