@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,5 +106,5 @@ tr = runner()
 tasks = declare(tr)
 
 
-def parse_events(raw: list[str]) -> list[dict[str, Any]]:
+def parse_events(raw: Sequence[str | bytes]) -> list[dict[str, Any]]:
     return [json.loads(item) for item in raw]
