@@ -348,7 +348,8 @@ class JobContext:
         a float from 0 to 1 or a small dict (or anything pydantic serialises to JSON: a
         model, a datetime; it is read back as JSON), at most 64 KiB as JSON. Readable as
         ``(await job.info()).progress`` and followed live by ``async for p in
-        job.progress()``. One script call; no effect on the job's outcome.
+        job.progress()``. One script call, in the worker's commit pipeline (during a
+        Redis outage it waits, as the job's commit would); no effect on the outcome.
 
         Returns True when stored, False when this copy of the job lost its lease (it
         was taken over by another worker): a stale copy never overwrites the progress

@@ -38,7 +38,7 @@ arguments), so a limit shared by jobs of many queues and partitions is one slot:
     {ns}:limit:{digest}:starts    sorted set of the rate window's starts (lease tokens),
                                   scored by start time (ms)
     {ns}:limit:{digest}:waiting   sorted set of jobs waiting for a concurrency slot
-                                  (JSON ``[queue, partition, job id]``), scored by the
+                                  (``queue<TAB>partition<TAB>job id``), scored by the
                                   time they last found the limit full (ms)
 """
 

@@ -3,13 +3,13 @@
 -- hash tag), so it is not atomic with the job's commit; middleware/limits.py says why
 -- that is still safe (leases expire, release is idempotent).
 -- KEYS: running, starts, waiting
--- ARGV: holder (the attempt's lease token), waiter (JSON [queue, partition, job id]),
+-- ARGV: holder (the attempt's lease token), waiter (queue TAB partition TAB job id),
 --       concurrency (0: none), lease_ms, rate (0: none), period_ms, clock
 -- Concurrency slots are leases scored by their expiry in the server's real time (TIME),
 -- renewed by the holder's worker (renew.lua) and dropped here once expired. The rate
 -- window follows the runner's clock (now_ms(clock)): a start counts for period_ms.
 -- Both limits are checked before either is taken, so a refused attempt holds nothing.
--- Returns {0, 0, woken}: taken; woken = waiters (JSON members) to wake because slots
+-- Returns {0, 0, woken}: taken; woken = waiters (members) to wake because slots
 --                        are still free after this one (at most 100),
 --         {1, wait_ms}: every concurrency slot is held: the caller is registered as a
 --                       waiter; the earliest holder's lease ends in wait_ms,

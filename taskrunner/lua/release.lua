@@ -4,7 +4,7 @@
 -- is gone) are dropped, at most 100 a call. It touches only the limit's keys.
 -- KEYS: running, waiting
 -- ARGV: holder ('' to only pick waiters), concurrency, lease_ms
--- Returns the waiters to wake (JSON members [queue, partition, job id]).
+-- Returns the waiters to wake (members: queue TAB partition TAB job id).
 local running, waiting = KEYS[1], KEYS[2]
 local limit, lease = tonumber(ARGV[2]), tonumber(ARGV[3])
 local real = now_ms('0')

@@ -62,7 +62,7 @@ import random
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Self
 
 import anyio
@@ -83,6 +83,7 @@ from taskrunner.middleware.base import (
 from taskrunner.middleware.unique import lock_digest
 from taskrunner.options import FUNCTION, TaskOptions
 from taskrunner.task import TaskDefinition
+from taskrunner.worker.committer import Coalescer
 
 logger = logging.getLogger("taskrunner.limits")
 
@@ -93,6 +94,8 @@ MIN_WAIT = 0.05
 """Seconds a refused job waits at least (so that nothing spins)."""
 MAX_RATE_JITTER = 1.0
 """Seconds of jitter added at most to a rate-limited job's wait."""
+RELEASE_DEADLINE = 5.0
+"""Seconds a slot's give-back may take (Redis away): after that it expires instead."""
 WAKE_ROUNDS = 3
 """Rounds of wake-ups after a release, when woken waiters turned out to be gone."""
 _RETRY_AFTER_REDIS_ERROR = 1.0
@@ -187,6 +190,8 @@ class _Limit:
     args: tuple[str, ...]
     digest: str | None
     """The digest when the limit is not keyed by arguments (computed once)."""
+    keys: dict[str, LimitKeys] = field(default_factory=dict)
+    """Its keys by namespace, when it is not keyed by arguments."""
 
 
 def limit_digest(task_name: str, values: dict[str, Any]) -> str:
@@ -196,19 +201,31 @@ def limit_digest(task_name: str, values: dict[str, Any]) -> str:
 
 
 def waiter_member(keys: QueueKeys, job_id: str) -> str:
-    """How a job waiting for a slot is recorded: JSON ``[queue, partition, job id]``."""
-    return json.dumps([keys.queue, keys.partition, job_id], separators=(",", ":"))
+    """How a job waiting for a slot is recorded: ``queue<TAB>partition<TAB>job id`` (a
+    queue name has no whitespace; a job id may, so it comes last)."""
+    return f"{keys.queue}\t{keys.partition}\t{job_id}"
 
 
 def parse_waiter(namespace: str, member: str) -> tuple[QueueKeys, str] | None:
     """The partition and job id of a waiter member; None for anything malformed."""
-    try:
-        queue, partition, job_id = json.loads(member)
-        if not (isinstance(partition, int) and isinstance(job_id, str) and job_id):
-            return None
-        return QueueKeys(namespace, queue, partition), job_id
-    except (ValueError, TypeError, ConfigurationError):
+    queue, _, rest = member.partition("\t")
+    partition, _, job_id = rest.partition("\t")
+    if not (partition.isdigit() and job_id):
         return None
+    try:
+        return QueueKeys(namespace, queue, int(partition)), job_id
+    except ConfigurationError:
+        return None
+
+
+class _WorkerLimits:
+    """One worker's limit state: the slots it holds, and its coalesced script calls."""
+
+    def __init__(self, worker: WorkerPort) -> None:
+        self.held: dict[str, str] = {}
+        """Concurrency slots held: lease token -> the limit's holders key."""
+        self.calls = Coalescer(worker.redis)
+        """Takes and give-backs of concurrent jobs go in one pipeline (batched per limit)."""
 
 
 class LimitsMiddleware(Middleware):
@@ -218,8 +235,7 @@ class LimitsMiddleware(Middleware):
 
     def __init__(self) -> None:
         self._limits: dict[str, _Limit] = {}
-        self._held: dict[WorkerPort, dict[str, str]] = {}
-        """Per worker: concurrency slots held, lease token -> the limit's holders key."""
+        self._workers: dict[WorkerPort, _WorkerLimits] = {}
 
     def applies_to(self, task: TaskDefinition) -> bool:
         opts = task.options_for(LimitOptions)
@@ -241,36 +257,45 @@ class LimitsMiddleware(Middleware):
 
     def keys(self, ctx: ExecutionContext, limit: _Limit) -> LimitKeys:
         """The keys of the limit this attempt falls under."""
-        digest = limit.digest
-        if digest is None:
-            stored = json.loads(ctx.payload)  # validated JSON keyed by parameter name
-            digest = limit_digest(ctx.task.name, {name: stored.get(name) for name in limit.args})
-        return LimitKeys(ctx.keys.namespace, digest)
+        namespace = ctx.keys.namespace
+        if limit.digest is not None:
+            found = limit.keys.get(namespace)
+            if found is None:
+                found = limit.keys[namespace] = LimitKeys(namespace, limit.digest)
+            return found
+        stored = json.loads(ctx.payload)  # validated JSON keyed by parameter name
+        values = {name: stored.get(name) for name in limit.args}
+        return LimitKeys(namespace, limit_digest(ctx.task.name, values))
 
     # -- the attempt -------------------------------------------------------------------
 
     async def execute(self, ctx: ExecutionContext, call_next: ExecuteNext) -> Outcome:
         limit = self.limit(ctx.task)
         keys = self.keys(ctx, limit)
-        refused = await self._acquire(ctx, limit, keys)
+        state = self._workers.get(ctx.worker)
+        answered = False
+        try:
+            refused = await self._acquire(ctx, state, limit, keys)
+            answered = True
+        finally:
+            if not answered and limit.concurrency:  # cancelled while taking: give back
+                await self._release(ctx, state, limit, keys, wake=False)
         if refused is not None:
             return refused
         if not limit.concurrency:
             return await call_next(ctx)
-        held = self._held.setdefault(ctx.worker, {})
+        held = state.held if state is not None else {}
         held[ctx.lease] = keys.running
         try:
             return await call_next(ctx)
         finally:
             held.pop(ctx.lease, None)
-            with anyio.CancelScope(shield=True):
-                await self._release(ctx, limit, keys)
+            await self._release(ctx, state, limit, keys)
 
     async def _acquire(
-        self, ctx: ExecutionContext, limit: _Limit, keys: LimitKeys
+        self, ctx: ExecutionContext, state: _WorkerLimits | None, limit: _Limit, keys: LimitKeys
     ) -> Outcome | None:
         """Take the slot: None when taken, else the reschedule to wait with."""
-        lease_ms = _ms(ctx.worker.stale_after)
         rate = limit.rate
         call = scripts.acquire(
             ctx.worker.env,
@@ -278,13 +303,13 @@ class LimitsMiddleware(Middleware):
             ctx.lease,
             waiter_member(ctx.keys, ctx.job.id),
             limit.concurrency,
-            lease_ms,
+            _ms(ctx.worker.stale_after),
             rate.count if rate else 0,
             rate.period_ms if rate else 0,
         )
         try:
-            reply = await scripts.run(ctx.worker.redis, call)
-        except REDIS_ERRORS as exc:
+            reply = await _call(ctx.worker, state, call)
+        except REDIS_ERRORS as exc:  # only without a worker's pipeline (it rides outages)
             logger.warning(
                 "job %s %s attempt %d: cannot check its limits (%s); rescheduled",
                 ctx.job.id,
@@ -294,13 +319,12 @@ class LimitsMiddleware(Middleware):
                 extra=job_extra(ctx.job),
             )
             if limit.concurrency:  # the reply may be what was lost: give back at once
-                with anyio.CancelScope(shield=True):
-                    await self._release(ctx, limit, keys, wake=False)
+                await self._release(ctx, state, limit, keys, wake=False)
             return Outcome.reschedule(time.time() + _RETRY_AFTER_REDIS_ERROR)
         code, wait_ms = int(reply[0]), int(reply[1])
         if code == 0:
             if reply[2]:
-                await self._wake(ctx, limit, keys, list(reply[2]))
+                await self._wake(ctx, limit, keys, _texts(reply[2]))
             return None
         return self._refused(ctx, limit, code, wait_ms / 1000)
 
@@ -326,26 +350,37 @@ class LimitsMiddleware(Middleware):
         return Outcome.reschedule(time.time() + wait)
 
     async def _release(
-        self, ctx: ExecutionContext, limit: _Limit, keys: LimitKeys, *, wake: bool = True
+        self,
+        ctx: ExecutionContext,
+        state: _WorkerLimits | None,
+        limit: _Limit,
+        keys: LimitKeys,
+        *,
+        wake: bool = True,
     ) -> None:
-        lease_ms = _ms(ctx.worker.stale_after)
-        call = scripts.release(keys, ctx.lease, limit.concurrency, lease_ms)
-        try:
-            waiters = await scripts.run(ctx.worker.redis, call)
-        except REDIS_ERRORS as exc:
-            logger.warning(
-                "job %s %s attempt %d: could not give back its concurrency slot (%s); "
-                "it expires in %gs",
-                ctx.job.id,
-                ctx.job.task,
-                ctx.job.attempt,
-                exc,
-                ctx.worker.stale_after,
-                extra=job_extra(ctx.job),
-            )
-            return
-        if wake and waiters:
-            await self._wake(ctx, limit, keys, list(waiters))
+        """Give the slot back (shielded from cancellation, bounded in time: a slot that
+        cannot be given back expires after stale_after); wake the waiters that fit."""
+        call = scripts.release(keys, ctx.lease, limit.concurrency, _ms(ctx.worker.stale_after))
+        problem = f"no answer within {RELEASE_DEADLINE:g}s"
+        with anyio.CancelScope(shield=True, deadline=anyio.current_time() + RELEASE_DEADLINE):
+            try:
+                waiters = await _call(ctx.worker, state, call)
+            except REDIS_ERRORS as exc:
+                problem = str(exc)
+            else:
+                if wake and waiters:
+                    await self._wake(ctx, limit, keys, _texts(waiters))
+                return
+        logger.warning(
+            "job %s %s attempt %d: could not give back its concurrency slot (%s); "
+            "it expires in %gs",
+            ctx.job.id,
+            ctx.job.task,
+            ctx.job.attempt,
+            problem,
+            ctx.worker.stale_after,
+            extra=job_extra(ctx.job),
+        )
 
     async def _wake(
         self, ctx: ExecutionContext, limit: _Limit, keys: LimitKeys, waiters: list[str]
@@ -372,14 +407,15 @@ class LimitsMiddleware(Middleware):
                 worker.stale_after,
             )
 
-    # -- renewing the slots ------------------------------------------------------------
+    # -- the worker's services ---------------------------------------------------------
 
     async def on_worker_start(self, worker: WorkerPort) -> None:
-        self._held.setdefault(worker, {})
+        state = self._workers[worker] = _WorkerLimits(worker)
+        worker.spawn(state.calls.run)
         worker.spawn(lambda: self._renewals(worker))
 
     async def on_worker_stop(self, worker: WorkerPort) -> None:
-        self._held.pop(worker, None)
+        self._workers.pop(worker, None)
 
     async def _renewals(self, worker: WorkerPort) -> None:
         while True:
@@ -395,9 +431,10 @@ class LimitsMiddleware(Middleware):
     async def renew(self, worker: WorkerPort) -> int:
         """Renew every concurrency slot ``worker`` holds: one script call per limit, in
         one pipeline. Returns how many slots were renewed."""
-        held = self._held.get(worker)
-        if not held:
+        state = self._workers.get(worker)
+        if state is None or not state.held:
             return 0
+        held = state.held
         by_key: dict[str, list[str]] = {}
         for token, running in list(held.items()):
             by_key.setdefault(running, []).append(token)
@@ -421,6 +458,13 @@ class LimitsMiddleware(Middleware):
                 for token in lost:
                     held.pop(token, None)
         return renewed
+
+
+async def _call(worker: WorkerPort, state: _WorkerLimits | None, call: scripts.ScriptCall) -> Any:
+    """Run ``call`` in the worker's pipeline of limit calls (a direct call without one)."""
+    if state is None:
+        return await scripts.run(worker.redis, call)
+    return await state.calls.submit(call)
 
 
 async def _hasten(worker: WorkerPort, namespace: str, waiters: Sequence[str]) -> int:

@@ -261,7 +261,8 @@ class Consumers:
         async def report(value: Any) -> bool:
             text = progress_json(value)
             call = scripts.progress(self._env(), item.keys, item.job_id, item.token, text)
-            return int(await scripts.run(self._redis, call)) == 1
+            # In the commit pipeline: concurrent jobs' progress goes in one round trip.
+            return int(await self._committer.coalescer.submit(call)) == 1
 
         return report
 
