@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -202,19 +203,25 @@ async def test_hostile_progress_reads_as_absent(
         assert await follow(job, tr) == [None]
 
 
-def test_enqueue_wait_prints_progress_on_stderr_and_the_result_on_stdout(
-    cli_workers: StartWorker, redis_url: str, namespace: str
-) -> None:
-    cli_workers(APP).wait_for(" ready: ")
-    values = [0.5, {"step": 2}, 1.0]
-    taskrunner = str(Path(sys.executable).with_name("taskrunner"))
-    done = subprocess.run(
-        [taskrunner, "enqueue", APP, "stepped", json.dumps({"values": values}), "--wait"],
+def run_cli(redis_url: str, namespace: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(Path(sys.executable).with_name("taskrunner")), *args],
         env=subprocess_env(redis_url, namespace),
         capture_output=True,
         text=True,
         timeout=DEADLINE,
         check=False,
+    )
+
+
+def test_the_cli_prints_progress_live_with_enqueue_wait_and_in_job(
+    cli_workers: StartWorker, redis_url: str, namespace: str
+) -> None:
+    cli_workers(APP).wait_for(" ready: ")
+    values = [0.5, {"step": 2}, 1.0]
+    args = json.dumps({"values": values})
+    done = run_cli(
+        redis_url, namespace, "enqueue", APP, "stepped", args, "--wait", "--job-id", "p1"
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == "3\n"
@@ -226,3 +233,7 @@ def test_enqueue_wait_prints_progress_on_stderr_and_the_result_on_stdout(
     # final value is always printed.
     assert printed == [v for v in values if v in printed]
     assert printed[-1] == values[-1]
+
+    shown = run_cli(redis_url, namespace, "job", APP, "p1")
+    assert shown.returncode == 0, shown.stderr
+    assert re.search(r"^progress +1\.0$", shown.stdout, re.MULTILINE), shown.stdout
