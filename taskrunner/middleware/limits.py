@@ -421,19 +421,19 @@ class LimitsMiddleware(Middleware):
         while True:
             await anyio.sleep(worker.stale_after / 3)
             try:
-                await self.renew(worker)
-                reachable()
+                if await self.renew(worker) is not None:
+                    reachable()  # only a call that was made says Redis answers
             except REDIS_ERRORS as exc:
                 report("limit slot renewals", exc)
             except Exception:  # hostile data or a bug: keep renewing
                 logger.exception("limit slot renewals: unexpected error; retrying")
 
-    async def renew(self, worker: WorkerPort) -> int:
+    async def renew(self, worker: WorkerPort) -> int | None:
         """Renew every concurrency slot ``worker`` holds: one script call per limit, in
-        one pipeline. Returns how many slots were renewed."""
+        one pipeline. Returns how many slots were renewed (None: it held none)."""
         state = self._workers.get(worker)
         if state is None or not state.held:
-            return 0
+            return None
         held = state.held
         by_key: dict[str, list[str]] = {}
         for token, running in list(held.items()):
