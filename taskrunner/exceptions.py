@@ -94,12 +94,14 @@ class JobDeadLettered(JobError):
 
 class PayloadTooLarge(TaskrunnerError, ValueError):
     """A job's arguments (at enqueue: nothing is written) or its result (the attempt
-    fails) are larger than the runner's ``max_payload``."""
+    fails) are larger than the runner's ``max_payload``; or a progress value is larger
+    than 64 KiB (``set_progress`` raises it; nothing is stored)."""
 
-    def __init__(self, what: str, size: int, limit: int) -> None:
+    def __init__(self, what: str, size: int, limit: int, *, setting: str = "max_payload") -> None:
+        fix = "" if setting != "max_payload" else ", or raise max_payload"
         super().__init__(
-            f"{what} is {size:,} bytes as JSON, over max_payload ({limit:,} bytes); "
-            "pass a reference (a key, a URL) instead of the data, or raise max_payload"
+            f"{what} is {size:,} bytes as JSON, over {setting} ({limit:,} bytes); "
+            f"pass a reference (a key, a URL) instead of the data{fix}"
         )
         self.size = size
         self.limit = limit

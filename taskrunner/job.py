@@ -343,14 +343,22 @@ class JobContext:
     reporter: Callable[[Any], Awaitable[bool]] | None = field(default=None, repr=False)
     """How ``set_progress`` reaches Redis (set by the worker)."""
 
-    async def set_progress(self, value: Any) -> None:
-        """Store the job's progress: any JSON value (64 KiB at most), commonly a float
-        from 0 to 1 or a small dict. Readable as ``(await job.info()).progress`` and
-        followed live by ``async for p in job.progress()``. A copy of the job that lost
-        its lease stores nothing."""
+    async def set_progress(self, value: Any) -> bool:
+        """Store the job's progress, replacing the last value: any JSON value, commonly
+        a float from 0 to 1 or a small dict (or anything pydantic serialises to JSON: a
+        model, a datetime; it is read back as JSON), at most 64 KiB as JSON. Readable as
+        ``(await job.info()).progress`` and followed live by ``async for p in
+        job.progress()``. One script call, in the worker's commit pipeline (during a
+        Redis outage it waits, as the job's commit would); no effect on the outcome.
+
+        Returns True when stored, False when this copy of the job lost its lease (it
+        was taken over by another worker): a stale copy never overwrites the progress
+        of the attempt that replaced it. Raises ``TypeError`` for a value that is not
+        JSON-serialisable (NaN and infinities included) and ``PayloadTooLarge`` over
+        64 KiB; nothing is stored then."""
         if self.reporter is None:
             raise RuntimeError("set_progress() needs a job run by a worker")
-        await self.reporter(value)
+        return await self.reporter(value)
 
 
 _current: contextvars.ContextVar[JobContext] = contextvars.ContextVar("taskrunner_job")

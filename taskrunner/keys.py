@@ -28,6 +28,18 @@ script touches a single slot, and every script receives all its keys in KEYS::
     {ns}:{queue}:workers          sorted set of live consumers, scored by last heartbeat
     {ns}:{queue}:meta             hash: partitions (what producers use), max_partitions
                                   (every partition workers read)
+
+Rate and concurrency limits (taskrunner.middleware.limits) live apart from every queue,
+in a slot of their own: the hash tag is the limit's digest (task name and limit
+arguments), so a limit shared by jobs of many queues and partitions is one slot::
+
+    {ns}:limit:{digest}:running   sorted set of concurrency slot holders (lease tokens),
+                                  scored by lease expiry (ms, server time)
+    {ns}:limit:{digest}:starts    sorted set of the rate window's starts (lease tokens),
+                                  scored by start time (ms)
+    {ns}:limit:{digest}:waiting   sorted set of jobs waiting for a concurrency slot
+                                  (``queue<TAB>partition<TAB>job id``), scored by the
+                                  time they last found the limit full (ms)
 """
 
 from __future__ import annotations
@@ -212,3 +224,20 @@ class Queue:
     def streams(self, keys: QueueKeys) -> list[str]:
         """The level streams of one partition, highest priority first."""
         return [keys.level_stream(level) for level in self.levels]
+
+
+class LimitKeys:
+    """The keys of one rate or concurrency limit (one digest) in one namespace."""
+
+    __slots__ = ("digest", "prefix", "running", "starts", "waiting")
+
+    def __init__(self, namespace: str, digest: str) -> None:
+        check_name("namespace", namespace)
+        self.digest = digest
+        self.prefix = f"{namespace}:limit:{{{digest}}}"
+        self.running = f"{self.prefix}:running"
+        self.starts = f"{self.prefix}:starts"
+        self.waiting = f"{self.prefix}:waiting"
+
+    def __repr__(self) -> str:
+        return f"LimitKeys({self.prefix!r})"

@@ -46,10 +46,11 @@ from taskrunner.keys import (
 from taskrunner.middleware.base import EnqueueContext, Middleware, enqueue_layers
 from taskrunner.middleware.isolation import IsolationMiddleware
 from taskrunner.middleware.lease import LeaseMiddleware
+from taskrunner.middleware.limits import LimitsMiddleware
 from taskrunner.middleware.retry import RetryMiddleware
 from taskrunner.middleware.timeout import TimeoutMiddleware
 from taskrunner.middleware.unique import UniqueMiddleware
-from taskrunner.options import TaskOptions
+from taskrunner.options import FUNCTION, TaskOptions
 from taskrunner.task import Call, Task, TaskDefinition
 from taskrunner.typed_options import TaskOptionsDict
 from taskrunner.urls import parse_url, redact
@@ -84,9 +85,11 @@ class TaskRunner:
     embedded redis-server for the current directory (see ``taskrunner.embedded``).
 
     Built-in middleware, outermost first: lease (heartbeats, reclaim, abort), isolation
-    (a suspect of killing its workers runs alone), unique (locks: inside lease so
-    heartbeats renew them, outside retry and timeout so a lock spans the whole attempt
-    and its conflicts are outcomes the retry policy never sees), retry, timeout; then
+    (a suspect of killing its workers runs alone), limits (rate and concurrency limits:
+    inside isolation so no job holds a slot while it waits for the run-alone gate,
+    outside unique so a job over its limit has not started), unique (locks: inside
+    lease so heartbeats renew them, outside retry and timeout so a lock spans the whole
+    attempt and its conflicts are outcomes the retry policy never sees), retry, timeout; then
     ``middleware`` in the order given. ``lock_ttl`` is the default time a unique-job
     lock outlives its job's due time or last heartbeat.
 
@@ -175,9 +178,11 @@ class TaskRunner:
         self.lease = LeaseMiddleware(cfg.heartbeat_interval, cfg.stale_after)
         retry = RetryMiddleware(max_retries=cfg.max_retries, retry_delay=cfg.retry_delay)
         self.unique = UniqueMiddleware(lambda: self.client, lock_ttl=cfg.lock_ttl, retry=retry)
+        self.limits = LimitsMiddleware()
         self.middleware: list[Middleware] = [
             self.lease,
             IsolationMiddleware(),
+            self.limits,
             self.unique,
             retry,
             TimeoutMiddleware(cfg.timeout),
@@ -229,7 +234,8 @@ class TaskRunner:
         The keyword options are those of the built-in middleware (``timeout``,
         ``max_retries``, ``retry_delay``; the unique-job options ``lock``,
         ``on_conflict``, ``lock_ttl``, ``unique_args``, ``reschedule_delay``, see
-        docs/unique-jobs.md), typed by ``TaskOptionsDict`` so a misspelt or mistyped
+        docs/unique-jobs.md; the limits ``concurrency_limit``, ``rate_limit``,
+        ``limit_args``, see docs/limits.md), typed by ``TaskOptionsDict`` so a misspelt or mistyped
         option is a static error. ``options`` takes the options of user middleware (a
         mapping, best typed by a ``TypedDict`` of the middleware's own, see
         docs/middleware.md). Every option is validated strictly (no coercion) by the
@@ -245,7 +251,7 @@ class TaskRunner:
                     f"task {task_name!r}: @tr.task needs an async function, got {func!r}"
                 )
             given = self._merge_options(builtin, options, task_name)
-            owned = self._validate_options(given, task_name)
+            owned = self._validate_options(given, task_name, func)
             if queue is not None:
                 try:
                     check_name("queue", queue)
@@ -303,9 +309,10 @@ class TaskRunner:
         return owners
 
     def _validate_options(
-        self, options: Mapping[str, Any], task: str
+        self, options: Mapping[str, Any], task: str, fn: Callable[..., Any] | None = None
     ) -> dict[type[TaskOptions], TaskOptions]:
-        """Each option validated strictly by its owner's model, grouped by model.
+        """Each option validated strictly by its owner's model, grouped by model (with
+        the function in the validation context: ``taskrunner.options.FUNCTION``).
 
         ``None`` means "not set". Errors are one sentence naming ``task`` and the option.
         """
@@ -319,7 +326,9 @@ class TaskRunner:
         owned: dict[type[TaskOptions], TaskOptions] = {}
         for model, values in grouped.items():
             try:
-                owned[model] = model.model_validate(values, strict=True)
+                owned[model] = model.model_validate(
+                    values, strict=True, context={FUNCTION: fn} if fn is not None else None
+                )
             except pydantic.ValidationError as exc:
                 raise ConfigurationError(_describe_invalid(exc, values, task)) from None
         return owned

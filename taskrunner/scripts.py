@@ -32,7 +32,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from taskrunner.exceptions import NotReplicated
-from taskrunner.keys import GROUP, QueueKeys
+from taskrunner.keys import GROUP, LimitKeys, QueueKeys
 
 Arg = str | int | float
 
@@ -121,6 +121,10 @@ RERUN = Script("rerun")
 PAUSE = Script("pause")
 MINUTES = Script("minutes")
 MATCH = Script("match")
+ACQUIRE = Script("acquire")
+RELEASE = Script("release")
+RENEW = Script("renew")
+HASTEN = Script("hasten")
 ALL = (
     ENQUEUE,
     FETCH,
@@ -147,6 +151,10 @@ ALL = (
     PAUSE,
     MINUTES,
     MATCH,
+    ACQUIRE,
+    RELEASE,
+    RENEW,
+    HASTEN,
 )
 
 
@@ -655,4 +663,41 @@ def match(
         MATCH,
         [keys.job(i) for i in job_ids],
         [status, task, level, keys.default_level],
+    )
+
+
+def acquire(
+    env: Env,
+    keys: LimitKeys,
+    holder: str,
+    waiter: str,
+    concurrency: int,
+    lease_ms: int,
+    rate: int,
+    period_ms: int,
+) -> ScriptCall:
+    """Take a limit's slot for one attempt (``holder``: its lease token), or learn how
+    long to wait; a refused concurrency check registers ``waiter`` (see acquire.lua)."""
+    return ScriptCall(
+        ACQUIRE,
+        [keys.running, keys.starts, keys.waiting],
+        [holder, waiter, concurrency, lease_ms, rate, period_ms, env.clock],
+    )
+
+
+def release(keys: LimitKeys, holder: str, concurrency: int, lease_ms: int) -> ScriptCall:
+    """Give back a concurrency slot (``holder`` "" gives back none) and pick the waiters
+    to wake for the free slots."""
+    return ScriptCall(RELEASE, [keys.running, keys.waiting], [holder, concurrency, lease_ms])
+
+
+def renew(running: str, lease_ms: int, holders: Sequence[str]) -> ScriptCall:
+    """Renew concurrency slots of one limit (``running``: its holders key)."""
+    return ScriptCall(RENEW, [running], [lease_ms, *holders])
+
+
+def hasten(env: Env, keys: QueueKeys, job_id: str) -> ScriptCall:
+    """Make a job waiting in the delayed set for a limit slot due now."""
+    return ScriptCall(
+        HASTEN, [keys.job(job_id), keys.delayed], [env.clock, env.publish, keys.events]
     )

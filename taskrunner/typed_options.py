@@ -25,6 +25,10 @@ class TaskOptionsDict(TypedDict, total=False):
     # RetryMiddleware (RetryOptions)
     max_retries: int | None
     retry_delay: float | timedelta | None
+    # LimitsMiddleware (LimitOptions)
+    concurrency_limit: int | None
+    rate_limit: str | None
+    limit_args: list[str] | None
     # UniqueMiddleware (UniqueOptions)
     lock: LockKind | None
     on_conflict: ConflictStrategy | None

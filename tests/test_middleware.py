@@ -204,13 +204,15 @@ def test_built_in_middleware_come_first_in_the_documented_order(make_runner: Mak
     assert names == [
         "LeaseMiddleware",
         "IsolationMiddleware",
+        "LimitsMiddleware",
         "UniqueMiddleware",
         "RetryMiddleware",
         "TimeoutMiddleware",
         "Recorder",
     ]
     assert tr.middleware[-1] is mine
-    assert tr.middleware[2] is tr.unique
+    assert tr.middleware[2] is tr.limits
+    assert tr.middleware[3] is tr.unique
 
 
 class WeightOptions(TaskOptions):

@@ -112,6 +112,18 @@ async def sync_account(account_id: int, full: bool = False) -> None:
     assert_type(current_job(), JobContext)
 
 
+@tr.task(concurrency_limit=2, rate_limit="100/m", limit_args=["account_id"])
+async def limited(account_id: int) -> None:
+    stored = await current_job().set_progress({"done": 1, "total": 3})
+    assert_type(stored, bool)
+
+
+async def follow_progress(job: Job[int]) -> None:
+    async for value in job.progress():
+        assert_type(value, Any)
+    assert_type((await job.info()).progress, Any)
+
+
 def by_account(account_id: int) -> list[int]:
     return [account_id]
 

@@ -63,6 +63,16 @@ async def bad_strategy() -> None: ...
 async def bad_delay() -> None: ...
 
 
+# E: mypy[call-overload,untyped-decorator] pyright[reportArgumentType]
+@tr.task(concurrency_limit="2")
+async def bad_concurrency() -> None: ...
+
+
+# E: mypy[call-overload,untyped-decorator] pyright[reportArgumentType]
+@tr.task(limit_args="account_id")
+async def bad_limit_args(account_id: int) -> None: ...
+
+
 # E: mypy[typeddict-unknown-key] pyright[reportCallIssue]
 @tr.task(options=AuditTaskOptions(audit=True))
 async def bad_user_option() -> None: ...

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import anyio
 import click
 import pydantic
 
@@ -26,7 +27,8 @@ taskrunner enqueue examples.quickstart:tr greet '{"name": "world"}' --delay 10
     "ARGS is JSON: an array of positional arguments or an object of keyword arguments "
     "(default: none). They are validated against the task's signature exactly as "
     "task.enqueue(...) validates them; nothing is sent when they do not fit. With "
-    "--wait, the job's result is printed as JSON instead." + example(EXAMPLE)
+    "--wait, the job's result is printed as JSON instead, and each progress value the "
+    "task sets on stderr as 'progress: <json>'." + example(EXAMPLE)
 )
 @click.argument("app")
 @click.argument("task")
@@ -34,7 +36,11 @@ taskrunner enqueue examples.quickstart:tr greet '{"name": "world"}' --delay 10
 @click.option("--delay", type=float, help="Run it no earlier than this many seconds from now.")
 @click.option("--queue", "-q", help="Queue to send it to. [default: the task's queue]")
 @click.option("--job-id", help="A job id of your choice (enqueue is idempotent while it exists).")
-@click.option("--wait", is_flag=True, help="Wait until the job is final; print its result.")
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="Wait until the job is final; print its progress (stderr) and result.",
+)
 @click.option("--timeout", type=float, help="With --wait: give up after this many seconds.")
 def enqueue(
     app: str,
@@ -140,10 +146,15 @@ async def print_result(
     queue: str | None,
     timeout: float | None,
 ) -> None:
-    """Wait for the job; print its result as JSON, or one line and exit 1 if it failed."""
+    """Wait for the job, printing each progress value it sets on stderr
+    (``progress: <json>``); print its result as JSON, or one line and exit 1 if it
+    failed."""
     job = runner.job(job_id, queue or definition.queue)
     try:
-        value = await job.result(timeout=timeout)
+        with anyio.fail_after(timeout):
+            async for progress in job.progress():
+                click.echo(f"progress: {json.dumps(progress, separators=(',', ':'))}", err=True)
+            value = await job.result()
     except TimeoutError:
         fail(f"job {job_id} did not finish within {timeout:g}s (the job itself goes on)")
     except JobError as exc:

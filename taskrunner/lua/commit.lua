@@ -7,7 +7,9 @@
 -- ARGV: group, entry_id, token, job_id, outcome, payload, ttl_ms, delay_ms,
 --       done_channel, events_channel, publish_command, clock_offset_ms, level, lock_ttl_ms
 -- outcome: succeeded | failed | aborted | rejected | dead   (final)
---          retry | reschedule                               (back to the delayed set)
+--          retry | reschedule                               (back to the delayed set;
+--                                       a reschedule is due at once if the job was
+--                                       flagged 'hasten' meanwhile: see hasten.lua)
 --          handback                                         (back to the stream at once)
 --          A job whose abort was requested while it ran ends as aborted instead of
 --          going back for another attempt.
@@ -42,6 +44,9 @@ local now = now_ms(ARGV[12])
 
 if outcome == 'retry' or outcome == 'reschedule' then
   local delay = tonumber(ARGV[8])
+  if outcome == 'reschedule' and redis.call('HDEL', job, 'hasten') == 1 then
+    delay = 0  -- a limit slot freed while this refused attempt was committing (hasten.lua)
+  end
   local due = now + delay
   local first = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
   local member = string.format('%016x', redis.call('INCR', seq)) .. ':' .. ARGV[13] .. ':' .. job_id

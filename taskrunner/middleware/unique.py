@@ -34,7 +34,9 @@ to the signature with defaults applied, so ``f(1)``, ``f(x=1)`` and
 - While a job runs, its heartbeat renews its locks to ``lock_ttl``
   (``ExecutionContext.lock_ttl_ms``); final commits and abort release them.
 
-Order in the chain: lease, unique, retry, timeout, user. Unique sits inside lease
+Order in the chain: lease, isolation, limits, unique, retry, timeout, user. Unique sits
+inside limits (a job refused by its limit has not started, so its ``until_executing``
+lock stays held while it waits) and inside lease
 so that the attempt's heartbeats (which renew the locks) run while it holds them,
 and outside retry and timeout so that the lock spans the whole attempt including
 the retry decision, a lock conflict is decided before the timeout clock starts,

@@ -233,10 +233,10 @@ class Committer:
                 logger.exception("middleware %s: on_commit failed", type(mw).__name__)
 
 
-def check_size(what: str, encoded: str, limit: int) -> None:
+def check_size(what: str, encoded: str, limit: int, *, setting: str = "max_payload") -> None:
     size = len(encoded.encode("utf-8", "surrogateescape"))
     if size > limit:
-        raise PayloadTooLarge(what, size, limit)
+        raise PayloadTooLarge(what, size, limit, setting=setting)
 
 
 def error_json(error: ErrorInfo | None) -> str:

@@ -13,10 +13,11 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
+from pydantic_core import PydanticSerializationError, to_jsonable_python
 
 from taskrunner import scripts
 from taskrunner.job import ErrorInfo, raw_bytes, reset_current_job, set_current_job
@@ -256,17 +257,36 @@ class Consumers:
             outcome = CANCEL_OUTCOMES.get(why)
         return outcome
 
-    def _reporter(self, item: Claimed) -> Callable[[Any], Any]:
+    def _reporter(self, item: Claimed) -> Callable[[Any], Awaitable[bool]]:
         async def report(value: Any) -> bool:
-            text = json.dumps(value, separators=(",", ":"))
-            check_size("a progress value", text, PROGRESS_LIMIT)
+            text = progress_json(value)
             call = scripts.progress(self._env(), item.keys, item.job_id, item.token, text)
-            return int(await scripts.run(self._redis, call)) == 1
+            # In the commit pipeline: concurrent jobs' progress goes in one round trip.
+            return int(await self._committer.coalescer.submit(call)) == 1
 
         return report
 
 
 HANDBACK = Outcome(OutcomeKind.HANDBACK)
+
+
+def progress_json(value: Any) -> str:
+    """A progress value as stored: compact JSON (pydantic serialises what ``json`` does
+    not: models, dataclasses, datetimes), at most ``PROGRESS_LIMIT`` bytes. TypeError
+    for a value that has no JSON form, PayloadTooLarge above the limit."""
+    try:
+        text = json.dumps(value, separators=(",", ":"), allow_nan=False, default=_jsonable)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"set_progress() needs a JSON-serialisable value: {exc}") from None
+    check_size("the progress value", text, PROGRESS_LIMIT, setting="the progress limit")
+    return text
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        return to_jsonable_python(value)
+    except PydanticSerializationError:
+        raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable") from None
 
 
 def dead(reason: str, raw: str | None = None) -> Outcome:
