@@ -25,7 +25,7 @@ Used by ``taskrunner info``, the Prometheus exporter's queue gauges
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from redis.asyncio import Redis
@@ -66,6 +66,8 @@ class QueueCounts:
     next_due: float | None
     """The earliest due time of a scheduled job (epoch seconds, by the scripts' clock:
     ``TaskRunner.clock``), None when none is."""
+    partitions: list[dict[str, int]] = field(default_factory=list)
+    """The same five counts for each partition, in partition order."""
 
     def by_status(self) -> dict[str, int]:
         """The five job counts by status name (``queued``, ``scheduled``, ...)."""
@@ -127,20 +129,25 @@ async def queue_counts(
 
 def _counted(queue: Partitioned, replies: Iterator[Any]) -> QueueCounts:
     """One queue's counts from its replies, in the order ``queue_counts`` sent them."""
-    queued = running = scheduled = failed = dead = 0
+    parts: list[dict[str, int]] = []
     dues: list[float] = []
     for keys in queue.parts:
+        part = dict.fromkeys(("queued", "scheduled", "running", "failed", "dead"), 0)
         for _ in queue.streams(keys):
             length, pending = _checked(next(replies)), _checked(next(replies))
             held = int(pending["pending"]) if pending is not None else 0
-            queued += max(0, int(length or 0) - held)
-            running += held
-        scheduled += int(_checked(next(replies)))
+            part["queued"] += max(0, int(length or 0) - held)
+            part["running"] += held
+        part["scheduled"] = int(_checked(next(replies)))
         first = _checked(next(replies))
         if first:
             dues.append(float(first[0][1]) / 1000)
-        failed += int(_checked(next(replies)))
-        dead += int(_checked(next(replies)))
+        part["failed"] = int(_checked(next(replies)))
+        part["dead"] = int(_checked(next(replies)))
+        parts.append(part)
+    queued, scheduled, running, failed, dead = (
+        sum(p[name] for p in parts) for name in ("queued", "scheduled", "running", "failed", "dead")
+    )
     workers = _checked(next(replies))
     return QueueCounts(
         queue=queue.name,
@@ -151,6 +158,7 @@ def _counted(queue: Partitioned, replies: Iterator[Any]) -> QueueCounts:
         dead=dead,
         workers=[(str(w), float(score) / 1000) for w, score in workers],
         next_due=min(dues) if dues else None,
+        partitions=parts,
     )
 
 

@@ -387,6 +387,7 @@ async def test_info_counts_every_state_and_lists_live_workers(
 async def test_info_on_an_empty_namespace_shows_zeros(env: dict[str, str]) -> None:
     found = await info_json(env)
     assert set(found["queues"]) == {"default", "other"}
+    zeros = dict.fromkeys(("queued", "scheduled", "running", "failed", "dead"), 0)
     for queue in found["queues"].values():
         assert queue == {
             "queued": 0,
@@ -394,6 +395,7 @@ async def test_info_on_an_empty_namespace_shows_zeros(env: dict[str, str]) -> No
             "running": 0,
             "failed": 0,
             "dead": 0,
+            "partitions": [zeros],
             "workers": [],
             "stale_workers": [],
         }

@@ -19,6 +19,7 @@ from taskrunner import (
     TaskRunner,
     current_job,
 )
+from taskrunner.cli.info import gather, table
 
 MakeRunner = Callable[..., TaskRunner]
 DEADLINE = 60.0
@@ -136,3 +137,66 @@ async def test_dead_letters_of_unknown_tasks_on_each_topology(
         dead = await consumer.dead_letters()
         assert {info.id for info in dead} == {job.id for job in jobs}
         assert await consumer.retry_dead(all=True) == 4
+
+
+@pytest.mark.topologies("standalone", "cluster")
+async def test_info_sums_over_partitions_and_shows_each(make_runner: MakeRunner) -> None:
+    tr = make_runner(partitions=3)
+
+    @tr.task
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    async with tr:
+        jobs = await tr.enqueue_many([add.call(i, i) for i in range(30)])
+        later = await add.options(delay=3600).enqueue(1, 1)
+        homes: dict[str, int] = {}
+        for job in jobs:
+            prefix = (await tr.client.locate("default", job.id)).prefix
+            homes[prefix] = homes.get(prefix, 0) + 1
+        found = (await gather(tr, ["default"])).queues["default"]
+        assert (found.queued, found.scheduled) == (30, 1)
+        assert len(found.partitions) == 3
+        expected = [homes.get(tr.client.keys("default", p).prefix, 0) for p in range(3)]
+        assert [part["queued"] for part in found.partitions] == expected
+        late_home = (await tr.client.locate("default", later.id)).prefix
+        scheduled = [part["scheduled"] for part in found.partitions]
+        assert scheduled == [
+            int(tr.client.keys("default", p).prefix == late_home) for p in range(3)
+        ]
+        rows = table(await gather(tr, ["default"])).splitlines()
+        assert rows[1].split()[:3] == ["default", "30", "1"]
+        assert [row.split()[0] for row in rows[2:5]] == ["#0", "#1", "#2"]
+        assert [int(row.split()[1]) for row in rows[2:5]] == expected
+
+
+@pytest.mark.topologies("standalone", "cluster")
+async def test_changing_the_partition_count_strands_nothing(make_runner: MakeRunner) -> None:
+    """Jobs written over 4 partitions, then a runner configured with 2: producers use 2
+    from then on, and a worker started with 2 still drains all 4."""
+
+    async def echo(n: int) -> int:
+        return n
+
+    wide = make_runner(partitions=4)
+    send_wide = wide.task(name="echo")(echo)
+    async with wide:
+        first = await wide.enqueue_many([send_wide.call(i) for i in range(40)])
+        homes = {(await wide.client.locate("default", j.id)).prefix for j in first}
+        assert len(homes) == 4
+
+    narrow = make_runner(partitions=2)
+    send_narrow = narrow.task(name="echo")(echo)
+    async with narrow:
+        queue = await narrow.client.resolve("default")
+        assert (queue.partitions, queue.read) == (2, 4)
+        second = await narrow.enqueue_many([send_narrow.call(i) for i in range(40, 60)])
+        now_used = {narrow.client.keys("default", p).prefix for p in range(2)}
+        for job in second:
+            assert (await narrow.client.locate("default", job.id)).prefix in now_used
+        async with narrow.worker(concurrency=20, handle_signals=False):
+            results = [await narrow.job(j.id).result(timeout=DEADLINE) for j in first + second]
+        assert results == list(range(60))
+        found = (await gather(narrow, ["default"])).queues["default"]
+        assert len(found.partitions) == 4  # the old partitions are still shown (empty)
+        assert (found.queued, found.running) == (0, 0)

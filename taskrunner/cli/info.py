@@ -2,7 +2,8 @@
 
 The counts of every queue, summed over its partitions and priority levels, come from
 ``taskrunner.counts`` in one pipelined round trip (queued, scheduled, running,
-failed, dead; see there how each is computed); workers are the consumers whose
+failed, dead; see there how each is computed); a partitioned queue also shows each
+partition's counts (``#0``, ``#1``, ... under it); workers are the consumers whose
 heartbeat is at most ``stale_after`` old, with its age, and the stale ones apart.
 """
 
@@ -38,6 +39,8 @@ class QueueInfo(BaseModel):
     running: int
     failed: int
     dead: int
+    partitions: list[dict[str, int]]
+    """The same counts per partition (one entry on a queue that is not partitioned)."""
     workers: list[WorkerInfo]
     stale_workers: list[WorkerInfo]
     """Consumers whose heartbeat is older than ``stale_after`` (crashed or stalled)."""
@@ -81,7 +84,9 @@ async def gather(runner: TaskRunner, queues: list[str]) -> Info:
     result: dict[str, QueueInfo] = {}
     for found in counts:
         live, stale = _workers(found.workers, now, runner.lease.stale_after)
-        result[found.queue] = QueueInfo(**found.by_status(), workers=live, stale_workers=stale)
+        result[found.queue] = QueueInfo(
+            **found.by_status(), partitions=found.partitions, workers=live, stale_workers=stale
+        )
     return Info(namespace=runner.namespace, queues=result)
 
 
@@ -105,6 +110,10 @@ def table(found: Info) -> str:
     for name, q in found.queues.items():
         counts = (q.queued, q.scheduled, q.running, q.failed, q.dead, len(q.workers))
         rows.append((name, *(str(n) for n in counts)))
+        if len(q.partitions) > 1:  # each partition's share, indented under the queue
+            for index, part in enumerate(q.partitions):
+                cells = (str(part[c]) for c in COLUMNS)
+                rows.append((f"  #{index}", *cells, ""))
     lines = [_align(rows)]
     workers: list[tuple[str, ...]] = [("WORKER", "QUEUE", "LAST HEARTBEAT")]
     for name, q in found.queues.items():
