@@ -77,14 +77,24 @@ runner's clock offset, or a frozen instant (``=<ms>``, tests only; see
 taskrunner.clock). Scripts never trust a client's clock."""
 
 
+def _read(name: str) -> str:
+    return resources.files("taskrunner").joinpath(f"lua/{name}.lua").read_text()
+
+
 class Script:
-    """One Lua script, identified by the SHA1 of its source, and its batch version."""
+    """One Lua script, identified by the SHA1 of its source, and its batch version.
+
+    ``uses`` names other scripts this one calls as local functions of the same name
+    (``enqueue(KEYS, ARGV)`` returns what enqueue.lua returns), so one write path
+    serves both."""
 
     __slots__ = ("batch_sha", "batch_source", "name", "sha", "source")
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, uses: Sequence[str] = ()) -> None:
         self.name = name
-        body = resources.files("taskrunner").joinpath(f"lua/{name}.lua").read_text()
+        body = "".join(
+            f"local function {used}(KEYS, ARGV)\n{_read(used)}\nend\n" for used in uses
+        ) + _read(name)
         self.source = _PRELUDE + body
         self.sha = _sha(self.source)
         self.batch_source = (
@@ -121,6 +131,7 @@ RERUN = Script("rerun")
 PAUSE = Script("pause")
 MINUTES = Script("minutes")
 MATCH = Script("match")
+TICK = Script("tick", uses=("enqueue",))
 ALL = (
     ENQUEUE,
     FETCH,
@@ -147,6 +158,7 @@ ALL = (
     PAUSE,
     MINUTES,
     MATCH,
+    TICK,
 )
 
 
@@ -655,4 +667,24 @@ def match(
         MATCH,
         [keys.job(i) for i in job_ids],
         [status, task, level, keys.default_level],
+    )
+
+
+def tick(
+    env: Env,
+    state: str,
+    events: str,
+    name: str,
+    tick_ms: int,
+    max_drift_ms: int,
+    worker: str,
+    write: ScriptCall,
+) -> ScriptCall:
+    """Handle one tick of cron schedule ``name`` (its ``state`` key): if no later tick
+    was handled, it is due and at most ``max_drift_ms`` late, run ``write`` (an
+    ``enqueue`` call in the same slot) unless the schedule is paused (see tick.lua)."""
+    return ScriptCall(
+        TICK,
+        [state, *write.keys],
+        [tick_ms, max_drift_ms, name, worker, env.clock, env.publish, events, *write.args],
     )
