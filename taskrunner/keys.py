@@ -20,9 +20,9 @@ script touches a single slot, and every script receives all its keys in KEYS::
                                   next enqueue deletes it and publishes "ready"
     {ns}:{queue}:paused           present while the queue is paused
     {ns}:{queue}:reclaim          hash: whose turn it is to scan for stale entries, cursor
-    {ns}:{queue}:cron:{name}      hash: a cron schedule's state (last tick handled, paused,
-                                  last tick fired and its job); in the partition its jobs
-                                  go to (taskrunner.cron)
+    {ns}:{queue}:cron:{name}      hash: a cron schedule's state (last tick handled and by
+                                  which worker, paused, last tick fired and its job); in
+                                  the partition its jobs go to (taskrunner.cron)
     {ns}:{queue}:events           channel: "due", "ready", "abort <id>", "pause", "resume"
     {ns}:{queue}:done:{id}        channel: the job reached a final status
 

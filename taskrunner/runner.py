@@ -432,8 +432,9 @@ class TaskRunner:
         return level
 
     def queues(self) -> list[str]:
-        """Every queue a declared task uses (the runner's default queue when none)."""
+        """Every queue a declared task or cron schedule uses (and the runner's default)."""
         found = {d.queue for d in self.registry.values()} | {self.queue}
+        found |= {schedule.queue for schedule in self.crontab}
         return sorted(found)
 
     # -- connection ----------------------------------------------------------------------

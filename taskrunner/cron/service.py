@@ -128,6 +128,14 @@ class CronService:
 
     # -- the loop ------------------------------------------------------------------------
 
+    async def start(self) -> None:
+        """Read the schedules' state before the worker is ready (if Redis answers: else
+        the loop does it): a schedule seen for the first time starts from here."""
+        try:
+            await self._load()
+        except REDIS_ERRORS as exc:
+            report("the cron service", exc)
+
     async def run(self) -> None:
         stop = self._runner.clock.listen(self.wake)
         try:
@@ -202,7 +210,7 @@ class CronService:
             pipe.hget(key, "last")
         replies = await pipe.execute()
         for entry, last in zip(entries, replies[1::2], strict=True):
-            entry.handled(_ms(last), owner=False)
+            entry.handled(_ms(last) or now - 1, owner=False)  # hostile: as if seen now
         self._loaded = True
 
     async def _catch_up(self, entry: _Entry, eager: bool) -> int:
@@ -358,6 +366,7 @@ class CronMiddleware(Middleware):
         if not mine:
             return
         service = CronService(self._tab, worker, mine)
+        await service.start()
         worker.on_event("cron", service.on_fired)
         worker.on_event("due", service.on_due)
         on_drained = getattr(worker, "on_drained", None)

@@ -1,7 +1,8 @@
 -- Fire one tick of a cron schedule: compare-and-set the schedule's state and write the
 -- tick's job (enqueue.lua, included as the function `enqueue`, under the tick's
 -- deterministic id) in one step, in one slot: the state lives in the partition the
--- schedule's jobs go to. A tick is handled once: the state's `last` only moves forward.
+-- schedule's jobs go to. A tick is handled once: the state's `last` only moves forward;
+-- `worker` names the worker that handled it.
 -- KEYS: state, then enqueue.lua's KEYS (job, stream, delayed, seq, idle, lock_1 .. n)
 -- ARGV: tick_ms, max_drift_ms, name, worker, clock, publish_command, events_channel,
 --       then enqueue.lua's ARGV (job_id first)
@@ -37,7 +38,7 @@ if redis.call('HGET', state, 'paused') ~= '1' then
   verdict = 'fired'
   reply = enqueue({unpack(KEYS, 2)}, {unpack(ARGV, 8)})
 end
-redis.call('HSET', state, 'last', string.format('%d', tick))
+redis.call('HSET', state, 'last', string.format('%d', tick), 'worker', ARGV[4])
 if verdict == 'fired' and reply[1] ~= 2 then
   redis.call('HSET', state, 'fired', string.format('%d', tick), 'job', ARGV[8])
 end
