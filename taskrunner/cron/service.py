@@ -46,6 +46,7 @@ from taskrunner.middleware.base import (
     build_enqueue_chain,
     enqueue_layers,
 )
+from taskrunner.worker.scheduler import server_ms
 
 if TYPE_CHECKING:
     from taskrunner.cron.schedule import CronSchedule
@@ -196,8 +197,7 @@ class CronService:
         """Where each schedule's state is, and its last tick (a schedule seen for the
         first time starts now: its state's ``last`` is set to just before now)."""
         redis = self._worker.redis
-        seconds, micros = await redis.time()
-        server = int(seconds) * 1000 + int(micros) // 1000
+        server = await server_ms(redis)
         self._skew_ms = server - _local_ms()
         now = self._runner.clock.shift(server)
         entries = list(self._entries.values())

@@ -29,6 +29,7 @@ from taskrunner.cron.schedule import (
 from taskrunner.exceptions import ConfigurationError, ScheduleNotFound
 from taskrunner.keys import QueueKeys, check_name
 from taskrunner.task import Call, EnqueueOptions
+from taskrunner.worker.scheduler import server_ms
 
 if TYPE_CHECKING:
     from taskrunner.job import Job
@@ -140,19 +141,18 @@ class CronTab:
         return queue.part(found or 0)
 
     async def list(self) -> list[CronInfo]:
-        """Every schedule with its state: paused, next and last run (one round trip)."""
+        """Every schedule with its state: paused, next and last run (a pipelined read)."""
         schedules = list(self)
         keys = [(await self.location(s)).cron(s.name) for s in schedules]
-        pipe = cast(Any, self._runner.client.redis.pipeline(transaction=False))
-        pipe.time()
+        redis = self._runner.client.redis
+        now = self._runner.clock.shift(await server_ms(redis))
+        pipe = cast(Any, redis.pipeline(transaction=False))
         for key in keys:
             pipe.hgetall(key)
-        replies = await pipe.execute()
-        seconds, micros = replies[0]
-        now = self._runner.clock.shift(int(seconds) * 1000 + int(micros) // 1000)
+        replies = await pipe.execute() if keys else []
         return [
             info(schedule, state if isinstance(state, dict) else {}, now)
-            for schedule, state in zip(schedules, replies[1:], strict=True)
+            for schedule, state in zip(schedules, replies, strict=True)
         ]
 
     async def info(self, name: str) -> CronInfo:
