@@ -9,7 +9,9 @@ It starts a private redis-server (benchmarks.run's) and measures, in one process
 1. **Hot path.** Per scenario and round (fresh namespace, scenario order rotated each
    round): enqueue ``--jobs`` noop jobs in bulk (``enqueue_many``, timed), 2,000 one
    awaited call at a time (timed), then drain them all with one worker at concurrency
-   100, timed from the first task start to the last completion (as benchmarks.run's W1).
+   100, timed from the first task start to the last completion (as benchmarks.run's W1),
+   with the process's CPU time and the server's commands (``total_commands_processed``
+   after ``CONFIG RESETSTAT``) per job drained.
    Scenarios: ``no-cron`` (the runner's ``CronMiddleware`` taken out of its middleware:
    the core as before cron), ``unused`` (the default runner, no schedule), ``used``
    (ten schedules, one of them every second, firing during the drain).
@@ -97,13 +99,21 @@ async def hot_path(url: str, scenario: str, jobs: int) -> dict[str, float]:
         for _ in range(SINGLE):
             await noop.enqueue()
         single = SINGLE / (time.perf_counter() - started)
+        admin = Redis.from_url(url)
+        await admin.config_resetstat()
+        cpu = time.process_time()
         async with tr.worker(concurrency=CONCURRENCY, handle_signals=False):
             with anyio.fail_after(300):
                 await drain.finished.wait()
+        cpu = time.process_time() - cpu
+        commands = int((await admin.info("stats"))["total_commands_processed"])
+        await admin.aclose()
     return {
         "enqueue_bulk_jobs_s": bulk,
         "enqueue_single_jobs_s": single,
         "drain_jobs_s": drain.done / (drain.last - drain.first),
+        "worker_cpu_us_job": cpu / drain.done * 1e6,
+        "redis_commands_job": commands / drain.done,
     }
 
 
@@ -174,10 +184,16 @@ async def main(args: argparse.Namespace) -> None:
             for scenario in order:
                 await _flush(url)
                 results[scenario].append(await hot_path(url, scenario, args.jobs))
-        keys = ["enqueue_bulk_jobs_s", "enqueue_single_jobs_s", "drain_jobs_s"]
+        keys = [
+            "enqueue_bulk_jobs_s",
+            "enqueue_single_jobs_s",
+            "drain_jobs_s",
+            "worker_cpu_us_job",
+            "redis_commands_job",
+        ]
         print(f"{'scenario':10} " + " ".join(f"{k:>22}" for k in keys))
         for scenario in scenarios:
-            values = " ".join(f"{median_of(results[scenario], k):22.0f}" for k in keys)
+            values = " ".join(f"{median_of(results[scenario], k):22.2f}" for k in keys)
             print(f"{scenario:10} {values}")
         print(
             f"\n{'workers':>7} {'ticks':>6} {'tick.lua/tick':>14} {'late p50 ms':>12} "
