@@ -89,7 +89,8 @@ class TaskRunner:
     Built-in middleware, outermost first: lease (heartbeats, reclaim, abort), isolation
     (a suspect of killing its workers runs alone), unique (locks: inside lease so
     heartbeats renew them, outside retry and timeout so a lock spans the whole attempt
-    and its conflicts are outcomes the retry policy never sees), retry, timeout; then
+    and its conflicts are outcomes the retry policy never sees), retry, timeout, cron
+    (no layer: it starts a worker's cron service, taskrunner.cron); then
     ``middleware`` in the order given. ``lock_ttl`` is the default time a unique-job
     lock outlives its job's due time or last heartbeat.
 
