@@ -115,8 +115,8 @@ def test_bad_settings_of_a_schedule_are_refused_in_one_sentence() -> None:
         tr.cron("0 * * * *", report.call("b"))
     with pytest.raises(ConfigurationError, match="missing a required argument: 'x'"):
 
-        @tr.cron("* * * * *")
-        async def needs(x: int) -> None: ...  # type: ignore[misc]
+        @tr.cron("* * * * *")  # type: ignore[arg-type]
+        async def needs(x: int) -> None: ...
 
 
 def test_the_three_forms_declare_a_task_and_a_schedule() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import cast
 
 import anyio
 from apps.cron_app import runs_key
@@ -28,7 +29,7 @@ def tick_of(job_id: str) -> int:
 
 async def runs(redis: Redis, namespace: str) -> dict[int, int]:
     """Executions per tick (epoch seconds) of every-second's jobs."""
-    found = await redis.hgetall(runs_key(namespace))
+    found = cast(dict[str, str], await redis.hgetall(runs_key(namespace)))
     return {tick_of(job): int(n) for job, n in found.items()}
 
 
@@ -40,7 +41,7 @@ async def at_half_second() -> None:
 async def owner_of(redis: Redis, keys: QueueKeys, workers: list[CliWorker]) -> CliWorker:
     """The worker that handled the last tick (worker ids are ``host:pid:random``)."""
     handled_by = await redis.hget(keys.cron("every-second"), "worker")
-    assert handled_by is not None
+    assert isinstance(handled_by, str)
     pid = int(handled_by.split(":")[1])
     return next(w for w in workers if w.pid == pid)
 
