@@ -182,7 +182,8 @@ async def test_frozen_time_runs_each_tick_of_a_schedule_once(
         return current_job().id
 
     async with frozen_time(tr, start=T0) as clock, tr:
-        assert await tr.run_until_idle() == []  # the schedule starts now: no tick yet
+        done = await tr.run_until_idle()  # 10:00 is 30 s late: within max_drift (60 s)
+        assert [(c.id, c.kind) for c in done] == [(f"cron:hourly:{at(10, 0)}", "succeeded")]
         await clock.advance(timedelta(minutes=59, seconds=30))  # 11:00 UTC
         done = await tr.run_until_idle()
         assert [(c.id, c.kind) for c in done] == [(f"cron:hourly:{at(11, 0)}", "succeeded")]
@@ -197,6 +198,7 @@ async def test_frozen_time_runs_each_tick_of_a_schedule_once(
         assert info.last_job == f"cron:hourly:{at(12, 0)}"
         assert not info.paused
     assert await cron_jobs(redis, namespace, "hourly") == [
+        f"cron:hourly:{at(10, 0)}",
         f"cron:hourly:{at(11, 0)}",
         f"cron:hourly:{at(12, 0)}",
     ]
@@ -226,11 +228,11 @@ async def test_paused_ticks_are_skipped_and_resume_starts_at_the_next_tick(
 ) -> None:
     tr = make_runner()
 
-    @tr.cron("0 * * * * *", name="minutely")
+    @tr.cron("0 * * * * *", name="minutely", max_drift=10)
     async def minutely() -> None: ...
 
     async with frozen_time(tr, start=T0) as clock, tr:
-        await tr.run_until_idle()
+        assert await tr.run_until_idle() == []  # 10:00 is 30 s late: over max_drift
         await tr.crontab.pause("minutely")
         assert (await tr.crontab.info("minutely")).paused
         await clock.advance(90)  # 10:01 and 10:02 fall while paused
@@ -258,16 +260,18 @@ async def test_max_drift_skips_older_ticks_after_a_restart_and_logs_them_once(
 
     caplog.set_level(logging.WARNING, logger="taskrunner.cron")
     async with frozen_time(tr, start=T0) as clock:
-        await tr.run_until_idle()  # a worker saw the schedule at 10:00:30, then none ran
+        first = await tr.run_until_idle()  # a first worker at 10:00:30, then none ran
         await clock.advance(600)  # 10:10:30: the ticks 10:01 .. 10:10 were missed
         done = await tr.run_until_idle()
+    # A new schedule starts with its latest tick (30 s old: within max_drift), only.
+    assert [c.id for c in first] == [f"cron:minutely:{at(10, 0)}"]
     assert sorted(c.id for c in done) == [f"cron:minutely:{at(10, m)}" for m in (8, 9, 10)]
     warnings = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
     assert warnings == [
         "cron minutely: skipped the ticks from 2026-01-05T10:01:00+00:00 to before "
         "2026-01-05T10:08:00+00:00: more than max_drift=150s late (no worker ran them in time)"
     ]
-    assert len(await cron_jobs(redis, namespace, "minutely")) == 3
+    assert len(await cron_jobs(redis, namespace, "minutely")) == 4
 
 
 # -- a tick whose previous run still runs ------------------------------------------------------
@@ -282,7 +286,7 @@ async def test_a_tick_whose_previous_run_still_runs_follows_the_task_lock(
     running: set[str] = set()
     overlapped: list[int] = []
 
-    @tr.cron("0 * * * * *", name="slow")
+    @tr.cron("0 * * * * *", name="slow", max_drift=10)  # 10:00 is too late at 10:00:30
     @tr.task(name="slow", lock=lock)
     async def slow() -> None:
         running.add(current_job().id)
@@ -303,7 +307,9 @@ async def test_a_tick_whose_previous_run_still_runs_follows_the_task_lock(
         await wait_until(handled)
 
     async with frozen_time(tr, start=T0) as clock, tr, tr.worker(handle_signals=False):
-        for minute in (1, 2, 3):
+        await clock.advance(30)
+        await wait_handled(at(10, 1))
+        for minute in (2, 3):
             await clock.advance(60)
             await wait_handled(at(10, minute))
         release.set()
@@ -342,8 +348,8 @@ async def test_a_hostile_state_hash_neither_stops_the_schedule_nor_the_listing(
     async with frozen_time(tr, start=T0) as clock, tr:
         [info] = await tr.crontab.list()
         assert (info.paused, info.last_run, info.last_job) == (False, None, None)
-        await clock.advance(30)
-        done = await tr.run_until_idle()
+        await clock.advance(30)  # 10:01; an unreadable state is as if never seen:
+        done = await tr.run_until_idle()  # the latest tick runs
         assert [c.id for c in done] == [f"cron:minutely:{at(10, 1)}"]
 
 

@@ -95,6 +95,15 @@ class CronExpression:
         """The first tick at or after ``ms``."""
         return self.after(ms - 1)
 
+    def at_or_before(self, ms: int) -> int | None:
+        """The last tick at or before ``ms`` (None if none in the last 50 years)."""
+        start = datetime.fromtimestamp(ms // 1000 + 1, self.tz)
+        try:
+            found = next(CronSim(self._fields, start, reverse=True))
+        except StopIteration:
+            return None
+        return int(found.timestamp()) * 1000
+
     def explain(self) -> str:
         """In words (cronsim's ``explain``), e.g. "Every 5 minutes"."""
         start = datetime.now(self.tz)

@@ -131,7 +131,7 @@ class CronService:
 
     async def start(self) -> None:
         """Read the schedules' state before the worker is ready (if Redis answers: else
-        the loop does it): a schedule seen for the first time starts from here."""
+        the loop does it), so that a test's first advance of a frozen clock finds it."""
         try:
             await self._load()
         except REDIS_ERRORS as exc:
@@ -194,8 +194,9 @@ class CronService:
         return min(MAX_SLEEP, max(0.0, (min(dues) - self._now()) / 1000))
 
     async def _load(self) -> None:
-        """Where each schedule's state is, and its last tick (a schedule seen for the
-        first time starts now: its state's ``last`` is set to just before now)."""
+        """Where each schedule's state is, and its last tick. A schedule seen for the
+        first time (or whose ``last`` is unreadable) starts with its latest tick if
+        that is at most ``max_drift`` old (``_start``), else with its next one."""
         redis = self._worker.redis
         server = await server_ms(redis)
         self._skew_ms = server - _local_ms()
@@ -206,11 +207,11 @@ class CronService:
             entry.keys = await self._tab.location(entry.schedule)
             entry.layers = enqueue_layers(self._runner.middleware, entry.schedule.task)
             key = entry.keys.cron(entry.schedule.name)
-            pipe.hsetnx(key, "last", str(now - 1))
+            pipe.hsetnx(key, "last", str(_start(entry.schedule, now)))
             pipe.hget(key, "last")
         replies = await pipe.execute()
         for entry, last in zip(entries, replies[1::2], strict=True):
-            entry.handled(_ms(last) or now - 1, owner=False)  # hostile: as if seen now
+            entry.handled(_ms(last) or _start(entry.schedule, now), owner=False)
         self._loaded = True
 
     async def _catch_up(self, entry: _Entry, eager: bool) -> int:
@@ -303,6 +304,15 @@ class CronService:
             )
             return None, None
         return replies[0], job
+
+
+def _start(schedule: CronSchedule, now: int) -> int:
+    """The ``last`` of a schedule never seen: just before its latest tick if that is at
+    most ``max_drift`` old (it runs: one tick, not the whole window), else now."""
+    latest = schedule.expression.at_or_before(now)
+    if latest is not None and now - latest <= schedule.max_drift_ms:
+        return latest - 1
+    return now - 1
 
 
 def _ms(value: object) -> int:
