@@ -366,7 +366,6 @@ async def test_two_workers_on_each_topology_run_each_tick_once(
         tr = make_runner(partitions=3)
 
         @tr.cron("* * * * * *", name="every-second")
-        @tr.task(name="tick", lock="until_executed")  # its lock picks the partition
         async def tick() -> None:
             job_id = current_job().id
             runs[job_id] = runs.get(job_id, 0) + 1
@@ -381,12 +380,45 @@ async def test_two_workers_on_each_topology_run_each_tick_once(
     async with first, second, first.worker(handle_signals=False):
         async with second.worker(handle_signals=False):
             await wait_until(enough, timeout=30)
-        [info] = await first.crontab.list()
-    ticks = sorted(int(job.rpartition(":")[2]) for job in runs)
-    assert ticks == list(range(ticks[0], ticks[0] + len(ticks)))
-    assert set(runs.values()) == {1}
-    assert info.last_job is not None
-    assert int(info.last_job.rpartition(":")[2]) >= ticks[-1]
+        await first.crontab.pause("every-second")  # no tick is enqueued from here on
+        info = await first.crontab.info("every-second")
+        assert info.last_job is not None
+        schedule = first.crontab.get("every-second")
+        last = int(info.last_job.rpartition(":")[2])
+        written = [schedule.job_id(t * 1000) for t in range(min(tick_of(runs)), last + 1)]
+
+        async def all_ran() -> bool:  # the first worker runs what the second left
+            return all([await status(first, j) == JobStatus.SUCCEEDED for j in written])
+
+        await wait_until(all_ran, timeout=30)
+    assert runs == dict.fromkeys(written, 1)  # every tick once, none twice, no gap
+
+
+def tick_of(job_ids: dict[str, int]) -> list[int]:
+    return [int(job.rpartition(":")[2]) for job in job_ids]
+
+
+@pytest.mark.topologies("standalone", "cluster", "sentinel")
+async def test_a_locked_task_keeps_its_state_job_and_lock_in_one_slot(
+    make_runner: MakeRunner, topology: Topology
+) -> None:
+    tr = make_runner(partitions=3)
+
+    @tr.cron("* * * * * *", name="locked", max_drift=1)
+    @tr.task(name="locked", queue="locked", lock="until_executed")
+    async def locked() -> str:
+        return current_job().id
+
+    async with frozen_time(tr, start=T0) as clock, tr:
+        done = await tr.run_until_idle()  # 10:00:30 is the latest tick: it runs
+        for _ in range(2):
+            await clock.advance(1)
+            done += await tr.run_until_idle()
+        keys = await tr.crontab.location(tr.crontab.get("locked"))
+        assert keys.partition == tr.unique.partition_for(locked.definition, "{}", 3)
+        assert (await tr.client.locate("locked", done[-1].id)) == keys
+    assert [c.id for c in done] == [f"cron:locked:{at(10, 0, s)}" for s in (30, 31, 32)]
+    assert {c.kind for c in done} == {"succeeded"}
 
 
 # -- the CLI -----------------------------------------------------------------------------------
