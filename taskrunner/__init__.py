@@ -3,6 +3,7 @@
 Typed tasks, no lost jobs, no job run twice at once. Start with ``TaskRunner``.
 """
 
+from taskrunner.cron import CronInfo, CronSchedule, CronTab
 from taskrunner.deadletters import DeadLetters
 from taskrunner.exceptions import (
     ConfigurationError,
@@ -19,6 +20,7 @@ from taskrunner.exceptions import (
     NotReplicated,
     PayloadTooLarge,
     Retry,
+    ScheduleNotFound,
     TaskrunnerError,
     TaskTimeout,
     UnknownOptionError,
@@ -43,6 +45,9 @@ __all__ = [
     "BoundTask",
     "Call",
     "ConfigurationError",
+    "CronInfo",
+    "CronSchedule",
+    "CronTab",
     "DeadLetters",
     "EmbeddedRedisError",
     "EnqueueContext",
@@ -67,6 +72,7 @@ __all__ = [
     "OutcomeKind",
     "PayloadTooLarge",
     "Retry",
+    "ScheduleNotFound",
     "Task",
     "TaskOptions",
     "TaskRunner",

@@ -11,17 +11,34 @@ heartbeats always run on real time.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 
 class Clock:
     """ "Now" as the scripts see it: the server's clock plus ``offset_ms``, or, while
     frozen, ``frozen_ms``."""
 
-    __slots__ = ("frozen_ms", "offset_ms")
+    __slots__ = ("_listeners", "frozen_ms", "offset_ms")
 
     def __init__(self) -> None:
         self.offset_ms = 0
         self.frozen_ms: int | None = None
+        self._listeners: list[Callable[[], None]] = []
+
+    def listen(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """Call ``fn()`` after each ``freeze``, ``unfreeze``, ``advance`` and ``reset``
+        (a cron service in this process wakes up); returns what stops it."""
+        self._listeners.append(fn)
+
+        def stop() -> None:
+            if fn in self._listeners:
+                self._listeners.remove(fn)
+
+        return stop
+
+    def _changed(self) -> None:
+        for fn in list(self._listeners):
+            fn()
 
     def __repr__(self) -> str:
         if self.frozen_ms is not None:
@@ -48,12 +65,14 @@ class Clock:
         self.frozen_ms = int((time.time() if at is None else at) * 1000) + (
             self.offset_ms if at is None else 0
         )
+        self._changed()
 
     def unfreeze(self) -> None:
         """Let time run again from where it stood (the offset keeps the jump)."""
         if self.frozen_ms is not None:
             self.offset_ms = self.frozen_ms - int(time.time() * 1000)
             self.frozen_ms = None
+            self._changed()
 
     def advance(self, seconds: float) -> None:
         """Move time forward (frozen or not)."""
@@ -62,7 +81,9 @@ class Clock:
             self.frozen_ms += step
         else:
             self.offset_ms += step
+        self._changed()
 
     def reset(self) -> None:
         self.offset_ms = 0
         self.frozen_ms = None
+        self._changed()

@@ -15,6 +15,7 @@ they are, because callers already know them)::
     │   ├── JobAborted            the job was aborted
     │   ├── JobRejected           a unique-job lock rejected the job when it ran
     │   └── JobDeadLettered       the job went to the dead letters
+    ├── ScheduleNotFound          no cron schedule of that name (also a LookupError)
     ├── PayloadTooLarge           arguments or a result over ``max_payload`` bytes
     ├── NotReplicated             fewer replicas than ``wait_replicas`` confirmed a write
     ├── LockConflictError         a unique-job lock is held by another job
@@ -39,6 +40,10 @@ class ConfigurationError(TaskrunnerError, ValueError):
 
 class UnknownOptionError(ConfigurationError, TypeError):
     """A task option that no middleware owns."""
+
+
+class ScheduleNotFound(TaskrunnerError, LookupError):
+    """No cron schedule of that name is declared on the runner."""
 
 
 class EmbeddedRedisError(TaskrunnerError):

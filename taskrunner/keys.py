@@ -20,6 +20,9 @@ script touches a single slot, and every script receives all its keys in KEYS::
                                   next enqueue deletes it and publishes "ready"
     {ns}:{queue}:paused           present while the queue is paused
     {ns}:{queue}:reclaim          hash: whose turn it is to scan for stale entries, cursor
+    {ns}:{queue}:cron:{name}      hash: a cron schedule's state (last tick handled and by
+                                  which worker, paused, last tick fired and its job); in
+                                  the partition its jobs go to (taskrunner.cron)
     {ns}:{queue}:events           channel: "due", "ready", "abort <id>", "pause", "resume"
     {ns}:{queue}:done:{id}        channel: the job reached a final status
 
@@ -183,6 +186,10 @@ class QueueKeys:
 
     def lock(self, digest: str) -> str:
         return f"{self.prefix}:lock:{digest}"
+
+    def cron(self, name: str) -> str:
+        """The state of cron schedule ``name`` (taskrunner.cron)."""
+        return f"{self.prefix}:cron:{name}"
 
 
 class Queue:

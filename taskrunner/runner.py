@@ -7,9 +7,9 @@ import logging
 import os
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from datetime import timedelta
+from datetime import timedelta, tzinfo
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, Unpack, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, Unpack, cast, overload
 
 import anyio
 import pydantic
@@ -26,6 +26,9 @@ from taskrunner.config import (
     reason,
 )
 from taskrunner.connection import PoolOptions, open_connection
+from taskrunner.cron.schedule import DEFAULT_MAX_DRIFT, CronSchedule
+from taskrunner.cron.service import CronMiddleware
+from taskrunner.cron.tab import CronTab
 from taskrunner.deadletters import DeadLetters
 from taskrunner.embedded import EmbeddedRedis
 from taskrunner.exceptions import (
@@ -51,7 +54,7 @@ from taskrunner.middleware.retry import RetryMiddleware
 from taskrunner.middleware.timeout import TimeoutMiddleware
 from taskrunner.middleware.unique import UniqueMiddleware
 from taskrunner.options import FUNCTION, TaskOptions
-from taskrunner.task import Call, Task, TaskDefinition
+from taskrunner.task import Call, EnqueueOptions, Task, TaskDefinition
 from taskrunner.typed_options import TaskOptionsDict
 from taskrunner.urls import parse_url, redact
 from taskrunner.worker import Worker
@@ -89,7 +92,8 @@ class TaskRunner:
     inside isolation so no job holds a slot while it waits for the run-alone gate,
     outside unique so a job over its limit has not started), unique (locks: inside
     lease so heartbeats renew them, outside retry and timeout so a lock spans the whole
-    attempt and its conflicts are outcomes the retry policy never sees), retry, timeout; then
+    attempt and its conflicts are outcomes the retry policy never sees), retry, timeout, cron
+    (no layer: it starts a worker's cron service, taskrunner.cron); then
     ``middleware`` in the order given. ``lock_ttl`` is the default time a unique-job
     lock outlives its job's due time or last heartbeat.
 
@@ -179,6 +183,8 @@ class TaskRunner:
         retry = RetryMiddleware(max_retries=cfg.max_retries, retry_delay=cfg.retry_delay)
         self.unique = UniqueMiddleware(lambda: self.client, lock_ttl=cfg.lock_ttl, retry=retry)
         self.limits = LimitsMiddleware()
+        self.crontab = CronTab(self)
+        """The cron schedules (``tr.cron``): list, pause, resume, trigger them."""
         self.middleware: list[Middleware] = [
             self.lease,
             IsolationMiddleware(),
@@ -186,6 +192,7 @@ class TaskRunner:
             self.unique,
             retry,
             TimeoutMiddleware(cfg.timeout),
+            CronMiddleware(self.crontab),
             *middleware,
         ]
         self._option_owners = self._collect_option_owners()
@@ -269,6 +276,91 @@ class TaskRunner:
 
         return decorate(fn) if fn is not None else decorate
 
+    # -- cron ----------------------------------------------------------------------------
+
+    @overload
+    def cron(
+        self,
+        expression: str,
+        call: Call[Any],
+        /,
+        *,
+        name: str | None = None,
+        tz: str | tzinfo = "UTC",
+        max_drift: float | timedelta = DEFAULT_MAX_DRIFT,
+    ) -> CronSchedule: ...
+
+    @overload
+    def cron(
+        self,
+        expression: str,
+        /,
+        *,
+        name: str | None = None,
+        tz: str | tzinfo = "UTC",
+        max_drift: float | timedelta = DEFAULT_MAX_DRIFT,
+    ) -> Callable[[Callable[[], Awaitable[R]]], Task[[], R]]: ...
+
+    def cron(
+        self,
+        expression: str,
+        call: Call[Any] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        tz: str | tzinfo = "UTC",
+        max_drift: float | timedelta = DEFAULT_MAX_DRIFT,
+    ) -> CronSchedule | Callable[[Callable[[], Awaitable[R]]], Task[[], R]]:
+        """Run a task on a cron schedule (docs/scheduling.md).
+
+        ``expression`` has 5 fields (minute hour day month weekday) or 6 with a leading
+        seconds field, in the time zone ``tz`` (an IANA name; default UTC). Three forms:
+
+        * ``@tr.cron("*/5 * * * *")`` on an async function without parameters declares
+          it as a task (named after the function) and schedules it;
+        * ``@tr.cron(...)`` above ``@tr.task(...)`` schedules that task (it must take
+          no arguments: checked by mypy and pyright);
+        * ``tr.cron("0 8 * * *", report.call("daily", limit=10))`` schedules a task
+          with fixed arguments (``task.call`` checks them against the signature,
+          statically and at once; ``task.options(queue=..., priority=...).call(...)``
+          sets the queue and priority) and returns the ``CronSchedule``.
+
+        The schedule is named ``name`` (default: the task's name; unique per runner).
+        Every worker reading its queue runs it; each tick enqueues exactly one job, id
+        ``cron:<name>:<tick epoch seconds>``. A tick more than ``max_drift`` seconds late
+        (default 60; at least 1) is skipped. A bad expression, time zone or argument
+        raises ``ConfigurationError`` here, in one sentence.
+        """
+        if call is not None:
+            return self.crontab.add(expression, call, name=name, tz=tz, max_drift=max_drift)
+
+        def decorate(fn: Callable[[], Awaitable[R]]) -> Task[[], R]:
+            declared = not isinstance(fn, Task)
+            task = self._cron_task(fn, name) if declared else cast(Task[[], R], fn)
+            empty: Call[R] = Call(task.definition, (), {}, EnqueueOptions())
+            try:
+                self.crontab.add(expression, empty, name=name, tz=tz, max_drift=max_drift)
+            except ConfigurationError:
+                if declared:  # the schedule is refused: so is the task it declared
+                    self.registry.pop(task.name, None)
+                raise
+            return task
+
+        return decorate
+
+    def _cron_task(self, fn: Callable[[], Awaitable[R]], name: str | None) -> Task[[], R]:
+        """``@tr.cron`` on a plain function: declare it as a task first."""
+        label = name or getattr(fn, "__qualname__", None) or repr(fn)
+        if not callable(fn) or not _is_async(fn):
+            raise ConfigurationError(
+                f"cron schedule {label!r}: @tr.cron needs an async function or a task, got {fn!r}"
+            )
+        if name is None and label in self.registry:
+            raise ConfigurationError(
+                f"cron schedule {label!r}: a task named {label!r} is already declared"
+            )
+        return self.task(name=name)(fn)
+
     def _merge_options(
         self,
         builtin: TaskOptionsDict,
@@ -350,8 +442,9 @@ class TaskRunner:
         return level
 
     def queues(self) -> list[str]:
-        """Every queue a declared task uses (the runner's default queue when none)."""
+        """Every queue a declared task or cron schedule uses (and the runner's default)."""
         found = {d.queue for d in self.registry.values()} | {self.queue}
+        found |= {schedule.queue for schedule in self.crontab}
         return sorted(found)
 
     # -- connection ----------------------------------------------------------------------

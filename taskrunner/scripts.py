@@ -77,14 +77,24 @@ runner's clock offset, or a frozen instant (``=<ms>``, tests only; see
 taskrunner.clock). Scripts never trust a client's clock."""
 
 
+def _read(name: str) -> str:
+    return resources.files("taskrunner").joinpath(f"lua/{name}.lua").read_text()
+
+
 class Script:
-    """One Lua script, identified by the SHA1 of its source, and its batch version."""
+    """One Lua script, identified by the SHA1 of its source, and its batch version.
+
+    ``uses`` names other scripts this one calls as local functions of the same name
+    (``enqueue(KEYS, ARGV)`` returns what enqueue.lua returns), so one write path
+    serves both."""
 
     __slots__ = ("batch_sha", "batch_source", "name", "sha", "source")
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, uses: Sequence[str] = ()) -> None:
         self.name = name
-        body = resources.files("taskrunner").joinpath(f"lua/{name}.lua").read_text()
+        body = "".join(
+            f"local function {used}(KEYS, ARGV)\n{_read(used)}\nend\n" for used in uses
+        ) + _read(name)
         self.source = _PRELUDE + body
         self.sha = _sha(self.source)
         self.batch_source = (
@@ -125,6 +135,7 @@ ACQUIRE = Script("acquire")
 RELEASE = Script("release")
 RENEW = Script("renew")
 HASTEN = Script("hasten")
+TICK = Script("tick", uses=("enqueue",))
 ALL = (
     ENQUEUE,
     FETCH,
@@ -155,6 +166,7 @@ ALL = (
     RELEASE,
     RENEW,
     HASTEN,
+    TICK,
 )
 
 
@@ -700,4 +712,24 @@ def hasten(env: Env, keys: QueueKeys, job_id: str) -> ScriptCall:
     """Make a job waiting in the delayed set for a limit slot due now."""
     return ScriptCall(
         HASTEN, [keys.job(job_id), keys.delayed], [env.clock, env.publish, keys.events]
+    )
+
+
+def tick(
+    env: Env,
+    state: str,
+    events: str,
+    name: str,
+    tick_ms: int,
+    max_drift_ms: int,
+    worker: str,
+    write: ScriptCall,
+) -> ScriptCall:
+    """Handle one tick of cron schedule ``name`` (its ``state`` key): if no later tick
+    was handled, it is due and at most ``max_drift_ms`` late, run ``write`` (an
+    ``enqueue`` call in the same slot) unless the schedule is paused (see tick.lua)."""
+    return ScriptCall(
+        TICK,
+        [state, *write.keys],
+        [tick_ms, max_drift_ms, name, worker, env.clock, env.publish, events, *write.args],
     )

@@ -208,6 +208,7 @@ def test_built_in_middleware_come_first_in_the_documented_order(make_runner: Mak
         "UniqueMiddleware",
         "RetryMiddleware",
         "TimeoutMiddleware",
+        "CronMiddleware",
         "Recorder",
     ]
     assert tr.middleware[-1] is mine

@@ -18,6 +18,9 @@ from taskrunner import (
     BoundTask,
     Call,
     ConfigurationError,
+    CronInfo,
+    CronSchedule,
+    CronTab,
     DeadLetters,
     EmbeddedRedisError,
     EnqueueContext,
@@ -42,6 +45,7 @@ from taskrunner import (
     OutcomeKind,
     PayloadTooLarge,
     Retry,
+    ScheduleNotFound,
     Task,
     TaskOptions,
     TaskRunner,
@@ -218,6 +222,46 @@ async def check_runner_and_worker() -> None:
         assert_type(running, Worker)
         running.stop()
     await tr.worker(handle_signals=False, max_deliveries=3).run()
+
+
+@tr.cron("*/5 * * * *", tz="Europe/Paris")
+async def cleanup() -> int:
+    return 0
+
+
+@tr.cron("*/10 * * * * *", name="tick", max_drift=timedelta(minutes=5))
+@tr.task(lock="until_executed")
+async def locked_tick() -> None: ...
+
+
+daily: CronSchedule = tr.cron("0 8 * * *", send.call("a", datetime.now()), name="daily")
+urgent = tr.cron("0 * * * *", send.options(priority="high").call("b", datetime.now()), name="u")
+
+
+async def check_cron() -> None:
+    assert_type(cleanup, Task[[], int])
+    assert_type(locked_tick, Task[[], None])
+    assert_type(await cleanup.enqueue(), Job[int])
+    assert_type(urgent, CronSchedule)
+    assert_type(daily.name, str)
+    assert_type(daily.max_drift, float)
+    assert_type(daily.job_id(0), str)
+    assert_type(daily.next_run(), datetime | None)
+    crontab: CronTab = tr.crontab
+    assert_type(list(crontab), list[CronSchedule])
+    assert_type(crontab.get("daily"), CronSchedule)
+    found = await crontab.list()
+    assert_type(found, list[CronInfo])
+    assert_type(found[0].next_run, datetime | None)
+    assert_type(found[0].paused, bool)
+    assert_type(await crontab.info("daily"), CronInfo)
+    assert_type(await crontab.pause("daily"), None)
+    assert_type(await crontab.resume("daily"), None)
+    assert_type(await crontab.trigger("daily"), Job[Any])
+    try:
+        crontab.get("nope")
+    except ScheduleNotFound as exc:
+        assert_type(exc, ScheduleNotFound)
 
 
 def check_job_values(info: JobInfo, ctx: JobContext, outcome: Outcome) -> None:

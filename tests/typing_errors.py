@@ -112,3 +112,21 @@ async def enqueue_checks() -> None:
     # E: mypy[assignment] pyright[reportAssignmentType]
     mistyped: Job[str] = a
     del wrong, s, mistyped
+
+
+# Cron: a scheduled function or task takes no arguments; fixed ones go through .call().
+# E: mypy[arg-type] pyright[reportArgumentType]
+@tr.cron("* * * * *")
+async def needs_argument(x: int) -> None: ...
+
+
+# E: mypy[arg-type] pyright[reportArgumentType]
+@tr.cron("* * * * *")
+@tr.task
+async def task_needs_argument(x: int) -> None: ...
+
+
+# E: mypy[arg-type] pyright[reportArgumentType]
+tr.cron("0 * * * *", add.call(1, "2"))
+# E: mypy[call-overload] pyright[reportCallIssue]
+tr.cron("0 * * * *", add.call(1, 2), max_drif=5)

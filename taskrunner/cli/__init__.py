@@ -1,4 +1,5 @@
-"""The ``taskrunner`` command: ``worker``, ``enqueue``, ``info`` and the dead-letter commands.
+"""The ``taskrunner`` command: ``worker``, ``enqueue``, ``info``, ``cron`` and the dead-letter
+commands.
 
 Why click: it is already a dependency of most of the ecosystem (uvicorn, typer, flask),
 so it costs nothing extra to install; its help output, repeatable options, choices and
@@ -23,6 +24,7 @@ import click
 
 from taskrunner import __version__
 from taskrunner.cli._common import TaskrunnerGroup, fail, load_app, run_async
+from taskrunner.cli.cron import cron
 from taskrunner.cli.dashboard import dashboard
 from taskrunner.cli.enqueue import enqueue
 from taskrunner.cli.info import info
@@ -55,6 +57,7 @@ main.add_command(enqueue)
 main.add_command(info)
 for command in (job, jobs, abort, retry, queue, dashboard):  # operations (docs/operations.md)
     main.add_command(command)
+main.add_command(cron)
 
 
 def _add_optional(module_name: str) -> None:

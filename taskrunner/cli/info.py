@@ -16,7 +16,9 @@ from pydantic import BaseModel
 
 from taskrunner.cli._common import example, load_app, run_async, settings_for
 from taskrunner.cli._queues import check_queue_names
+from taskrunner.cli.cron import table as cron_table
 from taskrunner.counts import queue_counts, resolve
+from taskrunner.cron.schedule import CronInfo
 from taskrunner.runner import TaskRunner
 
 EXAMPLE = """
@@ -49,11 +51,14 @@ class QueueInfo(BaseModel):
 class Info(BaseModel):
     namespace: str
     queues: dict[str, QueueInfo]
+    cron: list[CronInfo] = []
+    """The app's cron schedules: next and last run, paused (``taskrunner cron``)."""
 
 
 @click.command(
     help="Show, per queue of APP, how many jobs are queued, scheduled, running, failed "
-    "and dead-lettered, and the live workers with their last heartbeat." + example(EXAMPLE)
+    "and dead-lettered, the live workers with their last heartbeat, and the cron "
+    "schedules with their next run." + example(EXAMPLE)
 )
 @click.argument("app")
 @click.option("--queue", "-q", "queues", multiple=True, help="Queue to show (repeatable).")
@@ -87,7 +92,8 @@ async def gather(runner: TaskRunner, queues: list[str]) -> Info:
         result[found.queue] = QueueInfo(
             **found.by_status(), partitions=found.partitions, workers=live, stale_workers=stale
         )
-    return Info(namespace=runner.namespace, queues=result)
+    schedules = [i for i in await runner.crontab.list() if i.queue in result]
+    return Info(namespace=runner.namespace, queues=result, cron=schedules)
 
 
 def _workers(
@@ -120,6 +126,8 @@ def table(found: Info) -> str:
         workers += [(w.id, name, f"{w.age:.1f}s ago") for w in q.workers]
         workers += [(w.id, name, f"{w.age:.1f}s ago (stale)") for w in q.stale_workers]
     lines.append(_align(workers) if len(workers) > 1 else "no live workers")
+    if found.cron:
+        lines.append(cron_table(found.cron))
     return "\n\n".join(lines)
 
 

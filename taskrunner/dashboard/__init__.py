@@ -11,9 +11,10 @@ Mount it into any FastAPI or Starlette app, or run it alone::
 Pages: queues (live counts, pause/resume, a throughput chart over the last hour), jobs
 (filtered by queue, task and status, search by id), a job's detail (arguments,
 attempts, timings, error and traceback, progress, lock holder; retry, abort), dead
-letters (retry, delete, purge), workers (running jobs, last heartbeat), and a place
-for cron schedules. Server-rendered Jinja2 with htmx (vendored, no CDN, no build step)
-polling the live parts; the chart is an SVG drawn on the server.
+letters (retry, delete, purge), workers (running jobs, last heartbeat), and cron
+schedules (next and last run; pause, resume, run now). Server-rendered Jinja2 with
+htmx (vendored, no CDN, no build step) polling the live parts; the chart is an SVG
+drawn on the server.
 
 ``auth`` is the host app's check, asked on every request (see ``guard``). Actions are
 POST requests with CSRF protection. The runner must be open (``async with tr:`` in

@@ -174,7 +174,7 @@ async def workers_page(request: Request) -> Response:
 
 
 async def cron_page(request: Request) -> Response:
-    return render(request, "cron.html")
+    return render(request, "cron.html", schedules=await runner_of(request).crontab.list())
 
 
 # -- actions (POST) ---------------------------------------------------------------------------
@@ -265,6 +265,23 @@ async def dead_action(request: Request) -> Response:
     return _back(request, path(request, "dead", {"queue": queue}), notice)
 
 
+async def cron_action(request: Request) -> Response:
+    """Pause, resume or trigger a cron schedule (``tr.crontab``)."""
+    name, action = request.path_params["schedule"], request.path_params["action"]
+    if action not in ("pause", "resume", "trigger"):
+        raise HTTPException(404, f"no cron action {action!r}")
+    await _form(request)
+    crontab = runner_of(request).crontab
+    if name not in crontab:
+        raise HTTPException(404, f"no cron schedule {name!r}")
+    if action == "trigger":
+        notice = f"cron {name}: job {(await crontab.trigger(name)).id} enqueued"
+    else:
+        await (crontab.pause if action == "pause" else crontab.resume)(name)
+        notice = f"cron {name} {action}d"
+    return _back(request, path(request, "cron"), notice)
+
+
 ROUTES = [
     Route("/", queues_page, name="queues"),
     Route("/jobs", jobs_page, name="jobs"),
@@ -282,6 +299,7 @@ ROUTES = [
     ),
     Route("/workers", workers_page, name="workers"),
     Route("/cron", cron_page, name="cron"),
+    Route("/cron/{schedule}/{action:str}", cron_action, methods=["POST"], name="cron_action"),
 ]
 
 PATHS = {route.name: route.path for route in ROUTES}

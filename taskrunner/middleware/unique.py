@@ -198,6 +198,13 @@ class UniqueMiddleware(Middleware):
             partitions = 1
         return client.keys(name, home_partition(digest, partitions)).lock(digest)
 
+    def partition_for(self, task: TaskDefinition, payload: str, partitions: int) -> int | None:
+        """The partition a job of ``task`` with these arguments (``payload``, as
+        encoded) goes to among ``partitions``: its lock digest's; None if not unique."""
+        if not self.applies_to(task):
+            return None
+        return home_partition(lock_digest(task.name, self._unique_value(task, payload)), partitions)
+
     @staticmethod
     def _unique_value(task: TaskDefinition, payload: str) -> Any:
         opts = task.options_for(UniqueOptions)
