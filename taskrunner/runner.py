@@ -41,6 +41,7 @@ from taskrunner.exceptions import (
     TaskrunnerError,
     UnknownOptionError,
 )
+from taskrunner.group import Group
 from taskrunner.job import Job
 from taskrunner.keys import (
     DEFAULT_LEVEL,
@@ -570,6 +571,12 @@ class TaskRunner:
             batch = contexts[start : start + ENQUEUE_BATCH]
             jobs.extend(await self.client.write_many(batch, self._enqueue_layers))
         return jobs
+
+    async def group(self, calls: Iterable[Call[R]], /) -> Group[R]:
+        """Enqueue calls (of any tasks) as a group, in one pipelined batch like
+        ``enqueue_many``; ``await group.results()`` gives their results in order
+        (docs/chains.md). Every call is validated before anything is written."""
+        return Group(await self._enqueue_all(calls))
 
     async def enqueue_chain(self, first: Call[Any], steps: Sequence[Call[Any]]) -> ChainJob[Any]:
         """Validate a chain and write its first job with the rest as its follow-up spec
