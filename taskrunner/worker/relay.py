@@ -163,6 +163,10 @@ class Relay:
             plan.write = await self._write(job_id, spec, step, result or "null", meta)
         except SpecError as exc:
             plan.dead = str(exc)
+        except REDIS_ERRORS:
+            raise  # the next round tries again
+        except Exception as exc:  # noqa: BLE001 - hostile data: settle this item only
+            plan.dead = f"the follow-up spec cannot be used: {safe_text(repr(exc), 200)}"
         return plan
 
     async def _write(
