@@ -3,6 +3,7 @@
 Typed tasks, no lost jobs, no job run twice at once. Start with ``TaskRunner``.
 """
 
+from taskrunner.chain import Chain, ChainJob
 from taskrunner.cron import CronInfo, CronSchedule, CronTab
 from taskrunner.deadletters import DeadLetters
 from taskrunner.exceptions import (
@@ -25,6 +26,7 @@ from taskrunner.exceptions import (
     TaskTimeout,
     UnknownOptionError,
 )
+from taskrunner.group import Group
 from taskrunner.job import ErrorInfo, Job, JobContext, JobInfo, JobStatus, current_job
 from taskrunner.middleware.base import (
     EnqueueContext,
@@ -44,6 +46,8 @@ __version__ = "0.1.0"
 __all__ = [
     "BoundTask",
     "Call",
+    "Chain",
+    "ChainJob",
     "ConfigurationError",
     "CronInfo",
     "CronSchedule",
@@ -53,6 +57,7 @@ __all__ = [
     "EnqueueContext",
     "ErrorInfo",
     "ExecutionContext",
+    "Group",
     "Job",
     "JobAborted",
     "JobContext",

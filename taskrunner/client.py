@@ -177,6 +177,7 @@ class Client:
             delay_ms,
             ctx.locks,
             json.dumps(ctx.meta, separators=(",", ":")) if ctx.meta else "",
+            ctx.follow,
         )
 
     def job_from_reply(self, ctx: EnqueueContext, reply: Sequence[Any]) -> Job[Any]:
@@ -238,16 +239,20 @@ class Client:
             )
         return self._subscriber
 
-    async def wait(self, queue: str, job_id: str, timeout: float | None) -> dict[str, str]:
+    async def wait(
+        self, queue: str, job_id: str, timeout: float | None, *, relayed: bool = False
+    ) -> dict[str, str]:
         """Wait until the job is final and return its state. Subscribes to its done
         channel, then marks it watched and reads it (watch.lua), so either the read or
         the message sees the final status. Redis outages and dead connections are
-        ridden out (re-reading after each resubscription) until ``timeout``."""
+        ridden out (re-reading after each resubscription) until ``timeout``.
+        ``relayed``: a chain step that succeeded is waited for until its follow-up
+        is written too (its ``relayed`` field)."""
         with anyio.fail_after(timeout):
             keys = await self._retrying(lambda: self.locate(queue, job_id))
-            return await self._wait(keys, job_id)
+            return await self._wait(keys, job_id, relayed=relayed)
 
-    async def _wait(self, keys: QueueKeys, job_id: str) -> dict[str, str]:
+    async def _wait(self, keys: QueueKeys, job_id: str, *, relayed: bool) -> dict[str, str]:
         wake = asyncio.Event()
         listener = handler(lambda data: wake.set(), wake.set)
         channel = keys.done(job_id)
@@ -257,7 +262,7 @@ class Client:
             while True:
                 wake.clear()
                 state = await self._retrying(lambda: self._watch(keys, job_id))
-                if JobStatus(state["status"]).is_final:
+                if JobStatus(state["status"]).is_final and (not relayed or _relayed(state)):
                     return state
                 await wake.wait()
         finally:
@@ -267,7 +272,7 @@ class Client:
         reply = await scripts.run(self.redis, scripts.watch(keys, job_id))
         if not reply:
             raise JobNotFound(job_id)
-        names = ("status", "task", "result", "error", "progress")
+        names = ("status", "task", "result", "error", "progress", "next", "relayed")
         return {n: str(v) for n, v in zip(names, reply, strict=True) if v is not None}
 
     async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
@@ -326,6 +331,12 @@ class Client:
             with anyio.CancelScope(shield=True):
                 await asyncio.gather(task, return_exceptions=True)
         await self.connection.aclose()
+
+
+def _relayed(state: dict[str, str]) -> bool:
+    """Whether nothing more will happen to a final job: it did not succeed, has no
+    follow-ups, or its follow-up was written (or dead-lettered) by the relay."""
+    return state["status"] != JobStatus.SUCCEEDED or "next" not in state or "relayed" in state
 
 
 def _json_or_none(text: str) -> Any:

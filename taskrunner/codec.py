@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model
 from taskrunner.exceptions import ConfigurationError
 
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+_FIRST = object()
+"""Stands for a chain step's first argument (the previous result) while binding."""
 _MODEL_CONFIG = ConfigDict(extra="forbid", populate_by_name=True, arbitrary_types_allowed=False)
 
 
@@ -47,6 +49,34 @@ class ArgsCodec:
         except Exception as exc:
             raise ConfigurationError(f"task {name}: unsupported signature: {exc}") from exc
         self.result = ResultCodec(hints.get("return", Any))
+        self._name = name
+        self._fields = fields
+        self._rest: type[BaseModel] | None = None
+
+    def first_parameter(self) -> str:
+        """The name of the first parameter, if a positional argument can fill it (a
+        chain step's previous result goes there); TypeError otherwise."""
+        params = list(self.signature.parameters.values())
+        if not params or params[0].kind not in _POSITIONAL:
+            raise TypeError(
+                f"task {self._name} cannot follow another in a chain: its first parameter "
+                "must take a positional argument (the previous result)"
+            )
+        return params[0].name
+
+    def encode_rest(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, str]:
+        """A call without its first argument (a chain step): ``(first parameter's name,
+        the other arguments' JSON)``, validated like ``encode`` (TypeError if they do
+        not fit, ValidationError if bad)."""
+        first = self.first_parameter()
+        bound = self.signature.bind(_FIRST, *args, **kwargs)
+        bound.apply_defaults()
+        values = dict(bound.arguments)
+        del values[first]
+        if self._rest is None:
+            rest = {k: v for k, v in self._fields.items() if k != "p0"}
+            self._rest = create_model(f"{self._name}.rest", __config__=_MODEL_CONFIG, **rest)
+        return first, self._rest.model_validate(values).model_dump_json(by_alias=True)
 
     def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         """The call's arguments by name, defaults applied (TypeError if they don't fit)."""

@@ -23,6 +23,9 @@ script touches a single slot, and every script receives all its keys in KEYS::
     {ns}:{queue}:cron:{name}      hash: a cron schedule's state (last tick handled and by
                                   which worker, paused, last tick fired and its job); in
                                   the partition its jobs go to (taskrunner.cron)
+    {ns}:{queue}:next             sorted set, the outbox of chains: ids of succeeded jobs
+                                  whose follow-up is not written yet, scored by commit
+                                  time (ms); commit.lua adds, relayed.lua removes
     {ns}:{queue}:events           channel: "due", "ready", "abort <id>", "pause", "resume"
     {ns}:{queue}:done:{id}        channel: the job reached a final status
 
@@ -116,6 +119,7 @@ class QueueKeys:
         "idle",
         "meta",
         "namespace",
+        "outbox",
         "partition",
         "paused",
         "prefix",
@@ -157,6 +161,7 @@ class QueueKeys:
         self.idle = f"{self.prefix}:idle"
         self.paused = f"{self.prefix}:paused"
         self.reclaim = f"{self.prefix}:reclaim"
+        self.outbox = f"{self.prefix}:next"
         home = f"{namespace}:{{{queue}}}"
         self.workers = f"{home}:workers"
         self.meta = f"{home}:meta"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import difflib
+import json
 import logging
+import math
 import os
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -16,6 +18,8 @@ import pydantic
 
 from taskrunner import deadletters, scripts
 from taskrunner.admin import Admin
+from taskrunner.chain import NEXT_HEADER, ChainJob, Spec, Step
+from taskrunner.chain import handles as chain_handles
 from taskrunner.client import Client
 from taskrunner.clock import Clock
 from taskrunner.codec import ResultCodec
@@ -37,6 +41,7 @@ from taskrunner.exceptions import (
     TaskrunnerError,
     UnknownOptionError,
 )
+from taskrunner.group import Group
 from taskrunner.job import Job
 from taskrunner.keys import (
     DEFAULT_LEVEL,
@@ -566,6 +571,54 @@ class TaskRunner:
             batch = contexts[start : start + ENQUEUE_BATCH]
             jobs.extend(await self.client.write_many(batch, self._enqueue_layers))
         return jobs
+
+    async def group(self, calls: Iterable[Call[R]], /) -> Group[R]:
+        """Enqueue calls (of any tasks) as a group, in one pipelined batch like
+        ``enqueue_many``; ``await group.results()`` gives their results in order
+        (docs/chains.md). Every call is validated before anything is written."""
+        return Group(await self._enqueue_all(calls))
+
+    async def enqueue_chain(self, first: Call[Any], steps: Sequence[Call[Any]]) -> ChainJob[Any]:
+        """Validate a chain and write its first job with the rest as its follow-up spec
+        (``task.chain(...).then(...).enqueue()``; docs/chains.md)."""
+        ctx = self._context(first)
+        if steps:
+            spec = Spec(tuple(self._step(call) for call in steps))
+            ctx.follow = spec.encode()
+            size = len(ctx.follow.encode())
+            if size > self.max_payload:
+                raise PayloadTooLarge(f"the chain after {first.task.name}", size, self.max_payload)
+            ctx.meta[NEXT_HEADER] = "1"
+        [job] = await self.client.write_many([ctx], self._enqueue_layers)
+        queues = [(c.options.queue or c.task.queue, c.task.codec.result) for c in steps]
+        return chain_handles(self.client, job, queues)
+
+    def _step(self, call: Call[Any]) -> Step:
+        """One follow-up of a chain, validated now (its first argument comes later)."""
+        definition, opts = call.task, call.options
+        if opts.job_id is not None or opts.at is not None:
+            raise TypeError(
+                f"chain step {definition.name}: job_id and at are not allowed (a step's id "
+                "derives from the chain's, and it runs after the step before it)"
+            )
+        if self.unique.applies_to(definition):
+            raise ConfigurationError(
+                f"chain step {definition.name}: a task with a unique lock (lock=) cannot "
+                "follow another (follow-ups are written without enqueue middleware)"
+            )
+        param, rest = definition.codec.encode_rest(call.args, call.kwargs)
+        priority = opts.priority or definition.priority
+        if priority is not None:
+            self.check_priority(priority, definition.name)
+        delay = 0 if opts.delay is None else max(0, math.ceil(_seconds(opts.delay) * 1000))
+        return Step(
+            task=definition.name,
+            queue=check_name("queue", opts.queue or definition.queue),
+            level=priority or "",
+            param=param,
+            args=json.loads(rest),
+            delay_ms=delay,
+        )
 
     def _enqueue_layers(self, ctx: EnqueueContext) -> list[Middleware]:
         """The enqueue middleware of ``ctx``'s task (computed once per task)."""

@@ -136,6 +136,7 @@ RELEASE = Script("release")
 RENEW = Script("renew")
 HASTEN = Script("hasten")
 TICK = Script("tick", uses=("enqueue",))
+RELAYED = Script("relayed")
 ALL = (
     ENQUEUE,
     FETCH,
@@ -167,6 +168,7 @@ ALL = (
     RENEW,
     HASTEN,
     TICK,
+    RELAYED,
 )
 
 
@@ -390,9 +392,11 @@ def enqueue(
     delay_ms: int,
     locks: Sequence[tuple[str, int]] = (),
     meta: str = "",
+    follow: str = "",
 ) -> ScriptCall:
     """Write a job due in ``delay_ms`` (and take its enqueue-side locks: ``(key,
-    ttl_ms)``); ``meta`` is the job's headers as JSON ("" for none)."""
+    ttl_ms)``); ``meta`` is the job's headers as JSON ("" for none); ``follow`` its
+    follow-ups as JSON (a chain step, taskrunner.chain; "" for none)."""
     return ScriptCall(
         ENQUEUE,
         [
@@ -414,6 +418,7 @@ def enqueue(
             keys.events,
             env.publish,
             env.clock,
+            follow,
             *(ttl for _, ttl in locks),
         ],
     )
@@ -482,8 +487,11 @@ def commit(
     level: str,
     locks: Sequence[str],
     lock_ttl_ms: int,
+    *,
+    follow: bool = False,
 ) -> ScriptCall:
-    """Record an outcome and acknowledge the entry, if the lease is still ``token``."""
+    """Record an outcome and acknowledge the entry, if the lease is still ``token``.
+    ``follow``: the job has follow-ups (a chain step): a success joins the outbox."""
     return ScriptCall(
         COMMIT,
         [
@@ -495,6 +503,7 @@ def commit(
             keys.failed,
             keys.idle,
             keys.finished(outcome),
+            *((keys.outbox,) if follow else ()),
             *locks,
         ],
         [
@@ -512,6 +521,7 @@ def commit(
             env.clock,
             level,
             lock_ttl_ms,
+            *(("1",) if follow else ()),
         ],
     )
 
@@ -712,6 +722,33 @@ def hasten(env: Env, keys: QueueKeys, job_id: str) -> ScriptCall:
     """Make a job waiting in the delayed set for a limit slot due now."""
     return ScriptCall(
         HASTEN, [keys.job(job_id), keys.delayed], [env.clock, env.publish, keys.events]
+    )
+
+
+def relayed(
+    env: Env,
+    keys: QueueKeys,
+    job_id: str,
+    dead: tuple[str, str, str, str] | None = None,
+) -> ScriptCall:
+    """Take job ``job_id`` out of its partition's outbox once its follow-up is written,
+    or, with ``dead`` = ``(dead_id, task, queue, error_json)``, dead-letter the
+    follow-up in this partition instead (see relayed.lua)."""
+    dead_id, task, queue, error = dead or ("", "", "", "")
+    return ScriptCall(
+        RELAYED,
+        [keys.outbox, keys.job(job_id), keys.dead, keys.job(dead_id or f"next-{job_id}")],
+        [
+            job_id,
+            "dead" if dead else "ok",
+            keys.done(job_id),
+            env.publish,
+            env.clock,
+            dead_id,
+            task,
+            queue,
+            error,
+        ],
     )
 
 

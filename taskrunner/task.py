@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar
@@ -11,6 +11,7 @@ from taskrunner.codec import ArgsCodec
 from taskrunner.options import TaskOptions
 
 if TYPE_CHECKING:
+    from taskrunner.chain import Chain, ChainJob
     from taskrunner.job import Job
 
 P = ParamSpec("P")
@@ -78,9 +79,14 @@ class Call(Generic[R_co]):
 
 
 class Enqueues(Protocol):
-    """What a task needs of its runner: to enqueue calls (``TaskRunner.enqueue_many``)."""
+    """What a task needs of its runner: to enqueue calls (``TaskRunner.enqueue_many``)
+    and chains (``TaskRunner.enqueue_chain``)."""
 
     async def enqueue_many(self, calls: list[Call[Any]], /) -> list[Job[Any]]: ...
+
+    async def enqueue_chain(
+        self, first: Call[Any], steps: Sequence[Call[Any]]
+    ) -> ChainJob[Any]: ...
 
 
 class _Enqueuer(Generic[P, R]):
@@ -111,6 +117,21 @@ class _Enqueuer(Generic[P, R]):
         writes nothing. Returns the handles in the order of ``calls``.
         """
         return await self._runner.enqueue_many(list(calls))
+
+    def chain(self, *args: P.args, **kwargs: P.kwargs) -> Chain[R]:
+        """The first step of a chain (docs/chains.md): ``add.chain(1, 2).then(double)``
+        runs ``double`` with ``add``'s result when it succeeds. Nothing is sent before
+        ``await ....enqueue()``."""
+        from taskrunner.chain import Chain
+
+        return Chain(self._runner, self.call(*args, **kwargs))
+
+
+def step_call(
+    task: _Enqueuer[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Call[Any]:
+    """A chain step: ``task`` with the arguments after its first (taskrunner.chain)."""
+    return Call(task._definition, args, kwargs, task._enqueue_options)
 
 
 class BoundTask(_Enqueuer[P, R]):

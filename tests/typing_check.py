@@ -17,6 +17,8 @@ from pydantic import BaseModel
 from taskrunner import (
     BoundTask,
     Call,
+    Chain,
+    ChainJob,
     ConfigurationError,
     CronInfo,
     CronSchedule,
@@ -26,6 +28,7 @@ from taskrunner import (
     EnqueueContext,
     ErrorInfo,
     ExecutionContext,
+    Group,
     Job,
     JobAborted,
     JobContext,
@@ -236,6 +239,42 @@ async def locked_tick() -> None: ...
 
 daily: CronSchedule = tr.cron("0 8 * * *", send.call("a", datetime.now()), name="daily")
 urgent = tr.cron("0 * * * *", send.options(priority="high").call("b", datetime.now()), name="u")
+
+
+@tr.task
+async def double(x: int) -> int:
+    return 2 * x
+
+
+@tr.task(queue="reports")
+async def describe(total: int, unit: str, *, precise: bool = False) -> str:
+    return f"{total} {unit}"
+
+
+async def check_chains_and_groups() -> None:
+    chain = add.chain(1, 2).then(double).then(describe, "m", precise=True)
+    assert_type(chain, Chain[str])
+    assert_type(add.chain(1, 2), Chain[int])
+    assert_type(add.options(queue="urgent").chain(1, y=2).then(double), Chain[int])
+    bound_step = add.chain(1, 2).then(describe.options(priority="high", delay=5), "s")
+    assert_type(bound_step, Chain[str])
+    handle = await chain.enqueue()
+    assert_type(handle, ChainJob[str])
+    assert_type(await handle.result(timeout=10), str)
+    assert_type(handle.last, Job[str])
+    assert_type(handle.jobs, tuple[Job[Any], ...])
+    assert_type(handle.id, str)
+    assert_type(handle.deduplicated, bool)
+
+    group = await tr.group([add.call(1, 2), double.call(3)])
+    assert_type(group, Group[int])
+    assert_type(await group.results(timeout=10), list[int])
+    assert_type(await group.results(return_exceptions=True), list[int | JobError])
+    assert_type(group.jobs, tuple[Job[int], ...])
+    mixed: Group[int | str] = await tr.group([add.call(1, 2), describe.call(1, "m")])
+    assert_type(await mixed.results(), list[int | str])
+    rebuilt = Group([tr.job(j.id) for j in group.jobs])
+    del rebuilt
 
 
 async def check_cron() -> None:

@@ -130,3 +130,41 @@ async def task_needs_argument(x: int) -> None: ...
 tr.cron("0 * * * *", add.call(1, "2"))
 # E: mypy[call-overload] pyright[reportCallIssue]
 tr.cron("0 * * * *", add.call(1, 2), max_drif=5)
+
+
+# Chains: the next task's first parameter must take the previous result; the rest are
+# checked like enqueue's arguments.
+@tr.task
+async def shout(text: str) -> str:
+    return text.upper()
+
+
+@tr.task
+async def scale(x: int, factor: int) -> int:
+    return x * factor
+
+
+@tr.task
+async def nothing() -> int:
+    return 1
+
+
+# E: mypy[arg-type] pyright[reportArgumentType]
+add.chain(1, 2).then(shout)
+# E: mypy[arg-type] pyright[reportArgumentType]
+add.chain(1, 2).then(scale, "2")
+# E: mypy[call-arg] pyright[reportCallIssue]
+add.chain(1, 2).then(scale)
+# E: mypy[arg-type] pyright[reportArgumentType]
+add.chain(1, 2).then(nothing)
+# E: mypy[arg-type] pyright[reportArgumentType]
+add.chain("1", 2)
+# E: mypy[arg-type] pyright[reportArgumentType]
+add.chain(1, 2).then(scale, 2).then(shout)
+
+
+async def wrong_group_result() -> None:
+    group = await tr.group([add.call(1, 2)])
+    # E: mypy[assignment] pyright[reportAssignmentType]
+    texts: list[str] = await group.results()
+    print(texts)

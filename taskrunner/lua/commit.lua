@@ -1,11 +1,16 @@
 -- Record what happens next to a job and acknowledge its entry, in one step,
 -- only while the caller's lease (fencing token) is still the job's lease.
--- KEYS: stream, job, delayed, dead, seq, failed, idle, index, lock_1 .. lock_n
+-- KEYS: stream, job, delayed, dead, seq, failed, idle, index, [outbox], lock_1 .. lock_n
 --       index: the finished-job index (sorted set by finish time) of the outcome's
 --       status: succeeded, rejected, or aborted for any other outcome (the status an
 --       abort request turns a retry, reschedule or hand-back into)
 -- ARGV: group, entry_id, token, job_id, outcome, payload, ttl_ms, delay_ms,
---       done_channel, events_channel, publish_command, clock_offset_ms, level, lock_ttl_ms
+--       done_channel, events_channel, publish_command, clock_offset_ms, level, lock_ttl_ms,
+--       [follow]
+--       follow '1' (only for a job with follow-ups, a chain step: taskrunner.chain):
+--       KEYS[9] is the partition's outbox, and a succeeded job's id joins it, scored by
+--       the commit time, in this same step; the relay (worker/relay.py) later writes its
+--       follow-up. Without it the script does nothing more than before.
 -- outcome: succeeded | failed | aborted | rejected | dead   (final)
 --          retry | reschedule                               (back to the delayed set;
 --                                       a reschedule is due at once if the job was
@@ -27,6 +32,11 @@ local stream, job, delayed, dead, seq = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS
 local group, entry, token, job_id, outcome = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local publish = ARGV[11]
 local FIRST_LOCK = 9
+local outbox = nil
+if ARGV[15] then
+  outbox = KEYS[9]
+  FIRST_LOCK = 10
+end
 
 local h = redis.call('HMGET', job, 'lease', 'committed', 'abort', 'watch')
 if h[1] ~= token then
@@ -86,6 +96,9 @@ end
 if outcome == 'succeeded' then
   redis.call('HSET', job, 'status', outcome, 'finished', now, 'lease', '', 'committed', token,
     'result', ARGV[6])
+  if outbox then
+    redis.call('ZADD', outbox, now, job_id)
+  end
 elseif ARGV[6] ~= '' then
   redis.call('HSET', job, 'status', outcome, 'finished', now, 'lease', '', 'committed', token,
     'error', ARGV[6])

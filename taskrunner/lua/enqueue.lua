@@ -3,7 +3,9 @@
 -- server's clock (TIME + the runner's clock offset): producers pass relative delays.
 -- KEYS: job, stream (of the job's priority level), delayed, seq, idle, lock_1 .. lock_n
 -- ARGV: job_id, task, args, queue, level, delay_ms, meta_json, events_channel,
---       publish_command, clock_offset_ms, lock_ttl_ms_1 .. n
+--       publish_command, clock_offset_ms, next_json, lock_ttl_ms_1 .. n
+--       next_json: the job's follow-ups (a chain, taskrunner.chain), stored as its
+--       'next' field; '' for none
 -- Returns {0, ""} job exists already (idempotent), {1, entry_or_member} written,
 --         {2, holder_job_id, lock_key} a lock is held by another job.
 local job, stream, delayed, seq, idle = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
@@ -22,7 +24,7 @@ for i = 6, #KEYS do
   locks[#locks + 1] = KEYS[i]
 end
 for i = 6, #KEYS do
-  redis.call('SET', KEYS[i], job_id, 'PX', ARGV[5 + i])
+  redis.call('SET', KEYS[i], job_id, 'PX', ARGV[6 + i])
 end
 
 local now = now_ms(ARGV[10])
@@ -35,6 +37,10 @@ end
 if ARGV[7] ~= '' then
   fields[#fields + 1] = 'meta'
   fields[#fields + 1] = ARGV[7]
+end
+if ARGV[11] ~= '' then
+  fields[#fields + 1] = 'next'
+  fields[#fields + 1] = ARGV[11]
 end
 if delay > 0 then
   local due = now + delay

@@ -73,6 +73,9 @@ class EnqueueContext:
     job_id_given: bool = False
     """The caller chose ``job_id`` (else it is random, and may be drawn again so that
     its home partition is the one a lock digest chose)."""
+    follow: str = ""
+    """The job's follow-ups as JSON (the rest of a chain, taskrunner.chain), written
+    with the job; "" for none. Set by ``Chain.enqueue``, not by middleware."""
 
 
 class OutcomeKind(StrEnum):

@@ -22,6 +22,7 @@ import anyio
 from redis.asyncio import Redis
 
 from taskrunner import scripts
+from taskrunner.chain import NEXT_HEADER
 from taskrunner.connection import REDIS_ERRORS, reachable, report, unavailable
 from taskrunner.exceptions import PayloadTooLarge
 from taskrunner.job import ErrorInfo, JobContext, safe_text
@@ -143,6 +144,8 @@ class Committer:
         self._result_ttl_ms = result_ttl_ms
         self._max_payload = max_payload
         self.on_retry: Callable[[], None] = lambda: None
+        self.on_follow_up: Callable[[], None] = lambda: None
+        """Called when a chain step's success was recorded (its id is in the outbox)."""
         self.unrecorded: dict[str, Claimed] = {}
         """Held jobs whose commit is not answered yet, by lease token."""
 
@@ -171,6 +174,7 @@ class Committer:
             item.level,
             item.locks,
             item.lock_ttl_ms,
+            follow=NEXT_HEADER in item.meta,
         )
         self.unrecorded[item.token] = item
         self.coalescer.submit_nowait(
@@ -226,6 +230,8 @@ class Committer:
         log_outcome(job, outcome, duration)
         if outcome.kind in (OutcomeKind.RETRY, OutcomeKind.RESCHEDULE):
             self.on_retry()
+        elif outcome.kind == OutcomeKind.SUCCEEDED and NEXT_HEADER in item.meta:
+            self.on_follow_up()
         for mw in self._middleware:
             try:
                 mw.on_commit(job, outcome)

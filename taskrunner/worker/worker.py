@@ -35,6 +35,7 @@ from taskrunner.worker.committer import Coalescer, Committer
 from taskrunner.worker.consumers import Consumers
 from taskrunner.worker.listener import EventHandler, EventListener
 from taskrunner.worker.reader import Reader, ensure_groups
+from taskrunner.worker.relay import Relay
 from taskrunner.worker.scheduler import Scheduler
 from taskrunner.worker.slots import Slots
 
@@ -122,6 +123,7 @@ class Worker:
         self.committer: Committer
         self.reader: Reader
         self.scheduler: Scheduler
+        self.relay: Relay
         self.listener: EventListener
 
     def __repr__(self) -> str:
@@ -331,6 +333,8 @@ class Worker:
             self.runner.max_idle_wait,
         )
         self.committer.on_retry = self.scheduler.wake
+        self.relay = Relay(self.redis, client, self.partitions, self.runner.max_idle_wait)
+        self.committer.on_follow_up = self.relay.wake
         self.reader = Reader(
             redis=self.redis,
             consumer=self.id,
@@ -359,12 +363,14 @@ class Worker:
         once, which also catches a missed abort)."""
         self.reader.wake()
         self.scheduler.wake()
+        self.relay.wake()
         self.listener.dispatch("", "resubscribed")
 
     async def _start_services(self, services: TaskGroup) -> None:
         services.start_soon(self.subscriber.run)
         services.start_soon(self.committer.coalescer.run)
         services.start_soon(self.scheduler.run)
+        services.start_soon(self.relay.run)
         services.start_soon(self._follow_partitions)
         for mw in self.runner.middleware:
             await mw.on_worker_start(self)
@@ -402,7 +408,7 @@ class Worker:
         if self.slots.busy:
             await self.slots.changed()
             return False
-        if await self.scheduler.promote_due():
+        if await self.scheduler.promote_due() or await self.relay.relay_all():
             return False
         for hook in self._drained_hooks:
             if await hook():
