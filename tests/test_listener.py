@@ -35,17 +35,19 @@ async def test_a_refused_subscription_stalls_neither_housekeeping_nor_jobs(
     monkeypatch.setattr(listener, "CONFIRM_WAIT", 0.5)
     monkeypatch.setattr(worker, "PARTITION_REFRESH", 0.2)
     user, password = f"nochan{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
-    await redis.execute_command(
-        "ACL",
-        "SETUSER",
+    version = str((await redis.info("server"))["redis_version"])
+    refused = (
+        ["-subscribe", "-ssubscribe"]
+        if int(version.split(".", maxsplit=1)[0]) >= 7
+        else ["-subscribe"]
+    )
+    await redis.acl_setuser(
         user,
-        "on",
-        f">{password}",
-        "~*",
-        "+@all",
-        "-subscribe",
-        "-ssubscribe",
-        "allchannels",
+        enabled=True,
+        passwords=[f"+{password}"],
+        keys=["*"],
+        channels=["*"],
+        commands=["+@all", *refused],
     )
     url = redis_server.url_for(user, password)
     try:
@@ -70,4 +72,4 @@ async def test_a_refused_subscription_stalls_neither_housekeeping_nor_jobs(
             await wait_until(follows, DEADLINE)
             await finished(tr, [await echo.enqueue(i) for i in range(5, 10)])
     finally:
-        await redis.execute_command("ACL", "DELUSER", user)
+        await redis.acl_deluser(user)
