@@ -64,17 +64,23 @@ def _sha(source: str) -> str:
     return hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
 
 
-_PRELUDE = """local function now_ms(clock)
+_PRELUDE = """local server_ms
+local function now_ms(clock)
   if string.sub(clock, 1, 1) == '=' then
     return tonumber(string.sub(clock, 2))
   end
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + (tonumber(clock) or 0)
+  if not server_ms then
+    local t = redis.call('TIME')
+    server_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return server_ms + (tonumber(clock) or 0)
 end
 """
 """Prepended to every script: "now" in ms from the server's clock (TIME) plus the
 runner's clock offset, or a frozen instant (``=<ms>``, tests only; see
-taskrunner.clock). Scripts never trust a client's clock."""
+taskrunner.clock). Scripts never trust a client's clock. TIME is read once per script
+run (a batch of calls shares it: a run lasts milliseconds at most), as each TIME costs
+about 0.5 µs of server CPU inside a script."""
 
 
 def _read(name: str) -> str:

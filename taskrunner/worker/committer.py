@@ -5,8 +5,9 @@ one pipeline, so a busy worker records many outcomes per round trip and an idle 
 sends each at once. Connection errors are retried with backoff (the scripts are safe
 to repeat: a repeat finds the lease already spent).
 
-``Committer``: turns a held job and its outcome into a commit call, frees its slot
-when Redis answers, logs the outcome, and tells the middleware (``on_commit``).
+``Committer``: turns a held job and its outcome into a commit call, frees its slot at
+once (``Slots.finish``: the next read overlaps the round trip), logs the outcome when
+Redis answers, and tells the middleware (``on_commit``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from taskrunner.job import ErrorInfo, JobContext, safe_text
 from taskrunner.logs import job_extra
 from taskrunner.middleware.base import Middleware, Outcome, OutcomeKind
 from taskrunner.worker.held import Claimed
+from taskrunner.worker.slots import Slots
 
 if TYPE_CHECKING:
     from taskrunner.task import TaskDefinition
@@ -132,7 +134,7 @@ class Committer:
         coalescer: Coalescer,
         env: Callable[[], scripts.Env],
         middleware: Sequence[Middleware],
-        release: Callable[[int], None],
+        slots: Slots,
         *,
         result_ttl_ms: int,
         max_payload: int,
@@ -140,7 +142,7 @@ class Committer:
         self.coalescer = coalescer
         self._env = env
         self._middleware = middleware
-        self._release = release
+        self._slots = slots
         self._result_ttl_ms = result_ttl_ms
         self._max_payload = max_payload
         self.on_retry: Callable[[], None] = lambda: None
@@ -156,8 +158,8 @@ class Committer:
         outcome: Outcome,
         duration: float | None = None,
     ) -> None:
-        """Send the outcome through the coalesced pipeline; the slot is freed (and the
-        outcome logged) when the reply comes back, without holding up the consumer."""
+        """Send the outcome through the coalesced pipeline and free the slot; the
+        outcome is logged when the reply comes back, without holding up the consumer."""
         outcome, payload = self._payload(item, task, outcome)
         delay = max(0.0, outcome.due - time.time()) if outcome.due is not None else 0.0
         call = scripts.commit(
@@ -177,6 +179,7 @@ class Committer:
             follow=NEXT_HEADER in item.meta,
         )
         self.unrecorded[item.token] = item
+        self._slots.finish()
         self.coalescer.submit_nowait(
             call, lambda reply: self._committed(item, outcome, reply, duration)
         )
@@ -204,7 +207,7 @@ class Committer:
         self, item: Claimed, outcome: Outcome, reply: Any, duration: float | None
     ) -> None:
         self.unrecorded.pop(item.token, None)
-        self._release(1)
+        self._slots.recorded()
         job = context_of(item)
         if isinstance(reply, Exception):
             logger.error(

@@ -7,6 +7,11 @@ Handlers are plain callbacks registered per kind and called with ``(queue, argum
 Anything else on the channel (anything in Redis may be hostile) is ignored. After each
 (re)subscription ``on_resubscribed`` runs, because messages published while the worker
 was not subscribed are lost (the periodic fallbacks cover them too).
+
+``follow`` waits at most ``CONFIRM_WAIT`` seconds for each new subscription: a server
+that refuses it (an ACL without the channel) must not stall the worker's housekeeping,
+which calls it. The subscription stays asked for; until it is confirmed the worker
+finds new jobs by its ``max_idle_wait`` fallback reads.
 """
 
 from __future__ import annotations
@@ -14,11 +19,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
+import anyio
+
 from taskrunner.keys import QueueKeys
 from taskrunner.logs import excerpt
 from taskrunner.subscriber import Subscriber, handler
 
 logger = logging.getLogger("taskrunner.worker")
+
+CONFIRM_WAIT = 10.0
+"""Seconds ``follow`` waits for the server to confirm one new subscription."""
 
 EventHandler = Callable[[str, str], None]
 """``handler(queue, argument)``."""
@@ -42,9 +52,17 @@ class EventListener:
             if keys.events in self._channels:
                 continue
             self._channels[keys.events] = keys.queue
-            await self._subscriber.subscribe(
-                keys.events, handler(self._dispatcher(keys.queue), self._on_resubscribed)
-            )
+            with anyio.move_on_after(CONFIRM_WAIT) as wait:
+                await self._subscriber.subscribe(
+                    keys.events, handler(self._dispatcher(keys.queue), self._on_resubscribed)
+                )
+            if wait.cancelled_caught:
+                logger.warning(
+                    "events of %s: the subscription was not confirmed within %gs; new jobs "
+                    "are found by the fallback reads until it is",
+                    keys.prefix,
+                    CONFIRM_WAIT,
+                )
 
     def _dispatcher(self, queue: str) -> Callable[[str], None]:
         def dispatch(data: str) -> None:

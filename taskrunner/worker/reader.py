@@ -4,7 +4,11 @@ Each round asks every partition (or, with fewer free slots than partitions, the 
 few in turn) for as many entries as there are free slots, with fetch.lua: highest
 priority level first, in one pipelined round trip however many partitions and cluster
 nodes there are (a blocking XREADGROUP cannot span partitions: they are different
-slots). The entries are then claimed with claim.lua, in one more round trip.
+slots). The entries are then claimed with claim.lua, in one more round trip, which
+runs beside the next read: a round takes at most half the worker's slots (unless that
+would leave a partition out), so while one half's claims (and then its jobs) run, the
+other half is being read. Slots are taken
+before the read, so reads in flight never ask for more than the free slots.
 
 When every partition came back drained, the reader sleeps until a "ready" event (the
 next enqueue into a drained partition publishes one), a freed slot that follows a
@@ -17,10 +21,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import anyio
+from anyio.abc import TaskGroup
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
@@ -90,6 +96,8 @@ class Reader:
         self._aging_ms = aging_ms
         self._wake = anyio.Event()
         self._offset = 0
+        self._chunk = max(1, math.ceil(slots.size / 2))
+        self._paused_until = 0.0
 
     def wake(self) -> None:
         self._wake.set()
@@ -105,8 +113,21 @@ class Reader:
         """Read until ``stopping()``. In burst mode (``drained`` given), when nothing
         was found, ``drained()`` says whether to stop or to read again at once;
         otherwise the reader waits for a wake-up."""
+        async with anyio.create_task_group() as claims:
+            await self._read(claims, stopping, drained)
+
+    async def _read(
+        self,
+        claims: TaskGroup,
+        stopping: Callable[[], bool],
+        drained: Callable[[], Awaitable[bool]] | None,
+    ) -> None:
         unasked: set[str] = set()
         while not stopping():
+            pause = self._paused_until - time.monotonic()
+            if pause > 0:  # the last claims failed: back off
+                await anyio.sleep(pause)
+                continue
             if self._slots.readable <= 0:
                 await self._slots.changed()
                 continue
@@ -114,7 +135,7 @@ class Reader:
             if not unasked:
                 unasked = {keys.prefix for _, keys in parts}
             self._wake = anyio.Event()
-            got, asked = await self._round(parts)
+            got, asked = await self._round(parts, claims)
             unasked -= asked
             if got or unasked or stopping():
                 if got:
@@ -127,20 +148,38 @@ class Reader:
             with anyio.move_on_after(self._idle_wait):
                 await self._wake.wait()
 
-    async def _round(self, parts: list[tuple[Queue, QueueKeys]]) -> tuple[int, set[str]]:
-        """One fetch-and-claim round: (entries claimed, partitions asked)."""
-        plan = self._plan(parts, self._slots.readable)
+    async def _round(
+        self, parts: list[tuple[Queue, QueueKeys]], claims: TaskGroup
+    ) -> tuple[int, set[str]]:
+        """One read; its claims run in ``claims``: (entries read, partitions asked)."""
+        free = self._slots.readable
+        if free >= 2 * len(parts):  # half the slots, if each partition still gets one
+            free = min(free, self._chunk)
+        plan = self._plan(parts, free)
+        self._slots.take(free)
         try:
             fetched = await self._fetch(plan)
             reachable()
         except REDIS_ERRORS as exc:
+            self._slots.release(free)
             report("reading jobs", exc)
             await anyio.sleep(CLAIM_BACKOFF)
             return 0, set()
+        except BaseException:
+            self._slots.release(free)
+            raise
         asked = {keys.prefix for _, keys, _ in plan}
-        if not fetched:
-            return 0, asked
-        self._slots.take(len(fetched))
+        if len(fetched) > free:  # rounding up over partitions
+            self._slots.take(len(fetched) - free)
+        else:
+            self._slots.release(free - len(fetched))
+        if fetched:
+            claims.start_soon(self._claim_and_deliver, fetched)
+        return len(fetched), asked
+
+    async def _claim_and_deliver(
+        self, fetched: list[tuple[Queue, QueueKeys, str, str, dict[str, str]]]
+    ) -> None:
         try:
             claimed = await self._claim(fetched)
         except REDIS_ERRORS as exc:
@@ -149,15 +188,14 @@ class Reader:
             # claims' writes, not the reads) would move the backlog into its own name.
             report("claiming jobs", exc)
             self._slots.release(len(fetched))
-            await anyio.sleep(CLAIM_BACKOFF)
-            return 0, asked
+            self._paused_until = time.monotonic() + CLAIM_BACKOFF
+            return
         except BaseException:
             self._slots.release(len(fetched))
             raise
         self._slots.release(len(fetched) - len(claimed))
         if claimed:
             self._deliver(claimed)
-        return len(fetched), asked
 
     def _plan(
         self, parts: list[tuple[Queue, QueueKeys]], free: int

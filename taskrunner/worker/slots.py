@@ -1,6 +1,10 @@
 """A worker's consumer slots, and the gate that lets one job run alone.
 
-``free`` slots bound how many jobs the worker reads. A job may ask to run alone (a
+``free`` slots bound how many jobs the worker reads. A job's slot frees when its task
+ends, while its outcome is still on its way to Redis, so the next read overlaps the
+commits' round trip instead of waiting for it; at most ``size`` outcomes may be
+unanswered beyond that (reads pause while more are), which bounds what a slow Redis
+lets pile up in memory. A job may ask to run alone (a
 suspect of killing its worker, see ``taskrunner.middleware.isolation``): it waits until
 no other job runs, no new job starts while it waits or runs, and the reader reads
 nothing meanwhile.
@@ -17,6 +21,7 @@ class Slots:
     def __init__(self, size: int) -> None:
         self.size = size
         self.free = size
+        self.committing = 0
         self._shared = 0
         self._alone_wanted = 0
         self._alone = False
@@ -34,7 +39,9 @@ class Slots:
     @property
     def readable(self) -> int:
         """Slots the reader may fill now (none while a job runs or waits to run alone)."""
-        return 0 if self._alone or self._alone_wanted else self.free
+        if self._alone or self._alone_wanted:
+            return 0
+        return max(0, self.free - max(0, self.committing - self.size))
 
     def take(self, n: int) -> None:
         self.free -= n
@@ -42,6 +49,17 @@ class Slots:
     def release(self, n: int = 1) -> None:
         if n:
             self.free += n
+            self._notify()
+
+    def finish(self) -> None:
+        """A job's task ended: its slot frees, its outcome waits for Redis' answer."""
+        self.committing += 1
+        self.release(1)
+
+    def recorded(self) -> None:
+        """Redis answered one outcome (see ``finish``)."""
+        self.committing -= 1
+        if self.committing >= self.size:
             self._notify()
 
     def poke(self) -> None:

@@ -310,7 +310,7 @@ class Worker:
             coalescer,
             lambda: client.env,
             self.runner.middleware,
-            self.slots.release,
+            self.slots,
             result_ttl_ms=client.result_ttl_ms,
             max_payload=client.max_payload,
         )
