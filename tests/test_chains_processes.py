@@ -68,11 +68,13 @@ async def test_worker_killed_after_the_commit_the_follow_up_runs_once(
 async def test_group_results_in_order_while_a_worker_is_killed(
     cli_workers: StartWorker, app: TaskRunner
 ) -> None:
-    workers = [cli_workers(APP, "--concurrency", "4") for _ in range(2)]
-    for worker in workers:
-        await worker.ready()
+    # The first worker is killed while it runs some of the group's jobs (each takes
+    # 1.5 s, so one seen running is still running when the kill lands), and only then
+    # does the second start: it must reclaim them, however loaded the machine is.
+    workers = [cli_workers(APP, "--concurrency", "4")]
+    await workers[0].ready()
     async with app:
-        group = await app.group([slow_square.call(i, 0.3) for i in range(16)])
+        group = await app.group([slow_square.call(i, 1.5) for i in range(16)])
 
         async def some_running_in_the_first() -> bool:
             infos = [await job.info() for job in group.jobs]
@@ -83,6 +85,7 @@ async def test_group_results_in_order_while_a_worker_is_killed(
 
         await wait_until(some_running_in_the_first, DEADLINE)
         workers[0].kill()
+        workers.append(cli_workers(APP, "--concurrency", "8"))
         assert await group.results(timeout=DEADLINE) == [i * i for i in range(16)]
         reclaimed = [await job.info() for job in group.jobs]
         assert any(i.reclaims for i in reclaimed)  # the killed worker's jobs were taken over
