@@ -643,11 +643,14 @@ class TaskRunner:
         if all == bool(job_ids):
             raise ValueError("retry_dead needs either job ids or all=True (not both)")
         revived = 0
+        redis, env, levels = self.client.redis, self.client.env, self.priorities
         for keys in await self._dead_keys(queue):
             if job_ids:
-                revived += await deadletters.retry_ids(self.client.redis, keys, list(job_ids))
+                revived += await deadletters.retry_ids(
+                    redis, keys, list(job_ids), env=env, levels=levels
+                )
             else:
-                revived += await deadletters.retry_all(self.client.redis, keys)
+                revived += await deadletters.retry_all(redis, keys, env=env, levels=levels)
         return revived
 
     async def delete_dead(self, job_ids: Sequence[str], *, queue: str | None = None) -> int:
