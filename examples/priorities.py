@@ -53,8 +53,8 @@ async def main() -> None:
         ran = [str(item) for item in await redis.lrange("examples-priorities:ran", 0, -1)]
         print("ran first:", ", ".join(ran[:5]), "...")
         for message in ("disk full", "weekly digest"):
-            before = ran.index(f"notify {message}")
-            print(f"notify {message!r} ran after {before} of the 30 resize jobs")
+            resized = [r for r in ran[: ran.index(f"notify {message}")] if r.startswith("resize")]
+            print(f"notify {message!r} ran after {len(resized)} of the 30 resize jobs")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from conftest import StartWorker, wait_until
 from topology import Topology
 
 from taskrunner import ConfigurationError, JobStatus, Task, TaskRunner
+from taskrunner.worker import order
 from taskrunner.worker.order import AGED_SHARE
 
 APP = "apps.priorities_app:tr"
@@ -293,3 +294,26 @@ async def test_a_revived_dead_letter_goes_back_to_its_own_level(
 
     assert (high, default) == ([job.id], [])
     assert (info.status, info.priority) == (JobStatus.QUEUED, "high")
+
+
+def test_the_choice_across_partitions_is_level_then_age_with_one_take_in_ten_aged() -> None:
+    # What a worker reading several partitions takes (taskrunner.worker.order), from
+    # what peek.lua saw: partition 0 has lows that waited 90 s and 80 s, partition 1
+    # highs of 5 s and 1 s and a default of 70 s; priority_aging is 60 s.
+    seen = [
+        *order.unread_of(0, 100_000, [[], [], ["10000-0", "20000-0"]]),
+        *order.unread_of(1, 100_000, [["95000-0", "99000-0"], ["30000-0"], []]),
+    ]
+    turns = order.Turns()
+    turns.took(8)  # the next two takes are the 9th and the 10th: the 10th is reserved
+    chosen = order.choose(seen, 4, 60_000, turns)
+    assert [(u.partition, u.level, u.entry_id) for u in chosen] == [
+        (1, 0, "95000-0"),  # highest level, oldest first
+        (0, 2, "10000-0"),  # the reserved take: the oldest aged job of a lower level
+        (1, 0, "99000-0"),
+        (1, 1, "30000-0"),  # then the next level (aged, but by rule 1 here)
+    ]
+    assert order.caps(chosen, 2, 3) == [[0, 0, 1], [2, 1, 0]]
+    assert order.choose(seen, 9, 60_000, order.Turns()) == sorted(
+        seen, key=lambda u: (u.level, -u.age_ms)
+    )  # no reserved take among the first 9: strict order

@@ -72,27 +72,40 @@ def unread_of(partition: int, now_ms: int, levels: Sequence[Sequence[str]]) -> l
     ]
 
 
-def _key(item: Unread) -> tuple[int, int]:
-    return item.level, -item.age_ms
-
-
 def choose(unread: Sequence[Unread], count: int, aging_ms: int, turns: Turns) -> list[Unread]:
     """The ``count`` (or fewer) entries to take next, by the fairness rule."""
-    left = sorted(unread, key=_key)
+    usual = sorted(unread, key=lambda u: (u.level, -u.age_ms))
+    aged = sorted(
+        (u for u in unread if u.level > 0 and u.age_ms > aging_ms), key=lambda u: -u.age_ms
+    )
+    picks = _Picks(usual), _Picks(aged)
     chosen: list[Unread] = []
     for k in range(1, count + 1):
-        if not left:
+        pick = picks[1].next() if turns.is_reserved(k) else None
+        pick = pick or picks[0].next()
+        if pick is None:
             break
-        pick = _aged(left, aging_ms) if turns.is_reserved(k) else None
-        chosen.append(pick or left[0])
-        left.remove(chosen[-1])
+        chosen.append(pick)
+        for each in picks:
+            each.taken.add(pick)
     return chosen
 
 
-def _aged(left: Sequence[Unread], aging_ms: int) -> Unread | None:
-    """The oldest entry of a level below the highest that waited over ``aging_ms``."""
-    aged = [u for u in left if u.level > 0 and u.age_ms > aging_ms]
-    return max(aged, key=lambda u: u.age_ms) if aged else None
+class _Picks:
+    """One ordering of the candidates, skipping those taken by another."""
+
+    def __init__(self, items: list[Unread]) -> None:
+        self.items = items
+        self.at = 0
+        self.taken: set[Unread] = set()
+
+    def next(self) -> Unread | None:
+        while self.at < len(self.items) and self.items[self.at] in self.taken:
+            self.at += 1
+        if self.at == len(self.items):
+            return None
+        self.at += 1
+        return self.items[self.at - 1]
 
 
 def caps(chosen: Sequence[Unread], partitions: int, levels: int) -> list[list[int]]:
