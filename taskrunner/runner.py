@@ -100,8 +100,9 @@ class TaskRunner:
     Scale and flow: ``partitions`` splits each queue over N key groups (Cluster slots;
     default 1, or one per primary on a cluster; see docs/deployment.md);
     ``priorities`` names the priority levels, highest first, and ``default_priority``
-    the level of jobs that name none; a lower level waiting longer than
-    ``priority_aging`` seconds gets a share of each read.
+    the level of jobs that name none; a worker takes higher levels first, and one take
+    in ten of each worker goes to the oldest lower-level job that has waited longer
+    than ``priority_aging`` seconds (docs/scheduling.md, "Priorities").
 
     Connections: ``max_connections`` per client (and per node on a cluster); a caller
     beyond it waits up to ``pool_timeout`` seconds. ``max_payload`` bounds a job's

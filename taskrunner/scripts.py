@@ -441,10 +441,15 @@ def fetch(
     )
 
 
-def peek(env: Env, keys: QueueKeys, streams: Sequence[str], count: int) -> ScriptCall:
-    """Up to ``count`` unread entry ids of each level of one partition, and the server's
-    time (see peek.lua); marks the partition idle when it has none."""
-    return ScriptCall(PEEK, [*streams, keys.idle, keys.paused], [GROUP, count, env.clock])
+def peek(
+    env: Env, keys: QueueKeys, streams: Sequence[str], count: int, *, heads: bool
+) -> ScriptCall:
+    """Up to ``count`` unread entry ids of one partition, highest level first, (with
+    ``heads``, also the oldest of every lower level) and the server's time (see
+    peek.lua); marks the partition idle when it has none."""
+    return ScriptCall(
+        PEEK, [*streams, keys.idle, keys.paused], [GROUP, count, env.clock, int(heads)]
+    )
 
 
 def promote(env: Env, keys: QueueKeys, members: Sequence[tuple[str, str, str]]) -> ScriptCall:

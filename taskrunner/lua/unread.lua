@@ -1,8 +1,13 @@
 -- The ids of up to `count` entries of one stream its consumer group has not read yet,
--- oldest first; false when the stream or the group is missing. Read only. A helper of
--- fetch.lua and peek.lua (included as the local function unread(KEYS, ARGV)).
+-- oldest first; an empty list for an empty or missing stream (XLEN, O(1): most level
+-- streams of a queue are empty); false when the stream has entries but not the group.
+-- Read only. A helper of fetch.lua and peek.lua (included as the local function
+-- unread(KEYS, ARGV)).
 -- KEYS: stream
 -- ARGV: group, count
+if redis.call('XLEN', KEYS[1]) == 0 then
+  return {}
+end
 local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
 if not ok then
   return false

@@ -207,7 +207,8 @@ class Reader:
         """With several partitions: look at the unread entries of each and plan the
         reads by the fairness rule (taskrunner.worker.order)."""
         env = self._env()
-        calls = [scripts.peek(env, keys, q.streams(keys), free) for q, keys in parts]
+        heads = self._turns.reserved(free) > 0
+        calls = [scripts.peek(env, keys, q.streams(keys), free, heads=heads) for q, keys in parts]
         replies = await scripts.run_many(self._redis, calls, raise_on_error=False)
         unread: list[order.Unread] = []
         missing_groups = []
