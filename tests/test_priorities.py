@@ -116,7 +116,7 @@ async def test_a_high_job_goes_first_across_the_partitions_of_a_standalone_queue
 async def test_a_reclaimed_high_job_is_taken_before_waiting_low_ones(
     cli_workers: StartWorker, redis_url: str, namespace: str
 ) -> None:
-    env = {"PRIO_STALE_AFTER": "1.0", "PRIO_HEARTBEAT": "0.2"}
+    env = {"PRIO_STALE_AFTER": "2.0", "PRIO_HEARTBEAT": "0.3"}
     victim = cli_workers(APP, "--concurrency", "1", env=env)
     await victim.ready()
     tr, work = app_runner(redis_url, namespace)
