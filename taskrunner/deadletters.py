@@ -32,7 +32,7 @@ from redis.asyncio import Redis
 from taskrunner import scripts
 from taskrunner.clock import Clock
 from taskrunner.job import ErrorInfo, JobInfo, JobStatus
-from taskrunner.keys import QueueKeys
+from taskrunner.keys import DEFAULT_PRIORITIES, QueueKeys
 
 __all__ = [
     "BATCH",
@@ -55,6 +55,8 @@ DEFAULT_PAGE = 100
 """Dead letters per page by default."""
 MAX_PAGE = 1000
 """The largest page: one script call and one pipeline of that many HGETALLs."""
+_ENV = scripts.Env()
+"""PUBLISH and the server's clock (a runner passes its own: SPUBLISH on a cluster)."""
 _NO_COUNT_RULE = 2**53
 """``keep`` for the purge script when only the age counts."""
 
@@ -199,18 +201,33 @@ def _next_group_cursor(key_groups: Sequence[QueueKeys], current: QueueKeys) -> s
 # -- retry ------------------------------------------------------------------------------
 
 
-async def retry_ids(redis: Redis, keys: QueueKeys, job_ids: Sequence[str]) -> int:
+async def retry_ids(
+    redis: Redis,
+    keys: QueueKeys,
+    job_ids: Sequence[str],
+    *,
+    env: scripts.Env = _ENV,
+    levels: Sequence[str] = DEFAULT_PRIORITIES,
+) -> int:
     """Put these dead letters of one key group back on their queue (same id, attempts
-    reset), ``BATCH`` per script call; returns how many were dead letters here."""
+    reset), each into its own priority level's stream (``levels``: the runner's),
+    ``BATCH`` per script call; returns how many were dead letters here."""
     revived = 0
     for start in range(0, len(job_ids), BATCH):
         chunk = job_ids[start : start + BATCH]
-        replies = await scripts.run_many(redis, [scripts.revive(keys, i) for i in chunk])
+        calls = [scripts.revive(env, keys, i, levels) for i in chunk]
+        replies = await scripts.run_many(redis, calls)
         revived += sum(int(r) for r in replies)
     return revived
 
 
-async def retry_all(redis: Redis, keys: QueueKeys) -> int:
+async def retry_all(
+    redis: Redis,
+    keys: QueueKeys,
+    *,
+    env: scripts.Env = _ENV,
+    levels: Sequence[str] = DEFAULT_PRIORITIES,
+) -> int:
     """Put every dead letter of one key group back on its queue, ``BATCH`` per script
     call. Jobs that die again meanwhile are not retried twice: only the ids that were
     dead letters when the call began are taken."""
@@ -224,7 +241,7 @@ async def retry_all(redis: Redis, keys: QueueKeys) -> int:
         if not ids:
             break
         budget -= len(ids)
-        revived += await retry_ids(redis, keys, ids)
+        revived += await retry_ids(redis, keys, ids, env=env, levels=levels)
     return revived
 
 

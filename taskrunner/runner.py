@@ -105,8 +105,9 @@ class TaskRunner:
     Scale and flow: ``partitions`` splits each queue over N key groups (Cluster slots;
     default 1, or one per primary on a cluster; see docs/deployment.md);
     ``priorities`` names the priority levels, highest first, and ``default_priority``
-    the level of jobs that name none; a lower level waiting longer than
-    ``priority_aging`` seconds gets a share of each read.
+    the level of jobs that name none; a worker takes higher levels first, and one take
+    in ten of each worker goes to the oldest lower-level job that has waited longer
+    than ``priority_aging`` seconds (docs/scheduling.md, "Priorities").
 
     Connections: ``max_connections`` per client (and per node on a cluster); a caller
     beyond it waits up to ``pool_timeout`` seconds. ``max_payload`` bounds a job's
@@ -696,11 +697,14 @@ class TaskRunner:
         if all == bool(job_ids):
             raise ValueError("retry_dead needs either job ids or all=True (not both)")
         revived = 0
+        redis, env, levels = self.client.redis, self.client.env, self.priorities
         for keys in await self._dead_keys(queue):
             if job_ids:
-                revived += await deadletters.retry_ids(self.client.redis, keys, list(job_ids))
+                revived += await deadletters.retry_ids(
+                    redis, keys, list(job_ids), env=env, levels=levels
+                )
             else:
-                revived += await deadletters.retry_all(self.client.redis, keys)
+                revived += await deadletters.retry_all(redis, keys, env=env, levels=levels)
         return revived
 
     async def delete_dead(self, job_ids: Sequence[str], *, queue: str | None = None) -> int:

@@ -113,7 +113,8 @@ class Script:
 
 
 ENQUEUE = Script("enqueue")
-FETCH = Script("fetch")
+FETCH = Script("fetch", uses=("unread",))
+PEEK = Script("peek", uses=("unread",))
 PROMOTE = Script("promote")
 CLAIM = Script("claim")
 COMMIT = Script("commit")
@@ -146,6 +147,7 @@ RELAYED = Script("relayed")
 ALL = (
     ENQUEUE,
     FETCH,
+    PEEK,
     PROMOTE,
     CLAIM,
     COMMIT,
@@ -431,13 +433,33 @@ def enqueue(
 
 
 def fetch(
-    env: Env, keys: QueueKeys, streams: Sequence[str], consumer: str, count: int, aging_ms: int
+    env: Env,
+    keys: QueueKeys,
+    streams: Sequence[str],
+    consumer: str,
+    count: int,
+    aging_ms: int,
+    aged: int = 0,
+    caps: Sequence[int] | None = None,
 ) -> ScriptCall:
-    """Read up to ``count`` new entries of one partition, highest level first."""
+    """Read up to ``count`` new entries of one partition: first up to ``aged`` of the
+    oldest entries of lower levels that waited over ``aging_ms``, then highest level
+    first, at most ``caps[i]`` of level ``i`` (default: no cap); see fetch.lua."""
     return ScriptCall(
         FETCH,
         [*streams, keys.idle, keys.paused],
-        [GROUP, consumer, count, aging_ms, env.clock],
+        [GROUP, consumer, count, aging_ms, env.clock, aged, *(caps or [count] * len(streams))],
+    )
+
+
+def peek(
+    env: Env, keys: QueueKeys, streams: Sequence[str], count: int, *, heads: bool
+) -> ScriptCall:
+    """Up to ``count`` unread entry ids of one partition, highest level first, (with
+    ``heads``, also the oldest of every lower level) and the server's time (see
+    peek.lua); marks the partition idle when it has none."""
+    return ScriptCall(
+        PEEK, [*streams, keys.idle, keys.paused], [GROUP, count, env.clock, int(heads)]
     )
 
 
@@ -572,9 +594,15 @@ def abort(
     )
 
 
-def revive(keys: QueueKeys, job_id: str) -> ScriptCall:
-    """Put a dead-lettered job back on its queue as a fresh job with the same id."""
-    return ScriptCall(REVIVE, [keys.dead, keys.stream, keys.job(job_id)], [job_id])
+def revive(env: Env, keys: QueueKeys, job_id: str, levels: Sequence[str]) -> ScriptCall:
+    """Put a dead-lettered job back on its queue as a fresh job with the same id, in
+    its own level's stream (``levels``: the runner's, highest first)."""
+    default = levels.index(keys.default_level) + 1 if keys.default_level in levels else 1
+    return ScriptCall(
+        REVIVE,
+        [keys.dead, keys.job(job_id), keys.idle, *(keys.level_stream(lv) for lv in levels)],
+        [job_id, default, env.publish, keys.events, *levels],
+    )
 
 
 def lock(keys: QueueKeys, job_id: str, token: str, ttl_ms: int, locks: Sequence[str]) -> ScriptCall:

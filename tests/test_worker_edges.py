@@ -31,6 +31,7 @@ from taskrunner import (
 )
 from taskrunner.keys import GROUP, QueueKeys
 from taskrunner.middleware.base import EnqueueNext
+from taskrunner.worker import Worker
 
 DEADLINE = 30.0
 
@@ -114,8 +115,8 @@ async def test_a_worker_that_cannot_start_raises_its_own_error(
 
 def gated_tasks(tr: TaskRunner, gate: anyio.Event, runs: str, redis: Redis) -> tuple[Any, Any, Any]:
     """Two slow tasks on queue a, one on b, and a quick one on b. A worker with three
-    slots reading both queues asks each for two entries (the free slots spread over the
-    partitions, rounded up): it claims four jobs and runs three; the quick one waits."""
+    slots reading both queues runs the three slow ones; ``hold_claimed`` then makes it
+    claim the quick one, which waits for a consumer."""
 
     @tr.task(queue="a")
     async def slow() -> None:
@@ -138,8 +139,24 @@ async def enqueue_gated(tasks: tuple[Any, Any, Any]) -> Job[str]:
     await slow.enqueue()
     await slow.enqueue()
     await slow_b.enqueue()
-    job: Job[str] = await quick.enqueue()
+    job: Job[str] = await quick.enqueue()  # the last (oldest first within a level)
     return job
+
+
+async def hold_claimed(tr: TaskRunner, worker: Worker, job: Job[str]) -> None:
+    """Make ``worker``, whose slots are all busy, claim ``job`` (queue b) anyway: the
+    reader's fetch and claim for one more slot, done from here. The job then waits for
+    a consumer, as a job claimed in the instant before its consumer takes it does."""
+
+    async def running() -> bool:
+        return len(worker.running) == 3
+
+    await wait_until(running, DEADLINE)
+    assert await job.status() == JobStatus.QUEUED
+    q = await tr.client.resolve("b")
+    worker.slots.take(1)
+    fetched = await worker.reader._fetch([(q, q.parts[0], 1, None)])
+    worker.consumers.deliver(await worker.reader._claim(fetched), False)
 
 
 async def test_a_claimed_job_waiting_for_a_consumer_keeps_its_lease(
@@ -155,11 +172,8 @@ async def test_a_claimed_job_waiting_for_a_consumer_keeps_its_lease(
     async with tr:
         job = await enqueue_gated(tasks)
         async with tr.worker(concurrency=3, queues=["a", "b"], handle_signals=False) as first:
-
-            async def claimed() -> bool:
-                return len(first.running) == 3 and len(first.waiting) == 1
-
-            await wait_until(claimed, DEADLINE)
+            await hold_claimed(tr, first, job)
+            assert (len(first.running), len(first.waiting)) == (3, 1)
             assert [item.job_id for item in first.waiting.values()] == [job.id]
             async with tr.worker(concurrency=5, handle_signals=False):
                 await anyio.sleep(1.5)  # three times stale_after, for a reclaim to happen
@@ -323,11 +337,8 @@ async def test_stopping_hands_back_claimed_jobs_that_have_not_started(
         first = tr.worker(concurrency=3, queues=["a", "b"], grace_period=3600, handle_signals=False)
         async with anyio.create_task_group() as tg:
             tg.start_soon(first.run)
-
-            async def claimed() -> bool:
-                return len(first.running) == 3 and len(first.waiting) == 1
-
-            await wait_until(claimed, DEADLINE)
+            await hold_claimed(tr, first, job)
+            assert (len(first.running), len(first.waiting)) == (3, 1)
             first.stop()  # the slow jobs keep their grace period; the quick one goes back
             async with tr.worker(concurrency=2, queues=["b"], handle_signals=False):
                 assert await job.result(timeout=DEADLINE) == "done"

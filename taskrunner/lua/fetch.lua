@@ -1,11 +1,15 @@
--- Read new entries for one consumer from one partition's priority-level streams,
--- highest level first (the worker then claims each with claim.lua). Anti-starvation:
--- with aging_ms > 0, a lower level whose oldest unread entry has waited longer than
--- aging_ms gets up to a tenth of the count (at least one) before the higher levels.
--- When the partition has fewer unread entries than asked for, it marks the partition
--- idle, so the next enqueue publishes "ready" and wakes the waiting workers.
+-- Read new entries for one consumer from one partition's priority-level streams (the
+-- worker then claims each with claim.lua), in the order of the fairness rule
+-- (docs/scheduling.md, "Priorities"):
+--   1. `aged` reserved reads, each of the oldest unread entry of levels 2..L whose
+--      entry has waited longer than aging_ms (none when no such entry waits);
+--   2. then highest level first, oldest first within a level, at most cap_i entries of
+--      level i, until `count` entries in all.
+-- When every level was open to the read (every cap >= count) and the partition had
+-- fewer unread entries than asked for, it marks the partition idle, so the next
+-- enqueue publishes "ready" and wakes the waiting workers.
 -- KEYS: stream_1 .. stream_L (highest level first), idle, paused
--- ARGV: group, consumer, count, aging_ms, clock_offset_ms
+-- ARGV: group, consumer, count, aging_ms, clock_offset_ms, aged, cap_1 .. cap_L
 -- Returns {"paused"} while the queue is paused (nothing read), else a list of
 --         {level_index, entry_id, {field, value, ...}}.
 local L = #KEYS - 2
@@ -14,6 +18,7 @@ if redis.call('EXISTS', paused) == 1 then
   return {'paused'}
 end
 local group, consumer, count = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local aging, aged = tonumber(ARGV[4]), tonumber(ARGV[6])
 local out = {}
 
 local function take(i, n)
@@ -29,47 +34,46 @@ local function take(i, n)
   return #entries
 end
 
-local function oldest_unread(stream)
-  local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', stream)
-  if not ok then
-    return nil  -- no such stream: XREADGROUP below reports NOGROUP
-  end
-  for _, g in ipairs(groups) do
-    local name, last
-    for k = 1, #g, 2 do
-      if g[k] == 'name' then name = g[k + 1] end
-      if g[k] == 'last-delivered-id' then last = g[k + 1] end
-    end
-    if name == group and last then
-      local next_entry = redis.call('XRANGE', stream, '(' .. last, '+', 'COUNT', 1)
-      if #next_entry > 0 then
-        return tonumber(string.match(next_entry[1][1], '^(%d+)'))
-      end
-      return nil
-    end
+local function head_ms(i)
+  local ids = unread({KEYS[i]}, {group, 1})
+  if ids and #ids > 0 then
+    return tonumber(string.match(ids[1], '^(%d+)'))
   end
   return nil
 end
 
 local want = count
-local aging = tonumber(ARGV[4])
-if aging > 0 and L > 1 and want > 0 then
+if aged > 0 and L > 1 and want > 0 then
   local now = now_ms(ARGV[5])
-  for i = L, 2, -1 do
-    local oldest = oldest_unread(KEYS[i])
-    if oldest and now - oldest > aging then
-      want = want - take(i, math.max(1, math.floor(count / 10)))
+  local heads = {}
+  for i = 2, L do
+    heads[i] = head_ms(i)
+  end
+  for _ = 1, math.min(aged, want) do
+    local best
+    for i = 2, L do
+      if heads[i] and now - heads[i] > aging and (not best or heads[i] < heads[best]) then
+        best = i
+      end
+    end
+    if not best then
       break
     end
+    want = want - take(best, 1)
+    heads[best] = head_ms(best)
   end
 end
+local open = true
 for i = 1, L do
-  if want <= 0 then
-    break
+  local cap = tonumber(ARGV[6 + i])
+  if cap < count then
+    open = false
   end
-  want = want - take(i, want)
+  if want > 0 and cap > 0 then
+    want = want - take(i, math.min(want, cap))
+  end
 end
-if want > 0 then
+if want > 0 and open then
   redis.call('SET', idle, '1')
 end
 return out

@@ -1,14 +1,16 @@
 """The reader: takes new jobs from every partition of the worker's queues and claims them.
 
-Each round asks every partition (or, with fewer free slots than partitions, the next
-few in turn) for as many entries as there are free slots, with fetch.lua: highest
-priority level first, in one pipelined round trip however many partitions and cluster
-nodes there are (a blocking XREADGROUP cannot span partitions: they are different
-slots). The entries are then claimed with claim.lua, in one more round trip, which
-runs beside the next read: a round takes at most half the worker's slots (unless that
-would leave a partition out), so while one half's claims (and then its jobs) run, the
-other half is being read. Slots are taken
-before the read, so reads in flight never ask for more than the free slots.
+Each round reads as many entries as there are free slots, in the order of the
+priority fairness rule (taskrunner.worker.order): of one partition with fetch.lua
+alone; of several (a blocking XREADGROUP cannot span partitions: they are different
+slots), after a look at the unread entries of all of them (peek.lua), so a job of a
+higher level in any partition goes before a lower one in another. Each step is one
+pipelined round trip however many partitions and cluster nodes there are. The entries
+are then claimed with claim.lua, in one more round trip, which runs beside the next
+read: a round takes at most half the worker's slots (unless that would leave a
+partition without one), so while one half's claims (and then its jobs) run, the other
+half is being read. Slots are taken before the read, so reads in flight never ask for
+more than the free slots.
 
 When every partition came back drained, the reader sleeps until a "ready" event (the
 next enqueue into a drained partition publishes one), a freed slot that follows a
@@ -36,6 +38,7 @@ from taskrunner.connection import REDIS_ERRORS, reachable, report
 from taskrunner.keys import GROUP, Queue, QueueKeys
 from taskrunner.logs import excerpt
 from taskrunner.orphans import dead_letter_entry
+from taskrunner.worker import order
 from taskrunner.worker.held import Claimed
 from taskrunner.worker.slots import Slots
 
@@ -45,6 +48,10 @@ CLAIM_BACKOFF = 0.5
 """Seconds the reader waits after a round whose claims all failed."""
 
 Deliver = Callable[[list[Claimed]], None]
+Planned = tuple[Queue, QueueKeys, int, list[int] | None]
+"""A partition to read: how many entries, and at most how many of each level (None:
+any, in fetch.lua's order)."""
+Fetched = tuple[Queue, QueueKeys, str, str, dict[str, str]]
 
 
 def _meta(text: str) -> dict[str, str]:
@@ -95,9 +102,9 @@ class Reader:
         self._idle_wait = idle_wait
         self._aging_ms = aging_ms
         self._wake = anyio.Event()
-        self._offset = 0
         self._chunk = max(1, math.ceil(slots.size / 2))
         self._paused_until = 0.0
+        self._turns = order.Turns()
 
     def wake(self) -> None:
         self._wake.set()
@@ -155,9 +162,9 @@ class Reader:
         free = self._slots.readable
         if free >= 2 * len(parts):  # half the slots, if each partition still gets one
             free = min(free, self._chunk)
-        plan = self._plan(parts, free)
         self._slots.take(free)
         try:
+            plan = await self._plan(parts, free)
             fetched = await self._fetch(plan)
             reachable()
         except REDIS_ERRORS as exc:
@@ -168,18 +175,15 @@ class Reader:
         except BaseException:
             self._slots.release(free)
             raise
-        asked = {keys.prefix for _, keys, _ in plan}
-        if len(fetched) > free:  # rounding up over partitions
-            self._slots.take(len(fetched) - free)
-        else:
-            self._slots.release(free - len(fetched))
+        self._slots.release(free - len(fetched))
+        if len(parts) > 1 and plan and not fetched:
+            return 0, set()  # another worker read what we saw first: look again
+        asked = {keys.prefix for _, keys in parts}
         if fetched:
             claims.start_soon(self._claim_and_deliver, fetched)
         return len(fetched), asked
 
-    async def _claim_and_deliver(
-        self, fetched: list[tuple[Queue, QueueKeys, str, str, dict[str, str]]]
-    ) -> None:
+    async def _claim_and_deliver(self, fetched: list[Fetched]) -> None:
         try:
             claimed = await self._claim(fetched)
         except REDIS_ERRORS as exc:
@@ -197,32 +201,28 @@ class Reader:
         if claimed:
             self._deliver(claimed)
 
-    def _plan(
-        self, parts: list[tuple[Queue, QueueKeys]], free: int
-    ) -> list[tuple[Queue, QueueKeys, int]]:
-        """How many entries to ask each partition for: the free slots spread over all
-        of them, or one each for the next ``free`` partitions in turn."""
-        if free >= len(parts):
-            each = math.ceil(free / len(parts))
-            return [(q, keys, each) for q, keys in parts]
-        start = self._offset % len(parts)
-        self._offset += free
-        chosen = [parts[(start + i) % len(parts)] for i in range(free)]
-        return [(q, keys, 1) for q, keys in chosen]
+    async def _plan(self, parts: list[tuple[Queue, QueueKeys]], free: int) -> list[Planned]:
+        """What to read of each partition: of one, ``free`` entries in fetch.lua's
+        order; of several, the entries chosen after a look at all (``_peek``)."""
+        if len(parts) == 1:
+            q, keys = parts[0]
+            return [(q, keys, free, None)]
+        return await self._peek(parts, free)
 
-    async def _fetch(
-        self, plan: list[tuple[Queue, QueueKeys, int]]
-    ) -> list[tuple[Queue, QueueKeys, str, str, dict[str, str]]]:
+    async def _fetch(self, plan: list[Planned]) -> list[Fetched]:
         """The entries read: (queue, partition, stream, entry id, fields)."""
         env = self._env()
-        calls = [
-            scripts.fetch(env, keys, q.streams(keys), self._consumer, count, self._aging_ms)
-            for q, keys, count in plan
-        ]
+        calls = []
+        for q, keys, count, caps in plan:
+            aged = 0 if caps is not None else self._turns.reserved(count)
+            streams = q.streams(keys)
+            calls.append(
+                scripts.fetch(env, keys, streams, self._consumer, count, self._aging_ms, aged, caps)
+            )
         replies = await scripts.run_many(self._redis, calls, raise_on_error=False)
         found = []
         missing_groups = []
-        for (q, keys, _), reply in zip(plan, replies, strict=True):
+        for (q, keys, _, _), reply in zip(plan, replies, strict=True):
             if isinstance(reply, ResponseError) and "NOGROUP" in str(reply):
                 missing_groups.append((q, keys))
                 continue
@@ -233,6 +233,36 @@ class Reader:
             streams = q.streams(keys)
             for level_index, entry_id, flat in reply:
                 found.append((q, keys, streams[int(level_index) - 1], str(entry_id), _fields(flat)))
+        self._turns.took(len(found))
+        await self._recreate(missing_groups)
+        return found
+
+    async def _peek(self, parts: list[tuple[Queue, QueueKeys]], free: int) -> list[Planned]:
+        """With several partitions: look at the unread entries of each and plan the
+        reads by the fairness rule (taskrunner.worker.order)."""
+        env = self._env()
+        heads = self._turns.reserved(free) > 0
+        calls = [scripts.peek(env, keys, q.streams(keys), free, heads=heads) for q, keys in parts]
+        replies = await scripts.run_many(self._redis, calls, raise_on_error=False)
+        unread: list[order.Unread] = []
+        missing_groups = []
+        for index, ((q, keys), reply) in enumerate(zip(parts, replies, strict=True)):
+            if isinstance(reply, Exception):
+                raise reply
+            if reply == ["nogroup"]:
+                missing_groups.append((q, keys))
+            elif reply and reply != ["paused"]:
+                unread.extend(order.unread_of(index, int(reply[0]), [list(r) for r in reply[1:]]))
+        await self._recreate(missing_groups)
+        chosen = order.choose(unread, free, self._aging_ms, self._turns)
+        counts = order.caps(chosen, len(parts), max(len(q.levels) for q, _ in parts))
+        return [
+            (q, keys, sum(counts[i]), counts[i][: len(q.levels)])
+            for i, (q, keys) in enumerate(parts)
+            if sum(counts[i])
+        ]
+
+    async def _recreate(self, missing_groups: list[tuple[Queue, QueueKeys]]) -> None:
         if missing_groups:
             logger.warning(
                 "consumer group missing on %s (redis restarted without persistence?); "
@@ -240,11 +270,8 @@ class Reader:
                 ", ".join(keys.prefix for _, keys in missing_groups),
             )
             await ensure_groups(self._redis, missing_groups)
-        return found
 
-    async def _claim(
-        self, fetched: list[tuple[Queue, QueueKeys, str, str, dict[str, str]]]
-    ) -> list[Claimed]:
+    async def _claim(self, fetched: list[Fetched]) -> list[Claimed]:
         env = self._env()
         calls, tokens = [], []
         for _, keys, stream, entry_id, fields in fetched:
