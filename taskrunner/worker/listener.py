@@ -3,7 +3,9 @@
 Messages are ``"<kind>"`` or ``"<kind> <argument>"``: ``due`` (a delayed set changed),
 ``ready`` (a drained partition got a job), ``abort <job id>``, ``pause``, ``resume``;
 the worker itself dispatches ``resubscribed`` (queue "") after a lost link came back.
-Handlers are plain callbacks registered per kind and called with ``(queue, argument)``.
+Handlers are plain callbacks registered per kind and called with ``(queue, argument)``;
+``on_partition`` handlers get the partition's prefix instead (the reader reads only the
+partition a ``ready`` came from).
 Anything else on the channel (anything in Redis may be hostile) is ignored. After each
 (re)subscription ``on_resubscribed`` runs, because messages published while the worker
 was not subscribed are lost (the periodic fallbacks cover them too).
@@ -16,6 +18,7 @@ finds new jobs by its ``max_idle_wait`` fallback reads.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 
@@ -41,10 +44,15 @@ class EventListener:
         self._subscriber = subscriber
         self._on_resubscribed = on_resubscribed
         self._handlers: dict[str, list[EventHandler]] = {}
+        self._by_partition: dict[str, list[Callable[[str], None]]] = {}
         self._channels: dict[str, str] = {}
 
     def on(self, kind: str, fn: EventHandler) -> None:
         self._handlers.setdefault(kind, []).append(fn)
+
+    def on_partition(self, kind: str, fn: Callable[[str], None]) -> None:
+        """Call ``fn(partition prefix)`` for each event of this kind."""
+        self._by_partition.setdefault(kind, []).append(fn)
 
     async def follow(self, partitions: Sequence[QueueKeys]) -> None:
         """Subscribe to the events of these partitions (those not followed yet)."""
@@ -54,7 +62,7 @@ class EventListener:
             self._channels[keys.events] = keys.queue
             with anyio.move_on_after(CONFIRM_WAIT) as wait:
                 await self._subscriber.subscribe(
-                    keys.events, handler(self._dispatcher(keys.queue), self._on_resubscribed)
+                    keys.events, handler(self._dispatcher(keys), self._on_resubscribed)
                 )
             if wait.cancelled_caught:
                 logger.warning(
@@ -64,20 +72,23 @@ class EventListener:
                     CONFIRM_WAIT,
                 )
 
-    def _dispatcher(self, queue: str) -> Callable[[str], None]:
+    def _dispatcher(self, keys: QueueKeys) -> Callable[[str], None]:
         def dispatch(data: str) -> None:
-            self.dispatch(queue, data)
+            self.dispatch(keys.queue, data, keys.prefix)
 
         return dispatch
 
-    def dispatch(self, queue: str, data: str) -> None:
+    def dispatch(self, queue: str, data: str, partition: str = "") -> None:
         kind, _, argument = data.partition(" ")
-        found = self._handlers.get(kind)
-        if found is None:
+        found = self._handlers.get(kind, [])
+        by_partition = self._by_partition.get(kind, []) if partition else []
+        if not found and not by_partition:
             logger.debug("ignored an unknown event on queue %s: %s", queue, excerpt(data))
             return
-        for fn in found:
+        calls = [functools.partial(fn, queue, argument) for fn in found]
+        calls += [functools.partial(fn, partition) for fn in by_partition]
+        for call in calls:
             try:
-                fn(queue, argument)
+                call()
             except Exception:
                 logger.exception("event handler for %r failed", kind)

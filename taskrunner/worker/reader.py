@@ -13,9 +13,12 @@ half is being read. Slots are taken before the read, so reads in flight never as
 more than the free slots.
 
 When every partition came back drained, the reader sleeps until a "ready" event (the
-next enqueue into a drained partition publishes one), a freed slot that follows a
-short read, a resubscription, or ``idle_wait`` as a fallback. A worker never polls a
-queue it has just found empty.
+next enqueue into a drained partition publishes one), a resubscription, or
+``idle_wait`` as a fallback. A worker never polls a queue it has just found empty.
+After a "ready", it reads only the partitions that sent one (adding those that send
+one meanwhile) until they are drained: a job arriving in one partition of a queue
+split in P costs each idle worker one read, not P. The fallback and every other
+wake-up read all partitions.
 """
 
 from __future__ import annotations
@@ -102,12 +105,37 @@ class Reader:
         self._idle_wait = idle_wait
         self._aging_ms = aging_ms
         self._wake = anyio.Event()
+        self._woken: set[str] = set()
+        self._wake_all = False
         self._chunk = max(1, math.ceil(slots.size / 2))
         self._paused_until = 0.0
         self._turns = order.Turns()
 
-    def wake(self) -> None:
+    def wake(self, partition: str | None = None) -> None:
+        """Read again now: that partition (a "ready" from it), or all of them."""
+        if partition is None:
+            self._wake_all = True
+        else:
+            self._woken.add(partition)
         self._wake.set()
+
+    def _woken_now(self, only: set[str] | None) -> set[str] | None:
+        """The partitions to read next: ``only`` (None: all) with the wake-ups since."""
+        woken, everything = self._woken, self._wake_all
+        self._woken, self._wake_all = set(), False
+        if everything or only is None:
+            return None
+        return only | woken
+
+    async def _idle(self) -> set[str] | None:
+        """Wait for a wake-up (unless one came meanwhile): the partitions to read next."""
+        if not self._woken and not self._wake_all:
+            with anyio.move_on_after(self._idle_wait) as waited:
+                await self._wake.wait()
+            if waited.cancelled_caught:  # the fallback: read everything
+                self._woken_now(None)
+                return None
+        return self._woken_now(set()) or None
 
     def _partitions(self) -> list[tuple[Queue, QueueKeys]]:
         return [(q, keys) for q in self._queues() for keys in q.parts]
@@ -130,6 +158,7 @@ class Reader:
         drained: Callable[[], Awaitable[bool]] | None,
     ) -> None:
         unasked: set[str] = set()
+        only: set[str] | None = None  # the partitions that sent "ready" (None: all)
         while not stopping():
             pause = self._paused_until - time.monotonic()
             if pause > 0:  # the last claims failed: back off
@@ -138,7 +167,10 @@ class Reader:
             if self._slots.readable <= 0:
                 await self._slots.changed()
                 continue
+            only = self._woken_now(only)
             parts = self._partitions()
+            if only is not None:
+                parts = [(q, keys) for q, keys in parts if keys.prefix in only] or parts
             if not unasked:
                 unasked = {keys.prefix for _, keys in parts}
             self._wake = anyio.Event()
@@ -148,12 +180,12 @@ class Reader:
                 if got:
                     unasked = set()
                 continue
+            only = None
             if drained is not None:
                 if await drained():
                     return
                 continue
-            with anyio.move_on_after(self._idle_wait):
-                await self._wake.wait()
+            only = await self._idle()
 
     async def _round(
         self, parts: list[tuple[Queue, QueueKeys]], claims: TaskGroup

@@ -351,7 +351,7 @@ class Worker:
         )
         self.listener = EventListener(self.subscriber, self._resubscribed)
         self.listener.on("due", lambda queue, argument: self.scheduler.wake())
-        self.listener.on("ready", lambda queue, argument: self.reader.wake())
+        self.listener.on_partition("ready", self.reader.wake)
         self.listener.on("resume", lambda queue, argument: self.reader.wake())
         self.listener.on("pause", lambda queue, argument: None)  # fetch.lua reads the flag
         for kind, handler in self._handlers:
@@ -371,6 +371,10 @@ class Worker:
         services.start_soon(self.committer.coalescer.run)
         services.start_soon(self.scheduler.run)
         services.start_soon(self.relay.run)
+        try:  # subscribed before the first read: a "ready" right after it is not missed
+            await self.listener.follow(self.partitions())
+        except REDIS_ERRORS as exc:
+            report("subscribing to events", exc)  # followed by the housekeeping loop
         services.start_soon(self._follow_partitions)
         for mw in self.runner.middleware:
             await mw.on_worker_start(self)
