@@ -49,6 +49,12 @@ SYSTEMS: tuple[SystemSpec, ...] = (
     SystemSpec("floor", "floor", "import redis.asyncio"),
     SystemSpec("floor_ack1", "floor", "import redis.asyncio", params={"variant": "ack1"}),
     SystemSpec("taskrunner", "taskrunner_bench", "from taskrunner import TaskRunner"),
+    SystemSpec(
+        "taskrunner_asyncio",
+        "taskrunner_bench",
+        "from taskrunner import TaskRunner",
+        params={"uvloop": False},
+    ),
     SystemSpec("arq", "arq_bench", "import arq", PEERS_VENV),
     SystemSpec("saq", "saq_bench", "import saq", PEERS_VENV),
     SystemSpec("taskiq", "taskiq_bench", "import taskiq_redis", HERE / ".venv-peer-taskiq"),
@@ -130,6 +136,8 @@ WORKLOADS: dict[str, WorkloadSpec] = {
             Metric("enqueue_single_jobs_s", "enq 1-by-1/s"),
             Metric("enqueue_bulk_jobs_s", "enq bulk/s"),
             Metric("drain_jobs_s", "drain jobs/s"),
+            Metric("drain_worker_cpu_pct", "worker CPU %"),
+            Metric("drain_redis_cpu_us_job", "Redis µs/job", higher_is_better=False),
         ),
     ),
     "W2": WorkloadSpec(

@@ -291,17 +291,24 @@ async def _enqueue_fast(system: System, kind: TaskKind, n: int) -> None:
         await asyncio.gather(*(system.enqueue(kind) for _ in range(batch)))
 
 
-async def _drain(system: System, n: int, params: Params) -> Metrics:
+async def _drain(system: System, url: str, n: int, params: Params) -> Metrics:
+    """Drain ``n`` queued jobs with one worker; also the worker process's CPU (% of one
+    core, from its start to the last job's completion: the harness itself idles in this
+    process meanwhile) and redis-server's CPU per job over the same window."""
     REC.reset(n)
     started = time.perf_counter()
+    cpu0, redis0 = time.process_time(), redis_cpu_s(url)
     await system.start_worker(params.concurrency)
     try:
         await wait_for(lambda: REC.finished, params.timeout_s, f"{n} jobs to complete")
+        cpu1, redis1, ended = time.process_time(), redis_cpu_s(url), time.perf_counter()
     finally:
         await bounded(system.stop_worker(), 30)
     return {
         "drain_jobs_s": REC.drain_rate(),
         "drain_wall_s": time.perf_counter() - started,
+        "drain_worker_cpu_pct": 100 * (cpu1 - cpu0) / (ended - started),
+        "drain_redis_cpu_us_job": (redis1 - redis0) / n * 1e6,
         "completed": REC.count,
     }
 
@@ -317,7 +324,6 @@ async def workload_w1(system: System, url: str, params: Params) -> Metrics:
     """Throughput: timed bulk enqueue (if any) or one-at-a-time enqueue, timed drain, then (bulk
     systems) timed one-at-a-time enqueue of n more, left for the next FLUSHALL. No mid-run flush,
     so no client-side state (consumer groups, scripts) is invalidated under a live client."""
-    del url
     n = params.n
     metrics: Metrics = {"enqueue_bulk_jobs_s": None}
     if system.has_bulk:
@@ -326,7 +332,7 @@ async def workload_w1(system: System, url: str, params: Params) -> Metrics:
         metrics["enqueue_bulk_jobs_s"] = n / (time.perf_counter() - t0)
     else:
         metrics["enqueue_single_jobs_s"] = await _time_single(system, n)
-    metrics.update(await _drain(system, n, params))
+    metrics.update(await _drain(system, url, n, params))
     if system.has_bulk:
         metrics["enqueue_single_jobs_s"] = await _time_single(system, n)
     return metrics
@@ -334,9 +340,8 @@ async def workload_w1(system: System, url: str, params: Params) -> Metrics:
 
 async def workload_w2(system: System, url: str, params: Params) -> Metrics:
     """I/O-bound: n tasks each awaiting asyncio.sleep(0.01); drain jobs/s."""
-    del url
     await _enqueue_fast(system, "sleep", params.n)
-    return await _drain(system, params.n, params)
+    return await _drain(system, url, params.n, params)
 
 
 async def workload_w3(system: System, url: str, params: Params) -> Metrics:
