@@ -1,5 +1,5 @@
-"""Hot-path cost of rate/concurrency limits and of progress, with each feature unused
-and used.
+"""Hot-path cost of rate/concurrency limits, progress, unique locks and delays, with
+each feature unused and used.
 
     python -m benchmarks.limits_progress                       # every scenario, 5 rounds
     python -m benchmarks.limits_progress --only plain --rounds 9 --json /tmp/out.json
@@ -16,7 +16,11 @@ stop included): CPU time is what a shared, loaded machine distorts least.
 Scenarios: ``plain`` (no limit, no progress: the features unused), ``concurrency``
 (``concurrency_limit`` never reached), ``rate`` (``rate_limit`` never reached), ``keyed``
 (both, keyed by an argument that differs per job), ``progress`` (one ``set_progress``
-per job). Two micro-benchmarks time sequential round trips: ``set_progress`` alone, and a
+per job), ``unique`` (``lock="until_executed"`` keyed by an argument that differs per
+job: each job takes and frees its own lock), ``delayed`` (every job enqueued with a 1 ms
+delay, so it goes through the delayed set and is promoted by the worker). Besides the
+drain, the Redis CPU of the bulk enqueue is reported per job (``enqueue µs``). Two
+micro-benchmarks time sequential round trips: ``set_progress`` alone, and a
 limit's take + give back (``acquire.lua`` + ``release.lua``).
 
 ``plain`` uses only the public API present before these features, so it can run against
@@ -41,7 +45,7 @@ import anyio
 from benchmarks.run import redis_server
 from taskrunner import Task, TaskRunner, current_job
 
-SCENARIOS = ("plain", "concurrency", "rate", "keyed", "progress")
+SCENARIOS = ("plain", "concurrency", "rate", "keyed", "progress", "unique", "delayed")
 MICRO = ("set_progress", "acquire_release")
 
 
@@ -78,6 +82,8 @@ def declare(tr: TaskRunner, scenario: str, clock: Clock) -> Task[[int], None]:
         "rate": {"rate_limit": "100000/s"},
         "keyed": {"concurrency_limit": 100_000, "rate_limit": "100000/s", "limit_args": ["i"]},
         "progress": {},
+        "unique": {"lock": "until_executed", "unique_args": lambda i: [i]},
+        "delayed": {},
     }
     report = scenario == "progress"
 
@@ -98,6 +104,7 @@ class Sample:
     wall: float
     cpu: float
     server: float
+    enqueue_server: float = float("nan")
 
 
 async def server_cpu(tr: TaskRunner) -> float:
@@ -110,9 +117,11 @@ async def drain(url: str, scenario: str, jobs: int) -> Sample:
     tr = TaskRunner(url, namespace=f"bench-{uuid.uuid4().hex[:8]}", max_retries=0)
     clock = Clock(target=jobs)
     noop = declare(tr, scenario, clock)
+    sender = noop.options(delay=0.001) if scenario == "delayed" else noop
     async with tr:
+        began = await server_cpu(tr)
         for start in range(0, jobs, 10_000):
-            await tr.enqueue_many([noop.call(i) for i in range(start, min(jobs, start + 10_000))])
+            await tr.enqueue_many([sender.call(i) for i in range(start, min(jobs, start + 10_000))])
         before = await server_cpu(tr)
         async with tr.worker(concurrency=100, handle_signals=False):
             with anyio.fail_after(300):
@@ -124,6 +133,7 @@ async def drain(url: str, scenario: str, jobs: int) -> Sample:
         (clock.last - clock.first) / jobs,
         (clock.last_cpu - clock.first_cpu) / jobs,
         (after - before) / jobs,
+        (before - began) / jobs,
     )
 
 
@@ -185,6 +195,7 @@ def summary(samples: list[Sample]) -> dict[str, float]:
         "jobs_per_s": 1 / statistics.median(walls),
         "cpu_us": statistics.median(s.cpu for s in samples) * 1e6,
         "server_cpu_us": statistics.median(s.server for s in samples) * 1e6,
+        "enqueue_server_cpu_us": statistics.median(s.enqueue_server for s in samples) * 1e6,
     }
 
 
@@ -203,13 +214,14 @@ async def run(args: argparse.Namespace, url: str) -> dict[str, dict[str, float]]
 def print_table(results: dict[str, dict[str, float]], rounds: int) -> None:
     print(
         f"{'scenario':<16} {'wall us/job (median [min-max])':>32} {'jobs/s':>8} "
-        f"{'cpu us':>8} {'redis us':>9}   ({rounds} rounds; per call for micros)"
+        f"{'cpu us':>8} {'redis us':>9} {'enqueue us':>11}   ({rounds} rounds; per call for micros)"
     )
     for name, stat in results.items():
         spread = f"{stat['median_us']:.1f} [{stat['min_us']:.1f}-{stat['max_us']:.1f}]"
         print(
             f"{name:<16} {spread:>32} {stat['jobs_per_s']:>8,.0f} "
-            f"{stat['cpu_us']:>8.1f} {stat['server_cpu_us']:>9.1f}"
+            f"{stat['cpu_us']:>8.1f} {stat['server_cpu_us']:>9.1f} "
+            f"{stat['enqueue_server_cpu_us']:>11.1f}"
         )
 
 
