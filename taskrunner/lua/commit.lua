@@ -48,8 +48,7 @@ end
 if h[3] and (outcome == 'retry' or outcome == 'reschedule' or outcome == 'handback') then
   outcome = 'aborted'  -- aborted while it ran: it ends now, not after the next wait
 end
-redis.call('XACK', stream, group, entry)
-redis.call('XDEL', stream, entry)
+settle_entry(stream, group, entry)  -- XACK + XDEL (a batch does them once per stream)
 local now = now_ms(ARGV[12])
 
 if outcome == 'retry' or outcome == 'reschedule' then
