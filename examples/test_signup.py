@@ -2,6 +2,9 @@
 
     python -m pytest examples/test_signup.py -q -p no:cacheprovider
 
+It relies on pytest-asyncio's auto mode, which the repository's pyproject.toml sets
+(``asyncio_mode = auto``); elsewhere, configure it as docs/testing.md says.
+
 A real worker runs the jobs in the test's process (``run_until_idle``), on a private
 redis-server; ``frozen_time`` moves time for the retries and the next-day reminder.
 """

@@ -77,6 +77,10 @@ class _Link:
         self.confirmed: set[str] = set()
         self._resubscribing: set[str] = set()
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._sending = anyio.Lock()
+        """Held by a listener's (un)subscribe on the session's connection, and by the
+        session to close it: redis-py cannot write on a connection that another task is
+        closing (it raises AttributeError, and leaks the socket)."""
 
     async def add(self, channel: str, h: Handler) -> None:
         first = channel not in self.channels
@@ -102,16 +106,20 @@ class _Link:
             self.owner.spawn(lambda: self._subscribe_now(channel))
 
     async def _subscribe_now(self, channel: str) -> None:
-        pubsub = self.pubsub
-        if pubsub is None:
-            return  # the next session subscribes it
-        try:
-            await self._subscribe(pubsub, [channel])
-        except REDIS_ERRORS:  # drop the connection: a new session subscribes everything
-            connection = pubsub.connection
-            if connection is not None:
-                with contextlib.suppress(Exception):
-                    await connection.disconnect()
+        async with self._sending:
+            pubsub = self.pubsub
+            if pubsub is None:
+                return  # the next session subscribes it
+            try:
+                await self._subscribe(pubsub, [channel])
+            except Exception as exc:  # noqa: BLE001 - the next session subscribes it
+                if not isinstance(exc, REDIS_ERRORS):  # a bug of ours or of redis-py
+                    logger.warning("subscribing %s failed: %r; reconnecting", channel, exc)
+                # Drop the connection: a new session subscribes everything.
+                connection = pubsub.connection
+                if connection is not None:
+                    with contextlib.suppress(Exception):
+                        await connection.disconnect()
 
     def release(self, channel: str) -> tuple[set[Handler], list[asyncio.Future[None]]]:
         """Give a channel up (to another link): its handlers and waiters."""
@@ -140,11 +148,14 @@ class _Link:
             await pubsub.subscribe(*channels)
 
     async def _unsubscribe(self, pubsub: PubSub, channel: str) -> None:
-        with contextlib.suppress(*REDIS_ERRORS):
-            if self.sharded:
-                await pubsub.sunsubscribe(channel)
-            else:
-                await pubsub.unsubscribe(channel)
+        async with self._sending:
+            if pubsub is not self.pubsub:
+                return  # that session ended: the next one does not subscribe it
+            with contextlib.suppress(*REDIS_ERRORS):
+                if self.sharded:
+                    await pubsub.sunsubscribe(channel)
+                else:
+                    await pubsub.unsubscribe(channel)
 
     async def run(self) -> None:
         try:
@@ -180,8 +191,9 @@ class _Link:
         finally:
             self.pubsub = None
             with anyio.CancelScope(shield=True):
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                async with self._sending:  # a listener's subscribe in flight ends first
+                    with contextlib.suppress(Exception):
+                        await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def _listen(self, pubsub: PubSub) -> None:
         heard = time.monotonic()

@@ -1,16 +1,38 @@
-"""Dead letters at 100,000: bounded pages and batches, and no script call that holds
-Redis for more than 10 ms, with a real redis-server.
+"""Dead letters at 100,000: bounded pages and batches, and no step whose cost grows with
+the number of dead letters, with a real redis-server.
 
-Each step (one page, one batch) is measured twice: by SLOWLOG (wall-clock time of each
-command, threshold 10 ms) and by the server's own CPU time around the step (``INFO
-cpu``, which a busy machine cannot inflate). A step must cost under 10 ms of server
-CPU; a SLOWLOG entry over 10 ms is accepted only for a step whose CPU cost was under
-half of that, i.e. a server that was descheduled mid-command (this machine is shared),
-not one that worked that long. The server runs at a raised CPU priority where allowed.
+The product rule is that no script holds Redis for more than a few ms at any data size.
+A time measured on this machine cannot prove that alone: the CI machine has 2 cores that
+a parallel test run, a browser and other helpers share, and there both SLOWLOG's
+wall-clock durations and the server's CPU time (``INFO cpu``: a vCPU the hypervisor
+takes away, cache and scheduler contention all count) inflate. A fixed bound a few
+times above the quiet figure was crossed once under load (10.1 ms for a 10 ms bound,
+against a quiet maximum under 3 ms). So each step (one page, one batch) is checked three
+ways, of which only the last depends on how loaded the machine is, and that one has
+headroom:
+
+* the work per script call is bounded by construction and checked by counting:
+  a page reads at most ``MAX_PAGE`` ids; each retry, delete, purge and trim call names at
+  most one ``BATCH`` of job keys (``test_every_script_call_changes_at_most_one_batch``);
+* the cost of a step does not grow with the data: the same steps run at 1,000 dead
+  letters (several rounds, for enough samples) and at 100,000, and the median step at
+  100,000 may cost at most ``GROWTH`` times the median step at 1,000 (plus ``SLACK``).
+  A step that walks the whole set, or any O(N) part of it, costs about 100 times more at
+  100,000 and fails this however loaded the machine is, since both sizes are measured
+  on it;
+* absolute bounds: the median step under ``MEDIAN_MS`` of server CPU (quiet: about
+  1.7 ms for a page of 500 with its job infos, under 1 ms for a batch), every step under
+  ``CEILING_MS`` (quiet maximum: under 3 ms), and a SLOWLOG entry over ``SLOW_US`` (a
+  command that took over 10 ms of wall-clock time) in at most ``STALL_SHARE`` of the
+  steps: a server descheduled mid-command now and then is the machine, a script that
+  is slow at this size would be slow in every step.
+
+The server runs at a raised CPU priority where allowed.
 """
 
 from __future__ import annotations
 
+import statistics
 import subprocess
 import sys
 import time
@@ -32,7 +54,15 @@ from taskrunner.keys import QueueKeys
 T = TypeVar("T")
 
 N = 100_000
+SMALL = 1_000
+SMALL_ROUNDS = 5
+"""Rounds at ``SMALL`` dead letters, for medians of enough steps (10 pages, 25 to 55 batches)."""
 SLOW_US = 10_000
+GROWTH = 3.0
+SLACK_MS = 0.5
+MEDIAN_MS = 5.0
+CEILING_MS = 25.0
+STALL_SHARE = 0.1
 TASKRUNNER = str(Path(sys.executable).with_name("taskrunner"))
 
 
@@ -109,14 +139,22 @@ def runner(server: RedisProcess, namespace: str, **kwargs: Any) -> TaskRunner:
 
 @dataclass
 class Costs:
-    """Per step: the server's CPU time, and the commands SLOWLOG recorded."""
+    """Per step: the server's CPU time, and how many steps SLOWLOG caught a slow command in."""
 
     cpu: list[float] = field(default_factory=list)
     stalls: int = 0
 
+    def add(self, other: Costs) -> None:
+        self.cpu += other.cpu
+        self.stalls += other.stalls
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.cpu) * 1000
+
     def summary(self) -> str:
-        mean, most = sum(self.cpu) / len(self.cpu) * 1000, max(self.cpu) * 1000
-        return f"{len(self.cpu)} steps, mean {mean:.2f} ms, max {most:.2f} ms CPU"
+        most = max(self.cpu) * 1000
+        return f"{len(self.cpu)} steps, median {self.median_ms:.2f} ms, max {most:.2f} ms CPU"
 
 
 def _cpu(info: dict[str, Any]) -> float:
@@ -124,83 +162,106 @@ def _cpu(info: dict[str, Any]) -> float:
 
 
 async def step(redis: Redis, costs: Costs, run: Callable[[], Awaitable[T]]) -> T:
-    """Run one bounded step and check what it cost the server (see the module)."""
+    """Run one bounded step and record what it cost the server (see the module)."""
     await redis.slowlog_reset()
     before = _cpu(await redis.info("cpu"))
     result = await run()
     cost = _cpu(await redis.info("cpu")) - before
     slow = [(e["duration"], _text(e["command"])[:60]) for e in await redis.slowlog_get(128)]
-    assert cost < SLOW_US / 1e6, f"a step cost {cost * 1000:.1f} ms of server CPU; {slow}"
-    if slow:
-        assert cost < SLOW_US / 2e6, f"slow and busy ({cost * 1000:.1f} ms CPU): {slow}"
-        costs.stalls += 1
+    assert cost < CEILING_MS / 1000, f"a step cost {cost * 1000:.1f} ms of server CPU; {slow}"
+    costs.stalls += bool(slow)
     costs.cpu.append(cost)
     return result
 
 
-async def test_100k_dead_letters_list_trim_retry_and_purge_in_bounded_fast_steps(
-    server: RedisProcess, redis: Redis, namespace: str
-) -> None:
+OPERATIONS = ("list", "trim", "retry", "purge")
+
+
+async def lifecycle(server: RedisProcess, redis: Redis, namespace: str, n: int) -> dict[str, Costs]:
+    """``n`` dead letters listed page by page, trimmed to 60 %, the rest retried, then
+    ``n`` more purged: every step measured (``step``), every result checked."""
     keys = QueueKeys(namespace, "default")
-    ids = await bury(redis, keys, N, "a")
-    tr = runner(server, namespace, dead_letter_limit=60_000)
-    async with tr:
-        # Listing: 200 pages of 500 (a page and its job infos is one step), each one
+    keep = n * 3 // 5
+    costs = {name: Costs() for name in OPERATIONS}
+    ids = await bury(redis, keys, n, "a")
+    async with runner(server, namespace, dead_letter_limit=keep) as tr:
+        # Listing: pages of 500 (a page and its job infos is one step), each one
         # bounded, every id once, oldest first.
-        listing = Costs()
         seen: list[str] = []
         cursor: str | None = None
         while True:
-            page = await step(redis, listing, partial(tr.dead_letters, limit=500, cursor=cursor))
+            listing = partial(tr.dead_letters, limit=500, cursor=cursor)
+            page = await step(redis, costs["list"], listing)
             assert len(page) <= 500
             seen.extend(info.id for info in page)
             cursor = page.next_cursor
             if cursor is None:
                 break
         assert seen == ids
-        assert len(listing.cpu) == N // 500
+        assert len(costs["list"].cpu) == n // 500
         assert {info.error.message for info in page if info.error} == {
             "delivered 6 times (max_deliveries=5)"
         }
 
-        # Trim to dead_letter_limit: the 40,000 oldest go, with their job hashes.
-        trim = Costs()
+        # Trim to dead_letter_limit: the oldest 40 % go, with their job hashes.
         removed = 0
         while True:
-            one_batch = partial(trim_dead, redis, keys, limit=60_000, max_age=86_400, max_batches=1)
-            done = await step(redis, trim, one_batch)
+            one_batch = partial(trim_dead, redis, keys, limit=keep, max_age=86_400, max_batches=1)
+            done = await step(redis, costs["trim"], one_batch)
             if not done:
                 break
             assert done <= deadletters.BATCH
             removed += done
-        assert removed == 40_000
-        assert await redis.zcard(keys.dead) == 60_000
-        assert await redis.exists(keys.job(ids[0]), keys.job(ids[39_999])) == 0
-        assert await redis.exists(keys.job(ids[40_000])) == 1
+        assert removed == n - keep
+        assert await redis.zcard(keys.dead) == keep
+        assert await redis.exists(keys.job(ids[0]), keys.job(ids[n - keep - 1])) == 0
+        assert await redis.exists(keys.job(ids[n - keep])) == 1
 
         # Retry: every one back on the stream, a batch at a time.
-        retry = Costs()
         revived = 0
         while batch := [str(i) for i in await redis.zrange(keys.dead, 0, deadletters.BATCH - 1)]:
-            revived += await step(redis, retry, partial(retry_ids, redis, keys, batch))
-        assert revived == 60_000
+            revived += await step(redis, costs["retry"], partial(retry_ids, redis, keys, batch))
+        assert revived == keep
         assert await tr.retry_dead(all=True) == 0
-        assert await redis.xlen(keys.stream) == 60_000
+        assert await redis.xlen(keys.stream) == keep
         assert await redis.hget(keys.job(ids[-1]), "status") == "queued"
 
-        # Purge: 100,000 more, all removed with their job hashes.
-        purged = await bury(redis, keys, N, "b")
-        purge = Costs()
+        # Purge: n more, all removed with their job hashes.
+        purged = await bury(redis, keys, n, "b")
         removed = 0
-        while done := await step(redis, purge, partial(purge_dead, redis, keys, max_batches=1)):
+        one_purge = partial(purge_dead, redis, keys, max_batches=1)
+        while done := await step(redis, costs["purge"], one_purge):
             removed += done
-        assert removed == N
+        assert removed == n
         assert await redis.zcard(keys.dead) == 0
         assert await redis.exists(keys.job(purged[0]), keys.job(purged[-1])) == 0
         assert await redis.hget(keys.job(ids[-1]), "status") == "queued"  # not a dead letter
+    return costs
 
-        for name, costs in (("list", listing), ("trim", trim), ("retry", retry), ("purge", purge)):
-            print(f"{name}: {costs.summary()}, {costs.stalls} descheduled")
+
+async def test_100k_dead_letters_list_trim_retry_and_purge_in_bounded_fast_steps(
+    server: RedisProcess, redis: Redis, namespace: str
+) -> None:
+    small = {name: Costs() for name in OPERATIONS}
+    for round_ in range(SMALL_ROUNDS):
+        for name, costs in (await lifecycle(server, redis, f"{namespace}-{round_}", SMALL)).items():
+            small[name].add(costs)
+    large = await lifecycle(server, redis, namespace, N)
+    for name in OPERATIONS:
+        print(f"{name}: at {SMALL:,}: {small[name].summary()}; at {N:,}: {large[name].summary()}")
+    for name in OPERATIONS:
+        at_small, at_large = small[name].median_ms, large[name].median_ms
+        assert at_large < GROWTH * at_small + SLACK_MS, (
+            f"{name}: the median step costs {at_large:.2f} ms at {N:,} dead letters, "
+            f"{at_small:.2f} ms at {SMALL:,}: it grows with the data"
+        )
+        assert at_large < MEDIAN_MS, f"{name}: the median step costs {at_large:.2f} ms"
+        for size, costs in ((SMALL, small[name]), (N, large[name])):
+            steps = len(costs.cpu)
+            assert costs.stalls <= STALL_SHARE * steps, (
+                f"{name} at {size:,}: {costs.stalls} of {steps} steps ran a command "
+                f"over {SLOW_US} us"
+            )
 
 
 async def test_every_script_call_changes_at_most_one_batch(

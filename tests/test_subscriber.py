@@ -59,3 +59,27 @@ async def test_a_sharded_subscription_follows_its_slot_through_a_cluster_failove
     finally:
         await connection.aclose()
         await publisher.aclose()
+
+
+async def test_a_worker_stopping_while_a_listener_subscribes_stops_cleanly(redis_url: str) -> None:
+    """A worker stops (its services' task group is cancelled) while a listener is still
+    subscribing, as a burst worker of ``run_until_idle`` often does: the link's
+    session closes its connection as it ends, while the subscribe writes on it. That
+    subscribe raised AttributeError from redis-py (a write on a closed connection),
+    which the stopping worker raised instead of stopping (seen on a sentinel topology
+    under load). The stop lands at every step of the subscribe in turn: each one must
+    end with the cancellation alone, and leave no socket open."""
+    quiet = handler(lambda message: None, lambda: None)
+    for steps in range(40):
+        connection = await open_connection(redis_url, PoolOptions())
+        subscriber = Subscriber(connection)
+        try:
+            async with anyio.create_task_group() as services:
+                services.start_soon(subscriber.run)
+                await subscriber.subscribe("t:stop:first", quiet)  # the session is up
+                services.start_soon(subscriber.subscribe, f"t:stop:{steps}", quiet)
+                for _ in range(steps):
+                    await asyncio.sleep(0)
+                services.cancel_scope.cancel()  # the worker stops
+        finally:
+            await connection.aclose()
