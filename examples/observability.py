@@ -1,4 +1,4 @@
-"""Metrics and traces of a FastAPI app that runs jobs (docs/metrics-and-tracing.md).
+"""Metrics and traces of a FastAPI app that runs jobs (docs/operations.md, "Metrics and tracing").
 
 Serve it; an embedded worker runs the jobs, ``/metrics`` serves the Prometheus metrics,
 and every span is printed on the console (needs ``taskrunner-streams[metrics,otel]`` and

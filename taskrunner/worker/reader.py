@@ -6,11 +6,13 @@ alone; of several (a blocking XREADGROUP cannot span partitions: they are differ
 slots), after a look at the unread entries of all of them (peek.lua), so a job of a
 higher level in any partition goes before a lower one in another. Each step is one
 pipelined round trip however many partitions and cluster nodes there are. The entries
-are then claimed with claim.lua, in one more round trip, which runs beside the next
-read: a round takes at most half the worker's slots (unless that would leave a
-partition without one), so while one half's claims (and then its jobs) run, the other
-half is being read. Slots are taken before the read, so reads in flight never ask for
-more than the free slots.
+are then claimed with claim.lua, in one more round trip. A round takes at most half the
+worker's slots (unless that would leave a partition without one), and after a full
+read the claims run beside the next read, so while one half's claims (and then its
+jobs) run, the other half is being read. A read that found the partitions drained
+claims at once instead: no read follows it, and its jobs start one task hop sooner.
+Slots are taken before the read, so reads in flight never ask for more than the free
+slots.
 
 When every partition came back drained, the reader sleeps until a "ready" event (the
 next enqueue into a drained partition publishes one), a resubscription, or
@@ -211,8 +213,10 @@ class Reader:
         if len(parts) > 1 and plan and not fetched:
             return 0, set()  # another worker read what we saw first: look again
         asked = {keys.prefix for _, keys in parts}
-        if fetched:
+        if len(fetched) >= free:  # a full read: the next one overlaps these claims
             claims.start_soon(self._claim_and_deliver, fetched)
+        elif fetched:  # drained: no read follows, so claim now (one task hop sooner)
+            await self._claim_and_deliver(fetched)
         return len(fetched), asked
 
     async def _claim_and_deliver(self, fetched: list[Fetched]) -> None:
