@@ -53,11 +53,9 @@ for i = 1, n do
   ki = ki + nk
   ai = ai + na
 end
-for stream, d in pairs(done_entries) do
-  for first = 1, #d.ids, 500 do
-    local last = math.min(first + 499, #d.ids)
-    redis.call('XACK', stream, d.group, unpack(d.ids, first, last))
-    redis.call('XDEL', stream, unpack(d.ids, first, last))
+for stream, ids in pairs(done_entries) do
+  for first = 1, #ids, 500 do
+    pcall(redis.call, 'XDEL', stream, unpack(ids, first, math.min(first + 499, #ids)))
   end
 end
 return out
@@ -67,30 +65,50 @@ every call's args in order; KEYS: every call's keys in order. A call that fails 
 an error in its own place only (what it wrote before failing stays, as it would for
 the script run alone); the calls before and after it run as usual.
 
-Entries a call settles with ``settle_entry`` (acknowledged and deleted) are settled by
-the driver after the last call, with one XACK and one XDEL per stream: the same writes
-in the same script, so the same atomic effect, at a fraction of the cost (an XDEL of a
-stream's first entry looks for the next live one, once per command, not once per id)."""
+Entries a call settles with ``settle_entry`` are acknowledged at once and deleted by
+the driver after the last call, with one XDEL per stream: the same writes in the same
+script, so the same atomic effect, at a fraction of the cost (an XDEL of a stream's
+first entry looks for the next live one, once per command, not once per id). The XACK
+stays first and immediate: it is the call's first write and Redis does not refuse it
+when out of memory, and after a script's first write Redis lets its later writes
+through, so a commit under ``maxmemory`` still records its outcome (a deferred XACK
+left every job of an OOM batch "running" with its entry gone). A failed final XDEL
+(a hostile key) leaves an acknowledged entry for the reclaim's clean-up, and fails no
+call. ``trim_due(key, now)`` says whether a call should trim an index: once per
+script run and key, in every batch, else one run in ~32 (a trim removes at most
+``TRIM_MAX`` members, enough to keep up with a batch's inserts)."""
 
 
 def _sha(source: str) -> str:
     return hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
 
 
+TRIM_MAX = 1000
+"""Most members one index trim removes (commit.lua): as many as one batch can add."""
+
 _PRELUDE = """local server_ms
 local done_entries
 local function settle_entry(stream, group, entry)
+  redis.call('XACK', stream, group, entry)
   if not done_entries then
-    redis.call('XACK', stream, group, entry)
     redis.call('XDEL', stream, entry)
     return
   end
-  local d = done_entries[stream]
-  if not d then
-    d = {group = group, ids = {}}
-    done_entries[stream] = d
+  local ids = done_entries[stream]
+  if not ids then
+    ids = {}
+    done_entries[stream] = ids
   end
-  d.ids[#d.ids + 1] = entry
+  ids[#ids + 1] = entry
+end
+local TRIM_MAX = @TRIM_MAX@
+local trimmed = {}
+local function trim_due(key, now)
+  if trimmed[key] then
+    return false
+  end
+  trimmed[key] = true
+  return done_entries ~= nil or now % 32 == 0
 end
 local function now_ms(clock)
   if string.sub(clock, 1, 1) == '=' then
@@ -108,6 +126,9 @@ runner's clock offset, or a frozen instant (``=<ms>``, tests only; see
 taskrunner.clock). Scripts never trust a client's clock. TIME is read once per script
 run (a batch of calls shares it: a run lasts milliseconds at most), as each TIME costs
 about 0.5 µs of server CPU inside a script."""
+
+
+_PRELUDE = _PRELUDE.replace("@TRIM_MAX@", str(TRIM_MAX))
 
 
 def _read(name: str) -> str:

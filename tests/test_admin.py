@@ -18,7 +18,16 @@ import pytest
 from conftest import wait_until
 from redis.asyncio import Redis
 
-from taskrunner import JobFailed, JobInfo, JobNotFound, JobStatus, TaskRunner, Worker, current_job
+from taskrunner import (
+    JobFailed,
+    JobInfo,
+    JobNotFound,
+    JobStatus,
+    TaskRunner,
+    Worker,
+    current_job,
+    scripts,
+)
 from taskrunner.admin import CursorError, JobPage
 from taskrunner.client import now_ms
 from taskrunner.keys import Queue, QueueKeys
@@ -620,7 +629,7 @@ async def test_commits_index_each_final_status_and_trim_it_by_result_ttl_in_step
     assert tr.clock.frozen_ms is not None
     tr.clock.frozen_ms -= tr.clock.frozen_ms % 32  # a commit at a multiple of 32 ms trims
     old = tr.clock.frozen_ms - 2 * 3600 * 1000
-    ancient = {f"ancient{i:03d}": old + i for i in range(250)}
+    ancient = {f"ancient{i:05d}": old + i for i in range(scripts.TRIM_MAX + 250)}
     await redis.zadd(keys.succeeded, ancient)
     for index in (keys.aborted, keys.rejected):
         await redis.zadd(index, {"ancient": old})
@@ -633,8 +642,8 @@ async def test_commits_index_each_final_status_and_trim_it_by_result_ttl_in_step
         assert await tr.admin.abort(aborted) == JobStatus.ABORTED
     succeeded = await redis.zrange(keys.succeeded, 0, -1, withscores=True)
     assert succeeded[-1] == (ok, tr.clock.frozen_ms)
-    # at most 100 stale members leave per trim: the oldest first, the rest next time
-    assert [m for m, _ in succeeded[:-1]] == sorted(ancient)[100:]
+    # at most TRIM_MAX stale members leave per trim: the oldest first, the rest next time
+    assert [m for m, _ in succeeded[:-1]] == sorted(ancient)[scripts.TRIM_MAX :]
     assert await redis.zrange(keys.failed, 0, -1) == [bad]
     assert await redis.zrange(keys.aborted, 0, -1) == [aborted]
     assert await redis.zrange(keys.rejected, 0, -1) == ["ancient"]  # no rejection trimmed it

@@ -5,6 +5,7 @@ new jobs with its fallback reads."""
 
 from __future__ import annotations
 
+import logging
 import uuid
 
 import pytest
@@ -29,11 +30,8 @@ async def finished(tr: TaskRunner, jobs: list[Job[int]]) -> None:
     await wait_until(done, DEADLINE)
 
 
-async def test_a_refused_subscription_stalls_neither_housekeeping_nor_jobs(
-    redis_server: RedisProcess, redis: Redis, namespace: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(listener, "CONFIRM_WAIT", 0.5)
-    monkeypatch.setattr(worker, "PARTITION_REFRESH", 0.2)
+async def no_subscribe_user(redis: Redis) -> tuple[str, str]:
+    """An ACL user that may publish but not subscribe: (name, password)."""
     user, password = f"nochan{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
     version = str((await redis.info("server"))["redis_version"])
     refused = (
@@ -49,6 +47,15 @@ async def test_a_refused_subscription_stalls_neither_housekeeping_nor_jobs(
         channels=["*"],
         commands=["+@all", *refused],
     )
+    return user, password
+
+
+async def test_a_refused_subscription_stalls_neither_housekeeping_nor_jobs(
+    redis_server: RedisProcess, redis: Redis, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(listener, "CONFIRM_WAIT", 0.5)
+    monkeypatch.setattr(worker, "PARTITION_REFRESH", 0.2)
+    user, password = await no_subscribe_user(redis)
     url = redis_server.url_for(user, password)
     try:
         tr = TaskRunner(url, namespace=namespace)
@@ -71,5 +78,33 @@ async def test_a_refused_subscription_stalls_neither_housekeeping_nor_jobs(
 
             await wait_until(follows, DEADLINE)
             await finished(tr, [await echo.enqueue(i) for i in range(5, 10)])
+    finally:
+        await redis.acl_deluser(user)
+
+
+async def test_a_worker_waits_once_for_all_its_partitions_subscriptions(
+    redis_server: RedisProcess,
+    redis: Redis,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The partitions are subscribed to together, under one CONFIRM_WAIT: a refused
+    # subscription delays the worker's start by it once, not once per partition.
+    monkeypatch.setattr(listener, "CONFIRM_WAIT", 0.5)
+    user, password = await no_subscribe_user(redis)
+    try:
+        tr = TaskRunner(redis_server.url_for(user, password), namespace=namespace, partitions=4)
+
+        @tr.task
+        async def echo(n: int) -> int:
+            return n
+
+        with caplog.at_level(logging.WARNING, logger="taskrunner.worker"):
+            async with tr, tr.worker(handle_signals=False):
+                pass
+        waits = [r.getMessage() for r in caplog.records if "not confirmed" in r.getMessage()]
+        assert len(waits) == 1, waits
+        assert all(f"{{default#{p}}}" in waits[0] for p in (1, 2, 3)), waits
     finally:
         await redis.acl_deluser(user)

@@ -25,6 +25,7 @@ from taskrunner import (
     JobFailed,
     JobStatus,
     Middleware,
+    Retry,
     TaskRunner,
     current_job,
     scripts,
@@ -376,3 +377,35 @@ async def test_a_commit_under_a_stale_lease_changes_nothing(
         assert await scripts.run(redis, commit("token-2")) == 1
         assert await job.status() == JobStatus.SUCCEEDED
         assert await scripts.run(redis, commit("token-1")) == 0  # still refused after
+
+
+@pytest.mark.parametrize("commit_delay", [0.0, 0.05])
+async def test_a_burst_worker_runs_a_retry_due_at_once_before_it_exits(
+    make_runner: Callable[..., TaskRunner], monkeypatch: pytest.MonkeyPatch, commit_delay: float
+) -> None:
+    # Its slot frees before Redis answers the commit that schedules the retry, and the
+    # scheduler service may promote the retry before the burst worker looks: either way
+    # the worker reads again before it exits. ``commit_delay`` stands for a slow commit
+    # round trip (a loaded server), the window in which the old check exited.
+    from taskrunner.worker import committer
+
+    if commit_delay:
+        flush = committer.Coalescer._flush
+
+        async def slow_flush(self: committer.Coalescer, batch: Any) -> None:
+            await anyio.sleep(commit_delay)
+            await flush(self, batch)
+
+        monkeypatch.setattr(committer.Coalescer, "_flush", slow_flush)
+    tr = make_runner()
+
+    @tr.task
+    async def flaky(n: int) -> int:
+        if current_job().attempt == 1:
+            raise Retry(delay=0)
+        return n
+
+    async with tr:
+        job = await flaky.enqueue(7)
+        await tr.worker(concurrency=1, burst=True, handle_signals=False).run()
+        assert await job.status() == JobStatus.SUCCEEDED

@@ -25,9 +25,10 @@
 -- done channel only when someone waits for it (watch.lua set 'watch').
 -- A succeeded, aborted or rejected job joins its status's index (failed and dead jobs
 -- have theirs): the admin API lists and counts from them. One ZADD per job; the trim to
--- result_ttl runs in one commit out of ~32 (when now is a multiple of 32 ms: readers
--- skip members older than result_ttl anyway) and removes at most 100 members, so a
--- backlog (a queue quiet for a day, a shorter result_ttl) never stalls one commit.
+-- result_ttl runs once per batch and index (trim_due; a lone commit: one in ~32, when
+-- now is a multiple of 32 ms; readers skip members older than result_ttl anyway) and
+-- removes at most TRIM_MAX members, as many as a batch adds at most, so a backlog (a
+-- queue quiet for a day, a shorter result_ttl) is worked off and never stalls a commit.
 local stream, job, delayed, dead, seq = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local group, entry, token, job_id, outcome = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local publish = ARGV[11]
@@ -48,7 +49,9 @@ end
 if h[3] and (outcome == 'retry' or outcome == 'reschedule' or outcome == 'handback') then
   outcome = 'aborted'  -- aborted while it ran: it ends now, not after the next wait
 end
-settle_entry(stream, group, entry)  -- XACK + XDEL (a batch does them once per stream)
+-- XACK now (the first write: Redis does not refuse it when out of memory, and lets the
+-- writes after it through), XDEL now or, in a batch, once per stream at its end
+settle_entry(stream, group, entry)
 local now = now_ms(ARGV[12])
 
 if outcome == 'retry' or outcome == 'reschedule' then
@@ -109,16 +112,18 @@ if outcome == 'dead' then
 else
   redis.call('PEXPIRE', job, ARGV[7])
 end
+local index = nil
 if outcome == 'failed' then
-  -- failed jobs for `taskrunner info`: kept as long as their hash (result_ttl)
-  redis.call('ZADD', KEYS[6], now, job_id)
-  redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', now - tonumber(ARGV[7]))
+  index = KEYS[6]  -- failed jobs for `taskrunner info`: kept as long as their hash
 elseif outcome ~= 'dead' then
-  redis.call('ZADD', KEYS[8], now, job_id)
-  if now % 32 == 0 then
-    local stale = redis.call('ZCOUNT', KEYS[8], '-inf', now - tonumber(ARGV[7]))
+  index = KEYS[8]
+end
+if index then
+  redis.call('ZADD', index, now, job_id)
+  if trim_due(index, now) then
+    local stale = redis.call('ZCOUNT', index, '-inf', now - tonumber(ARGV[7]))
     if stale > 0 then
-      redis.call('ZREMRANGEBYRANK', KEYS[8], 0, math.min(stale, 100) - 1)
+      redis.call('ZREMRANGEBYRANK', index, 0, math.min(stale, TRIM_MAX) - 1)
     end
   end
 end

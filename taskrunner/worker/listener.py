@@ -55,22 +55,32 @@ class EventListener:
         self._by_partition.setdefault(kind, []).append(fn)
 
     async def follow(self, partitions: Sequence[QueueKeys]) -> None:
-        """Subscribe to the events of these partitions (those not followed yet)."""
-        for keys in partitions:
-            if keys.events in self._channels:
-                continue
+        """Subscribe to the events of these partitions (those not followed yet), all at
+        once, waiting at most ``CONFIRM_WAIT`` in all for the confirmations."""
+        new = [keys for keys in partitions if keys.events not in self._channels]
+        for keys in new:
             self._channels[keys.events] = keys.queue
-            with anyio.move_on_after(CONFIRM_WAIT) as wait:
-                await self._subscriber.subscribe(
-                    keys.events, handler(self._dispatcher(keys), self._on_resubscribed)
-                )
-            if wait.cancelled_caught:
-                logger.warning(
-                    "events of %s: the subscription was not confirmed within %gs; new jobs "
-                    "are found by the fallback reads until it is",
-                    keys.prefix,
-                    CONFIRM_WAIT,
-                )
+        confirmed: set[str] = set()
+
+        async def subscribe(keys: QueueKeys) -> None:
+            await self._subscriber.subscribe(
+                keys.events, handler(self._dispatcher(keys), self._on_resubscribed)
+            )
+            confirmed.add(keys.events)
+
+        with anyio.move_on_after(CONFIRM_WAIT):
+            async with anyio.create_task_group() as tg:
+                for keys in new:
+                    tg.start_soon(subscribe, keys)
+        waiting = [keys.prefix for keys in new if keys.events not in confirmed]
+        if waiting:
+            logger.warning(
+                "events of %s: the subscription was not confirmed within %gs; new jobs "
+                "are found by the fallback reads until it is",
+                ", ".join(waiting[:10])
+                + (f" and {len(waiting) - 10} more" if len(waiting) > 10 else ""),
+                CONFIRM_WAIT,
+            )
 
     def _dispatcher(self, keys: QueueKeys) -> Callable[[str], None]:
         def dispatch(data: str) -> None:

@@ -76,6 +76,9 @@ class Relay:
         self._partitions = partitions
         self._max_wait = max_wait
         self._wake = anyio.Event()
+        self.handled = 0
+        """Follow-ups handled so far, by ``run`` or ``relay_all`` (a burst worker reads
+        again after any)."""
 
     def wake(self) -> None:
         """Look at the outboxes now (this worker committed a chain step)."""
@@ -109,7 +112,9 @@ class Relay:
             full = []
             for keys, ids in zip(pending, found, strict=True):
                 if ids:
-                    handled += await self._relay(keys, cast(list[str], ids))
+                    count = await self._relay(keys, cast(list[str], ids))
+                    handled += count
+                    self.handled += count
                 if len(ids) == RELAY_BATCH:
                     full.append(keys)
             pending = full

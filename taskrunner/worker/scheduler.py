@@ -58,6 +58,9 @@ class Scheduler:
         self._clock = clock
         self._max_wait = max_wait
         self._due = anyio.Event()
+        self.promoted = 0
+        """Jobs promoted so far, by ``run`` or ``promote_due`` (a burst worker reads
+        again after any)."""
 
     def wake(self) -> None:
         """Look at the delayed sets again now (something was added or may be due)."""
@@ -95,6 +98,7 @@ class Scheduler:
                 call = scripts.promote(env, keys, [(m, j, lv) for m, j, lv in members])
                 count = int(await scripts.run(self._redis, call))
                 moved += count
+                self.promoted += count
                 if count:
                     logger.debug("promoted %d due job(s) of %s", count, keys.prefix)
                 if len(members) < PROMOTE_BATCH or count == 0:

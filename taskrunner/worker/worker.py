@@ -114,6 +114,8 @@ class Worker:
         self.queues: list[Queue] = []
         self._stopping = anyio.Event()
         self._handlers: list[tuple[str, EventHandler]] = []
+        self._moved_seen = (0, 0)
+        """Promotions and relays counted at the last burst look (see ``_drained``)."""
         self._drained_hooks: list[Callable[[], Awaitable[bool]]] = []
         self._services: TaskGroup | None = None
         self._background: TaskGroup | None = None
@@ -407,12 +409,19 @@ class Worker:
 
     async def _drained(self) -> bool:
         """Whether a burst worker that found nothing to read may exit: nothing runs,
-        nothing is due, and no stale job could be reclaimed (the lease middleware's
-        hook)."""
+        every outcome is recorded (a retry's or a chain step's writes are in Redis),
+        nothing is due, nothing was promoted or relayed since the last look (by this
+        call or the scheduler and relay services: the read before it may have missed
+        those jobs), and no stale job could be reclaimed (the lease middleware's hook)."""
         if self.slots.busy:
             await self.slots.changed()
             return False
+        await self.committer.coalescer.drained()
         if await self.scheduler.promote_due() or await self.relay.relay_all():
+            return False
+        moved = (self.scheduler.promoted, self.relay.handled)
+        if moved != self._moved_seen:
+            self._moved_seen = moved
             return False
         for hook in self._drained_hooks:
             if await hook():
