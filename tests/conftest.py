@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from redis.asyncio import Redis
@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from redisproc import RedisProcess
 from tcpproxy import make_proxy  # noqa: F401 - fixture
 from topology import (  # noqa: F401 - fixtures
+    Topology,
     cluster_topology,
     make_topology,
     sentinel_topology,
@@ -79,10 +80,18 @@ def make_runner(redis_url: str, namespace: str) -> Callable[..., TaskRunner]:
 
 
 @pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url, decode_responses=True)
-    yield client
-    await client.aclose()
+async def redis(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterator[Redis]:
+    """A client (decode_responses) of the test's Redis: on a topology, one of its kind
+    (a cluster client routes each command by its key, so tests use single-slot commands)."""
+    if "topology" not in request.fixturenames:
+        client = Redis.from_url(redis_url, decode_responses=True)
+        yield client
+        await client.aclose()
+        return
+    current: Topology = request.getfixturevalue("topology")
+    async with current.connect(decode_responses=True) as connected:
+        # Typed as Redis for the tests: RedisCluster answers the same single-key commands.
+        yield cast(Redis, connected)
 
 
 async def wait_until(

@@ -1,7 +1,8 @@
 """Unique jobs: the lock x on_conflict x outcome matrix, TTLs, concurrency, atomicity.
 
 Workers that must die run in real subprocesses (tests/apps/unique_app.py) and are
-SIGKILLed; everything else runs an in-process worker on the session's redis-server.
+SIGKILLed; everything else runs an in-process worker. Tests with Redis in them run on
+standalone, Cluster and Sentinel (``ALL``).
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ MATRIX = [
 ]
 
 MakeRunner = Callable[..., TaskRunner]
+ALL = pytest.mark.topologies("standalone", "cluster", "sentinel")
+"""Every test with Redis in it runs on each topology (a unique job's lock and the job
+share the lock's partition: one slot on a Cluster); declaration checks run once."""
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -161,7 +165,8 @@ class Scenario:
         holder = await self.redis.get(self.lock)
         if self.settings.lock == "until_executing":
             assert holder is None, "until_executing is released when the attempt starts"
-            assert await self.redis.hget(self.tr.client.keys("default").job(a.id), "locks") == ""
+            home = await self.tr.client.locate("default", a.id)  # the lock's partition
+            assert await self.redis.hget(home.job(a.id), "locks") == ""
         else:
             assert holder == a.id
             assert 0 < await self.redis.pttl(self.lock) <= self.settings.lock_ttl * 1000
@@ -294,6 +299,7 @@ class Scenario:
         return not await self.redis.exists(self.lock)
 
 
+@ALL
 @pytest.mark.parametrize(("lock", "strategy", "outcome"), MATRIX)
 async def test_lock_strategy_outcome_matrix(
     lock: str,
@@ -375,6 +381,7 @@ def test_default_lock_ttl_is_ten_minutes(make_runner: MakeRunner) -> None:
 # -- uniqueness: which calls are the same job ---------------------------------------------
 
 
+@ALL
 async def test_default_unique_args_bind_the_signature_with_defaults(
     make_runner: MakeRunner, redis: Redis, namespace: str
 ) -> None:
@@ -398,6 +405,7 @@ async def test_default_unique_args_bind_the_signature_with_defaults(
         assert len(await job_keys(redis, namespace)) == 3
 
 
+@ALL
 async def test_unique_args_selects_a_subset_of_the_arguments(
     make_runner: MakeRunner, redis: Redis, namespace: str
 ) -> None:
@@ -421,6 +429,7 @@ class Order(BaseModel):
     amount: int
 
 
+@ALL
 async def test_unique_args_receives_the_arguments_as_the_task_does(
     make_runner: MakeRunner,
 ) -> None:
@@ -442,6 +451,7 @@ async def test_unique_args_receives_the_arguments_as_the_task_does(
     assert all(isinstance(order, Order) and priority == 0 for order, priority in seen)
 
 
+@ALL
 async def test_duplicates_in_one_enqueue_many_write_one_job(
     make_runner: MakeRunner, redis: Redis, namespace: str
 ) -> None:
@@ -461,6 +471,7 @@ async def test_duplicates_in_one_enqueue_many_write_one_job(
 # -- enqueue-side behaviour ----------------------------------------------------------------
 
 
+@ALL
 async def test_reject_at_enqueue_returns_the_holders_handle(make_runner: MakeRunner) -> None:
     tr = make_runner()
 
@@ -477,6 +488,7 @@ async def test_reject_at_enqueue_returns_the_holders_handle(make_runner: MakeRun
             assert await duplicate.result(timeout=DEADLINE) == 9
 
 
+@ALL
 async def test_raise_at_enqueue_writes_nothing(
     make_runner: MakeRunner, redis: Redis, namespace: str
 ) -> None:
@@ -494,9 +506,11 @@ async def test_raise_at_enqueue_writes_nothing(
         assert caught.value.holder == holder.id
         after = {k: await redis.type(k) for k in await namespace_keys(redis, namespace)}
         assert after == before
-        assert await redis.xlen(tr.client.keys("default").stream) == 1
+        home = await tr.client.locate("default", holder.id)
+        assert await redis.xlen(home.stream) == 1
 
 
+@ALL
 @pytest.mark.parametrize("lock", ["until_executing", "until_executed"])
 async def test_delayed_jobs_lock_lives_until_due_plus_lock_ttl(
     make_runner: MakeRunner, redis: Redis, lock: Any
@@ -515,6 +529,7 @@ async def test_delayed_jobs_lock_lives_until_due_plus_lock_ttl(
         assert await redis.get(tr.unique.lock_key(later, (1,))) == job.id
 
 
+@ALL
 async def test_per_task_lock_ttl_overrides_the_runner_default(
     make_runner: MakeRunner, redis: Redis
 ) -> None:
@@ -528,6 +543,7 @@ async def test_per_task_lock_ttl_overrides_the_runner_default(
         assert 6_000 <= await redis.pttl(tr.unique.lock_key(short, (1,))) <= 7_000
 
 
+@ALL
 @pytest.mark.parametrize("lock", ["until_executing", "until_executed"])
 async def test_aborting_a_waiting_job_releases_its_lock(
     make_runner: MakeRunner, redis: Redis, lock: Any
@@ -553,6 +569,7 @@ class Refuse(Middleware):
         raise PermissionError(f"refused {ctx.task.name}")
 
 
+@ALL
 async def test_a_refused_enqueue_takes_no_lock(
     make_runner: MakeRunner, redis: Redis, namespace: str
 ) -> None:
@@ -567,6 +584,7 @@ async def test_a_refused_enqueue_takes_no_lock(
         assert await namespace_keys(redis, namespace) == set()
 
 
+@ALL
 async def test_producer_killed_mid_enqueue_leaves_no_job_without_lock_or_lock_without_job(
     redis: Redis, redis_url: str, namespace: str, tmp_path: Path
 ) -> None:
@@ -599,6 +617,7 @@ async def test_producer_killed_mid_enqueue_leaves_no_job_without_lock_or_lock_wi
 # -- concurrency ---------------------------------------------------------------------------
 
 
+@ALL
 @pytest.mark.parametrize("strategy", ["reject", "raise"])
 async def test_50_concurrent_enqueues_from_3_processes_create_one_job(
     redis: Redis, redis_url: str, namespace: str, strategy: str
@@ -633,6 +652,7 @@ async def test_50_concurrent_enqueues_from_3_processes_create_one_job(
         assert others == [{"conflict": job_id}] * 49
 
 
+@ALL
 async def test_while_executing_reschedule_never_overlaps_and_keeps_identity(
     make_runner: MakeRunner,
 ) -> None:
@@ -692,6 +712,7 @@ async def test_while_executing_reschedule_never_overlaps_and_keeps_identity(
 # -- TTLs and heartbeats -------------------------------------------------------------------
 
 
+@ALL
 @pytest.mark.parametrize("lock", ["while_executing", "until_executed"])
 async def test_a_job_running_longer_than_lock_ttl_keeps_its_lock_while_heartbeating(
     make_runner: MakeRunner, redis: Redis, lock: Any
@@ -725,6 +746,7 @@ async def test_a_job_running_longer_than_lock_ttl_keeps_its_lock_while_heartbeat
         assert await redis.get(key) is None
 
 
+@ALL
 @pytest.mark.parametrize("lock", ["while_executing", "until_executed"])
 async def test_a_reclaimed_job_reenters_its_own_lock(
     redis: Redis, redis_url: str, namespace: str, tmp_path: Path, lock: str
@@ -754,6 +776,7 @@ async def test_a_reclaimed_job_reenters_its_own_lock(
             assert await redis.get(key) is None
 
 
+@ALL
 async def test_while_executing_lock_of_a_killed_holder_expires_and_unblocks_waiters(
     redis: Redis, redis_url: str, namespace: str, tmp_path: Path
 ) -> None:

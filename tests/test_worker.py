@@ -1,4 +1,9 @@
-"""The worker in-process: results, statuses, retries, timeouts, delays, shutdown, races."""
+"""The worker in-process: results, statuses, retries, timeouts, delays, shutdown, races.
+
+The core (enqueue, run, result, retry, abort, delay, shutdown) runs on every topology
+(``ALL``); a Cluster queue has one partition per master, so tests look jobs and
+streams up through the runner (``locate``, ``pending_count``), never partition 0 alone.
+Tests of codecs, context variables and pure functions run once, on standalone."""
 
 from __future__ import annotations
 
@@ -32,11 +37,12 @@ from taskrunner import (
     current_job,
     scripts,
 )
-from taskrunner.keys import GROUP, QueueKeys
+from taskrunner.keys import GROUP
 from taskrunner.middleware.retry import RetryMiddleware, RetryOptions
 
 MakeRunner = Callable[..., TaskRunner]
 DEADLINE = 20.0
+ALL = pytest.mark.topologies("standalone", "cluster", "sentinel")
 
 
 @asynccontextmanager
@@ -51,6 +57,15 @@ async def status_is(tr: TaskRunner, job_id: str, *statuses: str, queue: str = "d
         return await tr.job(job_id, queue).status() in statuses
     except JobNotFound:
         return False
+
+
+async def pending_count(tr: TaskRunner, redis: Redis, queue: str = "default") -> int:
+    """Entries delivered and not acknowledged, over every partition of ``queue``."""
+    total = 0
+    for keys in (await tr.client.resolve(queue, refresh=True)).parts:
+        if await redis.exists(keys.stream):
+            total += int((await redis.xpending(keys.stream, GROUP))["pending"])
+    return total
 
 
 # -- results and payloads ----------------------------------------------------------------
@@ -74,6 +89,7 @@ class Receipt(BaseModel):
     seen_types: list[str]
 
 
+@ALL
 async def test_typed_payload_reaches_the_task_and_result_is_rebuilt(
     make_runner: MakeRunner,
 ) -> None:
@@ -100,6 +116,7 @@ async def test_typed_payload_reaches_the_task_and_result_is_rebuilt(
     assert receipt.seen_types == ["Order", "datetime", "UUID", "Decimal", "Kind"]
 
 
+@ALL
 async def test_job_life_scheduled_queued_running_succeeded(make_runner: MakeRunner) -> None:
     tr = make_runner()
     gate = anyio.Event()
@@ -137,6 +154,7 @@ async def test_job_life_scheduled_queued_running_succeeded(make_runner: MakeRunn
     assert info.worker
 
 
+@ALL
 async def test_failed_job_raises_job_failed_with_remote_details(make_runner: MakeRunner) -> None:
     tr = make_runner()
 
@@ -180,6 +198,7 @@ async def test_custom_exception_type_is_named_with_its_module(make_runner: MakeR
     assert failure.value.exc_type.startswith(__name__)
 
 
+@ALL
 async def test_result_timeout_raises_timeout_error(make_runner: MakeRunner) -> None:
     tr = make_runner()
 
@@ -194,6 +213,7 @@ async def test_result_timeout_raises_timeout_error(make_runner: MakeRunner) -> N
         assert await job.status() == JobStatus.QUEUED
 
 
+@ALL
 async def test_abort_cancels_a_running_job(make_runner: MakeRunner) -> None:
     tr = make_runner()
     cancelled = anyio.Event()
@@ -232,9 +252,8 @@ async def test_current_job_inside_a_task_and_outside(make_runner: MakeRunner) ->
         current_job()
 
 
-async def test_results_expire_after_result_ttl(
-    make_runner: MakeRunner, redis: Redis, namespace: str
-) -> None:
+@ALL
+async def test_results_expire_after_result_ttl(make_runner: MakeRunner, redis: Redis) -> None:
     tr = make_runner(result_ttl=timedelta(seconds=40))
 
     @tr.task(max_retries=0)
@@ -243,19 +262,22 @@ async def test_results_expire_after_result_ttl(
             raise RuntimeError("no")
         return fail
 
-    keys = QueueKeys(namespace, "default")
-    async with tr, background_worker(tr):
-        ok = await echo.enqueue(False)
-        bad = await echo.enqueue(True)
-        assert await ok.result(timeout=DEADLINE) is False
-        with pytest.raises(JobFailed):
-            await bad.result(timeout=DEADLINE)
-        pending = await echo.options(delay=60).enqueue(False)
-    for job in (ok, bad):
-        assert 30_000 < await redis.pttl(keys.job(job.id)) <= 40_000
-    assert await redis.pttl(keys.job(pending.id)) == -1  # unfinished jobs never expire
+    async with tr:
+        async with background_worker(tr):
+            ok = await echo.enqueue(False)
+            bad = await echo.enqueue(True)
+            assert await ok.result(timeout=DEADLINE) is False
+            with pytest.raises(JobFailed):
+                await bad.result(timeout=DEADLINE)
+            pending = await echo.options(delay=60).enqueue(False)
+        for job in (ok, bad):
+            key = (await tr.client.locate("default", job.id)).job(job.id)
+            assert 30_000 < await redis.pttl(key) <= 40_000
+        key = (await tr.client.locate("default", pending.id)).job(pending.id)
+        assert await redis.pttl(key) == -1  # unfinished jobs never expire
 
 
+@ALL
 async def test_expired_result_is_gone(make_runner: MakeRunner) -> None:
     tr = make_runner(result_ttl=0.3)
 
@@ -280,6 +302,7 @@ async def test_expired_result_is_gone(make_runner: MakeRunner) -> None:
 # -- retries ------------------------------------------------------------------------------
 
 
+@ALL
 async def test_retried_job_keeps_its_id_and_counts_attempts(make_runner: MakeRunner) -> None:
     tr = make_runner()
     seen: list[tuple[str, int]] = []
@@ -301,6 +324,7 @@ async def test_retried_job_keeps_its_id_and_counts_attempts(make_runner: MakeRun
     assert info.status == JobStatus.SUCCEEDED
 
 
+@ALL
 async def test_retries_exhausted_fail_with_the_last_error(make_runner: MakeRunner) -> None:
     tr = make_runner(max_retries=2)
     attempts: list[int] = []
@@ -320,6 +344,7 @@ async def test_retries_exhausted_fail_with_the_last_error(make_runner: MakeRunne
     assert "attempt 3" in failure.value.exc_message
 
 
+@ALL
 async def test_max_retries_zero_disables_retries(make_runner: MakeRunner) -> None:
     tr = make_runner()
     runs = Counter[str]()
@@ -337,6 +362,7 @@ async def test_max_retries_zero_disables_retries(make_runner: MakeRunner) -> Non
     assert runs["once"] == 1
 
 
+@ALL
 async def test_raise_retry_with_delay_waits_at_least_that_long(make_runner: MakeRunner) -> None:
     tr = make_runner()
     started: list[float] = []
@@ -369,6 +395,7 @@ def test_backoff_grows_exponentially_with_jitter_and_a_cap() -> None:
     assert RetryMiddleware(retry_delay=1.0).backoff(1, RetryOptions(retry_delay=0.1)) <= 0.1
 
 
+@ALL
 async def test_backoff_between_attempts_grows(make_runner: MakeRunner) -> None:
     tr = make_runner()
     dues: list[float] = []
@@ -403,6 +430,7 @@ async def test_backoff_between_attempts_grows(make_runner: MakeRunner) -> None:
 # -- timeouts ----------------------------------------------------------------------------
 
 
+@ALL
 async def test_timeout_cancels_and_counts_as_a_failed_attempt_then_retries(
     make_runner: MakeRunner,
 ) -> None:
@@ -427,6 +455,7 @@ async def test_timeout_cancels_and_counts_as_a_failed_attempt_then_retries(
     assert cancelled == [1]
 
 
+@ALL
 async def test_timeout_without_retries_fails_the_job(make_runner: MakeRunner) -> None:
     tr = make_runner(timeout=0.2)  # the runner's default timeout
 
@@ -447,6 +476,7 @@ async def test_timeout_without_retries_fails_the_job(make_runner: MakeRunner) ->
 # -- delayed jobs --------------------------------------------------------------------------
 
 
+@ALL
 async def test_delayed_jobs_never_run_early_and_run_within_100ms_of_due(
     make_runner: MakeRunner,
 ) -> None:
@@ -467,6 +497,7 @@ async def test_delayed_jobs_never_run_early_and_run_within_100ms_of_due(
     assert all(0 <= late < 0.1 for late in lateness), lateness
 
 
+@ALL
 async def test_two_racing_workers_never_run_a_delayed_job_twice(
     make_runner: MakeRunner,
 ) -> None:
@@ -500,8 +531,9 @@ async def test_two_racing_workers_never_run_a_delayed_job_twice(
 # -- the pool --------------------------------------------------------------------------------
 
 
+@ALL
 async def test_worker_reads_only_as_many_entries_as_free_slots(
-    make_runner: MakeRunner, redis: Redis, namespace: str
+    make_runner: MakeRunner, redis: Redis
 ) -> None:
     tr = make_runner()
     gate = anyio.Event()
@@ -516,7 +548,6 @@ async def test_worker_reads_only_as_many_entries_as_free_slots(
         await gate.wait()
         running -= 1
 
-    keys = QueueKeys(namespace, "default")
     async with tr:
         jobs = await held.enqueue_many([held.call() for _ in range(10)])
         async with background_worker(tr, concurrency=3):
@@ -525,14 +556,15 @@ async def test_worker_reads_only_as_many_entries_as_free_slots(
                 return running == 3
 
             await wait_until(three_running, DEADLINE)
-            pending = await redis.xpending(keys.stream, GROUP)
-            assert pending["pending"] == 3  # the other seven were never delivered
+            # The other seven were never delivered (on any partition).
+            assert await pending_count(tr, redis) == 3
             gate.set()
             for job in jobs:
                 await job.result(timeout=DEADLINE)
     assert peak == 3
 
 
+@ALL
 async def test_burst_worker_drains_and_returns(make_runner: MakeRunner) -> None:
     tr = make_runner()
 
@@ -555,8 +587,9 @@ async def test_burst_worker_drains_and_returns(make_runner: MakeRunner) -> None:
 # -- graceful shutdown -------------------------------------------------------------------------
 
 
+@ALL
 async def test_graceful_shutdown_finishes_running_jobs_and_hands_back_the_rest(
-    make_runner: MakeRunner, redis: Redis, namespace: str
+    make_runner: MakeRunner, redis: Redis
 ) -> None:
     tr = make_runner(stale_after=60.0, heartbeat_interval=5.0)
     finish_quick = anyio.Event()
@@ -574,7 +607,6 @@ async def test_graceful_shutdown_finishes_running_jobs_and_hands_back_the_rest(
             await anyio.sleep_forever()
         return current_job().attempt
 
-    keys = QueueKeys(namespace, "default")
     async with tr:
         q = await quick.enqueue()
         s = await stuck.enqueue()
@@ -591,7 +623,7 @@ async def test_graceful_shutdown_finishes_running_jobs_and_hands_back_the_rest(
         info = await s.info()
         assert info.status == JobStatus.QUEUED  # handed back at once, not left to go stale
         assert info.attempts == 0  # the interrupted attempt is not counted
-        assert (await redis.xpending(keys.stream, GROUP))["pending"] == 0
+        assert await pending_count(tr, redis) == 0
 
         started = time.monotonic()
         async with background_worker(tr):
@@ -602,8 +634,9 @@ async def test_graceful_shutdown_finishes_running_jobs_and_hands_back_the_rest(
     assert stuck_runs == [1, 1]
 
 
+@ALL
 async def test_stop_during_a_read_strands_no_entry_and_is_prompt(
-    make_runner: MakeRunner, redis: Redis, namespace: str
+    make_runner: MakeRunner, redis: Redis
 ) -> None:
     tr = make_runner(socket_timeout=60.0)
 
@@ -611,7 +644,6 @@ async def test_stop_during_a_read_strands_no_entry_and_is_prompt(
     async def echo(x: int) -> int:
         return x
 
-    keys = QueueKeys(namespace, "default")
     racing_jobs = []
     async with tr:
         for round_ in range(5):
@@ -623,7 +655,7 @@ async def test_stop_during_a_read_strands_no_entry_and_is_prompt(
                 racing = await echo.enqueue(100 + round_)  # may land in the read in flight
                 stopped = time.monotonic()
             assert time.monotonic() - stopped < 4.0  # an idle reader stops at once
-            assert (await redis.xpending(keys.stream, GROUP))["pending"] == 0
+            assert await pending_count(tr, redis) == 0
             assert await racing.status() in (JobStatus.QUEUED, JobStatus.SUCCEEDED)
             racing_jobs.append(racing)
         async with background_worker(tr):
@@ -631,8 +663,9 @@ async def test_stop_during_a_read_strands_no_entry_and_is_prompt(
     assert results == [100, 101, 102, 103, 104]
 
 
+@ALL
 async def test_worker_validates_arguments_again_and_dead_letters_a_bad_payload(
-    make_runner: MakeRunner, redis: Redis, namespace: str
+    make_runner: MakeRunner, redis: Redis
 ) -> None:
     tr = make_runner()
     ran: list[int] = []
@@ -642,11 +675,12 @@ async def test_worker_validates_arguments_again_and_dead_letters_a_bad_payload(
         ran.append(x)
         return x + y
 
-    keys = QueueKeys(namespace, "default")
     async with tr, background_worker(tr):
-        # Written behind enqueue's back (another producer, an old version of the task).
+        # Written behind enqueue's back (another producer, an old version of the task),
+        # in the id's home partition, announced as the runner would (PUBLISH or SPUBLISH).
+        keys = (await tr.client.resolve("default")).for_id("tampered")
         bad = scripts.enqueue(
-            scripts.Env(), keys, "tampered", add.name, '{"x": "nope", "y": 1}', "default", 0
+            tr.client.env, keys, "tampered", add.name, '{"x": "nope", "y": 1}', "default", 0
         )
         await scripts.run(redis, bad)
         good = await add.enqueue(1, 2)
@@ -656,6 +690,7 @@ async def test_worker_validates_arguments_again_and_dead_letters_a_bad_payload(
     assert ran == [1]
 
 
+@ALL
 async def test_handle_by_id_rebuilds_the_result_into_the_task_return_type(
     make_runner: MakeRunner,
 ) -> None:
