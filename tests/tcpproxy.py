@@ -218,6 +218,9 @@ class TcpProxy:
         except OSError:
             _reset(writer)
             return
+        except asyncio.CancelledError:  # the proxy closes while this one connects
+            _reset(writer)
+            raise
         link = _Link(writer, up_writer)
         self._links.add(link)
         self.stats.open += 1

@@ -227,7 +227,9 @@ class LeaseMiddleware(Middleware):
     # -- heartbeats ----------------------------------------------------------------------
 
     async def _heartbeats(self, worker: WorkerPort) -> None:
-        state = self._workers[worker]
+        state = self._workers.get(worker)
+        if state is None:  # the worker stopped before this loop began
+            return
         while True:
             await anyio.sleep(self.heartbeat_interval)
             try:
@@ -247,8 +249,12 @@ class LeaseMiddleware(Middleware):
 
     async def beat(self, worker: WorkerPort) -> None:
         """Renew the lease of every job this worker holds (running, or claimed and
-        waiting for a consumer) and its presence: one pipelined round trip."""
-        state = self._workers[worker]
+        waiting for a consumer) and its presence: one pipelined round trip. Nothing once
+        the worker stopped (a loop whose sleep ended as its scope was cancelled gets
+        here before it sees the cancellation)."""
+        state = self._workers.get(worker)
+        if state is None:
+            return
         leases = list(state.leases.values())
         held = list(worker.held())
         calls = [_beat_call(worker, ctx) for ctx in leases]
@@ -279,8 +285,10 @@ class LeaseMiddleware(Middleware):
                 logger.exception("reclaim: unexpected error; retrying next interval")
 
     async def may_reclaim(self, worker: WorkerPort) -> bool:
-        """The outage guard (see the module docstring)."""
-        state = self._workers[worker]
+        """The outage guard (see the module docstring); False once the worker stopped."""
+        state = self._workers.get(worker)
+        if state is None:
+            return False
         if anyio.current_time() - state.last_beat > self.heartbeat_interval:
             await self.beat(worker)  # the heartbeat loop is late (a blocked event loop)
         try:
