@@ -68,7 +68,9 @@ def app_runner(redis_url: str, namespace: str) -> tuple[TaskRunner, Tasks]:
 async def test_a_concurrency_limit_holds_across_three_worker_processes(
     cli_workers: StartWorker, redis_url: str, namespace: str
 ) -> None:
-    await start_workers(cli_workers, 3)
+    # One slot per worker: two runs at once (the first waits for a second to start, see
+    # limits_app.held) are two processes, so the limit is shown to hold across them.
+    await start_workers(cli_workers, 3, "--concurrency", "1")
     tr, tasks = app_runner(redis_url, namespace)
     async with tr:
         jobs = await tr.enqueue_many([tasks.held.call(i, 0.15) for i in range(16)])

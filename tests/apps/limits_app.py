@@ -60,6 +60,20 @@ def runner(url: str | None = None, namespace: str = NAMESPACE) -> TaskRunner:
 def declare(tr: TaskRunner) -> Tasks:
     """Declare the app's tasks on ``tr`` (tests declare them on their own runner too)."""
 
+    async def paired() -> None:
+        """Hold the first ``held`` run until a second one started: with workers of one
+        slot each, the first two runs are then in two processes, however the jobs were
+        spread (bounded wait: a test fails on the deadline, it does not hang)."""
+        deadline = time.monotonic() + 30.0
+        while time.monotonic() < deadline:
+            raw = await tr.client.redis.lrange(events_key(tr.namespace), 0, -1)
+            if (
+                sum(1 for e in parse_events(raw) if e["task"] == "held" and e["kind"] == "start")
+                >= 2
+            ):
+                return
+            await anyio.sleep(0.01)
+
     async def record(kind: str, task: str, i: int, key: str = "") -> None:
         job = current_job()
         event = {
@@ -77,6 +91,7 @@ def declare(tr: TaskRunner) -> Tasks:
     @tr.task(name="held", concurrency_limit=HELD_LIMIT, max_retries=0)
     async def held(i: int, seconds: float) -> int:
         await record("start", "held", i)
+        await paired()
         await anyio.sleep(seconds)
         await record("end", "held", i)
         return i
