@@ -140,6 +140,12 @@ class _WorkerLeases:
         self.guard = _Guard(stale_after, 2 * heartbeat_interval)
         self.scopes = [anyio.CancelScope(), anyio.CancelScope()]
         self.last_beat = 0.0
+        self.reclaiming = anyio.Lock()
+        """Held by a reclaim round, so a burst worker's last look waits for one in
+        flight (XAUTOCLAIM done, requeue not yet) instead of missing its jobs."""
+        self.requeued = 0
+        self.requeued_seen = 0
+        """Entries requeued by this worker, and how many its burst look has seen."""
 
 
 class LeaseMiddleware(Middleware):
@@ -310,6 +316,13 @@ class LeaseMiddleware(Middleware):
 
     async def reclaim_all(self, worker: WorkerPort) -> int:
         """One reclaim round over every partition whose turn this worker gets."""
+        state = self._workers.get(worker)
+        if state is None:
+            return 0
+        async with state.reclaiming:
+            return await self._reclaim_turns(worker)
+
+    async def _reclaim_turns(self, worker: WorkerPort) -> int:
         if not await self.may_reclaim(worker):
             return 0
         period = max(1, int(self.reclaim_interval * 1000))
@@ -329,6 +342,9 @@ class LeaseMiddleware(Middleware):
         taken = 0
         for stream in worker.streams(keys):
             taken += await self._reclaim_stream(worker, keys, stream)
+        state = self._workers.get(worker)
+        if state is not None:
+            state.requeued += taken
         return taken
 
     async def _reclaim_stream(self, worker: WorkerPort, keys: QueueKeys, stream: str) -> int:
@@ -421,21 +437,33 @@ class LeaseMiddleware(Middleware):
             await worker.redis.zremrangebyscore(keys.workers, "-inf", now_ms() - 2 * idle_ms)
 
     async def reclaim_before_exit(self, worker: WorkerPort) -> bool:
-        """For a burst worker about to exit: if some entry is stale, wait until this
-        worker may reclaim (the outage guard), requeue, and say so (True: read again)."""
-        if not await self._any_stale(worker):
+        """For a burst worker about to exit: True (read again) if its reclaim loop
+        requeued something since the last look, or if some entry is stale: then wait
+        until this worker may reclaim (the outage guard) and requeue it."""
+        state = self._workers.get(worker)
+        if state is None:
             return False
-        guard = self._workers[worker].guard
+        async with state.reclaiming:  # a round in flight finishes first
+            if state.requeued != state.requeued_seen:
+                state.requeued_seen = state.requeued
+                return True
+            taken = await self._reclaim_stale(worker, state)
+            state.requeued_seen = state.requeued
+            return taken > 0
+
+    async def _reclaim_stale(self, worker: WorkerPort, state: _WorkerLeases) -> int:
+        if not await self._any_stale(worker):
+            return 0
         for _ in range(3):  # the guard opens stale_after after the worker connected
             if await self.may_reclaim(worker):
                 break
-            await anyio.sleep(max(0.1, self.stale_after - guard.connected_for()))
+            await anyio.sleep(max(0.1, self.stale_after - state.guard.connected_for()))
         else:
-            return False
+            return 0
         taken = 0
         for keys in worker.partitions():
             taken += await self.reclaim(worker, keys)
-        return taken > 0
+        return taken
 
     async def _any_stale(self, worker: WorkerPort) -> bool:
         idle_ms = int(self.stale_after * 1000)
