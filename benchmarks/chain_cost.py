@@ -38,31 +38,12 @@ from typing import Any
 import anyio
 from redis.asyncio import Redis
 
+from benchmarks.costs import Drain, flush
 from benchmarks.run import redis_server
 from taskrunner import TaskRunner
 
 CONCURRENCY = 100
 ENQUEUERS = 50
-
-
-class Drain:
-    """Timestamps of the task bodies: first start, last completion, count."""
-
-    def __init__(self, expected: int) -> None:
-        self.expected = expected
-        self.first = 0.0
-        self.last = 0.0
-        self.done = 0
-        self.finished = asyncio.Event()
-
-    def ran(self) -> None:
-        now = time.perf_counter()
-        if not self.first:
-            self.first = now
-        self.last = now
-        self.done += 1
-        if self.done >= self.expected:
-            self.finished.set()
 
 
 async def enqueue(tr: TaskRunner, scenario: str, jobs: int, drain: Drain) -> None:
@@ -121,12 +102,6 @@ async def hot_path(url: str, scenario: str, jobs: int) -> dict[str, float]:
     }
 
 
-async def _flush(url: str) -> None:
-    redis = Redis.from_url(url)
-    await redis.flushall()
-    await redis.aclose()
-
-
 async def main(args: argparse.Namespace) -> None:
     scenarios: list[str] = args.scenarios
     with redis_server() as (url, version):
@@ -138,7 +113,7 @@ async def main(args: argparse.Namespace) -> None:
         for round_ in range(args.rounds):
             shift = round_ % len(scenarios)
             for scenario in scenarios[shift:] + scenarios[:shift]:
-                await _flush(url)
+                await flush(url)
                 results[scenario].append(await hot_path(url, scenario, args.jobs))
         keys = [
             "drain_jobs_s",

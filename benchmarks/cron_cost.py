@@ -36,6 +36,7 @@ from typing import Any
 import anyio
 from redis.asyncio import Redis
 
+from benchmarks.costs import Drain, flush
 from benchmarks.run import redis_server
 from taskrunner import Task, TaskRunner, scripts
 from taskrunner.cron import CronMiddleware
@@ -43,26 +44,6 @@ from taskrunner.keys import QueueKeys
 
 SINGLE = 2_000
 CONCURRENCY = 100
-
-
-class Drain:
-    """Timestamps of the task bodies: first start, last completion, count."""
-
-    def __init__(self, expected: int) -> None:
-        self.expected = expected
-        self.first = 0.0
-        self.last = 0.0
-        self.done = 0
-        self.finished = asyncio.Event()
-
-    def ran(self) -> None:
-        now = time.perf_counter()
-        if not self.first:
-            self.first = now
-        self.last = now
-        self.done += 1
-        if self.done >= self.expected:
-            self.finished.set()
 
 
 def runner(url: str, scenario: str, drain: Drain) -> tuple[TaskRunner, Task[[], None]]:
@@ -182,7 +163,7 @@ async def main(args: argparse.Namespace) -> None:
         for round_ in range(args.rounds):
             order = scenarios[round_ % 3 :] + scenarios[: round_ % 3]
             for scenario in order:
-                await _flush(url)
+                await flush(url)
                 results[scenario].append(await hot_path(url, scenario, args.jobs))
         keys = [
             "enqueue_bulk_jobs_s",
@@ -200,18 +181,12 @@ async def main(args: argparse.Namespace) -> None:
             f"{'late max ms':>12}"
         )
         for count in args.workers:
-            await _flush(url)
+            await flush(url)
             found = await ticks(url, count, args.seconds)
             print(
                 f"{count:7d} {found['ticks']:6.0f} {found['tick_calls_per_tick']:14.2f} "
                 f"{found['late_ms_median']:12.0f} {found['late_ms_max']:12.0f}"
             )
-
-
-async def _flush(url: str) -> None:
-    redis = Redis.from_url(url)
-    await redis.flushall()
-    await redis.aclose()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -37,24 +37,13 @@ from typing import Any
 import anyio
 from redis.asyncio import Redis
 
+from benchmarks.costs import Drain, flush
 from benchmarks.run import redis_server
 from taskrunner import TaskRunner
 
 SCENARIOS = ("one-level", "unused", "used", "one-level-p3", "unused-p3", "used-p3")
 LEVELS = ("high", "default", "low")
 READ_COMMANDS = ("xreadgroup", "xinfo|groups", "xrange")
-
-
-class Drain:
-    def __init__(self, expected: int) -> None:
-        self.expected = expected
-        self.done = 0
-        self.finished = asyncio.Event()
-
-    def ran(self) -> None:
-        self.done += 1
-        if self.done >= self.expected:
-            self.finished.set()
 
 
 def runner(url: str, scenario: str) -> TaskRunner:
@@ -117,7 +106,7 @@ async def main(args: argparse.Namespace) -> None:
         for round_ in range(args.rounds):
             shift = round_ % len(SCENARIOS)
             for scenario in SCENARIOS[shift:] + SCENARIOS[:shift]:
-                await _flush(url)
+                await flush(url)
                 results[scenario].append(await drain(url, scenario, args.jobs, args.concurrency))
         keys = ["commands_job", "evalsha_job", *READ_COMMANDS, "server_cpu_us_job"]
         keys.append("drain_jobs_s")
@@ -126,12 +115,6 @@ async def main(args: argparse.Namespace) -> None:
             rows = results[scenario]
             values = " ".join(f"{statistics.median(r[k] for r in rows):17.2f}" for k in keys)
             print(f"{scenario:13} {values}")
-
-
-async def _flush(url: str) -> None:
-    redis = Redis.from_url(url)
-    await redis.flushall()
-    await redis.aclose()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
