@@ -149,3 +149,46 @@ async def test_a_network_cut_longer_than_stale_after_takes_no_live_job(
             assert (await job.info()).reclaims == 0
         assert a.alive
         assert b.alive
+
+
+async def test_a_burst_worker_waits_out_an_outage_that_begins_after_its_last_empty_read(
+    redis_url: str, namespace: str, make_proxy: MakeProxy
+) -> None:
+    """Redis goes away between the burst worker's empty read and its last look (due
+    jobs, outboxes, stale entries): a call of that look fails, and the worker does not
+    die of it; it reads again, and runs what was enqueued meanwhile before it exits."""
+    proxy = proxied(redis_url, make_proxy)
+    tr = TaskRunner(through(proxy.port), namespace=namespace)
+    producer = TaskRunner(redis_url, namespace=namespace)
+
+    @tr.task(name="echo")
+    async def echo(n: int) -> int:
+        return n
+
+    @producer.task(name="echo")
+    async def echo_there(n: int) -> int:
+        raise NotImplementedError
+
+    looks = 0
+    jobs = []
+
+    async def last_look() -> bool:  # a hook of the last look, as the lease middleware's
+        nonlocal looks
+        looks += 1
+        if looks == 1:
+            jobs.append(await echo_there.enqueue(7))  # for the read after the outage
+            proxy.refuse()
+            proxy.cut()
+            try:
+                await tr.client.redis.ping()  # fails: the look's call during the outage
+            finally:
+                proxy.accept()  # back for the next read
+        return False
+
+    async with producer, tr:
+        worker = tr.worker(concurrency=1, burst=True, handle_signals=False)
+        worker.on_drained(last_look)
+        with anyio.fail_after(DEADLINE):
+            await worker.run()
+        assert looks == 2
+        assert await jobs[0].result(timeout=DEADLINE) == 7

@@ -34,7 +34,7 @@ from taskrunner.subscriber import Subscriber
 from taskrunner.worker.committer import Coalescer, Committer
 from taskrunner.worker.consumers import Consumers
 from taskrunner.worker.listener import EventHandler, EventListener
-from taskrunner.worker.reader import Reader, ensure_groups
+from taskrunner.worker.reader import CLAIM_BACKOFF, Reader, ensure_groups
 from taskrunner.worker.relay import Relay
 from taskrunner.worker.scheduler import Scheduler
 from taskrunner.worker.slots import Slots
@@ -416,7 +416,15 @@ class Worker:
         if self.slots.busy:
             await self.slots.changed()
             return False
-        await self.committer.coalescer.drained()
+        await self.committer.coalescer.drained()  # retried with backoff through an outage
+        try:
+            return await self._nothing_moved()
+        except REDIS_ERRORS as exc:  # an outage began after the empty read: read again,
+            report("a burst worker's last look", exc)  # which waits until Redis is back
+            await anyio.sleep(CLAIM_BACKOFF)
+            return False
+
+    async def _nothing_moved(self) -> bool:
         if await self.scheduler.promote_due() or await self.relay.relay_all():
             return False
         moved = (self.scheduler.promoted, self.relay.handled)
