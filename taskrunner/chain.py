@@ -19,17 +19,16 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, Protocol, TypeVar, cast
 
 import anyio
 
+from taskrunner.definition import Call, Calls
 from taskrunner.job import Job, JobStore, safe_text
 from taskrunner.keys import check_name
-from taskrunner.task import Call, step_call
 
 if TYPE_CHECKING:
     from taskrunner.codec import ResultCodec
-    from taskrunner.task import _Enqueuer
 
 P2 = ParamSpec("P2")
 R = TypeVar("R")
@@ -66,7 +65,7 @@ class Chain(Generic[R]):
 
     def then(
         self,
-        task: _Enqueuer[Concatenate[R, P2], R2],
+        task: Calls[Concatenate[R, P2], R2],
         /,
         *args: P2.args,
         **kwargs: P2.kwargs,
@@ -75,7 +74,8 @@ class Chain(Generic[R]):
         its first argument and ``args``/``kwargs`` as the rest. ``task`` may carry
         options (``task.options(queue=..., priority=..., delay=...)``; a delay counts
         from the success of the previous step); ``job_id`` and ``at`` are refused."""
-        return Chain(self._runner, self._first, (*self._steps, step_call(task, args, kwargs)))
+        step = cast(Calls[P2, R2], task).call(*args, **kwargs)  # the first argument comes later
+        return Chain(self._runner, self._first, (*self._steps, step))
 
     async def enqueue(self) -> ChainJob[R]:
         """Validate every step (a bad argument raises and writes nothing) and write the

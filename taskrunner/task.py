@@ -1,81 +1,20 @@
-"""Tasks: the typed wrapper ``@tr.task`` returns, and calls ready to enqueue."""
+"""Tasks: the typed wrapper ``@tr.task`` returns (``Task``; ``BoundTask`` with per-enqueue
+options). What a task is and one call of it are in taskrunner.definition."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar
 
-from taskrunner.codec import ArgsCodec
-from taskrunner.options import TaskOptions
+from taskrunner.chain import Chain, ChainJob
+from taskrunner.definition import Call, EnqueueOptions, TaskDefinition
 
 if TYPE_CHECKING:
-    from taskrunner.chain import Chain, ChainJob
     from taskrunner.job import Job
 
 P = ParamSpec("P")
 R = TypeVar("R")
-R_co = TypeVar("R_co", covariant=True)
-OptionsT = TypeVar("OptionsT", bound=TaskOptions)
-
-
-class TaskDefinition:
-    """What the runtime knows of a task: name, function, queue, codec and options."""
-
-    __slots__ = ("codec", "fn", "name", "options", "priority", "queue")
-
-    def __init__(
-        self,
-        fn: Callable[..., Awaitable[Any]],
-        name: str,
-        queue: str,
-        options: dict[type[TaskOptions], TaskOptions],
-        priority: str | None = None,
-    ) -> None:
-        self.fn = fn
-        self.name = name
-        self.queue = queue
-        self.options = options
-        self.priority = priority
-        self.codec = ArgsCodec(fn, name)
-
-    def options_for(self, model: type[OptionsT]) -> OptionsT:
-        """The validated options of one middleware (its defaults when none were given)."""
-        found = self.options.get(model)
-        if found is None:
-            found = self.options[model] = model()
-        return found  # type: ignore[return-value]
-
-    def __repr__(self) -> str:
-        return f"TaskDefinition({self.name!r}, queue={self.queue!r})"
-
-
-@dataclass(frozen=True, slots=True)
-class EnqueueOptions:
-    """Per-enqueue options: when, under which id, on which queue, at which priority."""
-
-    delay: float | timedelta | None = None
-    at: datetime | None = None
-    job_id: str | None = None
-    queue: str | None = None
-    priority: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Call(Generic[R_co]):
-    """One call of a task with its arguments, ready for ``enqueue_many``.
-
-    ``Call[R]`` is covariant in the task's result type ``R``, so calls of different
-    tasks go together: a list of them is a ``list[Call[int | str]]`` (pyright) or
-    ``list[Call[object]]`` (mypy), and ``tr.enqueue_many`` of a tuple of calls
-    returns a tuple with one correctly typed ``Job`` per position.
-    """
-
-    task: TaskDefinition
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    options: EnqueueOptions
 
 
 class Enqueues(Protocol):
@@ -122,16 +61,7 @@ class _Enqueuer(Generic[P, R]):
         """The first step of a chain (docs/chains.md): ``add.chain(1, 2).then(double)``
         runs ``double`` with ``add``'s result when it succeeds. Nothing is sent before
         ``await ....enqueue()``."""
-        from taskrunner.chain import Chain
-
         return Chain(self._runner, self.call(*args, **kwargs))
-
-
-def step_call(
-    task: _Enqueuer[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> Call[Any]:
-    """A chain step: ``task`` with the arguments after its first (taskrunner.chain)."""
-    return Call(task._definition, args, kwargs, task._enqueue_options)
 
 
 class BoundTask(_Enqueuer[P, R]):
@@ -175,3 +105,6 @@ class Task(_Enqueuer[P, R]):
 
     def __repr__(self) -> str:
         return f"Task({self.name!r}, queue={self.queue!r})"
+
+
+__all__ = ["BoundTask", "Call", "EnqueueOptions", "Enqueues", "Task", "TaskDefinition"]

@@ -211,7 +211,7 @@ async def test_a_bad_step_fails_at_enqueue_and_writes_nothing(
         with pytest.raises(ConfigurationError, match="unique lock"):
             await add.chain(1, 2).then(locked).enqueue()
         with pytest.raises(TypeError, match="first parameter"):
-            await add.chain(1, 2).then(keyword_only).enqueue()  # type: ignore[arg-type]
+            await add.chain(1, 2).then(keyword_only).enqueue()  # type: ignore[arg-type, call-arg]
         with pytest.raises(ConfigurationError, match="priority"):
             await add.chain(1, 2).then(label.options(priority="urgent"), "m").enqueue()
     assert await redis.keys(f"{namespace}:*") == []

@@ -4,7 +4,8 @@
 * ``schedule``: ``CronSchedule`` (what ``tr.cron`` declares) and ``CronInfo``;
 * ``tab``: ``CronTab`` (``tr.crontab``): list, pause, resume, trigger;
 * ``service``: the per-worker ``CronService`` and the built-in ``CronMiddleware`` that
-  starts it; the Lua side is ``lua/tick.lua``.
+  starts it; the Lua side is ``lua/tick.lua``;
+* ``host``: ``CronHost``, what cron needs of its runner (a port: no import of the runner).
 """
 
 from taskrunner.cron.expression import CronExpression

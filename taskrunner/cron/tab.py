@@ -32,14 +32,14 @@ from taskrunner.task import Call, EnqueueOptions
 from taskrunner.worker.scheduler import server_ms
 
 if TYPE_CHECKING:
+    from taskrunner.cron.host import CronHost
     from taskrunner.job import Job
-    from taskrunner.runner import TaskRunner
 
 
 class CronTab:
     """The cron schedules of one TaskRunner, by name."""
 
-    def __init__(self, runner: TaskRunner) -> None:
+    def __init__(self, runner: CronHost) -> None:
         self._runner = runner
         self._schedules: dict[str, CronSchedule] = {}
 
@@ -56,7 +56,7 @@ class CronTab:
         return name in self._schedules
 
     @property
-    def runner(self) -> TaskRunner:
+    def runner(self) -> CronHost:
         return self._runner
 
     def get(self, name: str) -> CronSchedule:
