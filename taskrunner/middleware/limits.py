@@ -80,7 +80,7 @@ from taskrunner.middleware.base import (
     Outcome,
     WorkerPort,
 )
-from taskrunner.middleware.pipeline import WorkerPipelines
+from taskrunner.middleware.pipeline import Undo, WorkerPipelines
 from taskrunner.middleware.unique import lock_digest
 from taskrunner.options import FUNCTION, TaskOptions
 from taskrunner.task import TaskDefinition
@@ -308,7 +308,7 @@ class LimitsMiddleware(Middleware):
             rate.period_ms if rate else 0,
         )
         try:
-            reply = await self._calls.run(ctx.worker, call)
+            reply = await self._calls.run(ctx.worker, call, _give_back(ctx, limit, keys))
         except REDIS_ERRORS as exc:  # a refused call (a worker's pipeline rides outages)
             logger.warning(
                 "job %s %s attempt %d: cannot check its limits (%s); rescheduled",
@@ -458,6 +458,21 @@ class LimitsMiddleware(Middleware):
                 for token in lost:
                     held.pop(token, None)
         return renewed
+
+
+def _give_back(ctx: ExecutionContext, limit: _Limit, keys: LimitKeys) -> Undo | None:
+    """What reverses a take whose attempt was cancelled before the reply: the give-back
+    of the slot it took, sent after the take (the attempt's own give-back, sent at once,
+    may go in the take's pipeline, where the calls of one script run together)."""
+    if not limit.concurrency:
+        return None
+
+    def undo(reply: Any) -> scripts.ScriptCall | None:
+        if int(reply[0]) != 0:
+            return None  # refused: nothing taken
+        return scripts.release(keys, ctx.lease, limit.concurrency, _ms(ctx.worker.stale_after))
+
+    return undo
 
 
 async def _hasten(worker: WorkerPort, namespace: str, waiters: Sequence[str]) -> int:
