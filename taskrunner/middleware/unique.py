@@ -343,7 +343,7 @@ class UniqueMiddleware(Middleware):
     ) -> Outcome | None:
         """Take ``locks`` for this attempt: None when taken, else the attempt's outcome."""
         try:
-            conflict = await self._take(ctx, locks, self.ttl(opts))
+            conflict = await self._take(ctx, locks)
         except REDIS_ERRORS as exc:  # a refused call (a worker's pipeline rides outages)
             logger.warning(
                 "job %s %s attempt %d: cannot take its lock (%s); rescheduled",
@@ -392,10 +392,9 @@ class UniqueMiddleware(Middleware):
     async def on_worker_stop(self, worker: WorkerPort) -> None:
         self._calls.stop(worker)
 
-    async def _take(
-        self, ctx: ExecutionContext, locks: Sequence[str], ttl: float
-    ) -> LockConflictError | None:
-        call = scripts.lock(ctx.keys, ctx.job.id, ctx.lease, _ms(ttl), locks)
+    async def _take(self, ctx: ExecutionContext, locks: Sequence[str]) -> LockConflictError | None:
+        """Take ``locks`` for ``ctx.lock_ttl_ms`` (set by ``execute``): None when taken."""
+        call = scripts.lock(ctx.keys, ctx.job.id, ctx.lease, ctx.lock_ttl_ms, locks)
         reply = await self._calls.run(ctx.worker, call)
         code = int(reply[0])
         if code == 0:
