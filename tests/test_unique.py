@@ -37,6 +37,7 @@ from taskrunner import (
     Task,
     TaskRunner,
     current_job,
+    scripts,
 )
 from taskrunner.middleware.base import EnqueueNext
 from taskrunner.middleware.unique import ALLOWED_STRATEGIES
@@ -707,6 +708,45 @@ async def test_while_executing_reschedule_never_overlaps_and_keeps_identity(
     ordered = sorted(runs, key=lambda r: r[2])
     for before, after in itertools.pairwise(ordered):
         assert before[3] <= after[2], "two runs overlapped"
+
+
+@ALL
+@pytest.mark.parametrize("lock", ["while_executing", "until_executed"])
+async def test_a_job_aborted_while_its_lock_is_taken_leaves_no_lock(
+    make_runner: MakeRunner, redis: Redis, monkeypatch: pytest.MonkeyPatch, lock: Any
+) -> None:
+    # The take runs in Redis but its reply is held back, as on a slow round trip; the
+    # abort cancels the attempt while it waits. The lock the take left is the job's:
+    # the abort's commit releases it (before the reply could lead to anything).
+    took, gate = anyio.Event(), anyio.Event()
+    run_many = scripts.run_many
+
+    async def held_takes(redis: Any, calls: Any, **kwargs: Any) -> list[Any]:
+        replies = await run_many(redis, calls, **kwargs)
+        if any(call.script is scripts.LOCK for call in calls):
+            took.set()
+            await gate.wait()
+        return replies
+
+    monkeypatch.setattr(scripts, "run_many", held_takes)
+    tr = make_runner(heartbeat_interval=0.2)
+
+    @tr.task(lock=lock)
+    async def guarded(x: int) -> None: ...
+
+    try:
+        async with tr, running(tr):
+            job = await guarded.enqueue(1)
+            key = tr.unique.lock_key(guarded, (1,))
+            await took.wait()
+            assert await redis.get(key) == job.id
+            await job.abort()
+            with pytest.raises(JobAborted):
+                await job.result(timeout=DEADLINE)
+            assert await redis.get(key) is None
+            gate.set()
+    finally:
+        gate.set()
 
 
 # -- TTLs and heartbeats -------------------------------------------------------------------

@@ -80,10 +80,10 @@ from taskrunner.middleware.base import (
     Outcome,
     WorkerPort,
 )
+from taskrunner.middleware.pipeline import Undo, WorkerPipelines
 from taskrunner.middleware.unique import lock_digest
 from taskrunner.options import FUNCTION, TaskOptions
 from taskrunner.task import TaskDefinition
-from taskrunner.worker.committer import Coalescer
 
 logger = logging.getLogger("taskrunner.limits")
 
@@ -219,13 +219,11 @@ def parse_waiter(namespace: str, member: str) -> tuple[QueueKeys, str] | None:
 
 
 class _WorkerLimits:
-    """One worker's limit state: the slots it holds, and its coalesced script calls."""
+    """One worker's limit state: the slots it holds."""
 
-    def __init__(self, worker: WorkerPort) -> None:
+    def __init__(self) -> None:
         self.held: dict[str, str] = {}
         """Concurrency slots held: lease token -> the limit's holders key."""
-        self.calls = Coalescer(worker.redis)
-        """Takes and give-backs of concurrent jobs go in one pipeline (batched per limit)."""
 
 
 class LimitsMiddleware(Middleware):
@@ -236,6 +234,8 @@ class LimitsMiddleware(Middleware):
     def __init__(self) -> None:
         self._limits: dict[str, _Limit] = {}
         self._workers: dict[WorkerPort, _WorkerLimits] = {}
+        self._calls = WorkerPipelines("limit calls")
+        """Takes and give-backs of concurrent jobs go in one pipeline (batched per limit)."""
 
     def applies_to(self, task: TaskDefinition) -> bool:
         opts = task.options_for(LimitOptions)
@@ -275,11 +275,11 @@ class LimitsMiddleware(Middleware):
         state = self._workers.get(ctx.worker)
         answered = False
         try:
-            refused = await self._acquire(ctx, state, limit, keys)
+            refused = await self._acquire(ctx, limit, keys)
             answered = True
         finally:
             if not answered and limit.concurrency:  # cancelled while taking: give back
-                await self._release(ctx, state, limit, keys, wake=False)
+                await self._release(ctx, limit, keys, wake=False)
         if refused is not None:
             return refused
         if not limit.concurrency:
@@ -290,10 +290,10 @@ class LimitsMiddleware(Middleware):
             return await call_next(ctx)
         finally:
             held.pop(ctx.lease, None)
-            await self._release(ctx, state, limit, keys)
+            await self._release(ctx, limit, keys)
 
     async def _acquire(
-        self, ctx: ExecutionContext, state: _WorkerLimits | None, limit: _Limit, keys: LimitKeys
+        self, ctx: ExecutionContext, limit: _Limit, keys: LimitKeys
     ) -> Outcome | None:
         """Take the slot: None when taken, else the reschedule to wait with."""
         rate = limit.rate
@@ -308,8 +308,8 @@ class LimitsMiddleware(Middleware):
             rate.period_ms if rate else 0,
         )
         try:
-            reply = await _call(ctx.worker, state, call)
-        except REDIS_ERRORS as exc:  # only without a worker's pipeline (it rides outages)
+            reply = await self._calls.run(ctx.worker, call, _give_back(ctx, limit, keys))
+        except REDIS_ERRORS as exc:  # a refused call (a worker's pipeline rides outages)
             logger.warning(
                 "job %s %s attempt %d: cannot check its limits (%s); rescheduled",
                 ctx.job.id,
@@ -319,7 +319,7 @@ class LimitsMiddleware(Middleware):
                 extra=job_extra(ctx.job),
             )
             if limit.concurrency:  # the reply may be what was lost: give back at once
-                await self._release(ctx, state, limit, keys, wake=False)
+                await self._release(ctx, limit, keys, wake=False)
             return Outcome.reschedule(time.time() + _RETRY_AFTER_REDIS_ERROR)
         code, wait_ms = int(reply[0]), int(reply[1])
         if code == 0:
@@ -352,7 +352,6 @@ class LimitsMiddleware(Middleware):
     async def _release(
         self,
         ctx: ExecutionContext,
-        state: _WorkerLimits | None,
         limit: _Limit,
         keys: LimitKeys,
         *,
@@ -364,7 +363,7 @@ class LimitsMiddleware(Middleware):
         problem = f"no answer within {RELEASE_DEADLINE:g}s"
         with anyio.CancelScope(shield=True, deadline=anyio.current_time() + RELEASE_DEADLINE):
             try:
-                waiters = await _call(ctx.worker, state, call)
+                waiters = await self._calls.run(ctx.worker, call)
             except REDIS_ERRORS as exc:
                 problem = str(exc)
             else:
@@ -410,12 +409,13 @@ class LimitsMiddleware(Middleware):
     # -- the worker's services ---------------------------------------------------------
 
     async def on_worker_start(self, worker: WorkerPort) -> None:
-        state = self._workers[worker] = _WorkerLimits(worker)
-        worker.spawn(state.calls.run)
+        self._workers[worker] = _WorkerLimits()
+        self._calls.start(worker)
         worker.spawn(lambda: self._renewals(worker))
 
     async def on_worker_stop(self, worker: WorkerPort) -> None:
         self._workers.pop(worker, None)
+        self._calls.stop(worker)
 
     async def _renewals(self, worker: WorkerPort) -> None:
         while True:
@@ -460,11 +460,19 @@ class LimitsMiddleware(Middleware):
         return renewed
 
 
-async def _call(worker: WorkerPort, state: _WorkerLimits | None, call: scripts.ScriptCall) -> Any:
-    """Run ``call`` in the worker's pipeline of limit calls (a direct call without one)."""
-    if state is None:
-        return await scripts.run(worker.redis, call)
-    return await state.calls.submit(call)
+def _give_back(ctx: ExecutionContext, limit: _Limit, keys: LimitKeys) -> Undo | None:
+    """What reverses a take whose attempt was cancelled before the reply: the give-back
+    of the slot it took, sent after the take (the attempt's own give-back, sent at once,
+    may go in the take's pipeline, where the calls of one script run together)."""
+    if not limit.concurrency:
+        return None
+
+    def undo(reply: Any) -> scripts.ScriptCall | None:
+        if int(reply[0]) != 0:
+            return None  # refused: nothing taken
+        return scripts.release(keys, ctx.lease, limit.concurrency, _ms(ctx.worker.stale_after))
+
+    return undo
 
 
 async def _hasten(worker: WorkerPort, namespace: str, waiters: Sequence[str]) -> int:

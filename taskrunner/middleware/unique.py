@@ -33,6 +33,11 @@ to the signature with defaults applied, so ``f(1)``, ``f(x=1)`` and
   ``raise`` fails the attempt with ``LockConflictError`` under the retry policy.
 - While a job runs, its heartbeat renews its locks to ``lock_ttl``
   (``ExecutionContext.lock_ttl_ms``); final commits and abort release them.
+- A worker sends these takes and releases in one pipeline for all its running
+  attempts (taskrunner.middleware.pipeline): concurrent attempts share a round trip.
+  Through an outage a take waits for Redis (the attempt can still be cancelled); a
+  release waits at most ``RELEASE_DEADLINE`` (the lock then expires at its TTL, or the
+  final commit releases it).
 
 Order in the chain: lease, isolation, limits, unique, retry, timeout, user. Unique sits
 inside limits (a job refused by its limit has not started, so its ``until_executing``
@@ -70,7 +75,9 @@ from taskrunner.middleware.base import (
     Middleware,
     Outcome,
     OutcomeKind,
+    WorkerPort,
 )
+from taskrunner.middleware.pipeline import WorkerPipelines
 from taskrunner.options import OptionalSeconds, TaskOptions
 from taskrunner.task import TaskDefinition
 
@@ -95,6 +102,10 @@ DEFAULT_LOCK_TTL = 600.0
 DEFAULT_RESCHEDULE_DELAY = 5.0
 MIN_RESCHEDULE_DELAY = 0.05
 """Below this a conflicting job would spin (reschedule, promote, conflict, ...)."""
+RELEASE_DEADLINE = 5.0
+"""Seconds a lock's release at the start or end of an attempt may take (Redis away):
+after that the attempt goes on and the lock expires at its TTL (or is released by the
+job's final commit)."""
 _ENQUEUE_LOCKS = ("until_executing", "until_executed")
 _RETRY_AFTER_REDIS_ERROR = 1.0
 
@@ -172,6 +183,8 @@ class UniqueMiddleware(Middleware):
         self.lock_ttl = lock_ttl
         self.retry = retry
         """The retry policy that ``on_conflict="raise"`` at execution hands the error to."""
+        self._calls = WorkerPipelines("lock calls")
+        """Takes and releases of concurrent attempts go in one pipeline per worker."""
 
     def applies_to(self, task: TaskDefinition) -> bool:
         return task.options_for(UniqueOptions).lock is not None
@@ -257,16 +270,22 @@ class UniqueMiddleware(Middleware):
     async def _release_at_start(self, ctx: ExecutionContext) -> None:
         if not ctx.locks:
             return
-        try:
-            await self._unlock(ctx, ctx.locks, forget=True)
-        except REDIS_ERRORS as exc:  # the lock then expires at its TTL
-            logger.warning(
-                "job %s %s attempt %d: could not release its lock (%s)",
-                ctx.job.id,
-                ctx.job.task,
-                ctx.job.attempt,
-                exc,
-            )
+        problem = f"no answer within {RELEASE_DEADLINE:g}s"
+        with anyio.move_on_after(RELEASE_DEADLINE):
+            try:
+                await self._unlock(ctx, ctx.locks, forget=True)
+            except REDIS_ERRORS as exc:
+                problem = str(exc)
+            else:
+                ctx.locks.clear()
+                return
+        logger.warning(  # the lock then expires at its TTL
+            "job %s %s attempt %d: could not release its lock (%s)",
+            ctx.job.id,
+            ctx.job.task,
+            ctx.job.attempt,
+            problem,
+        )
         ctx.locks.clear()
 
     async def _until_executed(
@@ -283,30 +302,39 @@ class UniqueMiddleware(Middleware):
     ) -> Outcome:
         value = self._unique_value(ctx.task, ctx.payload)  # as stored: no re-encoding
         key = ctx.keys.lock(lock_digest(ctx.task.name, value))
+        # Listed before the take: if the attempt is cancelled while the take is on its
+        # way (it is sent anyway), the heartbeat renews and a final commit releases the
+        # lock the take may have left (each checks the holder: one not taken is left).
+        ctx.locks.append(key)
         refused = await self._take_or_refuse(ctx, [key], opts)
         if refused is not None:
+            ctx.locks.remove(key)
             return refused
-        ctx.locks.append(key)  # renewed by the heartbeat; released by a final commit too
         try:
             return await call_next(ctx)
         finally:
-            with anyio.CancelScope(shield=True):
-                await self._release_after(ctx, key)
+            await self._release_after(ctx, key)
 
     async def _release_after(self, ctx: ExecutionContext, key: str) -> None:
-        try:
-            await self._unlock(ctx, [key])
-        except REDIS_ERRORS as exc:  # left in ctx.locks: a final commit releases it
-            logger.warning(
-                "job %s %s attempt %d: could not release its lock (%s); it expires in %.1fs",
-                ctx.job.id,
-                ctx.job.task,
-                ctx.job.attempt,
-                exc,
-                ctx.lock_ttl_ms / 1000,
-            )
-            return
-        ctx.locks.remove(key)
+        """Release the attempt's lock, shielded from cancellation and bounded in time:
+        a lock not released is left in ``ctx.locks`` (a final commit releases it)."""
+        problem = f"no answer within {RELEASE_DEADLINE:g}s"
+        with anyio.CancelScope(shield=True, deadline=anyio.current_time() + RELEASE_DEADLINE):
+            try:
+                await self._unlock(ctx, [key])
+            except REDIS_ERRORS as exc:
+                problem = str(exc)
+            else:
+                ctx.locks.remove(key)
+                return
+        logger.warning(
+            "job %s %s attempt %d: could not release its lock (%s); it expires in %.1fs",
+            ctx.job.id,
+            ctx.job.task,
+            ctx.job.attempt,
+            problem,
+            ctx.lock_ttl_ms / 1000,
+        )
 
     # -- conflicts -----------------------------------------------------------------------
 
@@ -315,8 +343,8 @@ class UniqueMiddleware(Middleware):
     ) -> Outcome | None:
         """Take ``locks`` for this attempt: None when taken, else the attempt's outcome."""
         try:
-            conflict = await self._take(ctx, locks, self.ttl(opts))
-        except REDIS_ERRORS as exc:
+            conflict = await self._take(ctx, locks)
+        except REDIS_ERRORS as exc:  # a refused call (a worker's pipeline rides outages)
             logger.warning(
                 "job %s %s attempt %d: cannot take its lock (%s); rescheduled",
                 ctx.job.id,
@@ -356,13 +384,18 @@ class UniqueMiddleware(Middleware):
             return await conflicted(ctx)
         return await self.retry.execute(ctx, conflicted)
 
-    # -- scripts -------------------------------------------------------------------------
+    # -- scripts (in the worker's pipeline of lock calls) ----------------------------------
 
-    async def _take(
-        self, ctx: ExecutionContext, locks: Sequence[str], ttl: float
-    ) -> LockConflictError | None:
-        call = scripts.lock(ctx.keys, ctx.job.id, ctx.lease, _ms(ttl), locks)
-        reply = await scripts.run(ctx.worker.redis, call)
+    async def on_worker_start(self, worker: WorkerPort) -> None:
+        self._calls.start(worker)
+
+    async def on_worker_stop(self, worker: WorkerPort) -> None:
+        self._calls.stop(worker)
+
+    async def _take(self, ctx: ExecutionContext, locks: Sequence[str]) -> LockConflictError | None:
+        """Take ``locks`` for ``ctx.lock_ttl_ms`` (set by ``execute``): None when taken."""
+        call = scripts.lock(ctx.keys, ctx.job.id, ctx.lease, ctx.lock_ttl_ms, locks)
+        reply = await self._calls.run(ctx.worker, call)
         code = int(reply[0])
         if code == 0:
             raise LostLease(f"job {ctx.job.id}: lease lost before its lock was taken")
@@ -374,4 +407,4 @@ class UniqueMiddleware(Middleware):
         self, ctx: ExecutionContext, locks: Sequence[str], *, forget: bool = False
     ) -> None:
         call = scripts.unlock(ctx.keys, ctx.job.id, ctx.lease, list(locks), forget=forget)
-        await scripts.run(ctx.worker.redis, call)
+        await self._calls.run(ctx.worker, call)

@@ -62,12 +62,16 @@ class Coalescer:
         self._idle.clear()
         self._wakeup.set()
 
-    async def submit(self, call: scripts.ScriptCall) -> Any:
-        """Queue ``call`` and wait for its reply (a script error is raised)."""
+    async def submit(self, call: scripts.ScriptCall, abandoned: Done | None = None) -> Any:
+        """Queue ``call`` and wait for its reply (a script error is raised). If the
+        caller is cancelled first, the call is sent anyway and ``abandoned(reply)``
+        gets its reply (or error) instead."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
         def done(reply: Any) -> None:
             if future.done():  # its caller was cancelled; the call happened anyway
+                if abandoned is not None:
+                    abandoned(reply)
                 return
             if isinstance(reply, Exception):
                 future.set_exception(reply)
