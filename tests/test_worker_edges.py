@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -409,3 +410,51 @@ async def test_a_burst_worker_runs_a_retry_due_at_once_before_it_exits(
         job = await flaky.enqueue(7)
         await tr.worker(concurrency=1, burst=True, handle_signals=False).run()
         assert await job.status() == JobStatus.SUCCEEDED
+
+
+async def test_a_heartbeat_answered_after_its_job_committed_reports_no_lost_lease(
+    make_runner: Callable[..., TaskRunner],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A heartbeat covers the jobs running when it is sent; one of them ends and commits
+    # (spending its lease) before Redis answers the heartbeat, which then says 0 for it.
+    # That is no lost lease: nothing is logged and nothing is cancelled.
+    from taskrunner.middleware import lease
+
+    tr = make_runner(heartbeat_interval=0.2, stale_after=1.0)
+    gate, answered = anyio.Event(), anyio.Event()
+    jobs: list[Job[int]] = []
+    seen: list[Any] = []
+    renew = lease._renew
+
+    async def renew_after_the_commit(worker: Any, homes: Any, calls: Any) -> list[Any]:
+        if gate.is_set() or not tr.lease.state(worker).leases:
+            return await renew(worker, homes, calls)
+        gate.set()  # the running job ends and commits while this heartbeat is on its way
+        await wait_until(lambda: _succeeded(jobs[0]), 30)
+        replies = await renew(worker, homes, calls)
+        seen.extend(replies)
+        answered.set()  # beat() handles the replies before this test's task runs again
+        return replies
+
+    monkeypatch.setattr(lease, "_renew", renew_after_the_commit)
+
+    @tr.task
+    async def waits() -> int:
+        await gate.wait()
+        return 1
+
+    async with tr:
+        jobs.append(await waits.enqueue())
+        with caplog.at_level(logging.INFO, logger="taskrunner"):
+            async with tr.worker(concurrency=1, handle_signals=False):
+                with anyio.fail_after(30):
+                    await answered.wait()
+        assert await jobs[0].status() == JobStatus.SUCCEEDED
+    assert seen[0] == 0  # the job's lease was spent by its commit
+    assert not [r for r in caplog.records if "lease lost" in r.getMessage()]
+
+
+async def _succeeded(job: Job[Any]) -> bool:
+    return await job.status() == JobStatus.SUCCEEDED

@@ -269,7 +269,8 @@ class LeaseMiddleware(Middleware):
         if replies and all(isinstance(r, Exception) for r in replies):
             raise replies[0]
         for ctx, reply in zip(leases, replies[: len(leases)], strict=True):
-            _handle_beat(ctx, reply)
+            if state.leases.get(ctx.lease) is ctx:  # a job that ended meanwhile committed:
+                _handle_beat(ctx, reply)  # its spent lease is no loss
         for item, reply in zip(held, replies[len(leases) :], strict=True):
             if reply == 0:
                 worker.drop_held(item.token, CancelReason.LOST_LEASE)
