@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -26,7 +27,6 @@ import anyio
 import httpx
 import pytest
 from conftest import subprocess_env
-from redisproc import free_port
 
 from taskrunner import JobStatus, TaskRunner
 from taskrunner.task import Task
@@ -63,27 +63,34 @@ def browser_or_skip() -> Any:
 
 @pytest.fixture
 def server(redis_url: str, namespace: str, tmp_path: Path) -> Iterator[str]:
-    """tests/apps/ops_app.py under uvicorn on a free loopback port; its base URL."""
-    port = free_port()
+    """tests/apps/ops_app.py under uvicorn on loopback; its base URL.
+
+    The fixture binds and listens on the port itself and hands the socket to uvicorn
+    (``--fd``): uvicorn binds only after importing the app and running its lifespan
+    (seconds under load), and a port picked free beforehand could be taken by another
+    process in that time. Connections made meanwhile wait in the socket's backlog, so
+    the first GET is answered once the app is up: that is the readiness check.
+    """
     log = (tmp_path / "uvicorn.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "apps.ops_app:app", "--port", str(port)],
-        env=subprocess_env(redis_url, namespace),
-        cwd=Path(__file__).parent,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        fd = listener.fileno()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "apps.ops_app:app", "--fd", str(fd)],
+            env=subprocess_env(redis_url, namespace),
+            cwd=Path(__file__).parent,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            pass_fds=[fd],
+        )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + DEADLINE
-        while True:
-            try:
-                httpx.get(f"{base}/", timeout=1)
-                break
-            except httpx.TransportError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError((tmp_path / "uvicorn.log").read_text()) from None
-                time.sleep(0.05)  # starting: poll again
+        try:  # a crash during startup closes the socket: this fails at once
+            httpx.get(f"{base}/", timeout=DEADLINE)
+        except httpx.TransportError as exc:
+            raise AssertionError(
+                f"uvicorn did not answer ({exc!r}):\n{(tmp_path / 'uvicorn.log').read_text()}"
+            ) from None
         yield base
     finally:
         proc.terminate()  # the app's worker hands its running job back within 1 s
