@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +25,7 @@ import anyio
 import httpx
 import pytest
 from conftest import subprocess_env
+from ports import start_uvicorn
 
 from taskrunner import JobStatus, TaskRunner
 from taskrunner.task import Task
@@ -66,23 +65,19 @@ def server(redis_url: str, namespace: str, tmp_path: Path) -> Iterator[str]:
     """tests/apps/ops_app.py under uvicorn on loopback; its base URL.
 
     The fixture binds and listens on the port itself and hands the socket to uvicorn
-    (``--fd``): uvicorn binds only after importing the app and running its lifespan
+    (``--fd``, tests/ports.py): uvicorn binds only after importing the app and running its lifespan
     (seconds under load), and a port picked free beforehand could be taken by another
     process in that time. Connections made meanwhile wait in the socket's backlog, so
     the first GET is answered once the app is up: that is the readiness check.
     """
     log = (tmp_path / "uvicorn.log").open("w")
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        port = listener.getsockname()[1]
-        fd = listener.fileno()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "apps.ops_app:app", "--fd", str(fd)],
-            env=subprocess_env(redis_url, namespace),
-            cwd=Path(__file__).parent,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            pass_fds=[fd],
-        )
+    proc, port = start_uvicorn(
+        "apps.ops_app:app",
+        env=subprocess_env(redis_url, namespace),
+        cwd=Path(__file__).parent,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         try:  # a crash during startup closes the socket: this fails at once

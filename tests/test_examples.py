@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from ports import listening_socket
 from redis import Redis
-from redisproc import RedisProcess, free_port
+from redisproc import RedisProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted(p for p in (ROOT / "examples").glob("*.py") if p.name != "__init__.py")
@@ -109,14 +110,20 @@ def examples_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisP
 
 
 @pytest.fixture
-def example_env(examples_server: RedisProcess) -> dict[str, str]:
+def example_env(examples_server: RedisProcess) -> Iterator[dict[str, str]]:
+    """The examples' environment. The test holds a listening socket for the whole test and
+    every uvicorn of it serves that socket (``UVICORN_FD``, passed by ``Server``): a port
+    merely picked free could be taken by another process while uvicorn starts, or between
+    two uvicorns of one docstring. The demo clients find it in ``UVICORN_PORT``."""
     with Redis.from_url(examples_server.url) as client:
         client.flushall()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TASKRUNNER_", "UVICORN_"))}
     env["TASKRUNNER_REDIS_URL"] = examples_server.url
     env["PYTHONPATH"] = str(ROOT)
-    env["UVICORN_PORT"] = str(free_port())
-    return env
+    with listening_socket() as listener:
+        env["UVICORN_PORT"] = str(listener.getsockname()[1])
+        env["UVICORN_FD"] = str(listener.fileno())
+        yield env
 
 
 def poll(condition: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
@@ -139,6 +146,7 @@ class Server:
             stdout=self._file,
             stderr=subprocess.STDOUT,
             text=True,
+            pass_fds=[int(env["UVICORN_FD"])] if command.program == "uvicorn" else [],
         )
 
     def output(self) -> str:

@@ -20,7 +20,8 @@ import anyio
 import httpx
 import pytest
 from conftest import subprocess_env, wait_until
-from redisproc import RedisProcess, free_port
+from ports import start_uvicorn
+from redisproc import RedisProcess
 
 from taskrunner import JobDeadLettered, JobFailed, Retry, TaskRunner, current_job
 from taskrunner.logs import JsonFormatter
@@ -206,9 +207,11 @@ async def test_a_cli_worker_logs_json_lines(
     assert all(line["task"] == "add" and line["attempt"] == 1 for line in mine)
 
 
-def uvicorn(env: dict[str, str], port: int, log: IO[bytes]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "examples.fastapi_app:app", "--port", str(port)],
+def uvicorn(env: dict[str, str], log: IO[bytes]) -> tuple[subprocess.Popen[bytes], int]:
+    """The FastAPI example under uvicorn, on a socket bound before it starts (its port
+    cannot be taken meanwhile, tests/ports.py); (process, port)."""
+    return start_uvicorn(
+        "examples.fastapi_app:app",
         cwd=REPO,
         env=env,
         stdout=log,
@@ -221,9 +224,8 @@ async def test_an_embedded_worker_logs_through_uvicorn(
     redis_url: str, namespace: str, tmp_path: Path
 ) -> None:
     env = subprocess_env(redis_url, namespace)
-    port = free_port()
     log = (tmp_path / "uvicorn.log").open("wb")
-    server = uvicorn(env, port, log)
+    server, port = uvicorn(env, log)
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
 
