@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from ports import refused_port
 from redisproc import RedisProcess
 from tcpproxy import make_proxy  # noqa: F401 - fixture
 from topology import (  # noqa: F401 - fixtures
@@ -60,6 +61,15 @@ def redis_url(request: pytest.FixtureRequest) -> str:
         return str(request.getfixturevalue("topology").url)
     server: RedisProcess = request.getfixturevalue("redis_server")
     return server.url
+
+
+@pytest.fixture
+def unreachable_port() -> Iterator[int]:
+    """A loopback port where nothing listens, held (bound, not listening) for the test:
+    connections to it are refused, and no other process can start listening on it
+    meanwhile (tests/ports.py)."""
+    with refused_port() as port:
+        yield port
 
 
 @pytest.fixture

@@ -23,7 +23,6 @@ import psutil
 import pytest
 from conftest import subprocess_env, wait_until
 from redis.asyncio import Redis
-from redisproc import free_port
 
 from taskrunner.keys import GROUP, QueueKeys
 
@@ -237,9 +236,9 @@ async def test_redis_url_comes_from_the_taskrunner_object_when_the_environment_h
 
 
 def test_environment_redis_url_overrides_the_taskrunner_object(
-    env: dict[str, str], redis_url: str
+    env: dict[str, str], redis_url: str, unreachable_port: int
 ) -> None:
-    unreachable = f"redis://127.0.0.1:{free_port()}/0"
+    unreachable = f"redis://127.0.0.1:{unreachable_port}/0"
     overridden = env | {"CLI_APP_URL": redis_url, "TASKRUNNER_REDIS_URL": unreachable}
     done = run_cli(overridden, "info", "apps.cli_app:explicit")
     assert done.returncode == 1

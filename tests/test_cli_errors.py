@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import subprocess_env
-from redisproc import RedisProcess, free_port
+from redisproc import RedisProcess
 
 APP = "apps.cli_app:tr"
 TASKRUNNER = str(Path(sys.executable).with_name("taskrunner"))
@@ -153,8 +153,10 @@ def test_wrong_or_missing_password_exits_2(
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c[:1] + c[2:]))
-def test_unreachable_server_exits_1(namespace: str, command: list[str]) -> None:
-    url = f"redis://127.0.0.1:{free_port()}/0"
+def test_unreachable_server_exits_1(
+    namespace: str, command: list[str], unreachable_port: int
+) -> None:
+    url = f"redis://127.0.0.1:{unreachable_port}/0"
     done = run_cli(env_with(url, namespace), *command)
     assert_one_line(done, 1, f"cannot reach redis at {url}", "Connect")
 

@@ -16,7 +16,6 @@ import pytest
 from apps.core_app import Tasks, declare, runs_key
 from conftest import subprocess_env, wait_until
 from redis.asyncio import Redis
-from redisproc import free_port
 
 from taskrunner import JobStatus, TaskRunner
 from taskrunner.keys import GROUP, QueueKeys
@@ -147,8 +146,8 @@ def test_bad_app_path_prints_one_line(
     assert_one_line_error(run_cli(env, "worker", app_path, "--burst"), *fragments)
 
 
-def test_unreachable_redis_prints_one_line(env: dict[str, str]) -> None:
-    env = dict(env, TASKRUNNER_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
+def test_unreachable_redis_prints_one_line(env: dict[str, str], unreachable_port: int) -> None:
+    env = dict(env, TASKRUNNER_REDIS_URL=f"redis://127.0.0.1:{unreachable_port}/0")
     assert_one_line_error(run_cli(env, "worker", APP, "--burst"), "redis")
 
 

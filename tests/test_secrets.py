@@ -25,7 +25,7 @@ import click
 import pytest
 import redis
 from conftest import subprocess_env
-from redisproc import RedisProcess, free_port
+from redisproc import RedisProcess
 
 from taskrunner import TaskRunner
 from taskrunner.cli import main
@@ -200,9 +200,9 @@ def test_a_wrong_password_is_never_printed(
 
 
 def test_an_unreachable_server_with_a_password_is_never_printed(
-    namespace: str, tmp_path: Path
+    namespace: str, tmp_path: Path, unreachable_port: int
 ) -> None:
-    url = f"redis://user:{PASSWORD}@127.0.0.1:{free_port()}/0"
+    url = f"redis://user:{PASSWORD}@127.0.0.1:{unreachable_port}/0"
     runs = run_all(cli_env(url, namespace), tmp_path, "away")
     assert_no_secret(runs, PASSWORD)
     away = [r for r in runs if "cannot reach redis at redis://user:***@127.0.0.1" in r.output]
