@@ -21,7 +21,6 @@ from conftest import subprocess_env, wait_until
 from fastapi import FastAPI, Request
 from fastapi.security import HTTPBasic
 from redis.asyncio import Redis
-from redisproc import free_port
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
@@ -380,17 +379,18 @@ async def test_dead_letters_page_retries_deletes_and_purges(
 def test_taskrunner_dashboard_serves_the_app_on_loopback_and_stops_on_sigterm(
     redis_url: str, namespace: str, tmp_path: Path
 ) -> None:
-    port = free_port()
     log = (tmp_path / "dashboard.log").open("w")
-    proc = subprocess.Popen(
-        [TASKRUNNER, "dashboard", "apps.cli_app:tr", "--port", str(port)],
+    proc = subprocess.Popen(  # port 0: the OS picks a free one, the startup line names it
+        [TASKRUNNER, "dashboard", "apps.cli_app:tr", "--port", "0"],
         env=subprocess_env(redis_url, namespace),
         stdout=log,
         stderr=subprocess.STDOUT,
     )
     try:
-        response = serving(proc, f"http://127.0.0.1:{port}/")
-        assert response is not None, (tmp_path / "dashboard.log").read_text()
+        url = served_url(proc, tmp_path / "dashboard.log")
+        assert url.startswith("http://127.0.0.1:"), url
+        assert not url.endswith(":0"), url
+        response = httpx.get(f"{url}/", timeout=DEADLINE)
         assert response.status_code == 200
         assert 'data-queue="default"' in response.text
         assert 'data-queue="other"' in response.text
@@ -417,16 +417,20 @@ def test_dashboard_command_refuses_a_bad_port_in_one_line(redis_url: str, namesp
     assert done.stderr.startswith("taskrunner: error:")
 
 
-def serving(proc: subprocess.Popen[bytes], url: str) -> httpx.Response | None:
-    """The first answer of ``url`` once the process serves it (None if it exited or
-    did not answer before the deadline)."""
+def served_url(proc: subprocess.Popen[bytes], log: Path) -> str:
+    """The address the dashboard's startup line names, once it serves there. A port
+    picked free by the test beforehand could be taken by another process while the
+    command starts (and the test would talk to someone else); ``--port 0`` cannot."""
     deadline = time.monotonic() + DEADLINE
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            return httpx.get(url, timeout=1)
-        except httpx.TransportError:
-            time.sleep(0.05)  # the server is starting: poll again
-    return None
+    while True:
+        exited = proc.poll() is not None  # before reading: its last line is in the log
+        text = log.read_text()
+        found = re.search(r"Uvicorn running on (http://\S+)", text)
+        if found:
+            return found.group(1)
+        assert not exited, f"the dashboard exited:\n{text}"
+        assert time.monotonic() < deadline, f"no startup line within {DEADLINE:g}s:\n{text}"
+        time.sleep(0.05)  # starting: read the log again
 
 
 async def test_jobs_page_filters_by_priority_and_the_job_page_shows_it(

@@ -24,7 +24,6 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
-from redisproc import free_port
 
 from taskrunner import Job, JobDeadLettered, JobFailed, TaskRunner
 from taskrunner.cli.info import gather
@@ -83,6 +82,31 @@ async def scrape_until(
 
     await wait_until(holds, timeout, interval=0.05)
     return latest[0]
+
+
+SERVING = re.compile(r"serving metrics on http://127\.0\.0\.1:(\d+)/metrics")
+# --metrics-port 0: the OS picks a free port and the log line names it. A port picked
+# free by the test beforehand could be taken by another process before the worker binds
+# it (after importing the app), and the test would scrape someone else.
+ANY_PORT = ("--metrics-port", "0", "--metrics-host", "127.0.0.1")
+
+
+async def served_port(proc: subprocess.Popen[str], log: Path) -> int:
+    """The port a worker (or supervisor) started with ``ANY_PORT`` logged it serves on."""
+    found: list[int] = []
+
+    async def logged() -> bool:
+        exited = proc.poll() is not None  # before reading: its last line is in the log
+        text = await anyio.to_thread.run_sync(log.read_text)
+        match = SERVING.search(text)
+        if match:
+            found.append(int(match.group(1)))
+        else:
+            assert not exited, f"exited before serving metrics:\n{text}"
+        return bool(match)
+
+    await wait_until(logged, DEADLINE, interval=0.05)
+    return found[0]
 
 
 @pytest.fixture
@@ -187,9 +211,8 @@ async def test_worker_process_serves_job_counters_histograms_and_queue_gauges(
     app: tuple[TaskRunner, Tasks], env: dict[str, str], tmp_path: Path
 ) -> None:
     tr, tasks = app
-    port = free_port()
-    args = ("--metrics-port", str(port), "--metrics-host", "127.0.0.1")
-    with worker_process(env, tmp_path / "worker.log", *args) as proc:
+    with worker_process(env, tmp_path / "worker.log", *ANY_PORT) as proc:
+        port = await served_port(proc, tmp_path / "worker.log")
         await enqueue_the_mix(tr, tasks)
         # The live-worker gauge counts heartbeats: the first comes heartbeat_interval in.
         samples = await scrape_until(
@@ -204,7 +227,7 @@ async def test_worker_process_serves_job_counters_histograms_and_queue_gauges(
         assert value(samples, "process_cpu_seconds_total") > 0  # the default registry's
         assert await stop(proc) == 0
     log = (tmp_path / "worker.log").read_text()
-    assert f"serving metrics on http://127.0.0.1:{port}/metrics" in log
+    assert log.count("serving metrics on ") == 1
 
 
 async def test_producer_counts_enqueues_but_not_deduplicated_ones(make_runner: MakeRunner) -> None:
@@ -263,10 +286,9 @@ async def test_supervisor_serves_the_sum_of_two_worker_processes(
     namespace: str,
 ) -> None:
     tr, tasks = app
-    port = free_port()
     log = tmp_path / "supervisor.log"
-    args = ("--processes", "2", "-c", "1", "--metrics-port", str(port))
-    with worker_process(env, log, *args, "--metrics-host", "127.0.0.1") as proc:
+    with worker_process(env, log, "--processes", "2", "-c", "1", *ANY_PORT) as proc:
+        port = await served_port(proc, log)
         await wait_until(lambda: _logged_twice(log, " ready: "), DEADLINE)
         directory = _metrics_directory(log)
         assert directory.is_dir()
@@ -292,7 +314,10 @@ async def test_supervisor_serves_the_sum_of_two_worker_processes(
         assert await stop(proc) == 0
     assert not directory.exists()  # the supervisor deleted it
     text = log.read_text()
-    assert "Address already in use" not in text  # the children did not bind the port
+    # Only the supervisor serves: with port 0 a child that served too would not fail
+    # with "Address already in use" but log a line of its own.
+    assert text.count("serving metrics on ") == 1
+    assert "Address already in use" not in text
     # The only traceback is the one job that failed for good, logged once.
     assert text.count("Traceback") == 1
     assert 'raise ValueError("boom")' in text
@@ -329,9 +354,8 @@ async def test_reclaimed_job_is_counted_by_the_worker_that_took_it_over(
         await wait_until(lambda: _running(tr, job.id), DEADLINE)
         first.kill()  # SIGKILL: its lease goes stale after STALE_AFTER
         first.wait(timeout=DEADLINE)
-    port = free_port()
-    args = ("--metrics-port", str(port), "--metrics-host", "127.0.0.1")
-    with worker_process(env, tmp_path / "second.log", *args) as second:
+    with worker_process(env, tmp_path / "second.log", *ANY_PORT) as second:
+        port = await served_port(second, tmp_path / "second.log")
         assert await job.result(timeout=DEADLINE + STALE_AFTER) == 2
         samples = await scrape_until(
             port,

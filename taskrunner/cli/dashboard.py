@@ -25,7 +25,14 @@ taskrunner dashboard myapp:tr --port 8080 --host 0.0.0.0
     "behind its auth (docs/operations.md)." + example(EXAMPLE),
 )
 @click.argument("app")
-@click.option("--port", "-p", type=click.IntRange(0, 65535), default=8080, show_default=True)
+@click.option(
+    "--port",
+    "-p",
+    type=click.IntRange(0, 65535),
+    default=8080,
+    show_default=True,
+    help="Port to bind; 0 picks a free port (the startup line names it).",
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 def dashboard(app: str, port: int, host: str) -> None:
     try:

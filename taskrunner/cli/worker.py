@@ -81,7 +81,8 @@ taskrunner worker myapp.tasks:tr -q emails -q reports --processes 4
 @click.option(
     "--metrics-port",
     type=int,
-    help="Serve Prometheus metrics on this port (needs the metrics extra). [default: off]",
+    help="Serve Prometheus metrics on this port; 0 picks a free port, logged (needs the "
+    "metrics extra). [default: off]",
 )
 @click.option("--metrics-host", help="Address the metrics port binds. [default: 0.0.0.0]")
 @click.option("--supervised", is_flag=True, hidden=True)
