@@ -194,7 +194,8 @@ def assert_mix_counted(samples: Samples) -> None:
 
 
 def mix_recorded(samples: Samples) -> bool:
-    """Every outcome of ``enqueue_the_mix`` recorded, and the queue gauges read since."""
+    """Every outcome of ``enqueue_the_mix`` recorded, and a read of the queue gauges
+    since the dead letter and the failure (maybe not since the last jobs finished)."""
     return (
         value(samples, "taskrunner_jobs_succeeded_total", task="ok", queue="default") == 5
         and value(samples, "taskrunner_jobs_dead_lettered_total", task="unknown", queue="default")
@@ -214,16 +215,30 @@ async def test_worker_process_serves_job_counters_histograms_and_queue_gauges(
     with worker_process(env, tmp_path / "worker.log", *ANY_PORT) as proc:
         port = await served_port(proc, tmp_path / "worker.log")
         await enqueue_the_mix(tr, tasks)
-        # The live-worker gauge counts heartbeats: the first comes heartbeat_interval in.
+        samples = await scrape_until(port, mix_recorded)
+        assert_mix_counted(samples)
+        # Every job is final now, so Redis holds none queued or running (read directly:
+        # the product's count, not a sample of it).
+        [counts] = await queue_counts(
+            tr.client.redis,
+            await resolve(tr.client, ["default"]),
+            now=tr.clock.now(),
+            result_ttl=60,
+        )
+        assert (counts.queued, counts.running) == (0, 0)
+        # The gauges are a sample taken every queue_interval: the one that showed the
+        # dead letter and the failure may predate the last jobs (fan_out's two, queued
+        # or running then), so wait for a read that shows the count above. The
+        # live-worker gauge counts heartbeats: the first comes heartbeat_interval in.
         samples = await scrape_until(
             port,
             lambda s: (
-                mix_recorded(s) and value(s, "taskrunner_queue_workers", queue="default") == 1
+                value(s, "taskrunner_queue_depth", queue="default", status="queued") == 0
+                and value(s, "taskrunner_queue_depth", queue="default", status="running") == 0
+                and value(s, "taskrunner_queue_workers", queue="default") == 1
             ),
         )
         assert_mix_counted(samples)
-        assert value(samples, "taskrunner_queue_depth", queue="default", status="queued") == 0
-        assert value(samples, "taskrunner_queue_depth", queue="default", status="running") == 0
         assert value(samples, "process_cpu_seconds_total") > 0  # the default registry's
         assert await stop(proc) == 0
     log = (tmp_path / "worker.log").read_text()

@@ -317,3 +317,27 @@ def test_the_choice_across_partitions_is_level_then_age_with_one_take_in_ten_age
     assert order.choose(seen, 9, 60_000, order.Turns()) == sorted(
         seen, key=lambda u: (u.level, -u.age_ms)
     )  # no reserved take among the first 9: strict order
+
+
+def test_the_partitions_of_one_server_are_taken_in_the_order_their_entries_were_written() -> None:
+    # peek.lua reads the server's clock once per partition's script run: here the second
+    # partition was looked at 2 ms after the first, on the same server. Its second entry,
+    # written 1 ms after the first partition's second one, still goes after it (against
+    # each look's own instant it looked 1 ms older, and was taken first).
+    nows = order.one_clock([100_000, 100_002], ["", ""])
+    seen = [
+        *order.unread_of(0, nows[0], [["99990-0", "99995-0"]]),
+        *order.unread_of(1, nows[1], [["99993-0", "99996-0"]]),
+    ]
+    chosen = order.choose(seen, 3, 60_000, order.Turns())
+    assert [(u.partition, u.entry_id) for u in chosen] == [
+        (0, "99990-0"),
+        (1, "99993-0"),
+        (0, "99995-0"),
+    ]
+    # Cluster nodes have clocks of their own: each node's partitions share its latest.
+    assert order.one_clock([100_000, 100_002, 50_000], ["n1", "n1", "n2"]) == [
+        100_002,
+        100_002,
+        50_000,
+    ]

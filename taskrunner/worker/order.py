@@ -72,6 +72,25 @@ def unread_of(partition: int, now_ms: int, levels: Sequence[Sequence[str]]) -> l
     ]
 
 
+def one_clock(nows: Sequence[int], servers: Sequence[str]) -> list[int]:
+    """The "now" to measure each partition's ages against: the latest ``now`` any
+    partition of the same server reported (``servers``: which server each partition
+    is on).
+
+    peek.lua reads the server's clock once per script run, and the partitions of one
+    server are looked at by separate runs (one per partition's Cluster slot), some
+    milliseconds apart on a busy server. Measured against their own instants, an entry
+    written later could look older than one of another partition and be taken first;
+    against one instant per server, entries of one server are taken in the order they
+    were written (to the millisecond; entries of the same millisecond in the
+    partitions' order). Across servers (a Cluster's nodes, each on its own clock) the
+    ages compare how long each entry has waited, whatever the clocks' offsets."""
+    latest: dict[str, int] = {}
+    for now, server in zip(nows, servers, strict=True):
+        latest[server] = max(now, latest.get(server, now))
+    return [latest[server] for server in servers]
+
+
 def choose(unread: Sequence[Unread], count: int, aging_ms: int, turns: Turns) -> list[Unread]:
     """The ``count`` (or fewer) entries to take next, by the fairness rule."""
     usual = sorted(unread, key=lambda u: (u.level, -u.age_ms))

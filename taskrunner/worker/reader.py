@@ -34,7 +34,7 @@ from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import ResponseError
 
 from taskrunner import scripts
@@ -280,7 +280,7 @@ class Reader:
         heads = self._turns.reserved(free) > 0
         calls = [scripts.peek(env, keys, q.streams(keys), free, heads=heads) for q, keys in parts]
         replies = await scripts.run_many(self._redis, calls, raise_on_error=False)
-        unread: list[order.Unread] = []
+        seen: list[tuple[int, int, list[list[str]]]] = []  # (partition, now, ids per level)
         missing_groups = []
         for index, ((q, keys), reply) in enumerate(zip(parts, replies, strict=True)):
             if isinstance(reply, Exception):
@@ -288,8 +288,16 @@ class Reader:
             if reply == ["nogroup"]:
                 missing_groups.append((q, keys))
             elif reply and reply != ["paused"]:
-                unread.extend(order.unread_of(index, int(reply[0]), [list(r) for r in reply[1:]]))
+                seen.append((index, int(reply[0]), [list(r) for r in reply[1:]]))
         await self._recreate(missing_groups)
+        nows = order.one_clock(
+            [now for _, now, _ in seen], [self._server_of(parts[i][1]) for i, _, _ in seen]
+        )
+        unread = [
+            item
+            for (index, _, levels), now in zip(seen, nows, strict=True)
+            for item in order.unread_of(index, now, levels)
+        ]
         chosen = order.choose(unread, free, self._aging_ms, self._turns)
         counts = order.caps(chosen, len(parts), max(len(q.levels) for q, _ in parts))
         return [
@@ -297,6 +305,14 @@ class Reader:
             for i, (q, keys) in enumerate(parts)
             if sum(counts[i])
         ]
+
+    def _server_of(self, keys: QueueKeys) -> str:
+        """The server (its clock) that answers for a partition: "" for the one server of
+        a standalone or Sentinel deployment, the node's name on a Cluster."""
+        if not isinstance(self._redis, RedisCluster):
+            return ""
+        node = self._redis.get_node_from_key(keys.idle)
+        return node.name if node is not None else keys.prefix
 
     async def _recreate(self, missing_groups: list[tuple[Queue, QueueKeys]]) -> None:
         if missing_groups:
