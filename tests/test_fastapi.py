@@ -9,6 +9,7 @@ The example uses the default namespace, so it gets a redis-server of its own.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, cast
 
+import anyio
 import httpx
 import pytest
 from conftest import wait_until
@@ -76,6 +78,26 @@ async def view(client: httpx.AsyncClient, job_id: str) -> dict[str, Any]:
 def has_status(client: httpx.AsyncClient, job_id: str, *statuses: str) -> Callable[[], Any]:
     async def check() -> bool:
         return (await view(client, job_id))["status"] in statuses
+
+    return check
+
+
+def started_line(job_id: str) -> str:
+    """The worker's INFO line when a consumer starts the ``add`` task (the status is
+    "running" earlier, from the claim)."""
+    return f"job {job_id} add attempt 1 started"
+
+
+def started_in(caplog: pytest.LogCaptureFixture, job_id: str) -> Callable[[], Any]:
+    async def check() -> bool:
+        return any(r.getMessage() == started_line(job_id) for r in caplog.records)
+
+    return check
+
+
+def started_in_file(log: Path, job_id: str) -> Callable[[], Any]:
+    async def check() -> bool:
+        return started_line(job_id) in await anyio.Path(log).read_text()
 
     return check
 
@@ -150,14 +172,17 @@ async def test_embedded_worker_is_ready_before_serving_and_installs_no_signal_ha
 
 
 async def test_embedded_worker_drains_on_shutdown_and_hands_back_what_outlives_grace(
-    example_redis: Redis,
+    example_redis: Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="taskrunner.worker")
     app = example.create_app(embed_worker=True, grace_period=5)
     async with serve(app) as client:
         short = await post(client, x=1, y=1, seconds=0.5)
         long = await post(client, x=2, y=2, seconds=3600)
-        await wait_until(has_status(client, short, "running", "succeeded"), DEADLINE)
-        await wait_until(has_status(client, long, "running"), DEADLINE)
+        # Both started (the worker's log says so), not just claimed: a claimed job no
+        # consumer has started yet is handed back at shutdown instead of finishing.
+        await wait_until(started_in(caplog, short), DEADLINE)
+        await wait_until(started_in(caplog, long), DEADLINE)
     # The lifespan has exited: the short job finished, the long one went back.
     assert await example_redis.hget(KEYS.job(short), "status") == "succeeded"
     assert await example_redis.hget(KEYS.job(short), "result") == "2"
@@ -183,8 +208,10 @@ async def test_producer_only_app_leaves_jobs_to_a_separate_worker_process(
             # SIGTERM while two jobs run: the short one finishes, the long one goes back.
             short = await post(client, x=1, y=1, seconds=0.5)
             long = await post(client, x=2, y=2, seconds=3600)
-            await wait_until(has_status(client, short, "running", "succeeded"), DEADLINE)
-            await wait_until(has_status(client, long, "running"), DEADLINE)
+            # Both started (in the worker's log), not just claimed: see above.
+            log = tmp_path / "worker.log"
+            await wait_until(started_in_file(log, short), DEADLINE)
+            await wait_until(started_in_file(log, long), DEADLINE)
             proc.send_signal(signal.SIGTERM)
             await wait_until(exited(proc), DEADLINE)
             assert proc.returncode == 0
