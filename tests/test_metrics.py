@@ -534,15 +534,20 @@ async def test_a_job_handed_back_at_shutdown_counts_only_its_start(
 ) -> None:
     registry = CollectorRegistry()
     tr = make_runner(middleware=[PrometheusMiddleware(registry)])
+    started = anyio.Event()
 
     @tr.task(name="hold")
     async def hold() -> None:
+        started.set()
         await anyio.sleep(3600)
 
     async with tr:
         async with tr.worker(concurrency=1, grace_period=0):
             job = await hold.enqueue()
-            await wait_until(lambda: _running(tr, job.id), DEADLINE)
+            # Started, not just claimed ("running" is set at claim): a claimed job no
+            # consumer has started is handed back unrun, and no start is counted.
+            with anyio.fail_after(DEADLINE):
+                await started.wait()
         assert await job.status() == "queued"  # handed back for another worker
     labels = {"task": "hold", "queue": "default"}
     counted = {

@@ -216,10 +216,12 @@ async def test_result_timeout_raises_timeout_error(make_runner: MakeRunner) -> N
 @ALL
 async def test_abort_cancels_a_running_job(make_runner: MakeRunner) -> None:
     tr = make_runner()
+    started = anyio.Event()
     cancelled = anyio.Event()
 
     @tr.task
     async def forever() -> None:
+        started.set()
         try:
             await anyio.sleep_forever()
         finally:
@@ -227,7 +229,10 @@ async def test_abort_cancels_a_running_job(make_runner: MakeRunner) -> None:
 
     async with tr, background_worker(tr):
         job = await forever.enqueue()
-        await wait_until(lambda: status_is(tr, job.id, "running"), DEADLINE)
+        # Started, not just claimed ("running" is set at claim): an abort of a claimed
+        # job no consumer has started yet aborts it unrun, and nothing is cancelled.
+        with anyio.fail_after(DEADLINE):
+            await started.wait()
         assert await job.abort() == JobStatus.RUNNING
         with pytest.raises(JobAborted):
             await job.result(timeout=DEADLINE)
@@ -595,15 +600,18 @@ async def test_graceful_shutdown_finishes_running_jobs_and_hands_back_the_rest(
 ) -> None:
     tr = make_runner(stale_after=60.0, heartbeat_interval=5.0)
     finish_quick = anyio.Event()
+    quick_started, stuck_started = anyio.Event(), anyio.Event()
     stuck_runs: list[int] = []
 
     @tr.task
     async def quick() -> str:
+        quick_started.set()
         await finish_quick.wait()
         return "finished"
 
     @tr.task
     async def stuck() -> int:
+        stuck_started.set()
         stuck_runs.append(current_job().attempt)
         if len(stuck_runs) == 1:
             await anyio.sleep_forever()
@@ -615,8 +623,11 @@ async def test_graceful_shutdown_finishes_running_jobs_and_hands_back_the_rest(
         # Two slots, both busy: the reader waits for a free slot, not in XREADGROUP.
         worker = tr.worker(handle_signals=False, grace_period=1.0, concurrency=2)
         async with worker:
-            await wait_until(lambda: status_is(tr, q.id, "running"), DEADLINE)
-            await wait_until(lambda: status_is(tr, s.id, "running"), DEADLINE)
+            # Both started, not just claimed ("running" is set at claim): a stop hands
+            # a claimed job no consumer has started back at once, unrun.
+            with anyio.fail_after(DEADLINE):
+                await quick_started.wait()
+                await stuck_started.wait()
             worker.stop()
             unread = await quick.enqueue()  # the stopping worker reads nothing more
             finish_quick.set()  # finishes inside the grace period
