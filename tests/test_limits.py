@@ -242,20 +242,21 @@ async def test_an_aborted_waiter_passes_its_wake_up_to_the_next(
 ) -> None:
     tr = make_runner(stale_after=30)
     gate = anyio.Event()
+    holding = anyio.Event()
 
     @tr.task(name="gated", concurrency_limit=1, max_retries=0)
     async def gated(i: int) -> int:
         if i == 0:
+            holding.set()
             await gate.wait()
         return i
 
     async with tr, tr.worker(concurrency=5):
         first = await gated.enqueue(0)
-
-        async def holds() -> bool:
-            return await first.status() == JobStatus.RUNNING
-
-        await wait_until(holds, DEADLINE)
+        # Started, holding the slot; not just claimed ("running" is set at claim, the
+        # slot taken only when the attempt starts).
+        with anyio.fail_after(DEADLINE):
+            await holding.wait()
         second = await gated.enqueue(1)
         await wait_until(lambda: waits(second), DEADLINE)
         third = await gated.enqueue(2)  # a waiter after the second: woken after it
@@ -340,20 +341,20 @@ async def test_a_job_waiting_for_a_slot_still_holds_its_until_executing_lock(
 ) -> None:
     tr = make_runner(stale_after=30)
     gate = anyio.Event()
+    holding = anyio.Event()
 
     @tr.task(name="report", concurrency_limit=1, lock="until_executing", max_retries=0)
     async def report(account: str) -> str:
         if account == "first":
+            holding.set()
             await gate.wait()
         return account
 
     async with tr, tr.worker():
         first = await report.enqueue("first")
-
-        async def holds() -> bool:
-            return await first.status() == JobStatus.RUNNING
-
-        await wait_until(holds, DEADLINE)
+        # Started, holding the slot; not just claimed (see above).
+        with anyio.fail_after(DEADLINE):
+            await holding.wait()
         waiting = await report.enqueue("second")
 
         async def refused() -> bool:

@@ -661,6 +661,7 @@ async def test_while_executing_reschedule_never_overlaps_and_keeps_identity(
     run alongside each other, keep their ids and attempt 1, and run once the holder ends."""
     tr = make_runner()
     release = anyio.Event()
+    holding = anyio.Event()
     runs: list[tuple[str, int, float, float]] = []
     active: list[str] = []
     slow = [True]  # the first run is the slow holder
@@ -672,17 +673,17 @@ async def test_while_executing_reschedule_never_overlaps_and_keeps_identity(
         active.append(job.id)
         started = time.monotonic()
         if slow.pop() if slow else False:
+            holding.set()
             await release.wait()
         active.remove(job.id)
         runs.append((job.id, job.attempt, started, time.monotonic()))
 
     async with tr, running(tr, concurrency=10):
         holder = await sync_account.enqueue(7)
-
-        async def holder_runs() -> bool:
-            return await holder.status() == JobStatus.RUNNING
-
-        await wait_until(holder_runs)
+        # Started, holding its while_executing lock; not just claimed ("running" is set
+        # at claim, the lock taken only when the attempt starts).
+        with anyio.fail_after(DEADLINE):
+            await holding.wait()
         waiting = [
             await sync_account.enqueue(7),
             await sync_account.enqueue(account_id=7),
@@ -760,19 +761,20 @@ async def test_a_job_running_longer_than_lock_ttl_keeps_its_lock_while_heartbeat
     lock_ttl = 1.5
     tr = make_runner(lock_ttl=lock_ttl, heartbeat_interval=0.2, stale_after=3.0)
     release = anyio.Event()
+    entered = anyio.Event()
 
     @tr.task(lock=lock)
     async def long(x: int) -> None:
+        entered.set()
         await release.wait()
 
     async with tr, running(tr):
         job = await long.enqueue(1)
         key = tr.unique.lock_key(long, (1,))
-
-        async def runs() -> bool:
-            return await job.status() == JobStatus.RUNNING
-
-        await wait_until(runs, DEADLINE)
+        # Started, not just claimed ("running" is set at claim): a while_executing lock
+        # is taken only when the attempt starts.
+        with anyio.fail_after(DEADLINE):
+            await entered.wait()
         started = time.monotonic()
 
         async def held_for_three_ttls() -> bool:
