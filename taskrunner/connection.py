@@ -69,7 +69,57 @@ def unavailable(exc: BaseException) -> bool:
     loading, failing over, a slot moving), as opposed to refusing this particular call."""
     if isinstance(exc, (*_UNAVAILABLE, AskError)):  # MovedError is an AskError
         return True
-    return isinstance(exc, ResponseError) and str(exc).startswith(_UNAVAILABLE_REPLIES)
+    if not isinstance(exc, ResponseError):
+        return False
+    text = str(exc)
+    return text.startswith(_UNAVAILABLE_REPLIES) or _refused_in_script(text, _UNAVAILABLE_REPLIES)
+
+
+def _refused_in_script(text: str, codes: tuple[str, ...]) -> bool:
+    """Whether a script's error is one of ``codes`` refusing a command it ran: Redis 6.2
+    wraps it ("Error running script (call to f_...): @user_script:90: ... -READONLY You
+    can't write ..."); Redis 7 replies with the code first."""
+    return text.startswith("Error running script") and any(f" -{code} " in text for code in codes)
+
+
+class _DemotedMasterAware:
+    """Mixin for Sentinel-managed connections: a connection that finds a replica where
+    the master was asks the sentinels again before it reconnects.
+
+    - redis-py drops such a connection when a command gets ``READONLY``, but on Redis
+      6.2 a script's write gets it wrapped in the script's error, which redis-py does
+      not recognise: the connection stayed on the replica for good (every call failed).
+      It is dropped here too, with the same connection error.
+    - redis-py then reconnects, within the call's retries, to the address it had (the
+      replica again), and asks the sentinels only for the pool's next call. Here the
+      reconnect after such an error asks them first, so the retry reaches the new
+      master."""
+
+    connection_pool: Any
+    host: str
+    port: int
+    _ask_sentinels = False
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().read_response(*args, **kwargs)  # type: ignore[misc]
+        except ReadOnlyError:  # a plain READONLY that redis-py does not turn into a drop
+            raise
+        except RedisConnectionError:  # incl. redis-py's drop after a plain READONLY
+            self._ask_sentinels = self.connection_pool.is_master
+            raise
+        except ResponseError as exc:
+            if self.connection_pool.is_master and _refused_in_script(str(exc), ("READONLY",)):
+                self._ask_sentinels = True
+                await cast(Any, self).disconnect()
+                raise RedisConnectionError("the previous master is now a replica") from None
+            raise
+
+    async def connect_check_health(self, *args: Any, **kwargs: Any) -> Any:
+        if self._ask_sentinels:
+            self._ask_sentinels = False
+            self.host, self.port = await self.connection_pool.get_master_address()
+        return await super().connect_check_health(*args, **kwargs)  # type: ignore[misc]
 
 
 def report(where: str, exc: BaseException) -> None:
@@ -119,6 +169,18 @@ def fast(base: type[AbstractConnection]) -> type[AbstractConnection]:
     if found is None:
         found = type(f"Hiredis{base.__name__}", (_HiredisPacking, base), {})
         _fast_classes[base] = found
+    return found
+
+
+_demotion_classes: dict[type[Any], type[Any]] = {}
+
+
+def _demotion_aware(base: type[Any]) -> type[Any]:
+    """``base`` (a Sentinel-managed connection class) with ``_DemotedMasterAware``."""
+    found = _demotion_classes.get(base)
+    if found is None:
+        found = type(f"DemotionAware{base.__name__}", (_DemotedMasterAware, base), {})
+        _demotion_classes[base] = found
     return found
 
 
@@ -322,7 +384,8 @@ def _sentinel(target: RedisTarget, options: PoolOptions) -> tuple[Redis, list[Re
     )
     from redis.asyncio.sentinel import SentinelManagedConnection, SentinelManagedSSLConnection
 
-    base = SentinelManagedSSLConnection if target.tls else SentinelManagedConnection
+    managed = SentinelManagedSSLConnection if target.tls else SentinelManagedConnection
+    base = _demotion_aware(managed)
     node_kwargs.pop("ssl", None)
     master = cast(
         Redis,

@@ -9,18 +9,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import pytest
 from conftest import wait_until
 from redis.crc import key_slot
 from test_reliability import Spawn, count_runs, runs, spawn_workers
-from topology import ClusterTopology, MakeTopology, Topology
+from topology import ClusterTopology, MakeTopology, SentinelTopology, Topology
 
 from taskrunner import TaskRunner
 from taskrunner.connection import REDIS_ERRORS
 from taskrunner.exceptions import NotReplicated
+from taskrunner.keys import QueueKeys
 
 DEADLINE = 90.0
 HEARTBEAT = 0.2
@@ -152,3 +153,38 @@ async def test_resharding_a_partitions_slot_while_jobs_flow_strands_nothing(
         assert cluster.slot_owner(slot) is target
         results = [await job.result(timeout=DEADLINE) for job in jobs]
         assert results == [2 * n for n in range(200)]
+
+
+async def test_a_connection_that_finds_a_replica_where_the_master_was_asks_again(
+    make_topology: MakeTopology, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a failover, a sentinel that has not caught up yet can still name the old
+    master, now a replica. The enqueue's script write is refused there (``READONLY``;
+    Redis 6.2 wraps it in the script's error, which redis-py does not recognise): the
+    connection must be dropped and the sentinels asked again, not kept on the replica
+    (every later call failed the same way). Here the pool is handed the replica's
+    address for its next connection, as such a sentinel would."""
+    topology = await anyio.to_thread.run_sync(lambda: make_topology("sentinel"))
+    assert isinstance(topology, SentinelTopology)
+    group = topology.group
+    tr, _, add = producer(topology.url, namespace)
+    async with tr:
+        await add.enqueue(1, 1)
+        pool = cast(Any, tr.client.redis).connection_pool
+        ask_sentinels = pool.get_master_address
+        replica = group.replicas()[0]
+        asked: list[tuple[str, int]] = []
+
+        async def stale_first() -> tuple[str, int]:
+            found = ("127.0.0.1", replica.port) if not asked else await ask_sentinels()
+            asked.append(found)
+            return found
+
+        monkeypatch.setattr(pool, "get_master_address", stale_first)
+        await pool.disconnect()  # the next call opens a new connection
+        job = await add.enqueue(2, 2)  # refused on the replica, retried on the master
+        assert asked[0] == ("127.0.0.1", replica.port)
+        assert len(asked) >= 2  # asked again after the replica refused the write
+        with group.admin(group.master()) as client:
+            status = client.hget(QueueKeys(namespace, "default").job(job.id), "status")
+        assert status in ("queued", b"queued")
