@@ -511,14 +511,20 @@ async def test_a_job_handed_back_at_shutdown_counts_only_its_start(
     registry = CollectorRegistry()
     tr = make_runner(middleware=[PrometheusMiddleware(registry)])
 
+    began = anyio.Event()
+
     @tr.task(name="hold")
     async def hold() -> None:
+        began.set()
         await anyio.sleep(3600)
 
     async with tr:
         async with tr.worker(concurrency=1, grace_period=0):
             job = await hold.enqueue()
-            await wait_until(lambda: _running(tr, job.id), DEADLINE)
+            # Its attempt has begun (status "running" is written at the claim, before a
+            # consumer starts it: a stop then hands it back unstarted).
+            with anyio.fail_after(DEADLINE):
+                await began.wait()
         assert await job.status() == "queued"  # handed back for another worker
     labels = {"task": "hold", "queue": "default"}
     counted = {
