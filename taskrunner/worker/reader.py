@@ -35,7 +35,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 from redis.asyncio import Redis, RedisCluster
-from redis.exceptions import ResponseError
+from redis.exceptions import ResponseError, SlotNotCoveredError
 
 from taskrunner import scripts
 from taskrunner.client import new_token
@@ -308,10 +308,14 @@ class Reader:
 
     def _server_of(self, keys: QueueKeys) -> str:
         """The server (its clock) that answers for a partition: "" for the one server of
-        a standalone or Sentinel deployment, the node's name on a Cluster."""
+        a standalone or Sentinel deployment, the node's name on a Cluster (while a slot
+        is not covered, the partition counts as a server of its own)."""
         if not isinstance(self._redis, RedisCluster):
             return ""
-        node = self._redis.get_node_from_key(keys.idle)
+        try:
+            node = self._redis.get_node_from_key(keys.idle)
+        except SlotNotCoveredError:
+            return keys.prefix
         return node.name if node is not None else keys.prefix
 
     async def _recreate(self, missing_groups: list[tuple[Queue, QueueKeys]]) -> None:
