@@ -176,12 +176,16 @@ class _Link:
         pubsub = self.client.pubsub()
         self.confirmed = set()
         self._resubscribing = set(self.channels)
+        connection: Any = None
         try:
             # Connected first (concurrent commands on a PubSub that has no connection
             # yet would each take one of their own), then published: a channel added
             # from now on is subscribed by its adder, one added before is in the list
             # below (a channel sent twice is harmless).
             await pubsub.connect()  # type: ignore[no-untyped-call]
+            connection = pubsub.connection
+            if connection is not None:  # told when redis-py reconnects it by itself
+                connection.register_connect_callback(self._reconnected)
             self.pubsub = pubsub
             if self.channels:
                 await self._subscribe(pubsub, list(self.channels))
@@ -190,10 +194,20 @@ class _Link:
             await self._listen(pubsub)
         finally:
             self.pubsub = None
+            if connection is not None:  # it goes back to the client's pool
+                connection.deregister_connect_callback(self._reconnected)
             with anyio.CancelScope(shield=True):
                 async with self._sending:  # a listener's subscribe in flight ends first
                     with contextlib.suppress(Exception):
                         await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _reconnected(self, connection: Any) -> None:
+        """redis-py reconnected this session's connection by itself (it retries a read
+        that failed on a dropped connection) and subscribes its channels again: the
+        messages published in between are lost, so each handler is told once the
+        server confirms its channel, as after a new session."""
+        self.confirmed = set()
+        self._resubscribing = set(self.channels)
 
     async def _listen(self, pubsub: PubSub) -> None:
         heard = time.monotonic()

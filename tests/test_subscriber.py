@@ -83,3 +83,40 @@ async def test_a_worker_stopping_while_a_listener_subscribes_stops_cleanly(redis
                 services.cancel_scope.cancel()  # the worker stops
         finally:
             await connection.aclose()
+
+
+async def test_a_listener_is_told_when_redis_py_reconnects_the_link_by_itself(
+    redis_url: str,
+) -> None:
+    """A pub/sub connection the server drops (CLIENT KILL here; an idle timeout, a proxy)
+    is mostly reconnected inside redis-py: the read that failed is retried on a new
+    connection, and redis-py subscribes the channels again, in the same session. What
+    was published in between is lost, so the listener must be told to re-read, as after
+    a new session (a progress follower hung when its value was published in that gap)."""
+    connection = await open_connection(redis_url, PoolOptions())
+    admin = await open_connection(redis_url, PoolOptions())
+    subscriber = Subscriber(connection)
+    got: list[str] = []
+    told: list[None] = []
+    channel = "t:reconnect:events"
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(subscriber.run)
+            await subscriber.subscribe(channel, handler(got.append, lambda: told.append(None)))
+            before = len(told)
+            assert await admin.redis.client_kill_filter(_type="pubsub") >= 1
+
+            async def told_again() -> bool:
+                return len(told) > before
+
+            await wait_until(told_again, DEADLINE)
+
+            async def publish_until_heard() -> bool:
+                await admin.redis.publish(channel, "after")
+                return "after" in got
+
+            await wait_until(publish_until_heard, DEADLINE, interval=0.05)
+            tg.cancel_scope.cancel()
+    finally:
+        await connection.aclose()
+        await admin.aclose()
