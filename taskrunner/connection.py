@@ -160,28 +160,21 @@ class _HiredisPacking:
             raise DataError(str(exc)) from exc
 
 
-_fast_classes: dict[type[AbstractConnection], type[AbstractConnection]] = {}
+_mixed_classes: dict[tuple[type[Any], type[Any]], type[Any]] = {}
+
+
+def _mixed(mixin: type[Any], base: type[Any]) -> type[Any]:
+    """``base`` with ``mixin`` in front (one class per pair, made once)."""
+    found = _mixed_classes.get((mixin, base))
+    if found is None:
+        found = type(f"{mixin.__name__.strip('_')}{base.__name__}", (mixin, base), {})
+        _mixed_classes[mixin, base] = found
+    return found
 
 
 def fast(base: type[AbstractConnection]) -> type[AbstractConnection]:
-    """``base`` with hiredis packing (one class per base, made once)."""
-    found = _fast_classes.get(base)
-    if found is None:
-        found = type(f"Hiredis{base.__name__}", (_HiredisPacking, base), {})
-        _fast_classes[base] = found
-    return found
-
-
-_demotion_classes: dict[type[Any], type[Any]] = {}
-
-
-def _demotion_aware(base: type[Any]) -> type[Any]:
-    """``base`` (a Sentinel-managed connection class) with ``_DemotedMasterAware``."""
-    found = _demotion_classes.get(base)
-    if found is None:
-        found = type(f"DemotionAware{base.__name__}", (_DemotedMasterAware, base), {})
-        _demotion_classes[base] = found
-    return found
+    """``base`` with hiredis packing."""
+    return cast(type[AbstractConnection], _mixed(_HiredisPacking, base))
 
 
 class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
@@ -385,7 +378,7 @@ def _sentinel(target: RedisTarget, options: PoolOptions) -> tuple[Redis, list[Re
     from redis.asyncio.sentinel import SentinelManagedConnection, SentinelManagedSSLConnection
 
     managed = SentinelManagedSSLConnection if target.tls else SentinelManagedConnection
-    base = _demotion_aware(managed)
+    base = _mixed(_DemotedMasterAware, managed)
     node_kwargs.pop("ssl", None)
     master = cast(
         Redis,
