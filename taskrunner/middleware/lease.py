@@ -17,8 +17,9 @@ The outage guard: after an outage every lease looks stale, including those of li
 workers that have not reconnected yet. So a worker reclaims only after it has itself
 been connected and heartbeating without a gap for ``stale_after``, and the server it
 sees has been up that long; a change of server identity (a restart, a failover: run id
-or replication id) starts the wait again. A live worker therefore always gets
-``stale_after`` to renew its leases before anyone judges them.
+or replication id) starts the wait again. A live worker therefore gets
+``stale_after``, from the moment the judging worker is back, to renew its leases; one
+that is back more than ``stale_after`` after the others looks dead (docs/reliability.md).
 
 Housekeeping in the same turn: consumers that hold nothing and have been idle for
 ``stale_after`` are removed from the group, and dead workers from the workers set.
