@@ -52,6 +52,9 @@ class ArgsCodec:
         self._name = name
         self._fields = fields
         self._rest: type[BaseModel] | None = None
+        self._positional = _plain_positional(self.signature)
+        self._validate: Callable[[Any], BaseModel] | None = None
+        self._to_json: Callable[..., bytes] | None = None
 
     def first_parameter(self) -> str:
         """The name of the first parameter, if a positional argument can fill it (a
@@ -80,14 +83,23 @@ class ArgsCodec:
 
     def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         """The call's arguments by name, defaults applied (TypeError if they don't fit)."""
+        names = self._positional
+        if names is not None and not kwargs and len(args) == len(names):
+            # Every parameter filled positionally: what Signature.bind gives, without it.
+            return dict(zip(names, args, strict=True))
         bound = self.signature.bind(*args, **kwargs)
         bound.apply_defaults()
         return dict(bound.arguments)
 
     def encode(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         """Validate a call against the signature and return its JSON (ValidationError if bad)."""
-        model = self.model.model_validate(self.bind(args, kwargs))
-        return model.model_dump_json(by_alias=True)
+        # model_validate + model_dump_json(by_alias=True), minus their wrappers (taken
+        # at first use, as those would: a model may complete after declaration).
+        if self._validate is None or self._to_json is None:
+            self._validate = self.model.__pydantic_validator__.validate_python
+            self._to_json = self.model.__pydantic_serializer__.to_json
+        model = self._validate(self.bind(args, kwargs))
+        return self._to_json(model, by_alias=True).decode()
 
     def decode(self, payload: str) -> tuple[list[Any], dict[str, Any]]:
         """Validate a stored payload and return positional and keyword arguments for the call."""
@@ -112,6 +124,16 @@ class ArgsCodec:
             else:
                 keyword[param.name] = value
         return positional, keyword
+
+
+def _plain_positional(signature: inspect.Signature) -> tuple[str, ...] | None:
+    """The parameter names when every parameter can be passed positionally and none
+    is variadic (a call passing one positional argument per parameter binds by zip);
+    None otherwise."""
+    params = tuple(signature.parameters.values())
+    if all(p.kind in _POSITIONAL for p in params):
+        return tuple(p.name for p in params)
+    return None
 
 
 class ResultCodec:

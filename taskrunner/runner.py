@@ -7,7 +7,6 @@ import json
 import logging
 import math
 import os
-import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import timedelta, tzinfo
 from types import TracebackType
@@ -20,7 +19,7 @@ from taskrunner import deadletters, scripts
 from taskrunner.admin import Admin
 from taskrunner.chain import NEXT_HEADER, ChainJob, Spec, Step
 from taskrunner.chain import handles as chain_handles
-from taskrunner.client import Client
+from taskrunner.client import Client, new_job_id
 from taskrunner.clock import Clock
 from taskrunner.codec import ResultCodec
 from taskrunner.config import (
@@ -567,6 +566,8 @@ class TaskRunner:
 
     async def _enqueue_all(self, calls: Iterable[Call[Any]]) -> list[Job[Any]]:
         contexts = [self._context(call) for call in calls]
+        if len(contexts) <= ENQUEUE_BATCH:
+            return await self.client.write_many(contexts, self._enqueue_layers)
         jobs: list[Job[Any]] = []
         for start in range(0, len(contexts), ENQUEUE_BATCH):
             batch = contexts[start : start + ENQUEUE_BATCH]
@@ -632,9 +633,10 @@ class TaskRunner:
     def _context(self, call: Call[Any]) -> EnqueueContext:
         definition, opts = call.task, call.options
         payload = definition.codec.encode(call.args, call.kwargs)
-        size = len(payload.encode("utf-8", "surrogateescape"))
-        if size > self.max_payload:
-            raise PayloadTooLarge(f"the arguments of {definition.name}", size, self.max_payload)
+        if len(payload) * 4 > self.max_payload:  # else its UTF-8 (<= 4 bytes a character) fits
+            size = len(payload.encode("utf-8", "surrogateescape"))
+            if size > self.max_payload:
+                raise PayloadTooLarge(f"the arguments of {definition.name}", size, self.max_payload)
         priority = opts.priority or definition.priority
         if priority is not None:
             self.check_priority(priority, definition.name)
@@ -651,7 +653,7 @@ class TaskRunner:
             args=call.args,
             kwargs=call.kwargs,
             payload=payload,
-            job_id=opts.job_id or uuid.uuid4().hex,
+            job_id=opts.job_id or new_job_id(),
             queue=opts.queue or definition.queue,
             due=due,
             now=now,

@@ -254,12 +254,13 @@ async def load_all(redis: Redis) -> None:
 async def run(redis: Redis, call: ScriptCall) -> Any:
     """Run one script by SHA, loading the scripts first if the server lost them."""
     args = (call.script.sha, len(call.keys), *call.keys, *call.args)
+    # What redis.evalsha(*args) sends, without its two wrapper calls.
     client = cast(Any, redis)  # redis-py types keys_and_args as str only
     try:
-        return await client.evalsha(*args)
+        return await client.execute_command("EVALSHA", *args)
     except NoScriptError:
         await load_all(redis)
-        return await client.evalsha(*args)
+        return await client.execute_command("EVALSHA", *args)
 
 
 Replicas = tuple[int, int]
@@ -453,31 +454,33 @@ def enqueue(
     """Write a job due in ``delay_ms`` (and take its enqueue-side locks: ``(key,
     ttl_ms)``); ``meta`` is the job's headers as JSON ("" for none); ``follow`` its
     follow-ups as JSON (a chain step, taskrunner.chain; "" for none)."""
-    return ScriptCall(
-        ENQUEUE,
-        [
-            keys.job(job_id),
-            keys.level_stream(level),
-            keys.delayed,
-            keys.seq,
-            keys.idle,
-            *(k for k, _ in locks),
-        ],
-        [
-            job_id,
-            task,
-            args,
-            keys.queue,
-            level,
-            delay_ms,
-            meta,
-            keys.events,
-            env.publish,
-            env.clock,
-            follow,
-            *(ttl for _, ttl in locks),
-        ],
+    # Tuples, not lists: a bulk enqueue holds a batch of these, and the garbage collector
+    # stops tracking a tuple of strings and numbers, where every collection would walk
+    # the lists again (about 2 µs per job of a 20,000-job enqueue_many).
+    names: tuple[str, ...] = (
+        keys.job(job_id),
+        keys.level_stream(level),
+        keys.delayed,
+        keys.seq,
+        keys.idle,
     )
+    argv: tuple[Arg, ...] = (
+        job_id,
+        task,
+        args,
+        keys.queue,
+        level,
+        delay_ms,
+        meta,
+        keys.events,
+        env.publish,
+        env.clock,
+        follow,
+    )
+    if locks:
+        names += tuple(k for k, _ in locks)
+        argv += tuple(ttl for _, ttl in locks)
+    return ScriptCall(ENQUEUE, names, argv)
 
 
 def fetch(

@@ -4,6 +4,7 @@ rebuilt into the annotated return type. No Redis needed: this is the pure layer.
 from __future__ import annotations
 
 import enum
+import inspect
 import json
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
@@ -100,6 +101,24 @@ def test_keyword_arguments_given_positionally_and_by_name_agree() -> None:
 
     assert round_trip(f, 1, 3) == round_trip(f, x=1, y=3) == ([1, 3], {})
     assert round_trip(f, 1) == ([1, 2], {})
+
+
+def test_binding_every_parameter_positionally_matches_signature_bind() -> None:
+    async def f(x: int, y: str = "d", /, z: float = 1.0) -> None:
+        return None
+
+    async def none() -> None:
+        return None
+
+    codec = ArgsCodec(f, "f")
+    for args, kwargs in [((1, "a", 2.0), {}), ((1,), {}), ((1, "a"), {"z": 3.0})]:
+        expected = inspect.signature(f).bind(*args, **kwargs)
+        expected.apply_defaults()
+        assert codec.bind(args, kwargs) == dict(expected.arguments)
+    assert codec.encode((1, "a", 2), {}) == '{"x":1,"y":"a","z":2.0}'
+    assert ArgsCodec(none, "none").encode((), {}) == "{}"
+    with pytest.raises(TypeError):
+        ArgsCodec(none, "none").encode((1,), {})
 
 
 def test_strings_are_coerced_like_pydantic_validation() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -128,6 +129,9 @@ async def test_each_enqueue_creates_a_new_id(tr: TaskRunner) -> None:
     add = declare_add(tr)
     jobs = [await add.enqueue(1, 2) for _ in range(3)]
     assert len({job.id for job in jobs}) == 3
+    for job in jobs:  # a random id has uuid4().hex's format
+        parsed = uuid.UUID(job.id)
+        assert (parsed.hex, parsed.version, parsed.variant) == (job.id, 4, uuid.RFC_4122)
 
 
 async def test_same_job_id_is_idempotent_and_writes_nothing_the_second_time(
