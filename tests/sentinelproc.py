@@ -239,9 +239,12 @@ class LocalSentinel:
             replicas = client.sentinel_slaves(self.name)
         others = len(self.sentinels) - 1
         replicas_up = [r for r in replicas if not r["is_sdown"] and not r["is_odown"]]
+        # A failover that began while the master was down goes on after it is back, and
+        # may still promote a replica that came back in time: not healthy until it ends.
         return (
             not state["is_sdown"]
             and not state["is_odown"]
+            and "failover_in_progress" not in _flags(state)
             and state["num-other-sentinels"] == others
             and len(replicas_up) == len(self.data) - 1
         )
@@ -253,10 +256,20 @@ class LocalSentinel:
             if not node.running:
                 out.append(f"{kind} {node.address}: not running")
             elif node.sentinel:
-                out.append(f"{kind} {node.address}: master {self.master_address(node)}")
+                out.append(f"{kind} {node.address}: {self._sentinel_view(node)}")
             else:
                 out.append(f"{kind} {node.address}: {self.role(node)}")
         return "\n".join(out)
+
+    def _sentinel_view(self, sentinel: RedisProcess) -> str:
+        with self.admin(sentinel) as client:
+            state = cast(dict[str, Any], client.sentinel_master(self.name))
+            replicas = client.sentinel_slaves(self.name)
+        seen = ", ".join(f"{r['ip']}:{r['port']} {sorted(_flags(r))}" for r in replicas)
+        return (
+            f"master {state['ip']}:{state['port']} {sorted(_flags(state))}, "
+            f"{state['num-other-sentinels']} other sentinels, replicas: {seen}"
+        )
 
     def wait_healthy(self, timeout: float | None = None) -> None:
         poll_until(
@@ -324,3 +337,9 @@ class LocalSentinel:
         for node in dead:
             self.restart(node)
         self.wait_healthy(timeout)
+
+
+def _flags(state: dict[str, Any]) -> set[str]:
+    """A sentinel state's flags: a set on RESP3, a comma-separated string on RESP2."""
+    flags = state["flags"]
+    return set(flags) if isinstance(flags, set) else set(str(flags).split(","))

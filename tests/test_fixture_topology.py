@@ -100,7 +100,7 @@ async def test_a_private_topology_heals_after_every_process_died(
         os.kill(pid, signal.SIGKILL)
     assert not private.healthy()
     await anyio.to_thread.run_sync(private.heal)
-    assert private.healthy()
+    assert private.healthy(), private.describe()
     async with private.connect() as client:
         await client.set("again", "2")
         assert await client.get("again") == "2"

@@ -130,6 +130,10 @@ class Topology(abc.ABC):
     @abc.abstractmethod
     def healthy(self) -> bool: ...
 
+    def describe(self) -> str:
+        """What each process says of itself (for failure messages)."""
+        return repr(self)
+
     @abc.abstractmethod
     def _start(self, directory: Path) -> None: ...
 
@@ -265,6 +269,9 @@ class ClusterTopology(Topology):
     def healthy(self) -> bool:
         return self.cluster.healthy()
 
+    def describe(self) -> str:
+        return self.cluster.describe()
+
     def _heal(self, timeout: float) -> None:
         # Let a replica take over a dead master's slots first, so that the dead node
         # rejoins as a replica instead of racing its own replica.
@@ -323,6 +330,9 @@ class SentinelTopology(Topology):
 
     def healthy(self) -> bool:
         return self.group.healthy()
+
+    def describe(self) -> str:
+        return self.group.describe()
 
     def _heal(self, timeout: float) -> None:
         self.group.heal(timeout)
