@@ -145,7 +145,10 @@ class Committer:
     ) -> None:
         self.coalescer = coalescer
         self._env = env
-        self._middleware = middleware
+        self._on_commit = [
+            mw for mw in middleware if type(mw).on_commit is not Middleware.on_commit
+        ]
+        """The middleware that take ``on_commit`` (the base class's does nothing)."""
         self._slots = slots
         self._result_ttl_ms = result_ttl_ms
         self._max_payload = max_payload
@@ -212,8 +215,8 @@ class Committer:
     ) -> None:
         self.unrecorded.pop(item.token, None)
         self._slots.recorded()
-        job = context_of(item)
         if isinstance(reply, Exception):
+            job = context_of(item)
             logger.error(
                 "job %s %s attempt %d: its %s could not be recorded (%s); it will be reclaimed",
                 item.job_id,
@@ -225,6 +228,7 @@ class Committer:
             )
             return
         if reply != 1:
+            job = context_of(item)
             logger.warning(
                 "job %s %s attempt %d lost its lease; its %s was not recorded",
                 item.job_id,
@@ -234,12 +238,16 @@ class Committer:
                 extra=job_extra(job),
             )
             return
-        log_outcome(job, outcome, duration)
+        hooks = self._on_commit
+        job = context_of(item) if hooks or logger.isEnabledFor(_level(outcome)) else None
+        if job is not None:
+            log_outcome(job, outcome, duration)
         if outcome.kind in (OutcomeKind.RETRY, OutcomeKind.RESCHEDULE):
             self.on_retry()
         elif outcome.kind == OutcomeKind.SUCCEEDED and NEXT_HEADER in item.meta:
             self.on_follow_up()
-        for mw in self._middleware:
+        for mw in hooks:
+            assert job is not None
             try:
                 mw.on_commit(job, outcome)
             except Exception:
@@ -280,6 +288,16 @@ def context_of(item: Claimed) -> JobContext:
         priority=item.level,
         ready_at=item.ready_at,
     )
+
+
+def _level(outcome: Outcome) -> int:
+    """The level ``log_outcome`` logs ``outcome`` at."""
+    kind = outcome.kind
+    if kind == OutcomeKind.DEAD or (kind == OutcomeKind.FAILED and outcome.error is not None):
+        return logging.ERROR
+    if kind in (OutcomeKind.RETRY, OutcomeKind.RESCHEDULE):
+        return logging.DEBUG
+    return logging.INFO
 
 
 def log_outcome(job: JobContext, outcome: Outcome, duration: float | None) -> None:
