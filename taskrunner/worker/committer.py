@@ -216,7 +216,6 @@ class Committer:
         self.unrecorded.pop(item.token, None)
         self._slots.recorded()
         if isinstance(reply, Exception):
-            job = context_of(item)
             logger.error(
                 "job %s %s attempt %d: its %s could not be recorded (%s); it will be reclaimed",
                 item.job_id,
@@ -224,20 +223,20 @@ class Committer:
                 item.attempt,
                 outcome.kind,
                 safe_text(str(reply), 200),
-                extra=job_extra(job),
+                extra=job_extra(context_of(item)),
             )
             return
         if reply != 1:
-            job = context_of(item)
             logger.warning(
                 "job %s %s attempt %d lost its lease; its %s was not recorded",
                 item.job_id,
                 item.task_name,
                 item.attempt,
                 outcome.kind,
-                extra=job_extra(job),
+                extra=job_extra(context_of(item)),
             )
             return
+        # The job's context only for a log record or an on_commit hook that takes it.
         hooks = self._on_commit
         job = context_of(item) if hooks or logger.isEnabledFor(_level(outcome)) else None
         if job is not None:
@@ -246,12 +245,12 @@ class Committer:
             self.on_retry()
         elif outcome.kind == OutcomeKind.SUCCEEDED and NEXT_HEADER in item.meta:
             self.on_follow_up()
-        for mw in hooks:
-            assert job is not None
-            try:
-                mw.on_commit(job, outcome)
-            except Exception:
-                logger.exception("middleware %s: on_commit failed", type(mw).__name__)
+        if job is not None:
+            for mw in hooks:
+                try:
+                    mw.on_commit(job, outcome)
+                except Exception:
+                    logger.exception("middleware %s: on_commit failed", type(mw).__name__)
 
 
 def check_size(what: str, encoded: str, limit: int, *, setting: str = "max_payload") -> None:
