@@ -26,6 +26,8 @@ class Slots:
         self._alone_wanted = 0
         self._alone = False
         self._changed = asyncio.Event()
+        self._waiters = 0
+        """Callers of ``changed()`` waiting now (with none, a change needs no new event)."""
 
     @property
     def busy(self) -> int:
@@ -67,12 +69,17 @@ class Slots:
         self._notify()
 
     def _notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
+        if self._waiters:
+            self._changed.set()
+            self._changed = asyncio.Event()
 
     async def changed(self) -> None:
         """Wait for the next release or gate change."""
-        await self._changed.wait()
+        self._waiters += 1
+        try:
+            await self._changed.wait()
+        finally:
+            self._waiters -= 1
 
     @asynccontextmanager
     async def alone(self) -> AsyncIterator[None]:
