@@ -145,10 +145,7 @@ class Committer:
     ) -> None:
         self.coalescer = coalescer
         self._env = env
-        self._on_commit = [
-            mw for mw in middleware if type(mw).on_commit is not Middleware.on_commit
-        ]
-        """The middleware that take ``on_commit`` (the base class's does nothing)."""
+        self._middleware = middleware
         self._slots = slots
         self._result_ttl_ms = result_ttl_ms
         self._max_payload = max_payload
@@ -237,23 +234,28 @@ class Committer:
             )
             return
         # The job's context only for a log record or an on_commit hook that takes it.
-        hooks = self._on_commit
-        job = context_of(item) if hooks or logger.isEnabledFor(_level(outcome)) else None
-        if job is not None:
+        job = None
+        if logger.isEnabledFor(_level(outcome)):
+            job = context_of(item)
             log_outcome(job, outcome, duration)
         if outcome.kind in (OutcomeKind.RETRY, OutcomeKind.RESCHEDULE):
             self.on_retry()
         elif outcome.kind == OutcomeKind.SUCCEEDED and NEXT_HEADER in item.meta:
             self.on_follow_up()
-        if job is not None:
-            for mw in hooks:
-                try:
-                    mw.on_commit(job, outcome)
-                except Exception:
-                    logger.exception("middleware %s: on_commit failed", type(mw).__name__)
+        for mw in self._middleware:  # the live list: run_until_idle adds its recorder
+            if type(mw).on_commit is Middleware.on_commit:  # the base class's does nothing
+                continue
+            if job is None:
+                job = context_of(item)
+            try:
+                mw.on_commit(job, outcome)
+            except Exception:
+                logger.exception("middleware %s: on_commit failed", type(mw).__name__)
 
 
 def check_size(what: str, encoded: str, limit: int, *, setting: str = "max_payload") -> None:
+    if len(encoded) * 4 <= limit:  # at most 4 bytes a character: no need to encode it
+        return
     size = len(encoded.encode("utf-8", "surrogateescape"))
     if size > limit:
         raise PayloadTooLarge(what, size, limit, setting=setting)
