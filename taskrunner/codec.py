@@ -55,6 +55,7 @@ class ArgsCodec:
         self._positional = _plain_positional(self.signature)
         self._validate: Callable[[Any], BaseModel] | None = None
         self._to_json: Callable[..., bytes] | None = None
+        self._decode_plan: list[tuple[str, str, Any]] | None = None
 
     def first_parameter(self) -> str:
         """The name of the first parameter, if a positional argument can fill it (a
@@ -104,26 +105,29 @@ class ArgsCodec:
     def decode(self, payload: str) -> tuple[list[Any], dict[str, Any]]:
         """Validate a stored payload and return positional and keyword arguments for the call."""
         model = self.model.model_validate_json(payload)
-        values = {
-            field.alias or name: getattr(model, name)
-            for name, field in type(model).model_fields.items()
-        }
-        return self._split(values)
-
-    def _split(self, values: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
         positional: list[Any] = []
         keyword: dict[str, Any] = {}
-        for param in self.signature.parameters.values():
-            value = values[param.name]
-            if param.kind in _POSITIONAL:
+        for field, name, kind in self._parameters():
+            value = getattr(model, field)
+            if kind in _POSITIONAL:
                 positional.append(value)
-            elif param.kind is inspect.Parameter.VAR_POSITIONAL:
+            elif kind is inspect.Parameter.VAR_POSITIONAL:
                 positional.extend(value)
-            elif param.kind is inspect.Parameter.VAR_KEYWORD:
+            elif kind is inspect.Parameter.VAR_KEYWORD:
                 keyword.update(value)
             else:
-                keyword[param.name] = value
+                keyword[name] = value
         return positional, keyword
+
+    def _parameters(self) -> list[tuple[str, str, Any]]:
+        """``(model field, parameter name, parameter kind)`` per parameter, in order
+        (worked out once: ``decode`` runs for every job)."""
+        if self._decode_plan is None:
+            self._decode_plan = [
+                (f"p{index}", param.name, param.kind)
+                for index, param in enumerate(self.signature.parameters.values())
+            ]
+        return self._decode_plan
 
 
 def _plain_positional(signature: inspect.Signature) -> tuple[str, ...] | None:
@@ -141,8 +145,12 @@ class ResultCodec:
 
     def __init__(self, annotation: Any) -> None:
         self.adapter: TypeAdapter[Any] = TypeAdapter(annotation)
+        self._returns_none = annotation is None or annotation is type(None)
+        """``-> None``: a None result is ``null`` without a trip through pydantic."""
 
     def encode(self, value: Any) -> str:
+        if value is None and self._returns_none:
+            return "null"
         return self.adapter.dump_json(value).decode()
 
     def decode(self, payload: str) -> Any:

@@ -212,7 +212,6 @@ class Committer:
     ) -> None:
         self.unrecorded.pop(item.token, None)
         self._slots.recorded()
-        job = context_of(item)
         if isinstance(reply, Exception):
             logger.error(
                 "job %s %s attempt %d: its %s could not be recorded (%s); it will be reclaimed",
@@ -221,7 +220,7 @@ class Committer:
                 item.attempt,
                 outcome.kind,
                 safe_text(str(reply), 200),
-                extra=job_extra(job),
+                extra=job_extra(context_of(item)),
             )
             return
         if reply != 1:
@@ -231,15 +230,23 @@ class Committer:
                 item.task_name,
                 item.attempt,
                 outcome.kind,
-                extra=job_extra(job),
+                extra=job_extra(context_of(item)),
             )
             return
-        log_outcome(job, outcome, duration)
+        # The job's context only for a log record or an on_commit hook that takes it.
+        job = None
+        if logger.isEnabledFor(_level(outcome)):
+            job = context_of(item)
+            log_outcome(job, outcome, duration)
         if outcome.kind in (OutcomeKind.RETRY, OutcomeKind.RESCHEDULE):
             self.on_retry()
         elif outcome.kind == OutcomeKind.SUCCEEDED and NEXT_HEADER in item.meta:
             self.on_follow_up()
-        for mw in self._middleware:
+        for mw in self._middleware:  # the live list: run_until_idle adds its recorder
+            if type(mw).on_commit is Middleware.on_commit:  # the base class's does nothing
+                continue
+            if job is None:
+                job = context_of(item)
             try:
                 mw.on_commit(job, outcome)
             except Exception:
@@ -247,6 +254,8 @@ class Committer:
 
 
 def check_size(what: str, encoded: str, limit: int, *, setting: str = "max_payload") -> None:
+    if len(encoded) * 4 <= limit:  # at most 4 bytes a character: no need to encode it
+        return
     size = len(encoded.encode("utf-8", "surrogateescape"))
     if size > limit:
         raise PayloadTooLarge(what, size, limit, setting=setting)
@@ -280,6 +289,16 @@ def context_of(item: Claimed) -> JobContext:
         priority=item.level,
         ready_at=item.ready_at,
     )
+
+
+def _level(outcome: Outcome) -> int:
+    """The level ``log_outcome`` logs ``outcome`` at."""
+    kind = outcome.kind
+    if kind == OutcomeKind.DEAD or (kind == OutcomeKind.FAILED and outcome.error is not None):
+        return logging.ERROR
+    if kind in (OutcomeKind.RETRY, OutcomeKind.RESCHEDULE):
+        return logging.DEBUG
+    return logging.INFO
 
 
 def log_outcome(job: JobContext, outcome: Outcome, duration: float | None) -> None:

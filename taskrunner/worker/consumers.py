@@ -104,6 +104,17 @@ class Consumers:
         self.waiting: dict[str, Claimed] = {}
         """Claimed jobs not started yet, by lease token (heartbeated like running ones)."""
         self.queue: asyncio.Queue[Claimed | None] = asyncio.Queue()
+        self._scope_type: type[anyio.CancelScope] | None = None
+
+    def _cancel_scope(self) -> anyio.CancelScope:
+        """A new cancel scope of the running backend's class, made directly (an
+        ``anyio.CancelScope()`` looks the backend up again for each job)."""
+        scope_type = self._scope_type
+        if scope_type is None:
+            scope = anyio.CancelScope()
+            self._scope_type = type(scope)
+            return scope
+        return scope_type()
 
     def chain(self, task: TaskDefinition) -> ExecuteNext:
         """``task``'s execution chain (built once)."""
@@ -211,7 +222,7 @@ class Consumers:
         outcome: Outcome | None = None
         job = context_of(item)
         job.reporter = self._reporter(item)
-        with anyio.CancelScope() as scope:
+        with self._cancel_scope() as scope:
 
             def cancel(why: CancelReason) -> None:
                 reason.append(why)
@@ -234,9 +245,14 @@ class Consumers:
             )
             self.running[item.token] = ctx
             token = set_current_job(job)
-            logger.info(
-                "job %s %s attempt %d started", job.id, job.task, job.attempt, extra=job_extra(job)
-            )
+            if logger.isEnabledFor(logging.INFO):  # job_extra() only for a record
+                logger.info(
+                    "job %s %s attempt %d started",
+                    job.id,
+                    job.task,
+                    job.attempt,
+                    extra=job_extra(job),
+                )
             try:
                 outcome = await self.chain(task)(ctx)
             except Exception as exc:  # noqa: BLE001 - the task's own error is its outcome

@@ -26,6 +26,8 @@ class Slots:
         self._alone_wanted = 0
         self._alone = False
         self._changed = asyncio.Event()
+        self._waiters = 0
+        """Callers of ``changed()`` waiting now (with none, a change needs no new event)."""
 
     @property
     def busy(self) -> int:
@@ -67,12 +69,17 @@ class Slots:
         self._notify()
 
     def _notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
+        if self._waiters:
+            self._changed.set()
+            self._changed = asyncio.Event()
 
     async def changed(self) -> None:
         """Wait for the next release or gate change."""
-        await self._changed.wait()
+        self._waiters += 1
+        try:
+            await self._changed.wait()
+        finally:
+            self._waiters -= 1
 
     @asynccontextmanager
     async def alone(self) -> AsyncIterator[None]:
@@ -89,14 +96,28 @@ class Slots:
             self._alone = False
             self._notify()
 
-    @asynccontextmanager
-    async def shared(self) -> AsyncIterator[None]:
-        while self._alone or self._alone_wanted:
-            await self.changed()
-        self._shared += 1
-        try:
-            yield
-        finally:
-            self._shared -= 1
-            if not self._shared:
-                self._notify()
+    def shared(self) -> _Shared:
+        """Run beside other jobs: waits while a job runs alone or waits to."""
+        return _Shared(self)
+
+
+class _Shared:
+    """``Slots.shared()``: a plain async context manager (it is entered once per job, so
+    it avoids the generator machinery of ``asynccontextmanager``)."""
+
+    __slots__ = ("_slots",)
+
+    def __init__(self, slots: Slots) -> None:
+        self._slots = slots
+
+    async def __aenter__(self) -> None:
+        slots = self._slots
+        while slots._alone or slots._alone_wanted:
+            await slots.changed()
+        slots._shared += 1
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        slots = self._slots
+        slots._shared -= 1
+        if not slots._shared:
+            slots._notify()
