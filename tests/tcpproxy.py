@@ -37,6 +37,9 @@ Mode = Literal["forward", "blackhole", "stall"]
 T = TypeVar("T")
 _CHUNK = 65536
 _CALL_TIMEOUT = 10.0
+_SHUTDOWN_ROUNDS = 25
+_ACCEPT_BATCH = 100
+_SHUTDOWN_ROUND_WAIT = 0.2
 
 
 @dataclass
@@ -69,9 +72,13 @@ class TcpProxy:
         self._links: set[_Link] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._server: asyncio.Server | None = None
+        self._listener: socket.socket | None = None
+        self._accepted: set[socket.socket] = set()
+        self._serving: set[asyncio.Task[None]] = set()
+        """Accepted sockets no stream owns yet (closed by the shutdown if still here)."""
         self._flowing: asyncio.Event | None = None
         self._port: int | None = None
+        self._closing = False
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -171,8 +178,39 @@ class TcpProxy:
     async def _listen(self) -> None:
         self._flowing = asyncio.Event()
         self._flowing.set()
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self._listen_port)
-        self._port = self._server.sockets[0].getsockname()[1]
+        listener = socket.create_server(("127.0.0.1", self._listen_port))
+        listener.setblocking(False)
+        self._listener = listener
+        self._port = listener.getsockname()[1]
+        asyncio.get_running_loop().add_reader(listener, self._accept, listener)
+
+    def _accept(self, listener: socket.socket) -> None:
+        """Accept what is waiting and hand each connection to ``_serve``: the proxy owns
+        every socket it accepted until a stream does, so a shutdown leaves none open."""
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                conn, _ = listener.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            conn.setblocking(False)
+            self._accepted.add(conn)
+            task = asyncio.get_running_loop().create_task(self._serve(conn))
+            self._serving.add(task)  # a reference, so the task is not collected early
+            task.add_done_callback(self._serving.discard)
+
+    async def _serve(self, conn: socket.socket) -> None:
+        if self._closing:
+            self._accepted.discard(conn)
+            _close_socket(conn)
+            return
+        try:
+            reader, writer = await asyncio.open_connection(sock=conn)
+        except OSError:
+            self._accepted.discard(conn)
+            _close_socket(conn)
+            return
+        self._accepted.discard(conn)  # the stream owns it now
+        await self._handle(reader, writer)
 
     async def _set_mode(self, mode: Mode) -> None:
         assert self._flowing is not None
@@ -187,15 +225,29 @@ class TcpProxy:
             link.dropped = True
 
     async def _shutdown(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        await self._reset_all()
-        if self._server is not None:
-            await self._server.wait_closed()
-        pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        self._closing = True
+        if self._listener is not None:
+            asyncio.get_running_loop().remove_reader(self._listener)
+            self._listener.close()
+        # A connection accepted just before the close gets its handler task from a
+        # callback scheduled with call_soon, after any snapshot of the tasks: go round
+        # until no task is left. A handler that sees _closing resets its sockets and
+        # returns; _reset_all ends the links registered in between.
+        for _ in range(_SHUTDOWN_ROUNDS):
+            await self._reset_all()
+            await asyncio.sleep(0)
+            pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            if not pending:
+                break
+            await asyncio.wait(pending, timeout=_SHUTDOWN_ROUND_WAIT)
+        else:
+            pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        for conn in list(self._accepted):
+            _close_socket(conn)
+        self._accepted.clear()
 
     async def _reset_all(self) -> None:
         links, self._links = list(self._links), set()
@@ -208,6 +260,9 @@ class TcpProxy:
             await asyncio.gather(*link.tasks, return_exceptions=True)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._closing:
+            _reset(writer)
+            return
         if self._refusing:
             self.stats.refused += 1
             _reset(writer)
@@ -221,6 +276,10 @@ class TcpProxy:
         except asyncio.CancelledError:  # the proxy closes while this one connects
             _reset(writer)
             raise
+        if self._closing:  # the proxy began closing while this one connected
+            _reset(writer)
+            _reset(up_writer)
+            return
         link = _Link(writer, up_writer)
         self._links.add(link)
         self.stats.open += 1
@@ -260,6 +319,13 @@ class TcpProxy:
                 writer.write(data)
                 await writer.drain()
                 self.stats.forwarded_bytes += len(data)
+
+
+def _close_socket(conn: socket.socket) -> None:
+    """Close an accepted socket with a RST (no stream owns it)."""
+    with contextlib.suppress(OSError):
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:
