@@ -229,10 +229,10 @@ class TcpProxy:
         if self._listener is not None:
             asyncio.get_running_loop().remove_reader(self._listener)
             self._listener.close()
-        # A connection accepted just before the close gets its handler task from a
-        # callback scheduled with call_soon, after any snapshot of the tasks: go round
-        # until no task is left. A handler that sees _closing resets its sockets and
-        # returns; _reset_all ends the links registered in between.
+        # Nothing is accepted from here on, but connections accepted before may still be
+        # on their way (opening their stream or their upstream): go round until no task
+        # is left. A handler that sees _closing resets its sockets and returns;
+        # _reset_all ends the links registered in between.
         for _ in range(_SHUTDOWN_ROUNDS):
             await self._reset_all()
             await asyncio.sleep(0)
