@@ -292,7 +292,8 @@ def context_of(item: Claimed) -> JobContext:
 
 
 def _level(outcome: Outcome) -> int:
-    """The level ``log_outcome`` logs ``outcome`` at."""
+    """The level ``outcome``'s line is logged at (``log_outcome`` takes it from here, so
+    the commit path can skip building a record that would not be logged)."""
     kind = outcome.kind
     if kind == OutcomeKind.DEAD or (kind == OutcomeKind.FAILED and outcome.error is not None):
         return logging.ERROR
@@ -309,7 +310,8 @@ def log_outcome(job: JobContext, outcome: Outcome, duration: float | None) -> No
     error = outcome.error
     if outcome.kind == OutcomeKind.FAILED and error is not None:
         trace = f"\n{error.traceback.rstrip()}" if error.traceback else ""
-        logger.error(
+        logger.log(
+            _level(outcome),
             "job %s %s attempt %d failed for good%s: %s: %s%s",
             job.id,
             job.task,
@@ -321,7 +323,8 @@ def log_outcome(job: JobContext, outcome: Outcome, duration: float | None) -> No
             extra=extra,
         )
     elif outcome.kind == OutcomeKind.DEAD:
-        logger.error(
+        logger.log(
+            _level(outcome),
             "job %s %s attempt %d dead-lettered: %s",
             job.id,
             job.task,
@@ -330,7 +333,8 @@ def log_outcome(job: JobContext, outcome: Outcome, duration: float | None) -> No
             extra=extra,
         )
     elif outcome.kind in (OutcomeKind.RETRY, OutcomeKind.RESCHEDULE):
-        logger.debug(
+        logger.log(
+            _level(outcome),
             "job %s %s attempt %d %s recorded",
             job.id,
             job.task,
@@ -339,7 +343,8 @@ def log_outcome(job: JobContext, outcome: Outcome, duration: float | None) -> No
             extra=extra,
         )
     else:
-        logger.info(
+        logger.log(
+            _level(outcome),
             "job %s %s attempt %d %s%s",
             job.id,
             job.task,
