@@ -38,45 +38,102 @@ Arg = str | int | float
 
 
 _BATCH_DRIVER = """
-local n = tonumber(ARGV[1])
-local ki, ai = 1, 2 + 2 * n
 local out = {}
 done_entries = {}
-for i = 1, n do
-  local nk, na = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
-  local ok, reply = pcall(one, {unpack(KEYS, ki, ki + nk - 1)}, {unpack(ARGV, ai, ai + na - 1)})
+indexed = {}
+local function call(i, k, a)
+  local ok, reply = pcall(one, k, a)
   if ok then
     out[i] = reply
   else
     out[i] = {err = tostring(type(reply) == 'table' and reply.err or reply)}
   end
-  ki = ki + nk
-  ai = ai + na
 end
-for stream, ids in pairs(done_entries) do
-  for first = 1, #ids, 500 do
-    pcall(redis.call, 'XDEL', stream, unpack(ids, first, math.min(first + 499, #ids)))
+if ARGV[1] == 'u' then
+  local n, kp, ap = tonumber(ARGV[2]), ARGV[3], ARGV[4]
+  local k, a, kv, av = {}, {}, {}, {}
+  local ki, ai = 1, 5
+  for j = 1, #kp do
+    k[j] = ''
+    if string.byte(kp, j) == 115 then
+      k[j] = KEYS[ki]
+      ki = ki + 1
+    else
+      kv[#kv + 1] = j
+    end
   end
+  for j = 1, #ap do
+    a[j] = ''
+    if string.byte(ap, j) == 115 then
+      a[j] = ARGV[ai]
+      ai = ai + 1
+    else
+      av[#av + 1] = j
+    end
+  end
+  for i = 1, n do
+    for v = 1, #kv do
+      k[kv[v]] = KEYS[ki]
+      ki = ki + 1
+    end
+    for v = 1, #av do
+      a[av[v]] = ARGV[ai]
+      ai = ai + 1
+    end
+    call(i, k, a)
+  end
+else
+  local n = tonumber(ARGV[1])
+  local ki, ai = 1, 2 + 2 * n
+  for i = 1, n do
+    local nk, na = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
+    call(i, {unpack(KEYS, ki, ki + nk - 1)}, {unpack(ARGV, ai, ai + na - 1)})
+    ki = ki + nk
+    ai = ai + na
+  end
+end
+for key, members in pairs(indexed) do
+  for first = 1, #members, 500 do
+    pcall(redis.call, 'ZADD', key, unpack(members, first, math.min(first + 499, #members)))
+  end
+end
+for stream, done in pairs(done_entries) do
+  pcall(drop_entries, stream, done)
 end
 return out
 """
-"""Runs ``one(KEYS, ARGV)`` per call. ARGV: n, then (n_keys, n_args) per call, then
-every call's args in order; KEYS: every call's keys in order. A call that fails gives
-an error in its own place only (what it wrote before failing stays, as it would for
-the script run alone); the calls before and after it run as usual.
+"""Runs ``one(KEYS, ARGV)`` per call, in one of two layouts.
+
+- Calls of one shape (the same numbers of keys and of args: a worker's claims and
+  commits): ARGV ``'u'``, n, then a pattern for the keys and one for the args, a
+  letter per position: ``s`` shared (the same value in every call, sent once) or
+  ``v`` varying; then the shared args, then each call's varying args; KEYS the
+  shared keys, then each call's varying keys. Every call gets the same two tables
+  with its varying positions filled in (no script writes to KEYS or ARGV), so a
+  partition's keys and a worker's settings cost the server and the packer once per
+  batch, not once per job.
+- Otherwise: ARGV n, then (n_keys, n_args) per call, then every call's args in
+  order; KEYS every call's keys in order.
+
+A call that fails gives an error in its own place only (what it wrote before failing
+stays, as it would for the script run alone); the calls before and after it run as
+usual.
 
 Entries a call settles with ``settle_entry`` are acknowledged at once and deleted by
-the driver after the last call, with one XDEL per stream: the same writes in the same
-script, so the same atomic effect, at a fraction of the cost (an XDEL of a stream's
-first entry looks for the next live one, once per command, not once per id). The XACK
-stays first and immediate: it is the call's first write and Redis does not refuse it
-when out of memory, and after a script's first write Redis lets its later writes
+the driver after the last call (``drop_entries`` in lua/_prelude.lua: one ``XTRIM
+MINID`` per stream for those below the oldest pending entry, an ``XDEL`` for the
+rest), and the members calls add with ``add_to_index`` are added with one ``ZADD``
+per index: the same writes in the same script, so the same atomic effect, at a
+fraction of the cost (an ``XDEL`` searches its entry's listpack node once per id). The
+XACK stays first and immediate: it is the call's first write and Redis does not refuse
+it when out of memory, and after a script's first write Redis lets its later writes
 through, so a commit under ``maxmemory`` still records its outcome (a deferred XACK
-left every job of an OOM batch "running" with its entry gone). A failed final XDEL
-(a hostile key) leaves an acknowledged entry for the reclaim's clean-up, and fails no
-call. ``trim_due(key, now)`` says whether a call should trim an index: once per
-script run and key, in every batch, else one run in ~32 (a trim removes at most
-``TRIM_MAX`` members, enough to keep up with a batch's inserts)."""
+left every job of an OOM batch "running" with its entry gone). A failed final delete
+or index write (a hostile key) leaves an acknowledged entry for the reclaim's clean-up
+or a finished job out of its index, and fails no call. ``trim_due(key, now)`` says
+whether a call should trim an index: once per script run and key, in every batch,
+else one run in ~32 (a trim removes at most ``TRIM_MAX`` members, enough to keep up
+with a batch's inserts)."""
 
 
 def _sha(source: str) -> str:
@@ -86,53 +143,16 @@ def _sha(source: str) -> str:
 TRIM_MAX = 1000
 """Most members one index trim removes (commit.lua): as many as one batch can add."""
 
-_PRELUDE = """local server_ms
-local done_entries
-local function settle_entry(stream, group, entry)
-  redis.call('XACK', stream, group, entry)
-  if not done_entries then
-    redis.call('XDEL', stream, entry)
-    return
-  end
-  local ids = done_entries[stream]
-  if not ids then
-    ids = {}
-    done_entries[stream] = ids
-  end
-  ids[#ids + 1] = entry
-end
-local TRIM_MAX = @TRIM_MAX@
-local trimmed = {}
-local function trim_due(key, now)
-  if trimmed[key] then
-    return false
-  end
-  trimmed[key] = true
-  return done_entries ~= nil or now % 32 == 0
-end
-local function now_ms(clock)
-  if string.sub(clock, 1, 1) == '=' then
-    return tonumber(string.sub(clock, 2))
-  end
-  if not server_ms then
-    local t = redis.call('TIME')
-    server_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  end
-  return server_ms + (tonumber(clock) or 0)
-end
-"""
-"""Prepended to every script: "now" in ms from the server's clock (TIME) plus the
-runner's clock offset, or a frozen instant (``=<ms>``, tests only; see
-taskrunner.clock). Scripts never trust a client's clock. TIME is read once per script
-run (a batch of calls shares it: a run lasts milliseconds at most), as each TIME costs
-about 0.5 µs of server CPU inside a script."""
-
-
-_PRELUDE = _PRELUDE.replace("@TRIM_MAX@", str(TRIM_MAX))
-
 
 def _read(name: str) -> str:
     return resources.files("taskrunner").joinpath(f"lua/{name}.lua").read_text()
+
+
+_PRELUDE = _read("_prelude").replace("@TRIM_MAX@", str(TRIM_MAX))
+"""Prepended to every script (taskrunner/lua/_prelude.lua): "now" from the server's
+clock (TIME, read once per script run; scripts never trust a client's clock), the
+settling of entries and the finished-job indexes that a batch defers to its end, and
+when to trim an index."""
 
 
 class Script:
@@ -415,15 +435,56 @@ def _replicated(replies: list[Any], replicas: Replicas) -> list[Any]:
 
 
 def _batch(pipe: Any, calls: Sequence[ScriptCall]) -> None:
+    sha = calls[0].script.batch_sha
+    uniform = _uniform(calls)
+    if uniform is not None:
+        shared_keys, shared_args = uniform
+        pipe.evalsha(sha, len(shared_keys), *shared_keys, *shared_args)
+        return
     keys: list[str] = []
     sizes: list[int] = []
-    args: list[Arg] = []
+    flat: list[Arg] = []
     for call in calls:
         keys.extend(call.keys)
-        args.extend(call.args)
+        flat.extend(call.args)
         sizes.append(len(call.keys))
         sizes.append(len(call.args))
-    pipe.evalsha(calls[0].script.batch_sha, len(keys), *keys, len(calls), *sizes, *args)
+    pipe.evalsha(sha, len(keys), *keys, len(calls), *sizes, *flat)
+
+
+def _uniform(calls: Sequence[ScriptCall]) -> tuple[list[str], list[Arg]] | None:
+    """KEYS and ARGV of the driver's shared layout, or None when the calls differ in
+    shape. A position is shared when every call has the same value there, of the same
+    type (``1`` and ``1.0`` are equal in Python but not on the wire)."""
+    n_keys, n_args = len(calls[0].keys), len(calls[0].args)
+    if any(len(c.keys) != n_keys or len(c.args) != n_args for c in calls):
+        return None
+    key_pattern, keys, key_varying = _columns([c.keys for c in calls])
+    arg_pattern, args, arg_varying = _columns([c.args for c in calls])
+    for call in calls:
+        keys.extend(call.keys[j] for j in key_varying)
+        args.extend(call.args[j] for j in arg_varying)
+    return keys, ["u", len(calls), key_pattern, arg_pattern, *args]
+
+
+def _columns(rows: list[Sequence[Any]]) -> tuple[str, list[Any], list[int]]:
+    """(pattern, the shared values, the varying positions) of equally long rows."""
+    pattern: list[str] = []
+    shared: list[Any] = []
+    varying: list[int] = []
+    count = len(rows)
+    for j, column in enumerate(zip(*rows, strict=True)):
+        first = column[0]
+        same = column.count(first) == count
+        if same and type(first) is not str:
+            kind = type(first)
+            same = all(type(value) is kind for value in column)
+        pattern.append("s" if same else "v")
+        if same:
+            shared.append(first)
+        else:
+            varying.append(j)
+    return "".join(pattern), shared, varying
 
 
 # -- builders: one per script, the only code that knows its KEYS and ARGV ------------

@@ -20,8 +20,11 @@ local FINAL = {succeeded = true, failed = true, aborted = true, rejected = true,
 if #redis.call('XPENDING', stream, group, entry, entry, 1, consumer) == 0 then
   return {'gone'}
 end
+-- the arguments come in the same HMGET only when they are small enough: a hostile
+-- field of any size is never copied into the script
+local small = redis.call('HSTRLEN', job, 'args') <= tonumber(ARGV[6])
 local h = redis.call('HMGET', job, 'status', 'task', 'locks', 'abort', 'entry', 'attempts',
-  'reclaims', 'meta', 'enqueued', 'due', 'crashes', 'reclaimed')
+  'reclaims', 'meta', 'enqueued', 'due', 'crashes', 'reclaimed', small and 'args' or 'task')
 local status = h[1]
 if not status then
   return {'missing'}
@@ -45,10 +48,10 @@ if (tonumber(h[11]) or 0) >= tonumber(ARGV[5]) then
   verdict = 'poison'
 elseif h[4] then
   verdict = 'abort'
-elseif redis.call('HSTRLEN', job, 'args') > tonumber(ARGV[6]) then
+elseif not small then
   verdict = 'toolarge'
 else
-  args = redis.call('HGET', job, 'args') or ''
+  args = h[13] or ''
 end
 local attempts = (tonumber(h[6]) or 0) + 1
 local reclaims = tonumber(h[7]) or 0
@@ -60,7 +63,17 @@ elseif h[12] then
   reclaimed = 1
   redis.call('HDEL', job, 'reclaimed')
 end
-redis.call('HSET', job, 'status', 'running', 'lease', ARGV[4], 'worker', consumer,
-  'started', now_ms(ARGV[7]), 'entry', entry, 'attempts', attempts, 'reclaims', reclaims)
+-- fields that did not change are not written again (each is a search of the hash)
+local set = {'status', 'running', 'lease', ARGV[4], 'worker', consumer,
+  'started', now_text(ARGV[7]), 'attempts', attempts}
+if h[5] ~= entry then
+  set[#set + 1] = 'entry'
+  set[#set + 1] = entry
+end
+if h[7] ~= tostring(reclaims) then
+  set[#set + 1] = 'reclaims'
+  set[#set + 1] = reclaims
+end
+redis.call('HSET', job, unpack(set))
 local ready = math.max(tonumber(h[9]) or 0, tonumber(h[10]) or 0)
 return {verdict, h[2] or '', args, attempts, h[3] or '', reclaims, h[8] or '', ready, reclaimed}

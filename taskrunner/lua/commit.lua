@@ -53,6 +53,7 @@ end
 -- writes after it through), XDEL now or, in a batch, once per stream at its end
 settle_entry(stream, group, entry)
 local now = now_ms(ARGV[12])
+local stamp = now_text(ARGV[12])
 
 if outcome == 'retry' or outcome == 'reschedule' then
   local delay = tonumber(ARGV[8])
@@ -96,16 +97,16 @@ if outcome == 'handback' then
 end
 
 if outcome == 'succeeded' then
-  redis.call('HSET', job, 'status', outcome, 'finished', now, 'lease', '', 'committed', token,
+  redis.call('HSET', job, 'status', outcome, 'finished', stamp, 'lease', '', 'committed', token,
     'result', ARGV[6])
   if outbox then
     redis.call('ZADD', outbox, now, job_id)
   end
 elseif ARGV[6] ~= '' then
-  redis.call('HSET', job, 'status', outcome, 'finished', now, 'lease', '', 'committed', token,
+  redis.call('HSET', job, 'status', outcome, 'finished', stamp, 'lease', '', 'committed', token,
     'error', ARGV[6])
 else
-  redis.call('HSET', job, 'status', outcome, 'finished', now, 'lease', '', 'committed', token)
+  redis.call('HSET', job, 'status', outcome, 'finished', stamp, 'lease', '', 'committed', token)
 end
 if outcome == 'dead' then
   redis.call('ZADD', dead, now, job_id)
@@ -119,7 +120,7 @@ elseif outcome ~= 'dead' then
   index = KEYS[8]
 end
 if index then
-  redis.call('ZADD', index, now, job_id)
+  add_to_index(index, stamp, job_id)
   if trim_due(index, now) then
     local stale = redis.call('ZCOUNT', index, '-inf', now - tonumber(ARGV[7]))
     if stale > 0 then
