@@ -97,7 +97,9 @@ local function drop_entries(stream, done)
   if oldest and id_parts(oldest[1]) and id_less(oldest[1], bound) then
     bound = oldest[1]
   end
-  redis.call('XTRIM', stream, 'MINID', bound)
+  if not pcall(redis.call, 'XTRIM', stream, 'MINID', bound) then
+    return delete_ids(stream, done.ids)  -- an ACL without XTRIM: as before, per id
+  end
   local rest = {}
   for _, id in ipairs(done.ids) do
     if not id_parts(id) or not id_less(id, bound) then
