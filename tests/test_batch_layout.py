@@ -364,6 +364,18 @@ async def test_a_hostile_index_key_leaves_every_job_of_the_batch_final(
     assert await redis.xlen(stream) == 0
 
 
+@pytest.mark.xfail(
+    reason="the batch's index trim (trim_due -> ZCOUNT in commit.lua) is not pcall'd: the "
+    "first commit per index of a batch gets WRONGTYPE though its job is final",
+    strict=True,
+)
+async def test_a_hostile_index_key_fails_no_commit_of_a_batch(
+    redis: Redis, keys: QueueKeys
+) -> None:
+    replies, _ = await hostile_index_batch(redis, keys)
+    assert replies == [1] * 5
+
+
 # -- claims ----------------------------------------------------------------------------
 
 
