@@ -37,105 +37,6 @@ from taskrunner.keys import GROUP, LimitKeys, QueueKeys
 Arg = str | int | float
 
 
-_BATCH_DRIVER = """
-local out = {}
-done_entries = {}
-indexed = {}
-local function call(i, k, a)
-  local ok, reply = pcall(one, k, a)
-  if ok then
-    out[i] = reply
-  else
-    out[i] = {err = tostring(type(reply) == 'table' and reply.err or reply)}
-  end
-end
-if ARGV[1] == 'u' then
-  local n, kp, ap = tonumber(ARGV[2]), ARGV[3], ARGV[4]
-  local k, a, kv, av = {}, {}, {}, {}
-  local ki, ai = 1, 5
-  for j = 1, #kp do
-    k[j] = ''
-    if string.byte(kp, j) == 115 then
-      k[j] = KEYS[ki]
-      ki = ki + 1
-    else
-      kv[#kv + 1] = j
-    end
-  end
-  for j = 1, #ap do
-    a[j] = ''
-    if string.byte(ap, j) == 115 then
-      a[j] = ARGV[ai]
-      ai = ai + 1
-    else
-      av[#av + 1] = j
-    end
-  end
-  for i = 1, n do
-    for v = 1, #kv do
-      k[kv[v]] = KEYS[ki]
-      ki = ki + 1
-    end
-    for v = 1, #av do
-      a[av[v]] = ARGV[ai]
-      ai = ai + 1
-    end
-    call(i, k, a)
-  end
-else
-  local n = tonumber(ARGV[1])
-  local ki, ai = 1, 2 + 2 * n
-  for i = 1, n do
-    local nk, na = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
-    call(i, {unpack(KEYS, ki, ki + nk - 1)}, {unpack(ARGV, ai, ai + na - 1)})
-    ki = ki + nk
-    ai = ai + na
-  end
-end
-for key, members in pairs(indexed) do
-  for first = 1, #members, 500 do
-    pcall(redis.call, 'ZADD', key, unpack(members, first, math.min(first + 499, #members)))
-  end
-end
-for stream, done in pairs(done_entries) do
-  pcall(drop_entries, stream, done)
-end
-return out
-"""
-"""Runs ``one(KEYS, ARGV)`` per call, in one of two layouts.
-
-- Calls of one shape (the same numbers of keys and of args: a worker's claims and
-  commits): ARGV ``'u'``, n, then a pattern for the keys and one for the args, a
-  letter per position: ``s`` shared (the same value in every call, sent once) or
-  ``v`` varying; then the shared args, then each call's varying args; KEYS the
-  shared keys, then each call's varying keys. Every call gets the same two tables
-  with its varying positions filled in (no script writes to KEYS or ARGV), so a
-  partition's keys and a worker's settings cost the server and the packer once per
-  batch, not once per job.
-- Otherwise: ARGV n, then (n_keys, n_args) per call, then every call's args in
-  order; KEYS every call's keys in order.
-
-A call that fails gives an error in its own place only (what it wrote before failing
-stays, as it would for the script run alone); the calls before and after it run as
-usual.
-
-Entries a call settles with ``settle_entry`` are acknowledged at once and deleted by
-the driver after the last call (``drop_entries`` in lua/_prelude.lua: one ``XTRIM
-MINID`` per stream for those below the oldest pending entry, an ``XDEL`` for the
-rest), and the members calls add with ``add_to_index`` are added with one ``ZADD``
-per index: the same writes in the same script, so the same atomic effect, at a
-fraction of the cost (an ``XDEL`` searches its entry's listpack node once per id). The
-XACK stays first and immediate: it is the call's first write and Redis does not refuse
-it when out of memory, and after a script's first write Redis lets its later writes
-through, so a commit under ``maxmemory`` still records its outcome (a deferred XACK
-left every job of an OOM batch "running" with its entry gone). A failed final delete
-or index write (a hostile key) leaves an acknowledged entry for the reclaim's clean-up
-or a finished job out of its index, and fails no call. ``trim_due(key, now)`` says
-whether a call should trim an index: once per script run and key, in every batch,
-else one run in ~32 (a trim removes at most ``TRIM_MAX`` members, enough to keep up
-with a batch's inserts)."""
-
-
 def _sha(source: str) -> str:
     return hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
 
@@ -153,6 +54,42 @@ _PRELUDE = _read("_prelude").replace("@TRIM_MAX@", str(TRIM_MAX))
 clock (TIME, read once per script run; scripts never trust a client's clock), the
 settling of entries and the finished-job indexes that a batch defers to its end, and
 when to trim an index."""
+
+
+_BATCH_DRIVER = _read("_batch")
+"""Appended to a script's body to make its batch version (taskrunner/lua/_batch.lua):
+runs ``one(KEYS, ARGV)`` per call, in one of two layouts.
+
+- Calls of one shape (the same numbers of keys and of args: a worker's claims and
+  commits): ARGV ``'u'``, n, then a pattern for the keys and one for the args, a
+  letter per position: ``s`` shared (the same value in every call, sent once) or
+  ``v`` varying; then the shared args, then each call's varying args; KEYS the
+  shared keys, then each call's varying keys. Every call gets the same two tables
+  with its varying positions filled in (no script writes to KEYS or ARGV), so a
+  partition's keys and a worker's settings cost the server and the packer once per
+  batch, not once per job.
+- Otherwise: ARGV n, then (n_keys, n_args) per call, then every call's args in
+  order; KEYS every call's keys in order.
+
+A call that fails gives an error in its own place only (what it wrote before failing
+stays, as it would for the script run alone); the calls before and after it run as
+usual.
+
+Entries a call settles with ``settle_entry`` are acknowledged at once and deleted by
+the driver after the last call (``drop_entries`` in lua/_batch.lua: one ``XTRIM
+MINID`` per stream for those below the oldest pending entry, an ``XDEL`` for the
+rest), and the members calls add with ``add_to_index`` are added with one ``ZADD``
+per index: the same writes in the same script, so the same atomic effect, at a
+fraction of the cost (an ``XDEL`` searches its entry's listpack node once per id). The
+XACK stays first and immediate: it is the call's first write and Redis does not refuse
+it when out of memory, and after a script's first write Redis lets its later writes
+through, so a commit under ``maxmemory`` still records its outcome (a deferred XACK
+left every job of an OOM batch "running" with its entry gone). A failed final delete
+or index write (a hostile key) leaves an acknowledged entry for the reclaim's clean-up
+or a finished job out of its index, and fails no call. ``trim_due(key, now)`` says
+whether a call should trim an index: once per script run and key, in every batch,
+else one run in ~32 (a trim removes at most ``TRIM_MAX`` members, enough to keep up
+with a batch's inserts)."""
 
 
 class Script:
@@ -454,8 +391,9 @@ def _batch(pipe: Any, calls: Sequence[ScriptCall]) -> None:
 
 def _uniform(calls: Sequence[ScriptCall]) -> tuple[list[str], list[Arg]] | None:
     """KEYS and ARGV of the driver's shared layout, or None when the calls differ in
-    shape. A position is shared when every call has the same value there, of the same
-    type (``1`` and ``1.0`` are equal in Python but not on the wire)."""
+    shape. A position is shared when every call sends the same bytes there: the same
+    value of the same type (``1`` and ``1.0``, ``0.0`` and ``-0.0`` are equal in Python
+    but not on the wire)."""
     n_keys, n_args = len(calls[0].keys), len(calls[0].args)
     if any(len(c.keys) != n_keys or len(c.args) != n_args for c in calls):
         return None
@@ -476,9 +414,11 @@ def _columns(rows: list[Sequence[Any]]) -> tuple[str, list[Any], list[int]]:
     for j, column in enumerate(zip(*rows, strict=True)):
         first = column[0]
         same = column.count(first) == count
-        if same and type(first) is not str:
+        if same and type(first) is not str:  # 1 == 1.0 == True, 0.0 == -0.0
             kind = type(first)
             same = all(type(value) is kind for value in column)
+            if same and kind is float:
+                same = len({repr(value) for value in column}) == 1
         pattern.append("s" if same else "v")
         if same:
             shared.append(first)

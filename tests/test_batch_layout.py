@@ -173,6 +173,7 @@ async def test_a_uniform_batch_of_commits_gives_each_job_its_own_outcome_and_pay
         (("1", 1.0), ["1", "1.0"]),
         ((1.0, "1"), ["1.0", "1"]),
         ((0, 0.0), ["0", "0.0"]),
+        ((0.0, -0.0), ["0.0", "-0.0"]),
     ],
 )
 async def test_equal_values_of_different_types_are_sent_per_call(
@@ -364,11 +365,6 @@ async def test_a_hostile_index_key_leaves_every_job_of_the_batch_final(
     assert await redis.xlen(stream) == 0
 
 
-@pytest.mark.xfail(
-    reason="the batch's index trim (trim_due -> ZCOUNT in commit.lua) is not pcall'd: the "
-    "first commit per index of a batch gets WRONGTYPE though its job is final",
-    strict=True,
-)
 async def test_a_hostile_index_key_fails_no_commit_of_a_batch(
     redis: Redis, keys: QueueKeys
 ) -> None:

@@ -120,13 +120,7 @@ elseif outcome ~= 'dead' then
   index = KEYS[8]
 end
 if index then
-  add_to_index(index, stamp, job_id)
-  if trim_due(index, now) then
-    local stale = redis.call('ZCOUNT', index, '-inf', now - tonumber(ARGV[7]))
-    if stale > 0 then
-      redis.call('ZREMRANGEBYRANK', index, 0, math.min(stale, TRIM_MAX) - 1)
-    end
-  end
+  add_to_index(index, stamp, job_id, now, tonumber(ARGV[7]))
 end
 for i = FIRST_LOCK, #KEYS do
   if redis.call('GET', KEYS[i]) == job_id then

@@ -1,0 +1,130 @@
+-- The batch driver: runs one(KEYS, ARGV) per call of a batch (see _BATCH_DRIVER in
+-- taskrunner/scripts.py for the layouts), then the writes the calls deferred to its
+-- end. Appended to a script's body wrapped in one(); _prelude.lua comes first.
+
+local function id_parts(id)
+  return string.match(id, '^(%d+)%-(%d+)$')
+end
+
+-- a < b for two stream ids as Redis writes them (decimal, no leading zeros)
+local function id_less(a, b)
+  local am, as = id_parts(a)
+  local bm, bs = id_parts(b)
+  if #am ~= #bm then
+    return #am < #bm
+  end
+  if am ~= bm then
+    return am < bm
+  end
+  if #as ~= #bs then
+    return #as < #bs
+  end
+  return as < bs
+end
+
+local function delete_ids(stream, ids)
+  for first = 1, #ids, 500 do
+    redis.call('XDEL', stream, unpack(ids, first, math.min(first + 499, #ids)))
+  end
+end
+
+-- Delete a batch's settled entries. Every entry below both the newest one this batch
+-- acknowledged and the group's oldest pending one was delivered and acknowledged, and
+-- every acknowledged entry is deleted by the script that acknowledges it: one XTRIM
+-- MINID removes them (at most a listpack node's walk), instead of one search per id.
+-- The rest (above the oldest pending entry: jobs that finished while an older one
+-- still runs) go by XDEL. Only ids this batch's XACK found pending set the bound, so
+-- an id never delivered cannot trim a queued entry.
+local function drop_entries(stream, done)
+  local top
+  for _, id in ipairs(done.delivered) do
+    if not id_parts(id) then
+      return delete_ids(stream, done.ids)
+    end
+    if not top or id_less(top, id) then
+      top = id
+    end
+  end
+  if not top then
+    return delete_ids(stream, done.ids)
+  end
+  local oldest = redis.call('XPENDING', stream, done.group, '-', '+', 1)[1]
+  local bound = top
+  if oldest and id_parts(oldest[1]) and id_less(oldest[1], bound) then
+    bound = oldest[1]
+  end
+  if not pcall(redis.call, 'XTRIM', stream, 'MINID', bound) then
+    return delete_ids(stream, done.ids)  -- an ACL without XTRIM: as before, per id
+  end
+  local rest = {}
+  for _, id in ipairs(done.ids) do
+    if not id_parts(id) or not id_less(id, bound) then
+      rest[#rest + 1] = id
+    end
+  end
+  delete_ids(stream, rest)
+end
+
+local out = {}
+done_entries = {}
+indexed = {}
+local function call(i, k, a)
+  local ok, reply = pcall(one, k, a)
+  if ok then
+    out[i] = reply
+  else
+    out[i] = {err = tostring(type(reply) == 'table' and reply.err or reply)}
+  end
+end
+if ARGV[1] == 'u' then
+  local n, kp, ap = tonumber(ARGV[2]), ARGV[3], ARGV[4]
+  local k, a, kv, av = {}, {}, {}, {}
+  local ki, ai = 1, 5
+  for j = 1, #kp do
+    k[j] = ''
+    if string.byte(kp, j) == 115 then
+      k[j] = KEYS[ki]
+      ki = ki + 1
+    else
+      kv[#kv + 1] = j
+    end
+  end
+  for j = 1, #ap do
+    a[j] = ''
+    if string.byte(ap, j) == 115 then
+      a[j] = ARGV[ai]
+      ai = ai + 1
+    else
+      av[#av + 1] = j
+    end
+  end
+  for i = 1, n do
+    for v = 1, #kv do
+      k[kv[v]] = KEYS[ki]
+      ki = ki + 1
+    end
+    for v = 1, #av do
+      a[av[v]] = ARGV[ai]
+      ai = ai + 1
+    end
+    call(i, k, a)
+  end
+else
+  local n = tonumber(ARGV[1])
+  local ki, ai = 1, 2 + 2 * n
+  for i = 1, n do
+    local nk, na = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
+    call(i, {unpack(KEYS, ki, ki + nk - 1)}, {unpack(ARGV, ai, ai + na - 1)})
+    ki = ki + nk
+    ai = ai + na
+  end
+end
+for key, members in pairs(indexed) do
+  for first = 1, #members, 500 do
+    pcall(redis.call, 'ZADD', key, unpack(members, first, math.min(first + 499, #members)))
+  end
+end
+for stream, done in pairs(done_entries) do
+  pcall(drop_entries, stream, done)
+end
+return out
