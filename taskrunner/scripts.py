@@ -49,11 +49,22 @@ def _read(name: str) -> str:
     return resources.files("taskrunner").joinpath(f"lua/{name}.lua").read_text()
 
 
-_PRELUDE = _read("_prelude").replace("@TRIM_MAX@", str(TRIM_MAX))
-"""Prepended to every script (taskrunner/lua/_prelude.lua): "now" from the server's
-clock (TIME, read once per script run; scripts never trust a client's clock), the
-settling of entries and the finished-job indexes that a batch defers to its end, and
-when to trim an index."""
+_CLOCK = _read("_clock")
+"""Prepended to the scripts that use ``now_ms`` or ``now_text`` (lua/_clock.lua): "now"
+from the server's clock (TIME, read once per script run; scripts never trust a
+client's clock)."""
+
+_SETTLE = _read("_settle").replace("@TRIM_MAX@", str(TRIM_MAX))
+"""Prepended to the scripts that settle entries or index finished jobs, and to every
+batch (lua/_settle.lua): what a batch defers to its end, and when to trim an index."""
+
+
+def _prelude(text: str, *, batch: bool) -> str:
+    """The helpers ``text`` uses, and no others: each is a closure Lua creates on every
+    run of the script, which a lone enqueue or heartbeat would pay for in vain."""
+    settles = batch or any(name in text for name in ("settle_entry", "add_to_index"))
+    clock = "now_ms" in text or "now_text" in text
+    return (_CLOCK if clock else "") + (_SETTLE if settles else "")
 
 
 _BATCH_DRIVER = _read("_batch")
@@ -106,10 +117,11 @@ class Script:
         body = "".join(
             f"local function {used}(KEYS, ARGV)\n{_read(used)}\nend\n" for used in uses
         ) + _read(name)
-        self.source = _PRELUDE + body
+        self.source = _prelude(body, batch=False) + body
         self.sha = _sha(self.source)
         self.batch_source = (
-            f"{_PRELUDE}local function one(KEYS, ARGV)\n{body}\nend\n{_BATCH_DRIVER}"
+            f"{_prelude(body, batch=True)}local function one(KEYS, ARGV)\n{body}\nend\n"
+            f"{_BATCH_DRIVER}"
         )
         self.batch_sha = _sha(self.batch_source)
 

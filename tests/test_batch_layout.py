@@ -1,9 +1,9 @@
-"""The batch machinery of the scripts (taskrunner/scripts.py, lua/_prelude.lua), pinned
-with a real redis-server: calls of one shape send their shared positions once and each
-call still gets its own values; a batch of commits removes exactly the entries it
-settled (one XTRIM MINID below the oldest pending entry, XDEL above it) and adds its
-finished jobs to their index at its end; a claim reads small arguments in its one HMGET
-and writes only the fields that changed.
+"""The batch machinery of the scripts (taskrunner/scripts.py, lua/_settle.lua,
+lua/_batch.lua), pinned with a real redis-server: calls of one shape send their shared
+positions once and each call still gets its own values; a batch of commits removes
+exactly the entries it settled (one XTRIM MINID below the oldest pending entry, XDEL
+above it) and adds its finished jobs to their index at its end; a claim reads small
+arguments in its one HMGET and writes only the fields that changed.
 
 Jobs are written as enqueue.lua writes them, at stream ids the test chooses where the
 order of ids matters (ids whose parts cross a digit boundary: ``9-0`` < ``10-0``, ``1-9``

@@ -1,6 +1,6 @@
 -- The batch driver: runs one(KEYS, ARGV) per call of a batch (see _BATCH_DRIVER in
 -- taskrunner/scripts.py for the layouts), then the writes the calls deferred to its
--- end. Appended to a script's body wrapped in one(); _prelude.lua comes first.
+-- end. Appended to a script's body wrapped in one(); _clock.lua and _settle.lua come first.
 
 local function id_parts(id)
   return string.match(id, '^(%d+)%-(%d+)$')

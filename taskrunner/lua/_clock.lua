@@ -1,0 +1,26 @@
+-- The scripts' clock: prepended to every script that uses now_ms or now_text
+-- (taskrunner/scripts.py).
+local server_ms
+local now_clock, now_string
+
+-- "now" in ms: the server's clock (TIME, read once per script run) plus the runner's
+-- clock offset, or a frozen instant ('=<ms>', tests only: taskrunner.clock)
+local function now_ms(clock)
+  if string.sub(clock, 1, 1) == '=' then
+    return tonumber(string.sub(clock, 2))
+  end
+  if not server_ms then
+    local t = redis.call('TIME')
+    server_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return server_ms + (tonumber(clock) or 0)
+end
+
+-- the same as a string, formatted once per run: Redis formats a number passed to
+-- redis.call with printf('%.17g') on every call
+local function now_text(clock)
+  if clock ~= now_clock then
+    now_clock, now_string = clock, string.format('%d', now_ms(clock))
+  end
+  return now_string
+end
