@@ -18,6 +18,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
+from itertools import chain
 from typing import Any, cast
 
 import anyio
@@ -411,19 +412,18 @@ def _uniform(calls: Sequence[ScriptCall]) -> tuple[list[str], list[Arg]] | None:
         return None
     key_pattern, keys, key_varying = _columns([c.keys for c in calls])
     arg_pattern, args, arg_varying = _columns([c.args for c in calls])
-    for call in calls:
-        keys.extend(call.keys[j] for j in key_varying)
-        args.extend(call.args[j] for j in arg_varying)
+    keys.extend(chain.from_iterable(zip(*key_varying, strict=True)))  # call by call
+    args.extend(chain.from_iterable(zip(*arg_varying, strict=True)))
     return keys, ["u", len(calls), key_pattern, arg_pattern, *args]
 
 
-def _columns(rows: list[Sequence[Any]]) -> tuple[str, list[Any], list[int]]:
-    """(pattern, the shared values, the varying positions) of equally long rows."""
+def _columns(rows: list[Sequence[Any]]) -> tuple[str, list[Any], list[tuple[Any, ...]]]:
+    """(pattern, the shared values, the varying columns) of equally long rows."""
     pattern: list[str] = []
     shared: list[Any] = []
-    varying: list[int] = []
+    varying: list[tuple[Any, ...]] = []
     count = len(rows)
-    for j, column in enumerate(zip(*rows, strict=True)):
+    for column in zip(*rows, strict=True):
         first = column[0]
         same = column.count(first) == count
         if same and type(first) is not str:  # 1 == 1.0 == True, 0.0 == -0.0
@@ -435,7 +435,7 @@ def _columns(rows: list[Sequence[Any]]) -> tuple[str, list[Any], list[int]]:
         if same:
             shared.append(first)
         else:
-            varying.append(j)
+            varying.append(column)
     return "".join(pattern), shared, varying
 
 
