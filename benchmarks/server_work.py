@@ -16,7 +16,8 @@ loop, protocol, commands, Lua) around three phases, with ``callgrind_control``:
 - ``enqueue_one``: ``--jobs / 10`` awaited enqueues, one at a time;
 
 and the same for the floor (raw redis-py: pipelined ``XADD``, ``XREADGROUP`` of 100,
-one ``XACK`` per read). Each phase is printed as instructions per job, the median over
+one ``XACK`` per read); then the drain's steps apart (``split_round``: read, claim,
+commit). Each phase is printed as instructions per job, the median over
 ``--rounds``; ``--keep DIR`` keeps each phase's profile for ``callgrind_annotate``
 (the last round's). Under valgrind the server runs about 50 times slower, so a worker's
 batches are fuller than on a normal server: compare these numbers with each other
@@ -42,7 +43,8 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 
-from taskrunner import TaskRunner
+from taskrunner import TaskRunner, scripts
+from taskrunner.keys import GROUP
 
 QUEUE = "bench"
 CONCURRENCY = 100
@@ -198,21 +200,95 @@ async def floor_round(url: str, counter: Counter, jobs: int) -> dict[str, float]
     return out
 
 
+BATCH = 50
+"""Calls per batch EVALSHA in the split phases: what a worker at concurrency 100 sends
+(a read takes half its slots)."""
+TOKEN = "t" * 32
+
+
+async def split_round(url: str, counter: Counter, jobs: int) -> dict[str, float]:
+    """The drain's three steps apart, each on every job before the next: ``read``
+    (XREADGROUP of 50, as raw commands: the part of fetch.lua any stream consumer
+    pays), ``claim`` and ``commit`` (claim.lua and commit.lua through the builders and
+    ``run_many``, 50 calls per batch EVALSHA, every job succeeded)."""
+    tr = TaskRunner(url, queue=QUEUE, max_retries=3)
+
+    @tr.task
+    async def noop() -> None:
+        return None
+
+    out: dict[str, float] = {}
+    async with tr:
+        redis = tr.client.redis
+        keys = tr.client.keys(QUEUE)
+        await redis.xgroup_create(keys.stream, GROUP, "0", mkstream=True)
+        await noop.enqueue_many([noop.call() for _ in range(jobs)])
+        env = scripts.Env()
+        counter.zero()
+        rows: list[tuple[str, str]] = []
+        while len(rows) < jobs:
+            reply = cast(Any, await redis.xreadgroup(GROUP, "c1", {keys.stream: ">"}, BATCH))
+            rows += [(f["job"], entry) for _, entries in reply for entry, f in entries]
+        out["read"] = counter.read("split.read") / jobs
+        batches = [rows[i : i + BATCH] for i in range(0, jobs, BATCH)]
+        counter.zero()
+        for batch in batches:
+            await scripts.run_many(
+                redis,
+                [
+                    scripts.claim(env, keys, keys.stream, job, "c1", entry, TOKEN, 5, 1 << 20)
+                    for job, entry in batch
+                ],
+            )
+        out["claim"] = counter.read("split.claim") / jobs
+        counter.zero()
+        for batch in batches:
+            await scripts.run_many(
+                redis,
+                [
+                    scripts.commit(
+                        env,
+                        keys,
+                        keys.stream,
+                        job,
+                        entry,
+                        TOKEN,
+                        "succeeded",
+                        "null",
+                        86_400_000,
+                        0,
+                        "default",
+                        [],
+                        0,
+                    )
+                    for job, entry in batch
+                ],
+            )
+        out["commit"] = counter.read("split.commit") / jobs
+        await redis.flushall()
+    return out
+
+
+def _table(title: str, results: dict[str, list[dict[str, float]]]) -> None:
+    print(title)
+    phases = list(next(iter(results.values()))[0])
+    print(f"{'':<12}" + "".join(f"{phase:>14}" for phase in phases))
+    for system, runs in results.items():
+        cells = [statistics.median(r[phase] for r in runs) for phase in phases]
+        print(f"{system:<12}" + "".join(f"{c:>14,.0f}" for c in cells))
+
+
 def main(jobs: int, rounds: int, keep: Path | None) -> None:
     results: dict[str, list[dict[str, float]]] = {"taskrunner": [], "floor": []}
+    split: dict[str, list[dict[str, float]]] = {"taskrunner": []}
     with counted_server() as (url, pid, out):
         counter = Counter(pid, out, keep)
         for _ in range(rounds):
             results["taskrunner"].append(asyncio.run(taskrunner_round(url, counter, jobs)))
             results["floor"].append(asyncio.run(floor_round(url, counter, jobs)))
-    print(f"redis-server instructions per job (median of {rounds}, {jobs:,} jobs)")
-    print(f"{'system':<12}{'enqueue_bulk':>14}{'drain':>12}{'enqueue_one':>14}")
-    for system, runs in results.items():
-        cells = [statistics.median(r[phase] for r in runs) for phase in runs[0]]
-        print(
-            f"{system:<12}"
-            + "".join(f"{c:>14,.0f}" if i != 1 else f"{c:>12,.0f}" for i, c in enumerate(cells))
-        )
+            split["taskrunner"].append(asyncio.run(split_round(url, counter, jobs)))
+    _table(f"redis-server instructions per job (median of {rounds}, {jobs:,} jobs)", results)
+    _table(f"the drain's steps apart, {BATCH} calls per batch", split)
 
 
 if __name__ == "__main__":

@@ -111,10 +111,12 @@ class Script:
     (``enqueue(KEYS, ARGV)`` returns what enqueue.lua returns), so one write path
     serves both."""
 
-    __slots__ = ("batch_sha", "batch_source", "name", "sha", "source")
+    __slots__ = ("batch_sha", "batch_source", "name", "sha", "shares", "source")
 
-    def __init__(self, name: str, uses: Sequence[str] = ()) -> None:
+    def __init__(self, name: str, uses: Sequence[str] = (), *, shares: bool = True) -> None:
         self.name = name
+        self.shares = shares
+        """Whether a batch of calls of one shape sends its shared positions once."""
         body = "".join(
             f"local function {used}(KEYS, ARGV)\n{_read(used)}\nend\n" for used in uses
         ) + _read(name)
@@ -135,7 +137,11 @@ FETCH = Script("fetch", uses=("unread",))
 PEEK = Script("peek", uses=("unread",))
 PROMOTE = Script("promote")
 CLAIM = Script("claim")
-COMMIT = Script("commit")
+COMMIT = Script("commit", shares=False)
+"""Commits go in the per-call layout: sent that way they reach the server later, after
+the reader's next fetch and claim, which are the worker's critical path; the shared
+layout saves the server about 1 µs per job on them but cost 10-20% of the drain
+(docs/benchmarks.md, "Where the time goes")."""
 HEARTBEAT = Script("heartbeat")
 REQUEUE = Script("requeue")
 ABORT = Script("abort")
@@ -386,7 +392,7 @@ def _replicated(replies: list[Any], replicas: Replicas) -> list[Any]:
 
 def _batch(pipe: Any, calls: Sequence[ScriptCall]) -> None:
     sha = calls[0].script.batch_sha
-    uniform = _uniform(calls)
+    uniform = _uniform(calls) if calls[0].script.shares else None
     if uniform is not None:
         shared_keys, shared_args = uniform
         pipe.evalsha(sha, len(shared_keys), *shared_keys, *shared_args)

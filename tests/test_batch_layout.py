@@ -93,6 +93,19 @@ async def claim_all(
     return tokens
 
 
+SHARED_COMMIT = scripts.Script("commit")
+"""commit.lua with the shared layout (scripts.COMMIT goes per call): the same script
+and SHA, so the commit tests below run in both layouts of the batch driver."""
+
+LAYOUT = {"shared": False}
+
+
+@pytest.fixture(autouse=True, params=["per-call", "shared"])
+def commit_layout(request: pytest.FixtureRequest) -> None:
+    """Every test once with commits in each layout (``commit()`` below)."""
+    LAYOUT["shared"] = request.param == "shared"
+
+
 def commit(
     keys: QueueKeys,
     stream: str,
@@ -100,11 +113,18 @@ def commit(
     token: str,
     outcome: str = "succeeded",
     payload: str = "",
+    *,
+    shared: bool | None = None,
 ) -> scripts.ScriptCall:
-    return scripts.commit(
+    """A commit call; in the shared layout when ``shared`` (default: the test's
+    layout)."""
+    call = scripts.commit(
         ENV, keys, stream, job[0], job[1], token, outcome, payload, TTL_MS, 0,
         keys.default_level, [], 0,
     )  # fmt: skip
+    if LAYOUT["shared"] if shared is None else shared:
+        return scripts.ScriptCall(SHARED_COMMIT, call.keys, call.args)
+    return call
 
 
 def pattern(calls: Sequence[scripts.ScriptCall]) -> tuple[str, str]:
@@ -140,7 +160,7 @@ async def test_a_uniform_batch_of_commits_gives_each_job_its_own_outcome_and_pay
     outcomes = ["succeeded", "failed", "succeeded", "rejected"]
     payloads = ["r0", "e1", "r2", "e3"]
     calls = [
-        commit(keys, stream, job, token, outcome, payload)
+        commit(keys, stream, job, token, outcome, payload, shared=True)
         for job, token, outcome, payload in zip(jobs, tokens, outcomes, payloads, strict=True)
     ]
     # the stream and the queue's keys go once, the job, its index, entry, token,
@@ -187,7 +207,7 @@ async def test_equal_values_of_different_types_are_sent_per_call(
     tokens = await claim_all(redis, keys, stream, jobs)
     calls: list[scripts.ScriptCall] = []
     for job, token, value in zip(jobs, tokens, values, strict=True):
-        call = commit(keys, stream, job, token)
+        call = commit(keys, stream, job, token, shared=True)
         args = list(call.args)
         args[5] = value  # the payload: stored as the job's result as it arrived
         calls.append(scripts.ScriptCall(call.script, call.keys, args))
@@ -370,6 +390,40 @@ async def test_a_hostile_index_key_fails_no_commit_of_a_batch(
 ) -> None:
     replies, _ = await hostile_index_batch(redis, keys)
     assert replies == [1] * 5
+
+
+class RecordingPipe:
+    """What ``scripts._batch`` queues on a pipeline: each EVALSHA's arguments."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[Any, ...]] = []
+
+    def evalsha(self, *args: Any) -> None:
+        self.sent.append(args)
+
+
+def test_claims_and_enqueues_share_their_positions_and_commits_go_per_call(
+    keys: QueueKeys,
+) -> None:
+    """The layout each worker batch goes in (docs/benchmarks.md: commits sent per call
+    reach the server after the reader's next fetch and claim)."""
+    stream = keys.stream
+    claims = [
+        scripts.claim(ENV, keys, stream, f"j{i}", "c", f"{i}-0", f"t{i}", 5, 100) for i in range(3)
+    ]
+    enqueues = [scripts.enqueue(ENV, keys, f"j{i}", "t", "[]", "default", 0) for i in range(3)]
+    commits = [scripts.commit(
+        ENV, keys, stream, f"j{i}", f"{i}-0", f"t{i}", "succeeded", "null", TTL_MS, 0,
+        "default", [], 0,
+    ) for i in range(3)]  # fmt: skip
+    layouts = {}
+    for name, calls in {"claim": claims, "enqueue": enqueues, "commit": commits}.items():
+        pipe = RecordingPipe()
+        scripts._batch(pipe, calls)
+        (sent,) = pipe.sent
+        n_keys = int(sent[1])
+        layouts[name] = sent[2 + n_keys]
+    assert layouts == {"claim": "u", "enqueue": "u", "commit": 3}
 
 
 # -- claims ----------------------------------------------------------------------------
