@@ -24,11 +24,14 @@
 -- one attempt of a job commits an outcome. The final status is published on the job's
 -- done channel only when someone waits for it (watch.lua set 'watch').
 -- A succeeded, aborted or rejected job joins its status's index (failed and dead jobs
--- have theirs): the admin API lists and counts from them. One ZADD per job; the trim to
--- result_ttl runs once per batch and index (trim_due; a lone commit: one in ~32, when
--- now is a multiple of 32 ms; readers skip members older than result_ttl anyway) and
--- removes at most TRIM_MAX members, as many as a batch adds at most, so a backlog (a
--- queue quiet for a day, a shorter result_ttl) is worked off and never stalls a commit.
+-- have theirs): the admin API lists and counts from them (add_to_index, _settle.lua:
+-- one ZADD per job alone, one per index and batch in a batch; a hostile index key fails
+-- no commit). The trim to result_ttl runs once per batch and index (trim_due; a lone
+-- commit: one in ~32, when now is a multiple of 32 ms; readers skip members older than
+-- result_ttl anyway) and removes at most TRIM_MAX members, as many as a batch adds at
+-- most, so a backlog (a queue quiet for a day, a shorter result_ttl) is worked off and
+-- never stalls a commit. The entry is deleted at once alone, at the batch's end in a
+-- batch (settle_entry, _settle.lua; drop_entries, _batch.lua).
 local stream, job, delayed, dead, seq = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local group, entry, token, job_id, outcome = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local publish = ARGV[11]
@@ -50,7 +53,7 @@ if h[3] and (outcome == 'retry' or outcome == 'reschedule' or outcome == 'handba
   outcome = 'aborted'  -- aborted while it ran: it ends now, not after the next wait
 end
 -- XACK now (the first write: Redis does not refuse it when out of memory, and lets the
--- writes after it through), XDEL now or, in a batch, once per stream at its end
+-- writes after it through), the entry deleted now or, in a batch, at its end
 settle_entry(stream, group, entry)
 local now = now_ms(ARGV[12])
 local stamp = now_text(ARGV[12])
