@@ -330,6 +330,53 @@ async def test_a_commit_of_an_entry_never_delivered_trims_no_queued_entry(
     assert await read(redis, keys, stream, 10) == queued
 
 
+async def test_an_entry_id_written_with_a_leading_zero_leaves_no_settled_entry(
+    redis: Redis, keys: QueueKeys
+) -> None:
+    """XACK takes "0005-0" for 5-0, but a trim bound must compare ids as Redis writes
+    them: a batch that commits 5-0 so spelled and 20-0 deletes both, and the queued
+    entry stays."""
+    stream = await stream_of(redis, keys)
+    jobs = await write_at(redis, keys, stream, ["5-0", "20-0", "30-0"])
+    assert await read(redis, keys, stream, 2) == ["5-0", "20-0"]
+    tokens = await claim_all(redis, keys, stream, jobs[:2])
+    calls = [
+        commit(keys, stream, (jobs[0][0], "0005-0"), tokens[0]),
+        commit(keys, stream, jobs[1], tokens[1]),
+    ]
+
+    assert await scripts.run_many(redis, calls) == [1, 1]
+
+    assert await stream_ids(redis, stream) == ["30-0"]
+    assert await pending_ids(redis, stream) == []
+
+
+async def test_commits_for_two_groups_on_one_stream_trim_no_entry_either_has_not_read(
+    redis: Redis, keys: QueueKeys
+) -> None:
+    """A trim bound holds for one group: when the calls of a batch name two groups on
+    one stream, each entry is deleted by itself, and one that the first group has not
+    read yet stays (no builder does this; the driver must not lose entries if one did)."""
+    stream = await stream_of(redis, keys)
+    jobs = await write_at(redis, keys, stream, ["5-0", "6-0", "7-0"])
+    await redis.xgroup_create(stream, "other", id="0")
+    assert await read(redis, keys, stream, 1) == ["5-0"]
+    [token] = await claim_all(redis, keys, stream, jobs[:1])
+    await redis.xreadgroup("other", "c", {stream: ">"}, count=3)  # 5-0, 6-0, 7-0
+    other_token = new_token()
+    await redis.hset(keys.job(jobs[2][0]), mapping={"status": "running", "lease": other_token})
+    mine = commit(keys, stream, jobs[0], token)
+    theirs = commit(keys, stream, jobs[2], other_token)
+    args = list(theirs.args)
+    args[0] = "other"  # the group
+    calls = [mine, scripts.ScriptCall(theirs.script, theirs.keys, args)]
+
+    assert await scripts.run_many(redis, calls) == [1, 1]
+
+    assert await stream_ids(redis, stream) == ["6-0"]
+    assert await read(redis, keys, stream, 10) == ["6-0"]
+
+
 # -- finished-job indexes ------------------------------------------------------------
 
 

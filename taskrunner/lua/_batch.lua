@@ -2,11 +2,16 @@
 -- taskrunner/scripts.py for the layouts), then the writes the calls deferred to its
 -- end. Appended to a script's body wrapped in one(); _clock.lua and _settle.lua come first.
 
+-- the two numbers of a stream id as Redis writes it (decimal, no leading zero), or nil
 local function id_parts(id)
-  return string.match(id, '^(%d+)%-(%d+)$')
+  local ms, seq = string.match(id, '^(%d+)%-(%d+)$')
+  if not ms or (#ms > 1 and string.byte(ms) == 48) or (#seq > 1 and string.byte(seq) == 48) then
+    return nil
+  end
+  return ms, seq
 end
 
--- a < b for two stream ids as Redis writes them (decimal, no leading zeros)
+-- a < b for two stream ids as Redis writes them
 local function id_less(a, b)
   local am, as = id_parts(a)
   local bm, bs = id_parts(b)
@@ -36,6 +41,9 @@ end
 -- still runs) go by XDEL. Only ids this batch's XACK found pending set the bound, so
 -- an id never delivered cannot trim a queued entry.
 local function drop_entries(stream, done)
+  if done.mixed then  -- calls of several groups on one stream: the bound is one group's
+    return delete_ids(stream, done.ids)
+  end
   local top
   for _, id in ipairs(done.delivered) do
     if not id_parts(id) then

@@ -15,6 +15,8 @@ local function settle_entry(stream, group, entry)
   if not done then
     done = {group = group, ids = {}, delivered = {}}
     done_entries[stream] = done
+  elseif done.group ~= group then
+    done.mixed = true
   end
   done.ids[#done.ids + 1] = entry
   if acked == 1 then
@@ -59,6 +61,9 @@ local function add_to_index(key, stamp, member, now, ttl_ms)
   else
     pcall(redis.call, 'ZADD', key, stamp, member)
   end
+  -- in a batch the trim runs before the batch's own members are added at its end: a
+  -- member already stale then (ttl_ms <= 0) waits for the next trim, and readers skip
+  -- stale members anyway
   if trim_due(key, now) then
     pcall(trim_index, key, now - ttl_ms)
   end
