@@ -114,9 +114,10 @@ async def blocker(mode: str) -> str:
     job = current_job()
     if job.attempt == 1:
         _block_until(key("release", job.id))
-        await event("woke")
         if mode == "await":
-            await _await_cancellable(60)
+            await _await_cancellable(60, woke=True)
+        else:
+            await event("woke")
         return f"first:{os.getpid()}"
     await _client().blpop([key("finish", job.id)], timeout=60)
     return f"second:{os.getpid()}"
@@ -132,8 +133,13 @@ def _block_until(name: str, timeout: float = 60.0) -> None:
         sync.close()
 
 
-async def _await_cancellable(seconds: float) -> None:
+async def _await_cancellable(seconds: float, *, woke: bool = False) -> None:
+    """Wait, recording a cancellation as "cancelled"; with ``woke``, record the wake-up
+    first, inside the same guard: the refused heartbeat's cancellation may come while
+    "woke" is being written."""
     try:
+        if woke:
+            await event("woke")
         await anyio.sleep(seconds)
     except anyio.get_cancelled_exc_class():
         with anyio.CancelScope(shield=True):
