@@ -353,6 +353,7 @@ class LeaseMiddleware(Middleware):
         cursor, taken = "0-0", 0
         while taken < RECLAIM_MAX:
             start = cursor
+            asked = anyio.current_time()
             try:
                 reply = await worker.redis.xautoclaim(
                     stream,
@@ -370,11 +371,33 @@ class LeaseMiddleware(Middleware):
             if nils:
                 end = "+" if cursor == "0-0" else cursor
                 await ack_deleted(worker.redis, stream, worker.id, start, end)
+            if entries and not self._guard_held(worker, asked):
+                logger.info(
+                    "reclaim of %s stopped: the connection had a gap while XAUTOCLAIM "
+                    "was on its way; %d entries stay in this worker's name until a later "
+                    "round",
+                    stream,
+                    len(entries),
+                )
+                return taken
             if entries:
                 taken += await self._requeue(worker, keys, stream, entries)
             if cursor == "0-0":
                 break
         return taken
+
+    def _guard_held(self, worker: WorkerPort, asked: float) -> bool:
+        """Whether the outage guard, checked before a round, still held for a call sent
+        at ``asked``: no gap in this worker's connection since. A call stuck in an
+        outage and sent again by redis-py once the connection is back would otherwise
+        judge leases by the guard of before the outage, when every live worker's
+        entries have gone idle, this worker's own running jobs among them."""
+        state = self._workers.get(worker)
+        if state is None:
+            return False
+        since = state.guard.healthy_since
+        took = anyio.current_time() - asked
+        return since is not None and since <= asked and took <= state.guard.gap
 
     async def _requeue(
         self, worker: WorkerPort, keys: QueueKeys, stream: str, entries: list[Entry]
