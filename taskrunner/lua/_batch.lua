@@ -84,37 +84,39 @@ local function call(i, k, a)
     out[i] = {err = tostring(type(reply) == 'table' and reply.err or reply)}
   end
 end
+-- The template of a shared-layout batch: a table with the shared values of 'pattern'
+-- (read from 'values' from 'index' on) in place, the positions that vary, and the
+-- index of the first value after the shared ones.
+local function template(pattern, values, index)
+  local t, varying = {}, {}
+  for j = 1, #pattern do
+    t[j] = ''
+    if string.byte(pattern, j) == 115 then  -- 's'
+      t[j] = values[index]
+      index = index + 1
+    else
+      varying[#varying + 1] = j
+    end
+  end
+  return t, varying, index
+end
+
+-- fill the varying positions of 't' from 'values', from 'index' on: the next index
+local function fill(t, varying, values, index)
+  for v = 1, #varying do
+    t[varying[v]] = values[index]
+    index = index + 1
+  end
+  return index
+end
+
 if ARGV[1] == 'u' then
-  local n, kp, ap = tonumber(ARGV[2]), ARGV[3], ARGV[4]
-  local k, a, kv, av = {}, {}, {}, {}
-  local ki, ai = 1, 5
-  for j = 1, #kp do
-    k[j] = ''
-    if string.byte(kp, j) == 115 then
-      k[j] = KEYS[ki]
-      ki = ki + 1
-    else
-      kv[#kv + 1] = j
-    end
-  end
-  for j = 1, #ap do
-    a[j] = ''
-    if string.byte(ap, j) == 115 then
-      a[j] = ARGV[ai]
-      ai = ai + 1
-    else
-      av[#av + 1] = j
-    end
-  end
+  local n = tonumber(ARGV[2])
+  local k, kv, ki = template(ARGV[3], KEYS, 1)
+  local a, av, ai = template(ARGV[4], ARGV, 5)
   for i = 1, n do
-    for v = 1, #kv do
-      k[kv[v]] = KEYS[ki]
-      ki = ki + 1
-    end
-    for v = 1, #av do
-      a[av[v]] = ARGV[ai]
-      ai = ai + 1
-    end
+    ki = fill(k, kv, KEYS, ki)
+    ai = fill(a, av, ARGV, ai)
     call(i, k, a)
   end
 else
