@@ -26,7 +26,8 @@ script touches a single slot, and every script receives all its keys in KEYS::
     {ns}:{queue}:next             sorted set, the outbox of chains: ids of succeeded jobs
                                   whose follow-up is not written yet, scored by commit
                                   time (ms); commit.lua adds, relayed.lua removes
-    {ns}:{queue}:events           channel: "due", "ready", "abort <id>", "pause", "resume"
+    {ns}:{queue}:events           channel: "due", "ready [<id>]", "abort <id>", "pause",
+                                  "resume"
     {ns}:{queue}:done:{id}        channel: the job reached a final status
 
 (``{queue}`` above stands for the partition's tag.) Per queue, in partition 0's slot:

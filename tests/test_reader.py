@@ -11,7 +11,7 @@ from collections.abc import Callable
 from conftest import wait_until
 from redis.asyncio import Redis
 
-from taskrunner import TaskRunner
+from taskrunner import TaskRunner, scripts
 
 DEADLINE = 60.0
 PARTITIONS = 4
@@ -62,3 +62,115 @@ async def test_a_ready_event_reads_only_its_partition(
         await redis.config_set("notify-keyspace-events", "")
         await pubsub.aclose()  # type: ignore[no-untyped-call]
         await watcher.aclose()
+
+
+class Monitor:
+    """Every command clients send (MONITOR) from ``start()`` until the marker key is
+    set: commands reach a MONITOR in the order the server runs them, so setting the
+    marker last means everything before it was seen."""
+
+    def __init__(self, url: str, marker: str) -> None:
+        self._client = Redis.from_url(url, decode_responses=True)
+        self._marker = marker
+        self.commands: list[str] = []
+        self._started = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._listen())
+        await asyncio.wait_for(self._started.wait(), DEADLINE)
+
+    async def _listen(self) -> None:
+        async with self._client.monitor() as mon:
+            self._started.set()
+            async for event in mon.listen():
+                if str(event.get("client_address", "")).startswith("lua"):
+                    continue  # commands run inside scripts
+                command = str(event["command"])
+                if command.startswith(f"SET {self._marker}"):
+                    return
+                self.commands.append(command)
+
+    async def stop(self, redis: Redis) -> list[str]:
+        assert self._task is not None
+        await redis.set(self._marker, "1")
+        await asyncio.wait_for(self._task, DEADLINE)
+        await self._client.aclose()
+        return self.commands
+
+
+def evalshas(commands: list[str], script: scripts.Script) -> list[str]:
+    return [c for c in commands if c.startswith(("EVALSHA", "EVAL")) and script.sha in c]
+
+
+async def test_the_worker_a_ready_event_wakes_claims_the_job_it_names_in_its_read(
+    make_runner: Callable[..., TaskRunner], redis: Redis, redis_url: str, namespace: str
+) -> None:
+    """An idle worker woken by an enqueue reads and claims that job in one script run
+    (take.lua): no claim.lua for it, and no second read of the partition it emptied."""
+    tr = make_runner()
+    tr.max_idle_wait = 3600.0  # no fallback reads during the test
+
+    @tr.task
+    async def echo(n: int) -> int:
+        return n
+
+    async with tr, tr.worker(concurrency=4, handle_signals=False):
+        keys = tr.client.keys("default")
+
+        async def idle() -> bool:
+            return bool(await redis.exists(keys.idle))
+
+        await wait_until(idle, DEADLINE)
+        for n in range(3):
+            monitor = Monitor(redis_url, f"{namespace}:marker")
+            await monitor.start()
+            job = await echo.enqueue(n)
+            assert await job.result(timeout=DEADLINE) == n
+            assert (await job.info()).attempts == 1
+            await wait_until(idle, DEADLINE)
+            commands = await monitor.stop(redis)
+            assert len(evalshas(commands, scripts.TAKE)) == 1, commands
+            assert evalshas(commands, scripts.CLAIM) == [], commands
+            assert evalshas(commands, scripts.FETCH) == [], commands
+
+
+async def test_a_ready_event_naming_another_job_or_a_hostile_one_changes_nothing(
+    make_runner: Callable[..., TaskRunner], redis: Redis
+) -> None:
+    """The job a "ready" names is only a hint: an entry of another job is claimed by
+    claim.lua as usual, a name too long for a job id is ignored, and a named job whose
+    hash is not a hash fails only its own claim, not the read of the entries beside it."""
+    tr = make_runner(stale_after=3600.0)  # nothing comes back through a reclaim here
+    tr.max_idle_wait = 3600.0
+
+    @tr.task
+    async def echo(n: int) -> int:
+        return n
+
+    async with tr, tr.worker(concurrency=4, handle_signals=False):
+        keys = tr.client.keys("default")
+
+        async def idle() -> bool:
+            return bool(await redis.exists(keys.idle))
+
+        await wait_until(idle, DEADLINE)
+        await redis.delete(keys.idle)  # the next enqueue publishes nothing
+        first = await echo.enqueue(1)
+        await redis.publish(keys.events, "ready some-other-job")
+        assert await first.result(timeout=DEADLINE) == 1
+
+        await wait_until(idle, DEADLINE)
+        await redis.delete(keys.idle)
+        second = await echo.enqueue(2)
+        await redis.publish(keys.events, "ready " + "x" * 5000)
+        assert await second.result(timeout=DEADLINE) == 2
+
+        await wait_until(idle, DEADLINE)
+        await redis.delete(keys.idle)
+        await redis.set(keys.job("hostile"), "not a hash")
+        await redis.xadd(keys.stream, {"job": "hostile"})
+        third = await echo.enqueue(3)
+        await redis.publish(keys.events, "ready hostile")
+        assert await third.result(timeout=DEADLINE) == 3
+        assert (await third.info()).attempts == 1

@@ -1,11 +1,11 @@
 """The event listener: follows every partition's events channel for a worker.
 
 Messages are ``"<kind>"`` or ``"<kind> <argument>"``: ``due`` (a delayed set changed),
-``ready`` (a drained partition got a job), ``abort <job id>``, ``pause``, ``resume``;
+``ready [<job id>]`` (a drained partition got that job), ``abort <job id>``, ``pause``, ``resume``;
 the worker itself dispatches ``resubscribed`` (queue "") after a lost link came back.
 Handlers are plain callbacks registered per kind and called with ``(queue, argument)``;
-``on_partition`` handlers get the partition's prefix instead (the reader reads only the
-partition a ``ready`` came from).
+``on_partition`` handlers get ``(partition prefix, argument)`` instead (the reader reads
+only the partition a ``ready`` came from, and claims the job it names in that read).
 Anything else on the channel (anything in Redis may be hostile) is ignored. After each
 (re)subscription ``on_resubscribed`` runs, because messages published while the worker
 was not subscribed are lost (the periodic fallbacks cover them too).
@@ -44,14 +44,14 @@ class EventListener:
         self._subscriber = subscriber
         self._on_resubscribed = on_resubscribed
         self._handlers: dict[str, list[EventHandler]] = {}
-        self._by_partition: dict[str, list[Callable[[str], None]]] = {}
+        self._by_partition: dict[str, list[EventHandler]] = {}
         self._channels: dict[str, str] = {}
 
     def on(self, kind: str, fn: EventHandler) -> None:
         self._handlers.setdefault(kind, []).append(fn)
 
-    def on_partition(self, kind: str, fn: Callable[[str], None]) -> None:
-        """Call ``fn(partition prefix)`` for each event of this kind."""
+    def on_partition(self, kind: str, fn: EventHandler) -> None:
+        """Call ``fn(partition prefix, argument)`` for each event of this kind."""
         self._by_partition.setdefault(kind, []).append(fn)
 
     async def follow(self, partitions: Sequence[QueueKeys]) -> None:
@@ -96,7 +96,7 @@ class EventListener:
             logger.debug("ignored an unknown event on queue %s: %s", queue, excerpt(data))
             return
         calls = [functools.partial(fn, queue, argument) for fn in found]
-        calls += [functools.partial(fn, partition) for fn in by_partition]
+        calls += [functools.partial(fn, partition, argument) for fn in by_partition]
         for call in calls:
             try:
                 call()

@@ -6,7 +6,9 @@ alone; of several (a blocking XREADGROUP cannot span partitions: they are differ
 slots), after a look at the unread entries of all of them (peek.lua), so a job of a
 higher level in any partition goes before a lower one in another. Each step is one
 pipelined round trip however many partitions and cluster nodes there are. The entries
-are then claimed with claim.lua, in one more round trip. A round takes at most half the
+are then claimed with claim.lua, in one more round trip, except the job a "ready"
+event named: the read it wakes claims it in the same script run (take.lua). A round
+takes at most half the
 worker's slots (unless that would leave a partition without one), and after a full
 read the claims run beside the next read, so while one half's claims (and then its
 jobs) run, the other half is being read. A read that found the partitions drained
@@ -14,8 +16,10 @@ claims at once instead: no read follows it, and its jobs start one task hop soon
 Slots are taken before the read, so reads in flight never ask for more than the free
 slots.
 
-When every partition came back drained, the reader sleeps until a "ready" event (the
-next enqueue into a drained partition publishes one), a resubscription, or
+When every partition came back drained, or the one partition's read got fewer entries
+than it asked for (fetch.lua marked it idle in that run), the reader sleeps until a
+"ready" event (the next enqueue into a drained partition publishes one), a
+resubscription, or
 ``idle_wait`` as a fallback. A worker never polls a queue it has just found empty.
 After a "ready", it reads only the partitions that sent one (adding those that send
 one meanwhile) until they are drained: a job arriving in one partition of a queue
@@ -56,7 +60,12 @@ Deliver = Callable[[list[Claimed]], None]
 Planned = tuple[Queue, QueueKeys, int, list[int] | None]
 """A partition to read: how many entries, and at most how many of each level (None:
 any, in fetch.lua's order)."""
-Fetched = tuple[Queue, QueueKeys, str, str, dict[str, str]]
+Taken = tuple[str, list[Any]]
+"""An entry claimed in its read (take.lua): the lease token and claim.lua's reply."""
+Fetched = tuple[Queue, QueueKeys, str, str, dict[str, str], Taken | None]
+HINT_LIMIT = 1024
+"""Longest job id a "ready" event may name for the reader to claim in its read; a
+longer one (not one a producer can enqueue) is ignored."""
 
 
 def _meta(text: str) -> dict[str, str]:
@@ -115,17 +124,22 @@ class Reader:
         self._aging_ms = aging_ms
         self._wake = anyio.Event()
         self._woken: set[str] = set()
+        self._hints: dict[str, str] = {}
+        """The job the last "ready" of a partition named, until the partition's next read."""
         self._wake_all = False
         self._chunk = max(1, math.ceil(slots.size / 2))
         self._paused_until = 0.0
         self._turns = order.Turns()
 
-    def wake(self, partition: str | None = None) -> None:
-        """Read again now: that partition (a "ready" from it), or all of them."""
+    def wake(self, partition: str | None = None, job: str = "") -> None:
+        """Read again now: that partition (a "ready" from it, naming ``job``, which the
+        read then claims too if it reads it), or all of them."""
         if partition is None:
             self._wake_all = True
         else:
             self._woken.add(partition)
+            if job and len(job) <= HINT_LIMIT:
+                self._hints[partition] = job
         self._wake.set()
 
     def _woken_now(self, only: set[str] | None) -> set[str] | None:
@@ -183,11 +197,11 @@ class Reader:
             if not unasked:
                 unasked = {keys.prefix for _, keys in parts}
             self._wake = anyio.Event()
-            got, asked = await self._round(parts, claims)
+            got, asked, emptied = await self._round(parts, claims)
             unasked -= asked
-            if got or unasked or stopping():
-                if got:
-                    unasked = set()
+            if got:
+                unasked = set()
+            if (got and not (emptied and drained is None)) or unasked or stopping():
                 continue
             only = None
             if drained is not None:
@@ -198,8 +212,11 @@ class Reader:
 
     async def _round(
         self, parts: list[tuple[Queue, QueueKeys]], claims: TaskGroup
-    ) -> tuple[int, set[str]]:
-        """One read; its claims run in ``claims``: (entries read, partitions asked)."""
+    ) -> tuple[int, set[str], bool]:
+        """One read; its claims run in ``claims``: (entries read, partitions asked,
+        whether the read emptied its one partition: fetch.lua read fewer entries than
+        asked for with every level open, so it marked the partition idle and the next
+        enqueue into it publishes "ready"; reading it again at once would find nothing)."""
         free = self._slots.readable
         if free >= 2 * len(parts):  # half the slots, if each partition still gets one
             free = min(free, self._chunk)
@@ -212,19 +229,19 @@ class Reader:
             self._slots.release(free)
             report("reading jobs", exc)
             await anyio.sleep(CLAIM_BACKOFF)
-            return 0, set()
+            return 0, set(), False
         except BaseException:
             self._slots.release(free)
             raise
         self._slots.release(free - len(fetched))
         if len(parts) > 1 and plan and not fetched:
-            return 0, set()  # another worker read what we saw first: look again
+            return 0, set(), False  # another worker read what we saw first: look again
         asked = {keys.prefix for _, keys in parts}
         if len(fetched) >= free:  # a full read: the next one overlaps these claims
             claims.start_soon(self._claim_and_deliver, fetched)
         elif fetched:  # drained: no read follows, so claim now (one task hop sooner)
             await self._claim_and_deliver(fetched)
-        return len(fetched), asked
+        return len(fetched), asked, len(parts) == 1 and len(fetched) < free
 
     async def _claim_and_deliver(self, fetched: list[Fetched]) -> None:
         try:
@@ -256,16 +273,25 @@ class Reader:
         """The entries read: (queue, partition, stream, entry id, fields)."""
         env = self._env()
         calls = []
+        tokens = []
         for q, keys, count, caps in plan:
             aged = 0 if caps is not None else self._turns.reserved(count)
             streams = q.streams(keys)
-            calls.append(
-                scripts.fetch(env, keys, streams, self._consumer, count, self._aging_ms, aged, caps)
+            call = scripts.fetch(
+                env, keys, streams, self._consumer, count, self._aging_ms, aged, caps
             )
+            hint = self._hints.pop(keys.prefix, None)
+            token = new_tokens(1)[0] if hint is not None else ""
+            if hint is not None:
+                call = scripts.take(
+                    call, keys, hint, token, self._max_deliveries, self._max_payload
+                )
+            calls.append(call)
+            tokens.append(token)
         replies = await scripts.run_many(self._redis, calls, raise_on_error=False)
-        found = []
+        found: list[Fetched] = []
         missing_groups = []
-        for (q, keys, _, _), reply in zip(plan, replies, strict=True):
+        for (q, keys, _, _), token, reply in zip(plan, tokens, replies, strict=True):
             if isinstance(reply, ResponseError) and "NOGROUP" in str(reply):
                 missing_groups.append((q, keys))
                 continue
@@ -274,8 +300,10 @@ class Reader:
             if not reply or reply == ["paused"]:
                 continue
             streams = q.streams(keys)
-            for level_index, entry_id, flat in reply:
-                found.append((q, keys, streams[int(level_index) - 1], str(entry_id), _fields(flat)))
+            for level_index, entry_id, flat, *taken in reply:
+                stream = streams[int(level_index) - 1]
+                took = (token, taken[0]) if taken else None
+                found.append((q, keys, stream, str(entry_id), _fields(flat), took))
         self._turns.took(len(found))
         await self._recreate(missing_groups)
         return found
@@ -335,10 +363,13 @@ class Reader:
             await ensure_groups(self._redis, missing_groups)
 
     async def _claim(self, fetched: list[Fetched]) -> list[Claimed]:
+        """Claim the entries read (those claimed in their read already are not claimed
+        again): the jobs to run."""
         env = self._env()
         calls = []
-        tokens = new_tokens(len(fetched))
-        for (_, keys, stream, entry_id, fields), token in zip(fetched, tokens, strict=True):
+        left = [item for item in fetched if item[5] is None]
+        tokens = new_tokens(len(left))
+        for (_, keys, stream, entry_id, fields, _), token in zip(left, tokens, strict=True):
             job_id = fields.get("job") or f"entry-{entry_id}"
             calls.append(
                 scripts.claim(
@@ -354,12 +385,12 @@ class Reader:
                 )
             )
         replies = await scripts.run_many(self._redis, calls, raise_on_error=False)
-        if replies and all(isinstance(reply, Exception) for reply in replies):
+        if left and len(left) == len(fetched) and all(isinstance(r, Exception) for r in replies):
             raise replies[0]  # nothing claimed: the caller backs off
+        answers = iter(zip(tokens, replies, strict=True))
         claimed = []
-        for (q, keys, stream, entry_id, fields), token, reply in zip(
-            fetched, tokens, replies, strict=True
-        ):
+        for q, keys, stream, entry_id, fields, taken in fetched:
+            token, reply = taken or next(answers)
             if isinstance(reply, Exception):  # this one only; it stays pending, requeued
                 logger.error(
                     "could not claim stream entry %s of %s (%s)",
