@@ -138,11 +138,7 @@ PEEK = Script("peek", uses=("unread",))
 PROMOTE = Script("promote")
 CLAIM = Script("claim")
 TAKE = Script("take", uses=("unread", "fetch", "claim"))
-COMMIT = Script("commit", shares=False)
-"""Commits go in the per-call layout: sent that way they reach the server later, after
-the reader's next fetch and claim, which are the worker's critical path; the shared
-layout saves the server about 1 µs per job on them but cost 10-20% of the drain
-(docs/benchmarks.md, "Where the time goes")."""
+COMMIT = Script("commit")
 HEARTBEAT = Script("heartbeat")
 REQUEUE = Script("requeue")
 ABORT = Script("abort")
