@@ -3,7 +3,8 @@ lua/_batch.lua), pinned with a real redis-server: calls of one shape send their 
 positions once and each call still gets its own values; a batch of commits removes
 exactly the entries it settled (one XTRIM MINID below the oldest pending entry, XDEL
 above it) and adds its finished jobs to their index at its end; a claim reads small
-arguments in its one HMGET and writes only the fields that changed.
+arguments in its one HMGET and writes only the fields that changed; a lone call (no
+pipeline) answers as a pipeline of one did; take.lua claims the named job in its read.
 
 Jobs are written as enqueue.lua writes them, at stream ids the test chooses where the
 order of ids matters (ids whose parts cross a digit boundary: ``9-0`` < ``10-0``, ``1-9``
@@ -530,3 +531,47 @@ async def test_a_claim_writes_entry_and_reclaims_when_they_change(
             job = await redis.hgetall(keys.job(job_id))
             assert (job["entry"], job["reclaims"]) == (entry, str(reclaims))
             assert job["attempts"] == str(reclaims + 1)
+
+
+async def test_a_lone_call_gives_its_error_in_its_place_and_survives_a_script_flush(
+    redis: Redis, keys: QueueKeys
+) -> None:
+    """A run_many of one call goes without a pipeline and answers as a pipeline did:
+    the script's error in its place (or raised), and the scripts loaded again when the
+    server lost them."""
+    stream = await stream_of(redis, keys)
+    [job] = await write_at(redis, keys, stream, ["5-0"])
+    assert await read(redis, keys, stream, 1) == ["5-0"]
+    await redis.set(keys.job("hostile"), "not a hash")
+    hostile = claim(keys, stream, ("hostile", "5-0"), "t0")
+    [reply] = await scripts.run_many(redis, [hostile], raise_on_error=False)
+    assert isinstance(reply, Exception)
+    assert "WRONGTYPE" in str(reply)
+    with pytest.raises(Exception, match="WRONGTYPE"):
+        await scripts.run_many(redis, [hostile])
+    await redis.script_flush()
+    [claimed] = await scripts.run_many(redis, [claim(keys, stream, job, "t1")])
+    assert str(claimed[0]) == "ok"
+
+
+async def test_take_claims_the_named_job_in_its_read_and_leaves_the_rest_to_claim(
+    redis: Redis, keys: QueueKeys
+) -> None:
+    """take.lua: the read's entries as fetch.lua gives them, the named job's with
+    claim.lua's reply as a fourth element; a named job whose hash is not a hash gets
+    none (its claim failed inside the script) and the read still returns every entry."""
+    stream = await stream_of(redis, keys)
+    jobs = await write_at(redis, keys, stream, ["1-0", "2-0", "3-0"])
+    fetched = scripts.fetch(ENV, keys, [stream], CONSUMER, 2, 60_000)
+    reply = await scripts.run(redis, scripts.take(fetched, keys, "job1", "tok", 5, MAX_PAYLOAD))
+    assert [(str(e[1]), len(e)) for e in reply] == [("1-0", 3), ("2-0", 4)]
+    assert str(reply[1][3][0]) == "ok"
+    assert await redis.hget(keys.job("job1"), "lease") == "tok"
+    assert await redis.hget(keys.job("job0"), "status") == "queued"  # left to claim.lua
+
+    await redis.xadd(stream, {"job": "hostile"}, id="4-0")
+    await redis.set(keys.job("hostile"), "not a hash")
+    fetched = scripts.fetch(ENV, keys, [stream], CONSUMER, 5, 60_000)
+    reply = await scripts.run(redis, scripts.take(fetched, keys, "hostile", "t", 5, MAX_PAYLOAD))
+    assert [(str(e[1]), len(e)) for e in reply] == [("3-0", 3), ("4-0", 3)]
+    assert jobs[2][1] == "3-0"

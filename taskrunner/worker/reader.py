@@ -270,7 +270,8 @@ class Reader:
         return await self._peek(parts, free)
 
     async def _fetch(self, plan: list[Planned]) -> list[Fetched]:
-        """The entries read: (queue, partition, stream, entry id, fields)."""
+        """The entries read: (queue, partition, stream, entry id, fields, and its claim
+        when the read made it: the job a "ready" named)."""
         env = self._env()
         calls = []
         tokens = []
@@ -280,9 +281,9 @@ class Reader:
             call = scripts.fetch(
                 env, keys, streams, self._consumer, count, self._aging_ms, aged, caps
             )
-            hint = self._hints.pop(keys.prefix, None)
-            token = new_tokens(1)[0] if hint is not None else ""
-            if hint is not None:
+            hint, token = self._hints.pop(keys.prefix, None), ""
+            if hint is not None:  # a "ready" named a job of this partition: claim it too
+                token = new_tokens(1)[0]
                 call = scripts.take(
                     call, keys, hint, token, self._max_deliveries, self._max_payload
                 )
