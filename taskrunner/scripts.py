@@ -55,6 +55,13 @@ _CLOCK = _read("_clock")
 from the server's clock (TIME, read once per script run; scripts never trust a
 client's clock)."""
 
+READY_NAME_LIMIT = 1024
+"""Longest job id a "ready" event names (lua/_ready.lua); a longer one gets a bare
+"ready", and the worker claims that job with claim.lua."""
+
+_READY = _read("_ready").replace("@READY_NAME_LIMIT@", str(READY_NAME_LIMIT))
+"""Prepended to the scripts that publish "ready" for a job (lua/_ready.lua)."""
+
 _SETTLE = _read("_settle").replace("@TRIM_MAX@", str(TRIM_MAX))
 """Prepended to the scripts that settle entries or index finished jobs, and to every
 batch (lua/_settle.lua): what a batch defers to its end, and when to trim an index."""
@@ -65,7 +72,8 @@ def _prelude(text: str, *, batch: bool) -> str:
     run of the script, which a lone enqueue or heartbeat would pay for in vain."""
     settles = batch or any(name in text for name in ("settle_entry", "add_to_index"))
     clock = "now_ms" in text or "now_text" in text
-    return (_CLOCK if clock else "") + (_SETTLE if settles else "")
+    ready = "ready_event" in text
+    return (_CLOCK if clock else "") + (_SETTLE if settles else "") + (_READY if ready else "")
 
 
 _BATCH_DRIVER = _read("_batch")

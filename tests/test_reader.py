@@ -7,11 +7,20 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
+import anyio
+import pytest
 from conftest import wait_until
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from taskrunner import TaskRunner, scripts
+from taskrunner.keys import Queue
+from taskrunner.worker import reader as reader_module
+from taskrunner.worker.held import Claimed
+from taskrunner.worker.reader import Reader, ensure_groups
+from taskrunner.worker.slots import Slots
 
 DEADLINE = 60.0
 PARTITIONS = 4
@@ -174,3 +183,106 @@ async def test_a_ready_event_naming_another_job_or_a_hostile_one_changes_nothing
         await redis.publish(keys.events, "ready hostile")
         assert await third.result(timeout=DEADLINE) == 3
         assert (await third.info()).attempts == 1
+
+
+ENV = scripts.Env()
+
+
+async def reader_of(redis: Redis, q: Queue, delivered: list[Claimed], slots: Slots) -> Reader:
+    """A worker's reader on ``q`` (its groups made), delivering into ``delivered``."""
+    await ensure_groups(redis, [(q, keys) for keys in q.parts])
+    return Reader(
+        redis=redis, consumer="c1", queues=lambda: [q], slots=slots, env=lambda: ENV,
+        deliver=delivered.extend, max_deliveries=5, max_payload=1 << 20,
+        idle_wait=3600.0, aging_ms=60_000,
+    )  # fmt: skip
+
+
+async def enqueue_jobs(redis: Redis, q: Queue, part: int, ids: list[str]) -> None:
+    keys = q.parts[part]
+    calls = [scripts.enqueue(ENV, keys, j, "t", "[]", keys.default_level, 0) for j in ids]
+    assert [int(r[0]) for r in await scripts.run_many(redis, calls)] == [1] * len(ids)
+
+
+async def test_a_job_claimed_in_its_read_runs_when_the_claims_beside_it_fail(
+    redis: Redis, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claims of a read's other entries fail (the link drops between the two round
+    trips): the job take.lua claimed is still delivered, and only the others' slots
+    are freed (they stay pending, requeued after stale_after). Dropped, it would sit
+    "running" until a reclaim counted an attempt it never had."""
+    q = Queue(namespace, "q")
+    await enqueue_jobs(redis, q, 0, ["job0", "job1"])
+    delivered: list[Claimed] = []
+    slots = Slots(4)
+    reader = await reader_of(redis, q, delivered, slots)
+    real = scripts.run_many
+
+    async def link_drops_for_claims(client: Any, calls: Any, **kwargs: Any) -> Any:
+        if calls and all(c.script is scripts.CLAIM for c in calls):
+            raise RedisConnectionError("the link dropped between the take and the claims")
+        return await real(client, calls, **kwargs)
+
+    monkeypatch.setattr(reader_module.scripts, "run_many", link_drops_for_claims)
+    reader.wake(q.parts[0].prefix, "job0")  # what "ready job0" does
+    async with anyio.create_task_group() as claims:
+        got, _, _ = await reader._round([(q, q.parts[0])], claims)
+    assert got == 2
+    assert [item.job_id for item in delivered] == ["job0"]
+    assert slots.busy == 1
+    assert await redis.hget(q.parts[0].job("job1"), "status") == "queued"
+
+
+async def test_a_job_claimed_in_its_read_runs_when_another_partitions_read_fails(
+    redis: Redis, namespace: str
+) -> None:
+    """One partition's read fails (its stream key is not a stream) beside a read that
+    claimed a job: that job is delivered; without one, the round fails as before."""
+    q = Queue(namespace, "q", partitions=2)
+    await enqueue_jobs(redis, q, 0, ["job0"])
+    delivered: list[Claimed] = []
+    reader = await reader_of(redis, q, delivered, Slots(4))
+    hostile = q.parts[1].level_stream(q.parts[1].default_level)
+    await redis.delete(hostile)
+    await redis.set(hostile, "not a stream")
+    plan = [(q, keys, 2, None) for keys in q.parts]
+    reader.wake(q.parts[0].prefix, "job0")
+    fetched = await reader._fetch(plan)
+    assert [(item[4]["job"], item[5] is not None) for item in fetched] == [("job0", True)]
+    assert [item.job_id for item in await reader._claim(fetched)] == ["job0"]
+
+    await enqueue_jobs(redis, q, 0, ["job1"])
+    with pytest.raises(Exception, match="WRONGTYPE"):
+        await reader._fetch(plan)  # no job claimed in this read: the round fails
+
+
+@pytest.mark.parametrize("length", [1024, 1025])
+async def test_ready_names_the_job_unless_its_id_is_longer_than_the_limit(
+    make_runner: Callable[..., TaskRunner], redis: Redis, redis_url: str, length: int
+) -> None:
+    """A "ready" goes to every subscribed worker: it names a job of an id up to
+    READY_NAME_LIMIT bytes, and is bare for a longer one (which claim.lua then claims)."""
+    tr = make_runner()
+
+    @tr.task
+    async def echo(n: int) -> int:
+        return n
+
+    job_id = "x" * length
+    async with tr:
+        keys = tr.client.keys("default")
+        watcher = Redis.from_url(redis_url, decode_responses=True)
+        pubsub = watcher.pubsub()
+        try:
+            await pubsub.subscribe(keys.events)
+            await redis.set(keys.idle, "1")  # as a worker that found the partition drained
+            await echo.options(job_id=job_id).enqueue(1)
+            message = None
+            async with asyncio.timeout(DEADLINE):
+                while message is None:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+        finally:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await watcher.aclose()
+    assert scripts.READY_NAME_LIMIT == 1024
+    assert message["data"] == ("ready " + job_id if length <= 1024 else "ready")

@@ -94,7 +94,7 @@ if outcome == 'handback' then
     'committed', token)
   redis.call('HINCRBY', job, 'attempts', -1)
   if redis.call('DEL', KEYS[7]) == 1 then
-    redis.call(publish, ARGV[10], 'ready ' .. job_id)
+    redis.call(publish, ARGV[10], ready_event(job_id))
   end
   return 1
 end

@@ -56,6 +56,6 @@ end
 local entry = redis.call('XADD', stream, '*', 'job', job_id)
 redis.call('HSET', job, 'status', 'queued', 'entry', entry, unpack(fields))
 if redis.call('DEL', idle) == 1 then
-  redis.call(ARGV[9], ARGV[8], 'ready ' .. job_id)
+  redis.call(ARGV[9], ARGV[8], ready_event(job_id))
 end
 return {1, entry}

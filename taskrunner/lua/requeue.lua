@@ -36,6 +36,6 @@ end
 redis.call('XACK', stream, group, entry)
 redis.call('XDEL', stream, entry)
 if redis.call('DEL', idle) == 1 then
-  redis.call(ARGV[5], ARGV[6], 'ready ' .. ARGV[4])
+  redis.call(ARGV[5], ARGV[6], ready_event(ARGV[4]))
 end
 return 1

@@ -27,6 +27,6 @@ redis.call('HDEL', job, 'abort', 'finished', 'result', 'error', 'member', 'start
 redis.call('HINCRBY', job, 'reruns', 1)
 redis.call('PERSIST', job)
 if redis.call('DEL', KEYS[7]) == 1 then
-  redis.call(ARGV[2], ARGV[3], 'ready ' .. ARGV[1])
+  redis.call(ARGV[2], ARGV[3], ready_event(ARGV[1]))
 end
 return {1, entry}

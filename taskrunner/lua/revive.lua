@@ -24,6 +24,6 @@ redis.call('HDEL', KEYS[2], 'abort', 'finished', 'result', 'error', 'crashes', '
   'alone', 'reclaimed')
 redis.call('PERSIST', KEYS[2])
 if redis.call('DEL', KEYS[3]) == 1 then
-  redis.call(ARGV[3], ARGV[4], 'ready ' .. ARGV[1])
+  redis.call(ARGV[3], ARGV[4], ready_event(ARGV[1]))
 end
 return 1

@@ -34,7 +34,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import anyio
@@ -63,9 +63,6 @@ any, in fetch.lua's order)."""
 Taken = tuple[str, list[Any]]
 """An entry claimed in its read (take.lua): the lease token and claim.lua's reply."""
 Fetched = tuple[Queue, QueueKeys, str, str, dict[str, str], Taken | None]
-HINT_LIMIT = 1024
-"""Longest job id a "ready" event may name for the reader to claim in its read; a
-longer one (not one a producer can enqueue) is ignored."""
 
 
 def _meta(text: str) -> dict[str, str]:
@@ -79,6 +76,11 @@ def _meta(text: str) -> dict[str, str]:
     if not isinstance(value, dict):
         return {}
     return {str(k): str(v) for k, v in value.items()}
+
+
+def _any_taken(fetched: list[Fetched]) -> bool:
+    """Whether any of these entries was claimed in its read (take.lua)."""
+    return any(item[5] is not None for item in fetched)
 
 
 def new_tokens(n: int) -> list[str]:
@@ -138,7 +140,7 @@ class Reader:
             self._wake_all = True
         else:
             self._woken.add(partition)
-            if job and len(job) <= HINT_LIMIT:
+            if job and len(job) <= scripts.READY_NAME_LIMIT:  # longer: not a write script's
                 self._hints[partition] = job
         self._wake.set()
 
@@ -292,12 +294,14 @@ class Reader:
         replies = await scripts.run_many(self._redis, calls, raise_on_error=False)
         found: list[Fetched] = []
         missing_groups = []
+        failed: list[Exception] = []
         for (q, keys, _, _), token, reply in zip(plan, tokens, replies, strict=True):
             if isinstance(reply, ResponseError) and "NOGROUP" in str(reply):
                 missing_groups.append((q, keys))
                 continue
             if isinstance(reply, Exception):
-                raise reply
+                failed.append(reply)
+                continue
             if not reply or reply == ["paused"]:
                 continue
             streams = q.streams(keys)
@@ -306,7 +310,27 @@ class Reader:
                 took = (token, taken[0]) if taken else None
                 found.append((q, keys, stream, str(entry_id), _fields(flat), took))
         self._turns.took(len(found))
-        await self._recreate(missing_groups)
+        return await self._after_read(found, failed, missing_groups)
+
+    async def _after_read(
+        self,
+        found: list[Fetched],
+        failed: list[Exception],
+        missing_groups: list[tuple[Queue, QueueKeys]],
+    ) -> list[Fetched]:
+        """Recreate missing groups; raise the first failure of a partition's read, unless
+        a job was claimed in its read: that job runs whatever failed beside it (dropped,
+        it would sit "running" until a reclaim counted an attempt it never had)."""
+        try:
+            if failed:
+                raise failed[0]
+            await self._recreate(missing_groups)
+        except REDIS_ERRORS as exc:
+            if not _any_taken(found):
+                raise  # the round fails: what was read is requeued after stale_after
+            report("reading jobs", exc)
+            self._paused_until = time.monotonic() + CLAIM_BACKOFF
+            return [item for item in found if item[5] is not None]
         return found
 
     async def _peek(self, parts: list[tuple[Queue, QueueKeys]], free: int) -> list[Planned]:
@@ -385,10 +409,27 @@ class Reader:
                     self._max_payload,
                 )
             )
-        replies = await scripts.run_many(self._redis, calls, raise_on_error=False)
-        if left and len(left) == len(fetched) and all(isinstance(r, Exception) for r in replies):
-            raise replies[0]  # nothing claimed: the caller backs off
-        answers = iter(zip(tokens, replies, strict=True))
+        try:
+            replies = await scripts.run_many(self._redis, calls, raise_on_error=False)
+        except REDIS_ERRORS as exc:
+            if not _any_taken(fetched):
+                raise  # nothing claimed: the caller backs off
+            replies = [exc] * len(calls)
+        if calls and all(isinstance(r, Exception) for r in replies):
+            if not _any_taken(fetched):
+                raise replies[0]  # nothing claimed: the caller backs off
+            # the jobs claimed in their read run; the rest stay pending (requeued)
+            report("claiming jobs", replies[0])
+            self._paused_until = time.monotonic() + CLAIM_BACKOFF
+            fetched = [item for item in fetched if item[5] is not None]
+            tokens, replies = [], []
+        return await self._outcomes(fetched, iter(zip(tokens, replies, strict=True)))
+
+    async def _outcomes(
+        self, fetched: list[Fetched], answers: Iterator[tuple[str, Any]]
+    ) -> list[Claimed]:
+        """The jobs to run of the entries read, from each one's claim (made in its read,
+        else the next of ``answers``)."""
         claimed = []
         for q, keys, stream, entry_id, fields, taken in fetched:
             token, reply = taken or next(answers)
@@ -401,7 +442,10 @@ class Reader:
                 )
                 continue
             if str(reply[0]) in ("missing", "invalid"):
-                await self._dead_letter(keys, stream, entry_id, fields, reply)
+                try:
+                    await self._dead_letter(keys, stream, entry_id, fields, reply)
+                except REDIS_ERRORS as exc:  # it stays pending: dead-lettered after a reclaim
+                    report("dead-lettering an entry", exc)
                 continue
             item = self._claimed(q, keys, stream, entry_id, fields, token, reply)
             if item is not None:
