@@ -17,9 +17,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from taskrunner import TaskRunner, scripts
 from taskrunner.keys import Queue
-from taskrunner.worker import reader as reader_module
 from taskrunner.worker.held import Claimed
-from taskrunner.worker.reader import Reader, ensure_groups
+from taskrunner.worker.reader import Planned, Reader, ensure_groups
 from taskrunner.worker.slots import Slots
 
 DEADLINE = 60.0
@@ -223,7 +222,7 @@ async def test_a_job_claimed_in_its_read_runs_when_the_claims_beside_it_fail(
             raise RedisConnectionError("the link dropped between the take and the claims")
         return await real(client, calls, **kwargs)
 
-    monkeypatch.setattr(reader_module.scripts, "run_many", link_drops_for_claims)
+    monkeypatch.setattr(scripts, "run_many", link_drops_for_claims)
     reader.wake(q.parts[0].prefix, "job0")  # what "ready job0" does
     async with anyio.create_task_group() as claims:
         got, _, _ = await reader._round([(q, q.parts[0])], claims)
@@ -245,7 +244,7 @@ async def test_a_job_claimed_in_its_read_runs_when_another_partitions_read_fails
     hostile = q.parts[1].level_stream(q.parts[1].default_level)
     await redis.delete(hostile)
     await redis.set(hostile, "not a stream")
-    plan = [(q, keys, 2, None) for keys in q.parts]
+    plan: list[Planned] = [(q, keys, 2, None) for keys in q.parts]
     reader.wake(q.parts[0].prefix, "job0")
     fetched = await reader._fetch(plan)
     assert [(item[4]["job"], item[5] is not None) for item in fetched] == [("job0", True)]
