@@ -6,7 +6,7 @@ one read instead of P (observed through keyspace notifications on the partitions
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -15,8 +15,8 @@ from conftest import wait_until
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from taskrunner import TaskRunner, scripts
-from taskrunner.keys import Queue
+from taskrunner import Task, TaskRunner, scripts
+from taskrunner.keys import Queue, QueueKeys
 from taskrunner.worker.held import Claimed
 from taskrunner.worker.reader import Planned, Reader, ensure_groups
 from taskrunner.worker.slots import Slots
@@ -31,9 +31,7 @@ async def test_a_ready_event_reads_only_its_partition(
     tr = make_runner(partitions=PARTITIONS)
     tr.max_idle_wait = 3600.0  # no fallback read of every partition during the test
 
-    @tr.task
-    async def echo(n: int) -> int:
-        return n
+    echo = echo_task(tr)
 
     await redis.config_set("notify-keyspace-events", "K$")
     watcher = Redis.from_url(redis_url, decode_responses=True)
@@ -111,6 +109,25 @@ def evalshas(commands: list[str], script: scripts.Script) -> list[str]:
     return [c for c in commands if c.startswith(("EVALSHA", "EVAL")) and script.sha in c]
 
 
+def echo_task(tr: TaskRunner) -> Task[[int], int]:
+    """The tests' task: returns its argument."""
+
+    @tr.task
+    async def echo(n: int) -> int:
+        return n
+
+    return echo
+
+
+def idle_flag(redis: Redis, keys: QueueKeys) -> Callable[[], Awaitable[bool]]:
+    """Whether the partition's idle flag is set: a worker's read found it drained."""
+
+    async def idle() -> bool:
+        return bool(await redis.exists(keys.idle))
+
+    return idle
+
+
 async def test_the_worker_a_ready_event_wakes_claims_the_job_it_names_in_its_read(
     make_runner: Callable[..., TaskRunner], redis: Redis, redis_url: str, namespace: str
 ) -> None:
@@ -119,16 +136,11 @@ async def test_the_worker_a_ready_event_wakes_claims_the_job_it_names_in_its_rea
     tr = make_runner()
     tr.max_idle_wait = 3600.0  # no fallback reads during the test
 
-    @tr.task
-    async def echo(n: int) -> int:
-        return n
+    echo = echo_task(tr)
 
     async with tr, tr.worker(concurrency=4, handle_signals=False):
         keys = tr.client.keys("default")
-
-        async def idle() -> bool:
-            return bool(await redis.exists(keys.idle))
-
+        idle = idle_flag(redis, keys)
         await wait_until(idle, DEADLINE)
         for n in range(3):
             monitor = Monitor(redis_url, f"{namespace}:marker")
@@ -152,16 +164,11 @@ async def test_a_ready_event_naming_another_job_or_a_hostile_one_changes_nothing
     tr = make_runner(stale_after=3600.0)  # nothing comes back through a reclaim here
     tr.max_idle_wait = 3600.0
 
-    @tr.task
-    async def echo(n: int) -> int:
-        return n
+    echo = echo_task(tr)
 
     async with tr, tr.worker(concurrency=4, handle_signals=False):
         keys = tr.client.keys("default")
-
-        async def idle() -> bool:
-            return bool(await redis.exists(keys.idle))
-
+        idle = idle_flag(redis, keys)
         await wait_until(idle, DEADLINE)
         await redis.delete(keys.idle)  # the next enqueue publishes nothing
         first = await echo.enqueue(1)
@@ -263,9 +270,7 @@ async def test_ready_names_the_job_unless_its_id_is_longer_than_the_limit(
     READY_NAME_LIMIT bytes, and is bare for a longer one (which claim.lua then claims)."""
     tr = make_runner()
 
-    @tr.task
-    async def echo(n: int) -> int:
-        return n
+    echo = echo_task(tr)
 
     job_id = "x" * length
     async with tr:
