@@ -106,7 +106,9 @@ class Monitor:
 
 
 def evalshas(commands: list[str], script: scripts.Script) -> list[str]:
-    return [c for c in commands if c.startswith(("EVALSHA", "EVAL")) and script.sha in c]
+    """The runs of ``script`` among ``commands``, alone or in a batch."""
+    shas = (script.sha, script.batch_sha)
+    return [c for c in commands if c.startswith("EVALSHA") and any(h in c for h in shas)]
 
 
 def echo_task(tr: TaskRunner) -> Task[[int], int]:
