@@ -235,14 +235,13 @@ async def load_all(redis: Redis) -> None:
 
 async def run(redis: Redis, call: ScriptCall) -> Any:
     """Run one script by SHA, loading the scripts first if the server lost them."""
-    args = (call.script.sha, len(call.keys), *call.keys, *call.args)
-    # What redis.evalsha(*args) sends, without its two wrapper calls.
-    client = cast(Any, redis)  # redis-py types keys_and_args as str only
-    try:
-        return await client.execute_command("EVALSHA", *args)
-    except NoScriptError:
+    reply = await _alone(redis, call)
+    if isinstance(reply, NoScriptError):
         await load_all(redis)
-        return await client.execute_command("EVALSHA", *args)
+        reply = await _alone(redis, call)
+    if isinstance(reply, Exception):
+        raise reply
+    return reply
 
 
 Replicas = tuple[int, int]
@@ -400,6 +399,8 @@ async def _alone(redis: Redis, call: ScriptCall) -> Any:
     them, sent without a pipeline's cost (about 20 µs of the client's time: the
     reader's and the committer's round trips when the worker is not busy)."""
     args = (call.script.sha, len(call.keys), *call.keys, *call.args)
+    # What redis.evalsha(*args) sends, without its two wrapper calls (and redis-py types
+    # keys_and_args as str only).
     try:
         return await cast(Any, redis).execute_command("EVALSHA", *args)
     except ResponseError as exc:
