@@ -38,6 +38,14 @@ from taskrunner.subscriber import Subscriber, handler
 logger = logging.getLogger("taskrunner")
 
 _RETRY_WAIT = 0.5
+RECHECK_FIRST = 1.0
+RECHECK_MAX = 10.0
+"""A waiter for a job reads it again after ``RECHECK_FIRST`` seconds without a message,
+then after twice as long each time, up to ``RECHECK_MAX``. Pub/sub can lose a message
+on a connection that stays up: on a cluster, a master restarted after a failover
+rejoins its shard as a replica, and until the shard's new master knows it, it is sent
+none of the shard's messages. A subscription made or renewed there in that window
+misses what is published meanwhile, and only a read sees the job final."""
 T = TypeVar("T")
 
 
@@ -252,7 +260,8 @@ class Client:
         """Wait until the job is final and return its state. Subscribes to its done
         channel, then marks it watched and reads it (watch.lua), so either the read or
         the message sees the final status. Redis outages and dead connections are
-        ridden out (re-reading after each resubscription) until ``timeout``.
+        ridden out (re-reading after each resubscription) until ``timeout``, and a
+        message lost on a live connection by a re-read (``RECHECK_MAX``).
         ``relayed``: a chain step that succeeded is waited for until its follow-up
         is written too (its ``relayed`` field)."""
         with anyio.fail_after(timeout):
@@ -265,13 +274,14 @@ class Client:
         channel = keys.done(job_id)
         subscriber = self.subscriber()
         await subscriber.subscribe(channel, listener)
+        recheck = RECHECK_FIRST
         try:
             while True:
                 wake.clear()
                 state = await self._retrying(lambda: self._watch(keys, job_id))
                 if JobStatus(state["status"]).is_final and (not relayed or _relayed(state)):
                     return state
-                await wake.wait()
+                recheck = await _woken(wake, recheck)
         finally:
             subscriber.unsubscribe(channel, listener)
 
@@ -302,6 +312,7 @@ class Client:
         subscriber = self.subscriber()
         await subscriber.subscribe(channel, listener)
         last: str | None = None
+        recheck = RECHECK_FIRST
         try:
             while True:
                 wake.clear()
@@ -312,7 +323,7 @@ class Client:
                     yield _json_or_none(value)
                 if JobStatus(state["status"]).is_final:
                     return
-                await wake.wait()
+                recheck = await _woken(wake, recheck)
         finally:
             subscriber.unsubscribe(channel, listener)
 
@@ -338,6 +349,14 @@ class Client:
             with anyio.CancelScope(shield=True):
                 await asyncio.gather(task, return_exceptions=True)
         await self.connection.aclose()
+
+
+async def _woken(wake: asyncio.Event, recheck: float) -> float:
+    """Wait for a message (``wake``), or ``recheck`` seconds at most (RECHECK_MAX): the
+    bound of the next wait."""
+    with anyio.move_on_after(recheck):
+        await wake.wait()
+    return min(2 * recheck, RECHECK_MAX)
 
 
 def _relayed(state: dict[str, str]) -> bool:

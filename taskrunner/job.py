@@ -279,7 +279,8 @@ class Job(Generic[R]):
 
         Raises ``TimeoutError`` when ``timeout`` seconds pass first, ``JobFailed`` when
         it failed for good, ``JobAborted``, ``JobRejected`` or ``JobDeadLettered``.
-        Waiting is a pub/sub subscription, not a polling loop.
+        Waiting is a pub/sub subscription, not a polling loop; without a message the
+        job is read again after 1 s, then at doubling intervals up to every 10 s.
         """
         state = await self._client.wait(self.queue, self.id, timeout)
         return self._outcome(state)

@@ -23,6 +23,7 @@ import pytest
 from conftest import wait_until
 from pydantic import BaseModel
 from redis.asyncio import Redis
+from redis.typing import EncodableT, FieldT
 
 from taskrunner import (
     JobAborted,
@@ -37,7 +38,7 @@ from taskrunner import (
     current_job,
     scripts,
 )
-from taskrunner.keys import GROUP
+from taskrunner.keys import GROUP, QueueKeys
 from taskrunner.middleware.retry import RetryMiddleware, RetryOptions
 
 MakeRunner = Callable[..., TaskRunner]
@@ -211,6 +212,47 @@ async def test_result_timeout_raises_timeout_error(make_runner: MakeRunner) -> N
         with pytest.raises(TimeoutError):
             await job.result(timeout=0.2)
         assert await job.status() == JobStatus.QUEUED
+
+
+async def test_a_waiter_sees_a_job_final_without_its_message(
+    make_runner: MakeRunner, redis: Redis, namespace: str
+) -> None:
+    """A message lost on a live pub/sub connection (a cluster node that rejoins its
+    shard misses the shard's messages for a moment) does not leave ``result()`` or
+    ``progress()`` waiting: they read the job again after a while without one. Here
+    each job is made final by hand once its waiter has read it, with no message."""
+    tr = make_runner()
+
+    @tr.task
+    async def never_run() -> int:
+        raise NotImplementedError
+
+    async with tr:
+        first, second = await never_run.enqueue(), await never_run.enqueue()
+        keys = [QueueKeys(namespace, "default").job(job.id) for job in (first, second)]
+        results: list[int] = []
+        progress: list[object] = []
+
+        async def wait_result() -> None:
+            results.append(await first.result())
+
+        async def follow() -> None:
+            progress.extend([value async for value in second.progress()])
+
+        async def both_watched() -> bool:
+            return all([await redis.hget(key, "watch") == "1" for key in keys])
+
+        with anyio.fail_after(DEADLINE):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(wait_result)
+                tg.start_soon(follow)
+                await wait_until(both_watched, DEADLINE)  # each read its job once: queued
+                final: dict[FieldT, EncodableT] = {"status": "succeeded", "result": "7"}
+                final["progress"] = '"done"'
+                for key in keys:
+                    await redis.hset(key, mapping=final)
+        assert results == [7]
+        assert progress == ["done"]
 
 
 @ALL
