@@ -566,13 +566,7 @@ class TaskRunner:
 
     async def _enqueue_all(self, calls: Iterable[Call[Any]]) -> list[Job[Any]]:
         contexts = [self._context(call) for call in calls]
-        if len(contexts) <= ENQUEUE_BATCH:
-            return await self.client.write_many(contexts, self._enqueue_layers)
-        jobs: list[Job[Any]] = []
-        for start in range(0, len(contexts), ENQUEUE_BATCH):
-            batch = contexts[start : start + ENQUEUE_BATCH]
-            jobs.extend(await self.client.write_many(batch, self._enqueue_layers))
-        return jobs
+        return await self.client.write_batches(contexts, self._enqueue_layers, ENQUEUE_BATCH)
 
     async def group(self, calls: Iterable[Call[R]], /) -> Group[R]:
         """Enqueue calls (of any tasks) as a group, in one pipelined batch like

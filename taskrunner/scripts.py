@@ -254,6 +254,7 @@ async def run_many(
     *,
     raise_on_error: bool = True,
     replicas: Replicas | None = None,
+    prepared: Prepared | None = None,
 ) -> list[Any]:
     """Run many scripts in one pipelined round trip (not a transaction). Calls of the
     same script on the same queue go as one batch EVALSHA.
@@ -261,10 +262,11 @@ async def run_many(
     With ``raise_on_error=False`` a script's error is returned in its place (an error
     in a batch is returned for every call of that batch). With ``replicas``, each
     pipeline ends with WAIT; a call whose write fewer replicas confirmed in time gets
-    ``NotReplicated`` in its place."""
+    ``NotReplicated`` in its place. ``prepared``: ``prepare(calls)``, made beforehand
+    (while the server runs something else)."""
     if not calls:
         return []
-    groups = _group(calls)
+    groups = prepared.groups if prepared is not None else prepare(calls).groups
     results = await _pipeline(redis, calls, groups, replicas)
     missing = [g for g in groups if isinstance(results[g[0]], NoScriptError)]
     if missing:  # a restarted server lost the scripts: load them, rerun only those
@@ -280,14 +282,49 @@ async def run_many(
     return results
 
 
-def _group(calls: Sequence[ScriptCall]) -> list[list[int]]:
-    """Indexes of calls grouped by script and hash slot (the key's ``{tag}``)."""
-    groups: dict[tuple[str, str], list[int]] = {}
+BATCH_MAX = 200
+"""Most calls one batch EVALSHA runs (more of one script and slot go as several): a
+batch blocks the server for its whole run, about 2 ms at this size for enqueues."""
+
+
+class _Group(list[int]):
+    """Indexes of calls sent as one EVALSHA (a batch when more than one), and that
+    EVALSHA's arguments."""
+
+    __slots__ = ("command",)
+
+    def __init__(self, indexes: list[int], calls: Sequence[ScriptCall]) -> None:
+        super().__init__(indexes)
+        self.command: tuple[Arg, ...]
+        if len(indexes) == 1:
+            call = calls[indexes[0]]
+            self.command = (call.script.sha, len(call.keys), *call.keys, *call.args)
+        else:
+            self.command = _batch([calls[i] for i in indexes])
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """What ``run_many`` sends for some calls, worked out (``prepare``)."""
+
+    groups: list[_Group]
+
+
+def prepare(calls: Sequence[ScriptCall]) -> Prepared:
+    """The calls grouped by script and hash slot (the key's ``{tag}``), at most
+    ``BATCH_MAX`` per group, with each group's EVALSHA arguments."""
+    by_key: dict[tuple[str, str], list[int]] = {}
     for index, call in enumerate(calls):
         first = call.keys[0]
         tag = first[first.find("{") : first.find("}") + 1]
-        groups.setdefault((call.script.name, tag), []).append(index)
-    return list(groups.values())
+        by_key.setdefault((call.script.name, tag), []).append(index)
+    return Prepared(
+        [
+            _Group(indexes[start : start + BATCH_MAX], calls)
+            for indexes in by_key.values()
+            for start in range(0, len(indexes), BATCH_MAX)
+        ]
+    )
 
 
 _REDIRECTS = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN")
@@ -297,7 +334,7 @@ _CLUSTER_TRIES = 4
 async def _pipeline(
     redis: Redis,
     calls: Sequence[ScriptCall],
-    groups: list[list[int]],
+    groups: list[_Group],
     replicas: Replicas | None = None,
 ) -> list[Any]:
     if isinstance(redis, RedisCluster):
@@ -308,7 +345,7 @@ async def _pipeline(
 async def _cluster_pipeline(
     cluster: RedisCluster,
     calls: Sequence[ScriptCall],
-    groups: list[list[int]],
+    groups: list[_Group],
     replicas: Replicas | None,
 ) -> list[Any]:
     """One pipeline per node, concurrently (redis-py's cluster pipeline refuses
@@ -317,14 +354,14 @@ async def _cluster_pipeline(
     results: list[Any] = [None] * len(calls)
     pending = groups
     for attempt in range(_CLUSTER_TRIES):
-        by_node: dict[str, tuple[Any, list[list[int]]]] = {}
+        by_node: dict[str, tuple[Any, list[_Group]]] = {}
         for group in pending:
             node = cluster.get_node_from_key(calls[group[0]].keys[0])
             if node is None:
                 raise ClusterDownError("no node serves the slot of " + calls[group[0]].keys[0])
             by_node.setdefault(node.name, (node, []))[1].append(group)
 
-        async def one(node: Any, node_groups: list[list[int]]) -> None:
+        async def one(node: Any, node_groups: list[_Group]) -> None:
             client = cast(Any, cluster).node_redis(node)
             try:
                 partial = await _node_pipeline(client, calls, node_groups, replicas)
@@ -357,14 +394,14 @@ def _redirected(result: Any) -> bool:
 async def _node_pipeline(
     redis: Redis,
     calls: Sequence[ScriptCall],
-    groups: list[list[int]],
+    groups: list[_Group],
     replicas: Replicas | None = None,
 ) -> list[Any]:
     results: list[Any] = [None] * len(calls)
     if replicas is None and len(groups) == 1 and len(groups[0]) == 1:
         results[groups[0][0]] = await _alone(redis, calls[groups[0][0]])
         return results
-    replies = await _send(redis, calls, groups, replicas)
+    replies = await _send(redis, groups, replicas)
     for group, reply in zip(groups, replies, strict=True):
         if len(group) == 1:
             results[group[0]] = reply
@@ -377,17 +414,11 @@ async def _node_pipeline(
     return results
 
 
-async def _send(
-    redis: Redis, calls: Sequence[ScriptCall], groups: list[list[int]], replicas: Replicas | None
-) -> list[Any]:
+async def _send(redis: Redis, groups: list[_Group], replicas: Replicas | None) -> list[Any]:
     """One pipeline: a reply per group (a batch's is the list of its calls' replies)."""
     pipe = cast(Any, redis.pipeline(transaction=False))
     for group in groups:
-        if len(group) == 1:
-            call = calls[group[0]]
-            pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
-        else:
-            _batch(pipe, [calls[i] for i in group])
+        pipe.evalsha(*group.command)
     if replicas is not None:
         pipe.execute_command("WAIT", *replicas)
     replies: list[Any] = await pipe.execute(raise_on_error=False)
@@ -417,13 +448,13 @@ def _replicated(replies: list[Any], replicas: Replicas) -> list[Any]:
     return [r if isinstance(r, Exception) else lost for r in replies]
 
 
-def _batch(pipe: Any, calls: Sequence[ScriptCall]) -> None:
+def _batch(calls: Sequence[ScriptCall]) -> tuple[Arg, ...]:
+    """The EVALSHA arguments of a batch of calls of one script."""
     sha = calls[0].script.batch_sha
     uniform = _uniform(calls) if calls[0].script.shares else None
     if uniform is not None:
         shared_keys, shared_args = uniform
-        pipe.evalsha(sha, len(shared_keys), *shared_keys, *shared_args)
-        return
+        return (sha, len(shared_keys), *shared_keys, *shared_args)
     keys: list[str] = []
     sizes: list[int] = []
     flat: list[Arg] = []
@@ -432,7 +463,7 @@ def _batch(pipe: Any, calls: Sequence[ScriptCall]) -> None:
         flat.extend(call.args)
         sizes.append(len(call.keys))
         sizes.append(len(call.args))
-    pipe.evalsha(sha, len(keys), *keys, len(calls), *sizes, *flat)
+    return (sha, len(keys), *keys, len(calls), *sizes, *flat)
 
 
 def _uniform(calls: Sequence[ScriptCall]) -> tuple[list[str], list[Arg]] | None:

@@ -19,6 +19,7 @@ from typing import Any, cast
 import pytest
 from redis.asyncio import Redis
 from redis.typing import EncodableT, FieldT
+from test_reader import Monitor, evalshas
 
 from taskrunner import scripts
 from taskrunner.client import new_token
@@ -441,16 +442,6 @@ async def test_a_hostile_index_key_fails_no_commit_of_a_batch(
     assert replies == [1] * 5
 
 
-class RecordingPipe:
-    """What ``scripts._batch`` queues on a pipeline: each EVALSHA's arguments."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[Any, ...]] = []
-
-    def evalsha(self, *args: Any) -> None:
-        self.sent.append(args)
-
-
 def test_claims_enqueues_and_commits_share_their_positions(keys: QueueKeys) -> None:
     """The layout each worker batch of calls of one shape goes in."""
     stream = keys.stream
@@ -464,9 +455,7 @@ def test_claims_enqueues_and_commits_share_their_positions(keys: QueueKeys) -> N
     ) for i in range(3)]  # fmt: skip
     layouts = {}
     for name, calls in {"claim": claims, "enqueue": enqueues, "commit": commits}.items():
-        pipe = RecordingPipe()
-        scripts._batch(pipe, calls)
-        (sent,) = pipe.sent
+        sent = scripts._batch(calls)  # the batch EVALSHA's arguments
         n_keys = int(sent[1])
         layouts[name] = sent[2 + n_keys]
     assert layouts == {"claim": "u", "enqueue": "u", "commit": "u"}
@@ -575,3 +564,25 @@ async def test_take_claims_the_named_job_in_its_read_and_leaves_the_rest_to_clai
     reply = await scripts.run(redis, scripts.take(fetched, keys, "hostile", "t", 5, MAX_PAYLOAD))
     assert [(str(e[1]), len(e)) for e in reply] == [("3-0", 3), ("4-0", 3)]
     assert jobs[2][1] == "3-0"
+
+
+async def test_a_batch_runs_at_most_batch_max_calls(
+    redis: Redis, keys: QueueKeys, redis_url: str
+) -> None:
+    """More calls of one script and slot than ``BATCH_MAX`` go as several batches in
+    the same pipeline (a batch blocks the server for its whole run), in their order."""
+    await scripts.load_all(redis)  # else the first pipeline is refused (NOSCRIPT) and sent again
+    monitor = Monitor(redis_url, f"{keys.prefix}:marker")
+    await monitor.start()
+    n = 2 * scripts.BATCH_MAX + 50
+    written = await enqueue(redis, keys, ["[]"] * n)
+    commands = await monitor.stop(redis)
+    sizes = []
+    for command in evalshas(commands, scripts.ENQUEUE):
+        words = command.split()
+        first_arg = 3 + int(words[2])  # after EVALSHA, the sha, numkeys and the keys
+        assert words[first_arg] == "u"  # the shared layout: "u", then the number of calls
+        sizes.append(int(words[first_arg + 1]))
+    assert sizes == [scripts.BATCH_MAX, scripts.BATCH_MAX, 50]
+    entries = cast(list[Any], await redis.xrange(keys.level_stream(keys.default_level)))
+    assert [fields["job"] for _, fields in entries] == [job for job, _ in written]

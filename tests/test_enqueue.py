@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -11,6 +12,7 @@ from typing import Any, cast
 import pydantic
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from taskrunner import (
     Call,
@@ -24,6 +26,7 @@ from taskrunner import (
     TaskRunner,
 )
 from taskrunner import scripts as scripts_module
+from taskrunner.client import new_job_id
 from taskrunner.keys import QueueKeys
 from taskrunner.middleware.base import EnqueueNext
 from taskrunner.worker.scheduler import parse_member
@@ -273,6 +276,71 @@ async def test_enqueue_many_keeps_order_and_sends_one_pipeline_per_batch(
     assert await add.enqueue_many([]) == []
 
 
+class SendLog:
+    """Records the order of three things: a batch sent (``run_many`` called), a batch
+    answered (its ``run_many`` returned) and a job's script call built."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, tr: TaskRunner) -> None:
+        self.events: list[str] = []
+        self._run_many = scripts_module.run_many
+        self._write_call = tr.client.write_call
+        monkeypatch.setattr(scripts_module, "run_many", self.run_many)
+        monkeypatch.setattr(tr.client, "write_call", self.write_call)
+
+    async def run_many(
+        self, redis: Redis, calls: Sequence[scripts_module.ScriptCall], **options: Any
+    ) -> Any:
+        self.events.append("sent")
+        try:
+            return await self._run_many(redis, calls, **options)
+        finally:
+            self.events.append("answered")
+
+    def write_call(self, ctx: EnqueueContext) -> scripts_module.ScriptCall:
+        self.events.append("built")
+        return self._write_call(ctx)
+
+
+async def test_enqueue_many_builds_the_next_batch_while_the_server_runs_one(
+    tr: TaskRunner, redis: Redis, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    add = declare_add(tr)
+    log = SendLog(monkeypatch, tr)
+    jobs = await add.enqueue_many([add.options(job_id=f"o{i}").call(i, i) for i in range(2500)])
+    assert [job.id for job in jobs] == [f"o{i}" for i in range(2500)]
+    events = log.events
+    sent = [i for i, e in enumerate(events) if e == "sent"]
+    answered = [i for i, e in enumerate(events) if e == "answered"]
+    assert len(sent) == len(answered) == 3
+    # one batch on the server at a time: each is sent after the one before is answered
+    assert sent[0] < answered[0] < sent[1] < answered[1] < sent[2] < answered[2]
+    # the first batch is built before anything is sent; each later one (at least its
+    # first calls) while the batch before it is on the server
+    assert events[: sent[0]] == ["built"] * 1000
+    for before, after in ((0, 1), (1, 2)):
+        assert "built" in events[sent[before] : answered[before]]
+        assert events[sent[before] : sent[after]].count("built") == (1000 if after == 1 else 500)
+    entries = await xrange(redis, QueueKeys(namespace, "default").stream)
+    assert [fields["job"] for _, fields in entries] == [f"o{i}" for i in range(2500)]
+
+
+async def test_enqueue_many_stops_at_a_batch_that_fails(
+    tr: TaskRunner, redis: Redis, namespace: str
+) -> None:
+    """A batch the server refuses raises; the batches after it are not sent, as when
+    the batches go one by one (the ones before it stay written)."""
+    add = declare_add(tr)
+    await redis.set(QueueKeys(namespace, "broken").stream, "not a stream")
+    calls = [add.options(job_id=f"b{i}").call(i, i) for i in range(3000)]
+    calls[1500] = add.options(job_id="b1500", queue="broken").call(0, 0)
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        await add.enqueue_many(calls)
+    entries = await xrange(redis, QueueKeys(namespace, "default").stream)
+    written = [fields["job"] for _, fields in entries]
+    assert written == [f"b{i}" for i in range(2000) if i != 1500]  # batches 1 and 2
+    assert not await redis.exists(QueueKeys(namespace, "default").job("b2000"))
+
+
 async def test_enqueue_many_mixes_tasks_and_options(
     tr: TaskRunner, redis: Redis, namespace: str
 ) -> None:
@@ -313,3 +381,26 @@ async def test_enqueue_many_through_enqueue_middleware_is_still_one_pipeline(
         assert sorted(mw.seen) == sorted(f"m{i}" for i in range(1200))
         single = await add.enqueue(1, 1)
         assert await single.status() == JobStatus.QUEUED
+
+
+def test_job_ids_are_uuid4_hex_and_a_forked_child_draws_its_own() -> None:
+    """Random job ids are drawn from the system in blocks; a child forked after a
+    block was drawn must not hand out the parent's next ids (two producers would write
+    the same job id, and the second enqueue would be taken for a duplicate)."""
+    first = new_job_id()
+    assert uuid.UUID(first).hex == first
+    assert uuid.UUID(first).version == 4
+    assert len({new_job_id() for _ in range(1000)}) == 1000
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, to the parent
+        os.close(read)
+        os.write(write, " ".join(new_job_id() for _ in range(10)).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        child = set(pipe.read().split())
+    os.waitpid(pid, 0)
+    parent = {new_job_id() for _ in range(10)}
+    assert len(child) == 10
+    assert not child & parent
