@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar, cast
 
@@ -143,7 +143,43 @@ T = TypeVar("T")
 
 class _HiredisPacking:
     """Mixin: pack commands with ``hiredis.pack_command``; strings holding bytes that
-    were not UTF-8 (lone surrogates from ``surrogateescape``) go out as those bytes."""
+    were not UTF-8 (lone surrogates from ``surrogateescape``) go out as those bytes.
+    And send them without a task per command (``send_packed_command``)."""
+
+    socket_timeout: float | None
+    is_connected: bool
+    _writer: asyncio.StreamWriter | None
+
+    async def send_packed_command(
+        self, command: bytes | str | Iterable[bytes], check_health: bool = True
+    ) -> None:
+        """redis-py's send, without its ``asyncio.wait_for`` around every write when a
+        socket timeout is set: that makes a task per command, and the command goes out
+        one turn of the event loop later. The write is handed to the transport at once;
+        only if the transport could not pass it all to the kernel does the send wait
+        for it to drain, within the socket timeout, as redis-py's does."""
+        writer = self._writer
+        if writer is None or not self.is_connected or not self.socket_timeout:
+            await cast(Any, super()).send_packed_command(command, check_health)
+            return
+        if check_health:
+            await cast(Any, self).check_health()
+        try:
+            if isinstance(command, str):
+                command = command.encode()
+            writer.writelines([command] if isinstance(command, bytes) else command)
+            if writer.transport.get_write_buffer_size() or writer.transport.is_closing():
+                async with asyncio.timeout(self.socket_timeout):
+                    await writer.drain()
+        except TimeoutError:
+            await cast(Any, self).disconnect(nowait=True)
+            raise RedisTimeoutError("Timeout writing to socket") from None
+        except OSError as exc:
+            await cast(Any, self).disconnect(nowait=True)
+            raise RedisConnectionError(f"Error while writing to socket: {exc}") from exc
+        except BaseException:
+            await cast(Any, self).disconnect(nowait=True)
+            raise
 
     def pack_command(self, *args: Any) -> list[bytes]:
         first = args[0]

@@ -6,17 +6,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import anyio
 import pytest
 from conftest import wait_until
 from redis.asyncio import Redis
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from tcpproxy import MakeProxy
 from test_reliability import Spawn, count_runs, runs, spawn_workers
 
 from taskrunner import JobAborted, JobStatus, TaskRunner
+from taskrunner.connection import PoolOptions, open_connection
 
 MakeRunner = Callable[..., TaskRunner]
 DEADLINE = 60.0
@@ -192,3 +194,32 @@ async def test_a_burst_worker_waits_out_an_outage_that_begins_after_its_last_emp
             await worker.run()
         assert looks == 2
         assert await jobs[0].result(timeout=DEADLINE) == 7
+
+
+async def test_a_write_the_server_does_not_take_in_time_fails_and_drops_the_connection(
+    redis_url: str, make_proxy: MakeProxy
+) -> None:
+    """A command written into a connection whose peer stopped reading times out after
+    ``socket_timeout`` (taskrunner's connections hand a write to the transport at once
+    and wait for it only when it cannot all go out), and the connection is dropped; a
+    call once the peer reads again goes out on a new one."""
+    proxy = proxied(redis_url, make_proxy)
+    connection = await open_connection(through(proxy.port), PoolOptions(socket_timeout=0.5))
+    try:
+        redis = connection.redis
+        assert await redis.set("blackhole:small", "x")
+        pool = cast(Any, redis).connection_pool
+        conn = await pool.get_connection()
+        try:
+            proxy.stall()
+            big = "x" * (64 << 20)  # more than the socket buffers and the proxy hold
+            with pytest.raises(RedisTimeoutError, match="Timeout writing to socket"):
+                await conn.send_packed_command(conn.pack_command("SET", "blackhole:big", big))
+            assert not conn.is_connected
+        finally:
+            await pool.release(conn)
+        proxy.resume()
+        assert await redis.get("blackhole:small") == "x"
+        assert await redis.exists("blackhole:big") == 0
+    finally:
+        await connection.aclose()
