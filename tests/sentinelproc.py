@@ -238,12 +238,15 @@ class LocalSentinel:
             state = cast(dict[str, Any], client.sentinel_master(self.name))
             replicas = client.sentinel_slaves(self.name)
         others = len(self.sentinels) - 1
-        replicas_up = [r for r in replicas if not r["is_sdown"] and not r["is_odown"]]
+        replicas_up = [r for r in replicas if _reachable(r)]
         # A failover that began while the master was down goes on after it is back, and
         # may still promote a replica that came back in time: not healthy until it ends.
+        # A sentinel whose link to a node is down ("disconnected") has not yet marked it
+        # down only because down-after-milliseconds has not passed: not healthy either
+        # (seen: a group that looked healthy right after a full restart had a sentinel
+        # flag its master s_down a moment later).
         return (
-            not state["is_sdown"]
-            and not state["is_odown"]
+            _reachable(state)
             and "failover_in_progress" not in _flags(state)
             and state["num-other-sentinels"] == others
             and len(replicas_up) == len(self.data) - 1
@@ -337,6 +340,11 @@ class LocalSentinel:
         for node in dead:
             self.restart(node)
         self.wait_healthy(timeout)
+
+
+def _reachable(state: dict[str, Any]) -> bool:
+    """Whether a sentinel sees a node up and its link to it connected."""
+    return not state["is_sdown"] and not state["is_odown"] and "disconnected" not in _flags(state)
 
 
 def _flags(state: dict[str, Any]) -> set[str]:
