@@ -219,6 +219,7 @@ class Client:
         """Write many jobs in pipelines of ``size`` calls, in order, each through the
         enqueue middleware ``layers(ctx)`` gives for it. Without middleware, the batches
         overlap the client's work with the server's (``_overlapped``)."""
+        await self._resolve_queues(contexts)
         batches = [contexts[start : start + size] for start in range(0, len(contexts), size)]
         if len(batches) > 1 and not any(layers(ctx) for ctx in contexts):
             return await self._overlapped(batches)
@@ -232,10 +233,7 @@ class Client:
         so the calls are written in their order), and while the server runs it, build
         the next batch's script calls and pipeline, and the handles of the one before.
         A batch that fails raises before the next one is sent, as when they go one by
-        one."""
-        for name in {ctx.queue for batch in batches for ctx in batch}:
-            if name not in self._queues:
-                await self.resolve(name)
+        one. Their queues are resolved already (``write_batches``)."""
         jobs: list[Job[Any]] = []
         answered: list[tuple[EnqueueContext, Any]] = []
         running: tuple[Sequence[EnqueueContext], asyncio.Task[list[Any]]] | None = None
@@ -272,6 +270,12 @@ class Client:
             calls.extend(self.write_call(ctx) for ctx in batch[start : start + _BUILD_STEP])
         return calls, handles
 
+    async def _resolve_queues(self, contexts: Sequence[EnqueueContext]) -> None:
+        """Resolve every queue these jobs go to that is not resolved yet."""
+        for name in {ctx.queue for ctx in contexts}:
+            if name not in self._queues:
+                await self.resolve(name)
+
     async def write_many(
         self,
         contexts: Sequence[EnqueueContext],
@@ -279,9 +283,7 @@ class Client:
     ) -> list[Job[Any]]:
         """Write many jobs in one pipeline, each through the enqueue middleware
         ``layers(ctx)`` gives for it (none: the write is built directly)."""
-        for name in {ctx.queue for ctx in contexts}:
-            if name not in self._queues:
-                await self.resolve(name)
+        await self._resolve_queues(contexts)
         if not any(layers(ctx) for ctx in contexts):
             if len(contexts) == 1:
                 return [await self.write(contexts[0])]

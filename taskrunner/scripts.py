@@ -235,10 +235,11 @@ async def load_all(redis: Redis) -> None:
 
 async def run(redis: Redis, call: ScriptCall) -> Any:
     """Run one script by SHA, loading the scripts first if the server lost them."""
-    reply = await _alone(redis, call)
+    command = _command(call)
+    reply = await _alone(redis, command)
     if isinstance(reply, NoScriptError):
         await load_all(redis)
-        reply = await _alone(redis, call)
+        reply = await _alone(redis, command)
     if isinstance(reply, Exception):
         raise reply
     return reply
@@ -297,8 +298,7 @@ class _Group(list[int]):
         super().__init__(indexes)
         self.command: tuple[Arg, ...]
         if len(indexes) == 1:
-            call = calls[indexes[0]]
-            self.command = (call.script.sha, len(call.keys), *call.keys, *call.args)
+            self.command = _command(calls[indexes[0]])
         else:
             self.command = _batch([calls[i] for i in indexes])
 
@@ -399,7 +399,7 @@ async def _node_pipeline(
 ) -> list[Any]:
     results: list[Any] = [None] * len(calls)
     if replicas is None and len(groups) == 1 and len(groups[0]) == 1:
-        results[groups[0][0]] = await _alone(redis, calls[groups[0][0]])
+        results[groups[0][0]] = await _alone(redis, groups[0].command)
         return results
     replies = await _send(redis, groups, replicas)
     for group, reply in zip(groups, replies, strict=True):
@@ -425,15 +425,20 @@ async def _send(redis: Redis, groups: list[_Group], replicas: Replicas | None) -
     return _replicated(replies, replicas) if replicas is not None else replies
 
 
-async def _alone(redis: Redis, call: ScriptCall) -> Any:
-    """One call's reply, or its error in its place, as a pipeline of one would give
-    them, sent without a pipeline's cost (about 20 µs of the client's time: the
-    reader's and the committer's round trips when the worker is not busy)."""
-    args = (call.script.sha, len(call.keys), *call.keys, *call.args)
-    # What redis.evalsha(*args) sends, without its two wrapper calls (and redis-py types
-    # keys_and_args as str only).
+def _command(call: ScriptCall) -> tuple[Arg, ...]:
+    """The EVALSHA arguments of one call of the plain script."""
+    return (call.script.sha, len(call.keys), *call.keys, *call.args)
+
+
+async def _alone(redis: Redis, command: tuple[Arg, ...]) -> Any:
+    """One EVALSHA's reply (``command``: its arguments), or its error in its place, as
+    a pipeline of one would give them, sent without a pipeline's cost (about 20 µs of
+    the client's time: the reader's and the committer's round trips when the worker is
+    not busy)."""
+    # What redis.evalsha(*command) sends, without its two wrapper calls (and redis-py
+    # types keys_and_args as str only).
     try:
-        return await cast(Any, redis).execute_command("EVALSHA", *args)
+        return await cast(Any, redis).execute_command("EVALSHA", *command)
     except ResponseError as exc:
         return exc
 

@@ -328,10 +328,15 @@ class Reader:
         except REDIS_ERRORS as exc:
             if not _any_taken(found):
                 raise  # the round fails: what was read is requeued after stale_after
-            report("reading jobs", exc)
-            self._paused_until = time.monotonic() + CLAIM_BACKOFF
-            return [item for item in found if item[5] is not None]
+            return self._only_taken(found, "reading jobs", exc)
         return found
+
+    def _only_taken(self, fetched: list[Fetched], where: str, exc: Exception) -> list[Fetched]:
+        """After a failure beside jobs claimed in their read: report it, back off, and
+        keep those jobs (the other entries stay pending: requeued after stale_after)."""
+        report(where, exc)
+        self._paused_until = time.monotonic() + CLAIM_BACKOFF
+        return [item for item in fetched if item[5] is not None]
 
     async def _peek(self, parts: list[tuple[Queue, QueueKeys]], free: int) -> list[Planned]:
         """With several partitions: look at the unread entries of each and plan the
@@ -418,10 +423,7 @@ class Reader:
         if calls and all(isinstance(r, Exception) for r in replies):
             if not _any_taken(fetched):
                 raise replies[0]  # nothing claimed: the caller backs off
-            # the jobs claimed in their read run; the rest stay pending (requeued)
-            report("claiming jobs", replies[0])
-            self._paused_until = time.monotonic() + CLAIM_BACKOFF
-            fetched = [item for item in fetched if item[5] is not None]
+            fetched = self._only_taken(fetched, "claiming jobs", replies[0])
             tokens, replies = [], []
         return await self._outcomes(fetched, iter(zip(tokens, replies, strict=True)))
 
