@@ -2,29 +2,36 @@
 -- taskrunner/scripts.py for the layouts), then the writes the calls deferred to its
 -- end. Appended to a script's body wrapped in one(); _clock.lua and _settle.lua come first.
 
--- the two numbers of a stream id as Redis writes it (decimal, no leading zero), or nil
-local function id_parts(id)
+-- whether a stream id as Redis writes it (decimal, no leading zero): a pattern match,
+-- run once per batch at most (on the trim bound it picks itself)
+local function canonical(id)
   local ms, seq = string.match(id, '^(%d+)%-(%d+)$')
-  if not ms or (#ms > 1 and string.byte(ms) == 48) or (#seq > 1 and string.byte(seq) == 48) then
-    return nil
-  end
-  return ms, seq
+  return ms ~= nil and not (#ms > 1 and string.byte(ms) == 48)
+    and not (#seq > 1 and string.byte(seq) == 48)
 end
 
--- a < b for two stream ids as Redis writes them
-local function id_less(a, b)
-  local am, as = id_parts(a)
-  local bm, bs = id_parts(b)
-  if #am ~= #bm then
-    return #am < #bm
+-- id < bound, where bound is a stream id as Redis writes it and bound_dash the position
+-- of its '-'. Cheap (a plain find; no pattern, and a substring only for two ids of one
+-- millisecond whose sequence numbers differ in length), and never wrong towards
+-- "below" for another spelling of an id: leading zeros only make an id look larger,
+-- and an id without a '-' is never below. An id it calls not below is deleted by
+-- itself, which is always safe.
+local function below(id, bound, bound_dash)
+  local dash = string.find(id, '-', 1, true)
+  if not dash then
+    return false
   end
-  if am ~= bm then
-    return am < bm
+  if dash ~= bound_dash then
+    return dash < bound_dash
   end
-  if #as ~= #bs then
-    return #as < #bs
+  if #id == #bound then
+    return id < bound
   end
-  return as < bs
+  local ms, bound_ms = string.sub(id, 1, dash), string.sub(bound, 1, dash)
+  if ms ~= bound_ms then
+    return ms < bound_ms
+  end
+  return #id < #bound
 end
 
 local function delete_ids(stream, ids)
@@ -33,40 +40,47 @@ local function delete_ids(stream, ids)
   end
 end
 
--- Delete a batch's settled entries. Every entry below both the newest one this batch
--- acknowledged and the group's oldest pending one was delivered and acknowledged, and
--- every acknowledged entry is deleted by the script that acknowledges it: one XTRIM
--- MINID removes them (at most a listpack node's walk), instead of one search per id.
--- The rest (above the oldest pending entry: jobs that finished while an older one
--- still runs) go by XDEL. Only ids this batch's XACK found pending set the bound, so
--- an id never delivered cannot trim a queued entry.
+-- The trim bound of a batch that acknowledged the ids 'delivered' (non-empty): the
+-- group's oldest pending entry, or with none pending the newest id acknowledged; nil
+-- when that id is not spelled as Redis writes it. Every entry below the oldest pending
+-- one was delivered (a group delivers in order) and is acknowledged, and every
+-- acknowledged entry is deleted by the script that acknowledges it (or is gone), so
+-- whatever lies below the bound may go.
+local function trim_bound(stream, group, delivered)
+  local oldest = redis.call('XPENDING', stream, group, '-', '+', '1')[1]
+  if oldest then
+    return oldest[1]
+  end
+  local top, top_dash = delivered[1], string.find(delivered[1], '-', 1, true)
+  for i = 2, #delivered do
+    local id = delivered[i]
+    if top_dash and not below(id, top, top_dash) then
+      top, top_dash = id, string.find(id, '-', 1, true)
+    end
+  end
+  if top_dash and canonical(top) then
+    return top
+  end
+  return nil
+end
+
+-- Delete a batch's settled entries: one XTRIM MINID removes those below the trim
+-- bound (at most a listpack node's walk), instead of one search per id, and the rest
+-- (above the group's oldest pending entry: jobs that finished while an older one still
+-- runs) go by XDEL. Only a batch that acknowledged a pending entry trims, so a batch of
+-- ids never delivered cannot trim a queued entry.
 local function drop_entries(stream, done)
-  if done.mixed then  -- calls of several groups on one stream: the bound is one group's
+  if done.mixed or #done.delivered == 0 then  -- mixed: several groups on one stream
     return delete_ids(stream, done.ids)
   end
-  local top
-  for _, id in ipairs(done.delivered) do
-    if not id_parts(id) then
-      return delete_ids(stream, done.ids)
-    end
-    if not top or id_less(top, id) then
-      top = id
-    end
+  local bound = trim_bound(stream, done.group, done.delivered)
+  if not bound or not pcall(redis.call, 'XTRIM', stream, 'MINID', bound) then
+    return delete_ids(stream, done.ids)  -- or an ACL without XTRIM: as before, per id
   end
-  if not top then
-    return delete_ids(stream, done.ids)
-  end
-  local oldest = redis.call('XPENDING', stream, done.group, '-', '+', 1)[1]
-  local bound = top
-  if oldest and id_parts(oldest[1]) and id_less(oldest[1], bound) then
-    bound = oldest[1]
-  end
-  if not pcall(redis.call, 'XTRIM', stream, 'MINID', bound) then
-    return delete_ids(stream, done.ids)  -- an ACL without XTRIM: as before, per id
-  end
+  local bound_dash = string.find(bound, '-', 1, true)
   local rest = {}
   for _, id in ipairs(done.ids) do
-    if not id_parts(id) or not id_less(id, bound) then
+    if not below(id, bound, bound_dash) then
       rest[#rest + 1] = id
     end
   end

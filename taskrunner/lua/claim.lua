@@ -15,9 +15,10 @@
 --         exceed max_payload bytes: they are not returned).
 local stream, job = KEYS[1], KEYS[2]
 local group, consumer, entry = ARGV[1], ARGV[2], ARGV[3]
-local FINAL = {succeeded = true, failed = true, aborted = true, rejected = true, dead = true}
 
-if #redis.call('XPENDING', stream, group, entry, entry, 1, consumer) == 0 then
+-- (numbers passed to redis.call are formatted with printf('%.17g') on every call:
+-- counts go as strings)
+if #redis.call('XPENDING', stream, group, entry, entry, '1', consumer) == 0 then
   return {'gone'}
 end
 -- the arguments come in the same HMGET only when they are small enough: a hostile
@@ -29,12 +30,13 @@ local status = h[1]
 if not status then
   return {'missing'}
 end
-if FINAL[status] then
-  redis.call('XACK', stream, group, entry)
-  redis.call('XDEL', stream, entry)
-  return {'final', status}
-end
 if status ~= 'queued' and status ~= 'running' and status ~= 'scheduled' then
+  if status == 'succeeded' or status == 'failed' or status == 'aborted'
+      or status == 'rejected' or status == 'dead' then
+    redis.call('XACK', stream, group, entry)
+    redis.call('XDEL', stream, entry)
+    return {'final', status}
+  end
   return {'invalid', status}
 end
 if status == 'scheduled' or (h[5] and h[5] ~= entry) then
@@ -54,10 +56,13 @@ else
   args = h[13] or ''
 end
 local attempts = (tonumber(h[6]) or 0) + 1
-local reclaims = tonumber(h[7]) or 0
+local reclaims = tonumber(h[7])
+local reclaims_changed = reclaims == nil
+reclaims = reclaims or 0
 local reclaimed = 0
 if status == 'running' then  -- the same entry delivered again: its attempt was cut short
   reclaims = reclaims + 1
+  reclaims_changed = true
   reclaimed = 1
 elseif h[12] then
   reclaimed = 1
@@ -65,14 +70,14 @@ elseif h[12] then
 end
 -- fields that did not change are not written again (each is a search of the hash)
 local set = {'status', 'running', 'lease', ARGV[4], 'worker', consumer,
-  'started', now_text(ARGV[7]), 'attempts', attempts}
+  'started', now_text(ARGV[7]), 'attempts', string.format('%d', attempts)}
 if h[5] ~= entry then
   set[#set + 1] = 'entry'
   set[#set + 1] = entry
 end
-if h[7] ~= tostring(reclaims) then
+if reclaims_changed then
   set[#set + 1] = 'reclaims'
-  set[#set + 1] = reclaims
+  set[#set + 1] = string.format('%d', reclaims)
 end
 redis.call('HSET', job, unpack(set))
 local ready = math.max(tonumber(h[9]) or 0, tonumber(h[10]) or 0)
