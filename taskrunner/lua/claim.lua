@@ -56,29 +56,35 @@ else
   args = h[13] or ''
 end
 local attempts = (tonumber(h[6]) or 0) + 1
-local reclaims = tonumber(h[7])
-local reclaims_changed = reclaims == nil
-reclaims = reclaims or 0
+local attempts_text = string.format('%d', attempts)
+local reclaims = tonumber(h[7]) or 0
 local reclaimed = 0
 if status == 'running' then  -- the same entry delivered again: its attempt was cut short
   reclaims = reclaims + 1
-  reclaims_changed = true
   reclaimed = 1
 elseif h[12] then
   reclaimed = 1
   redis.call('HDEL', job, 'reclaimed')
 end
--- fields that did not change are not written again (each is a search of the hash)
-local set = {'status', 'running', 'lease', ARGV[4], 'worker', consumer,
-  'started', now_text(ARGV[7]), 'attempts', string.format('%d', attempts)}
-if h[5] ~= entry then
-  set[#set + 1] = 'entry'
-  set[#set + 1] = entry
+-- fields that did not change are not written (each is a search of the hash): 'entry'
+-- when the job moved to this entry, 'reclaims' (absent: none) when this is one
+local started = now_text(ARGV[7])
+if h[5] == entry and status ~= 'running' then
+  redis.call('HSET', job, 'status', 'running', 'lease', ARGV[4], 'worker', consumer,
+    'started', started, 'attempts', attempts_text)
+else
+  local set = {'status', 'running', 'lease', ARGV[4], 'worker', consumer,
+    'started', started, 'attempts', attempts_text}
+  if h[5] ~= entry then
+    set[#set + 1] = 'entry'
+    set[#set + 1] = entry
+  end
+  if status == 'running' then
+    set[#set + 1] = 'reclaims'
+    set[#set + 1] = string.format('%d', reclaims)
+  end
+  redis.call('HSET', job, unpack(set))
 end
-if reclaims_changed then
-  set[#set + 1] = 'reclaims'
-  set[#set + 1] = string.format('%d', reclaims)
-end
-redis.call('HSET', job, unpack(set))
 local ready = math.max(tonumber(h[9]) or 0, tonumber(h[10]) or 0)
-return {verdict, h[2] or '', args, attempts, h[3] or '', reclaims, h[8] or '', ready, reclaimed}
+return {verdict, h[2] or '', args, attempts, h[3] or '', reclaims, h[8] or '', ready,
+  reclaimed}
