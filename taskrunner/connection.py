@@ -154,28 +154,33 @@ class _HiredisPacking:
         self, command: bytes | str | Iterable[bytes], check_health: bool = True
     ) -> None:
         """redis-py's send, without its ``asyncio.wait_for`` around every write when a
-        socket timeout is set: that makes a task per command, and the command goes out
-        one turn of the event loop later. The write is handed to the transport at once;
-        only if the transport could not pass it all to the kernel does the send wait
-        for it to drain, within the socket timeout, as redis-py's does."""
+        socket timeout is set (that makes a task per command, and the command goes out
+        one turn of the event loop later), for a connected connection. The write is
+        handed to the transport at once; only if the transport could not pass it all
+        to the kernel does the send wait for it to drain, within the socket timeout,
+        as redis-py's does. A connection the peer reset while it sat in the pool fails
+        as a ConnectionError (redis-py lets uvloop's RuntimeError for a closed
+        transport through, which no caller expects: it took a worker down on a network
+        reset)."""
         writer = self._writer
-        if writer is None or not self.is_connected or not self.socket_timeout:
+        if writer is None or not self.is_connected:  # redis-py's send connects first
             await cast(Any, super()).send_packed_command(command, check_health)
             return
         if check_health:
             await cast(Any, self).check_health()
         try:
-            if isinstance(command, str):
-                command = command.encode()
-            writer.writelines([command] if isinstance(command, bytes) else command)
-            if writer.transport.get_write_buffer_size() or writer.transport.is_closing():
-                async with asyncio.timeout(self.socket_timeout):
+            if _hand_over(writer, command):
+                async with asyncio.timeout(self.socket_timeout or None):
                     await writer.drain()
         except TimeoutError:
             await cast(Any, self).disconnect(nowait=True)
             raise RedisTimeoutError("Timeout writing to socket") from None
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:
+            # uvloop raises RuntimeError for a write on a transport that closed under it
+            lost = isinstance(exc, OSError) or writer.transport.is_closing()
             await cast(Any, self).disconnect(nowait=True)
+            if not lost:
+                raise
             raise RedisConnectionError(f"Error while writing to socket: {exc}") from exc
         except BaseException:
             await cast(Any, self).disconnect(nowait=True)
@@ -194,6 +199,19 @@ class _HiredisPacking:
             return [hiredis.pack_command(raw)]
         except TypeError as exc:
             raise DataError(str(exc)) from exc
+
+
+def _hand_over(writer: asyncio.StreamWriter, command: bytes | str | Iterable[bytes]) -> bool:
+    """Give ``command`` to the transport; whether the send must wait for it to drain
+    (the kernel did not take it all). ConnectionResetError when the peer reset the
+    connection while it sat idle in the pool."""
+    transport = writer.transport
+    if transport.is_closing():
+        raise ConnectionResetError("the connection was closed")
+    if isinstance(command, str):
+        command = command.encode()
+    writer.writelines([command] if isinstance(command, bytes) else command)
+    return bool(transport.get_write_buffer_size()) or transport.is_closing()
 
 
 _mixed_classes: dict[tuple[type[Any], type[Any]], type[Any]] = {}

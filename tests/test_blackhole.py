@@ -11,14 +11,18 @@ from urllib.parse import urlsplit
 
 import anyio
 import pytest
-from conftest import wait_until
+from apps.core_app import declare
+from conftest import StartWorker, wait_until
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from tcpproxy import MakeProxy
 from test_reliability import Spawn, count_runs, runs, spawn_workers
 
 from taskrunner import JobAborted, JobStatus, TaskRunner
 from taskrunner.connection import PoolOptions, open_connection
+
+CORE_APP = "apps.core_app:tr"
 
 MakeRunner = Callable[..., TaskRunner]
 DEADLINE = 60.0
@@ -223,3 +227,63 @@ async def test_a_write_the_server_does_not_take_in_time_fails_and_drops_the_conn
         assert await redis.exists("blackhole:big") == 0
     finally:
         await connection.aclose()
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_pooled_connection_the_peer_reset_fails_as_a_connection_error(
+    redis_url: str, make_proxy: MakeProxy, loop: str
+) -> None:
+    """A connection reset (RST) while it sits in the pool fails its next write as a
+    ConnectionError, which every caller handles (uvloop raises RuntimeError for a
+    write on a closed transport, and that took a CLI worker down), and is dropped; the
+    next call goes out on a new connection."""
+    import asyncio
+
+    import uvloop
+
+    proxy = proxied(redis_url, make_proxy)
+
+    async def scenario() -> None:
+        connection = await open_connection(through(proxy.port), PoolOptions())
+        try:
+            redis = connection.redis
+            assert await redis.set("reset:key", "x")
+            pool = cast(Any, redis).connection_pool
+            conn = await pool.get_connection()
+            try:
+                proxy.cut()
+
+                async def closed() -> bool:
+                    return bool(conn._writer.transport.is_closing())
+
+                await wait_until(closed)
+                with pytest.raises(RedisConnectionError):
+                    await conn.send_packed_command(conn.pack_command("GET", "reset:key"))
+                assert not conn.is_connected
+            finally:
+                await pool.release(conn)
+            assert await redis.get("reset:key") == "x"
+        finally:
+            await connection.aclose()
+
+    factory = uvloop.new_event_loop if loop == "uvloop" else asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(scenario())
+
+
+async def test_a_cli_worker_rides_out_a_reset_of_its_idle_connections(
+    cli_workers: StartWorker, redis_url: str, namespace: str, make_proxy: MakeProxy
+) -> None:
+    """A worker process (the CLI runs on uvloop) whose connections are all reset while
+    it waits for work keeps running and takes the next job."""
+    proxy = proxied(redis_url, make_proxy)
+    producer = TaskRunner(redis_url, namespace=namespace)
+    tasks = declare(producer)
+    worker = cli_workers(CORE_APP, env={"TASKRUNNER_REDIS_URL": through(proxy.port)})
+    async with producer:
+        first = await tasks.add.enqueue(1, 2)
+        assert await first.result(timeout=DEADLINE) == 3
+        proxy.cut()  # every open connection: the pool's idle ones, the listener's
+        second = await tasks.add.enqueue(3, 4)
+        assert await second.result(timeout=DEADLINE) == 7
+    assert worker.alive, worker.output()
