@@ -180,3 +180,34 @@ def test_a_bad_runner_setting_in_the_app_exits_2(namespace: str, tmp_path: Path)
     done = run_cli(env_with("redis://127.0.0.1:1/0", namespace), "info", "badttl_app:tr",
                    cwd=tmp_path)  # fmt: skip
     assert_one_line(done, 2, "invalid TaskRunner setting result_ttl=0: it must be more than 0")
+
+
+def test_several_lost_connections_at_once_are_one_line_and_a_bug_beside_them_is_not(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Two tasks of a worker that lose Redis together fail as a group: still one line
+    and exit code 1 (as one lost connection); a group with anything else in it (a bug)
+    keeps its traceback."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from taskrunner.cli._common import run_async
+
+    async def lost_twice() -> None:
+        raise ExceptionGroup(
+            "tasks",
+            [RedisConnectionError("reset by peer"), ExceptionGroup("inner", [OSError("gone")])],
+        )
+
+    with pytest.raises(SystemExit) as exited:
+        run_async(lost_twice)
+    assert exited.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("taskrunner: error: cannot reach redis")
+    assert "reset by peer" in lines[0]
+
+    async def lost_and_a_bug() -> None:
+        raise ExceptionGroup("tasks", [RedisConnectionError("reset"), ValueError("bug")])
+
+    with pytest.raises(ExceptionGroup):
+        run_async(lost_and_a_bug)

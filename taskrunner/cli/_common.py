@@ -138,7 +138,9 @@ def run_async(fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
     try:
         anyio.run(fn, backend="asyncio", backend_options=options)
     except BaseExceptionGroup as group:
-        _fail_known(_first_leaf(group))
+        leaves = _leaves(group)
+        if all(_known(leaf) for leaf in leaves):  # e.g. two tasks lost the same Redis
+            _fail_known(leaves[0])
         raise
     except Exception as exc:
         _fail_known(exc)
@@ -147,10 +149,19 @@ def run_async(fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
         sys.exit(130)
 
 
-def _first_leaf(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside ``exc``'s (nested) groups, in order; [exc] for one."""
+    if not isinstance(exc, BaseExceptionGroup):
+        return [exc]
+    return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+
+
+def _known(exc: BaseException) -> bool:
+    """Whether ``exc`` is about the setup (what ``_fail_known`` reports in one line)."""
+    return isinstance(
+        exc,
+        (ConfigurationError, RedisConnectionError, RedisTimeoutError, OSError, TaskrunnerError),
+    ) or (_rejected_by_server(exc) is not None)
 
 
 def _fail_known(exc: BaseException) -> None:
