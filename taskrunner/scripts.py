@@ -105,7 +105,7 @@ XACK stays first and immediate: it is the call's first write and Redis does not 
 it when out of memory, and after a script's first write Redis lets its later writes
 through, so a commit under ``maxmemory`` still records its outcome (a deferred XACK
 left every job of an OOM batch "running" with its entry gone). A failed final delete
-or index write (a hostile key) leaves an acknowledged entry for the reclaim's clean-up
+or index write (a hostile key) leaves an acknowledged entry for a later batch's trim
 or a finished job out of its index, and fails no call. ``trim_due(key, now)`` says
 whether a call should trim an index: once per script run and key, in every batch,
 else one run in ~32 (a trim removes at most ``TRIM_MAX`` members, enough to keep up

@@ -354,6 +354,49 @@ async def test_an_entry_id_written_with_a_leading_zero_leaves_no_settled_entry(
     assert await pending_ids(redis, stream) == []
 
 
+async def test_an_entry_id_with_a_signed_sequence_number_is_deleted_all_the_same(
+    redis: Redis, keys: QueueKeys
+) -> None:
+    """Redis reads the sequence number of "5--02" as 2**64 - 2: a batch that commits the
+    entry so spelled, beside one below an entry still pending, deletes it (it must not
+    be taken for an id below the trim bound), and the pending one stays."""
+    top = f"5-{2**64 - 2}"
+    stream = await stream_of(redis, keys)
+    jobs = await write_at(redis, keys, stream, ["5-1", "5-100", top])
+    assert await read(redis, keys, stream, 3) == ["5-1", "5-100", top]
+    tokens = await claim_all(redis, keys, stream, jobs)
+    calls = [
+        commit(keys, stream, jobs[0], tokens[0]),
+        commit(keys, stream, (jobs[2][0], "5--02"), tokens[2]),
+    ]
+
+    assert await scripts.run_many(redis, calls) == [1, 1]
+
+    assert await pending_ids(redis, stream) == ["5-100"]
+    assert await stream_ids(redis, stream) == ["5-100"]
+
+
+@pytest.mark.parametrize(
+    ("stored", "attempts"),
+    [("nan", 1), ("1e300", 1), ("-4", 1), ("3.5", 4), ("abc", 1), ("2", 3)],
+)
+async def test_a_claim_writes_back_a_hostile_attempt_count_as_a_whole_number(
+    redis: Redis, keys: QueueKeys, stored: str, attempts: int
+) -> None:
+    """A job hash whose 'attempts' is not a whole number in range counts as 0 attempts
+    (or its whole part): the claim answers, and writes back, a whole number that
+    Redis and Python both read the same."""
+    stream = await stream_of(redis, keys)
+    [job] = await write_at(redis, keys, stream, ["7-0"])
+    await redis.hset(keys.job(job[0]), mapping={"attempts": stored, "reclaims": stored})
+    await read(redis, keys, stream, 1)
+
+    reply = await scripts.run(redis, claim(keys, stream, job, new_token()))
+
+    assert (str(reply[0]), int(reply[3])) == ("ok", attempts)
+    assert await redis.hget(keys.job(job[0]), "attempts") == str(attempts)
+
+
 async def test_commits_for_two_groups_on_one_stream_trim_no_entry_either_has_not_read(
     redis: Redis, keys: QueueKeys
 ) -> None:

@@ -11,14 +11,15 @@ local function canonical(id)
 end
 
 -- id < bound, where bound is a stream id as Redis writes it and bound_dash the position
--- of its '-'. Cheap (a plain find; no pattern, and a substring only for two ids of one
--- millisecond whose sequence numbers differ in length), and never wrong towards
--- "below" for another spelling of an id: leading zeros only make an id look larger,
--- and an id without a '-' is never below. An id it calls not below is deleted by
--- itself, which is always safe.
+-- of its '-'. Cheap (a plain find, no pattern; a substring only when the millisecond
+-- parts have as many digits and the lengths differ), and never wrong towards "below"
+-- for another spelling Redis accepts: leading zeros and spaces only make an id look
+-- larger, and an id without a '-', or with anything but a digit after it (Redis reads
+-- '5--1' as a huge sequence number), is never below. An id it calls not below is
+-- deleted by itself, which is always safe.
 local function below(id, bound, bound_dash)
   local dash = string.find(id, '-', 1, true)
-  if not dash then
+  if not dash or (string.byte(id, dash + 1) or 0) < 48 then
     return false
   end
   if dash ~= bound_dash then
@@ -42,10 +43,11 @@ end
 
 -- The trim bound of a batch that acknowledged the ids 'delivered' (non-empty): the
 -- group's oldest pending entry, or with none pending the newest id acknowledged; nil
--- when that id is not spelled as Redis writes it. Every entry below the oldest pending
--- one was delivered (a group delivers in order) and is acknowledged, and every
--- acknowledged entry is deleted by the script that acknowledges it (or is gone), so
--- whatever lies below the bound may go.
+-- when that id is not spelled as Redis writes it. A stream has one group, created at
+-- id 0 and read only with '>' (no SETID, NOACK or XCLAIM FORCE), and a group delivers
+-- in order: every entry below its oldest pending one was delivered and is no longer
+-- pending, so it is settled (its job's outcome recorded, or the entry a stray, an
+-- orphan or gone), and whatever lies below the bound may go.
 local function trim_bound(stream, group, delivered)
   local oldest = redis.call('XPENDING', stream, group, '-', '+', '1')[1]
   if oldest then

@@ -1,8 +1,8 @@
 -- The scripts' clock: prepended to every script that uses now_ms or now_text
 -- (taskrunner/scripts.py).
 local server_ms
-local ms_clock, ms_value
-local now_clock, now_string
+local ms_clock, ms_value = false, nil  -- false: no clock argument is cached
+local now_clock, now_string = false, nil
 
 -- "now" in ms: the server's clock (TIME, read once per script run) plus the runner's
 -- clock offset, or a frozen instant ('=<ms>', tests only: taskrunner.clock); worked

@@ -55,9 +55,19 @@ elseif not small then
 else
   args = h[13] or ''
 end
-local attempts = (tonumber(h[6]) or 0) + 1
+-- counts as whole numbers: a hostile field ('nan', '1e300', '3.5') counts as 0 or
+-- its whole part, so what is written back is an integer Redis and Python both read
+local attempts = tonumber(h[6]) or 0
+if not (attempts >= 0 and attempts < 9007199254740992) then  -- false for NaN too
+  attempts = 0
+end
+attempts = math.floor(attempts) + 1
 local attempts_text = string.format('%d', attempts)
 local reclaims = tonumber(h[7]) or 0
+if not (reclaims >= 0 and reclaims < 9007199254740992) then
+  reclaims = 0
+end
+reclaims = math.floor(reclaims)
 local reclaimed = 0
 if status == 'running' then  -- the same entry delivered again: its attempt was cut short
   reclaims = reclaims + 1
