@@ -183,6 +183,23 @@ async def test_delay_schedules_the_job_in_the_delayed_set(
     assert abs(info.due_at.timestamp() - due[job.id]) < 0.002
 
 
+async def test_a_delay_beyond_a_64_bit_millisecond_count_stays_in_the_future(
+    tr: TaskRunner, redis: Redis, namespace: str
+) -> None:
+    """The due time is sent and stored as Redis formats a double: a delay of 10**20 s
+    (more milliseconds than a 64-bit integer holds) is due in the far future, not at
+    once (an integer format would wrap it around to a negative score)."""
+    add = declare_add(tr)
+    job = await add.options(delay=1e20).enqueue(1, 2)
+    keys = QueueKeys(namespace, "default")
+    [(_, score)] = cast(
+        list[tuple[str, float]], await redis.zrange(keys.delayed, 0, -1, withscores=True)
+    )
+    assert score > 1e22
+    assert float(await redis.hget(keys.job(job.id), "due") or 0) > 1e22
+    assert await job.status() == JobStatus.SCHEDULED
+
+
 async def test_at_schedules_for_that_time_and_a_past_time_is_due_now(
     tr: TaskRunner, redis: Redis, namespace: str
 ) -> None:

@@ -28,8 +28,10 @@ for i = 6, #KEYS do
 end
 
 local now = now_ms(ARGV[10])
+-- times go as strings (a Lua number passed to redis.call is formatted with
+-- printf('%.17g') on every call; now_text formats it once per run)
 local fields = {'task', ARGV[2], 'args', ARGV[3], 'queue', ARGV[4], 'level', level,
-  'enqueued', now}
+  'enqueued', now_text(ARGV[10])}
 if #locks > 0 then
   fields[#fields + 1] = 'locks'
   fields[#fields + 1] = table.concat(locks, ' ')
