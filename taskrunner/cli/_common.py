@@ -138,12 +138,15 @@ def run_async(fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
     try:
         anyio.run(fn, backend="asyncio", backend_options=options)
     except BaseExceptionGroup as group:
-        leaves = _leaves(group)
-        if all(_known(leaf) for leaf in leaves):  # e.g. two tasks lost the same Redis
-            _fail_known(leaves[0])
+        lines = [_one_line(leaf) for leaf in _leaves(group)]
+        first = lines[0]
+        if first is not None and all(lines):  # e.g. two tasks lost the same Redis
+            fail(*first)
         raise
     except Exception as exc:
-        _fail_known(exc)
+        line = _one_line(exc)
+        if line is not None:
+            fail(*line)
         raise
     except KeyboardInterrupt:
         sys.exit(130)
@@ -156,26 +159,20 @@ def _leaves(exc: BaseException) -> list[BaseException]:
     return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
 
 
-def _known(exc: BaseException) -> bool:
-    """Whether ``exc`` is about the setup (what ``_fail_known`` reports in one line)."""
-    return isinstance(
-        exc,
-        (ConfigurationError, RedisConnectionError, RedisTimeoutError, OSError, TaskrunnerError),
-    ) or (_rejected_by_server(exc) is not None)
-
-
-def _fail_known(exc: BaseException) -> None:
-    """One line for errors about the setup, not a bug: exit 2 when the URL or the
-    configuration is wrong, 1 when Redis cannot be reached or for another failure."""
+def _one_line(exc: BaseException) -> tuple[str, int] | None:
+    """The line and exit code for an error about the setup, not a bug (None for any
+    other): 2 when the URL or the configuration is wrong, 1 when Redis cannot be
+    reached or for another failure."""
     if isinstance(exc, ConfigurationError):
-        fail(str(exc), USAGE_ERROR)
+        return str(exc), USAGE_ERROR
     rejected = _rejected_by_server(exc)
     if rejected is not None:
-        fail(f"{_target['redis']} {rejected}: {exc}", USAGE_ERROR)
+        return f"{_target['redis']} {rejected}: {exc}", USAGE_ERROR
     if isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError)):
-        fail(f"cannot reach {_target['redis']}: {exc}")
+        return f"cannot reach {_target['redis']}: {exc}", RUNTIME_ERROR
     if isinstance(exc, TaskrunnerError):
-        fail(str(exc))
+        return str(exc), RUNTIME_ERROR
+    return None
 
 
 def _rejected_by_server(exc: BaseException) -> str | None:
