@@ -4,13 +4,16 @@ proxy on loopback (tests/tcpproxy.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlsplit
 
 import anyio
 import pytest
+import uvloop
 from apps.core_app import declare
 from conftest import StartWorker, wait_until
 from redis.asyncio import Redis
@@ -200,6 +203,27 @@ async def test_a_burst_worker_waits_out_an_outage_that_begins_after_its_last_emp
         assert await jobs[0].result(timeout=DEADLINE) == 7
 
 
+@contextlib.asynccontextmanager
+async def client_through(proxy: Any, options: PoolOptions) -> AsyncIterator[Redis]:
+    """taskrunner's client of the test's Redis through ``proxy`` (closed at the end)."""
+    connection = await open_connection(through(proxy.port), options)
+    try:
+        yield connection.redis
+    finally:
+        await connection.aclose()
+
+
+@contextlib.asynccontextmanager
+async def taken_from_pool(redis: Redis) -> AsyncIterator[Any]:
+    """One connection of ``redis``'s pool, given back at the end."""
+    pool = cast(Any, redis).connection_pool
+    conn = await pool.get_connection()
+    try:
+        yield conn
+    finally:
+        await pool.release(conn)
+
+
 async def test_a_write_the_server_does_not_take_in_time_fails_and_drops_the_connection(
     redis_url: str, make_proxy: MakeProxy
 ) -> None:
@@ -208,25 +232,17 @@ async def test_a_write_the_server_does_not_take_in_time_fails_and_drops_the_conn
     and wait for it only when it cannot all go out), and the connection is dropped; a
     call once the peer reads again goes out on a new one."""
     proxy = proxied(redis_url, make_proxy)
-    connection = await open_connection(through(proxy.port), PoolOptions(socket_timeout=0.5))
-    try:
-        redis = connection.redis
+    async with client_through(proxy, PoolOptions(socket_timeout=0.5)) as redis:
         assert await redis.set("blackhole:small", "x")
-        pool = cast(Any, redis).connection_pool
-        conn = await pool.get_connection()
-        try:
+        async with taken_from_pool(redis) as conn:
             proxy.stall()
             big = "x" * (64 << 20)  # more than the socket buffers and the proxy hold
             with pytest.raises(RedisTimeoutError, match="Timeout writing to socket"):
                 await conn.send_packed_command(conn.pack_command("SET", "blackhole:big", big))
             assert not conn.is_connected
-        finally:
-            await pool.release(conn)
         proxy.resume()
         assert await redis.get("blackhole:small") == "x"
         assert await redis.exists("blackhole:big") == 0
-    finally:
-        await connection.aclose()
 
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
@@ -237,34 +253,22 @@ def test_a_pooled_connection_the_peer_reset_fails_as_a_connection_error(
     ConnectionError, which every caller handles (uvloop raises RuntimeError for a
     write on a closed transport, and that took a CLI worker down), and is dropped; the
     next call goes out on a new connection."""
-    import asyncio
-
-    import uvloop
-
     proxy = proxied(redis_url, make_proxy)
 
     async def scenario() -> None:
-        connection = await open_connection(through(proxy.port), PoolOptions())
-        try:
-            redis = connection.redis
+        async with client_through(proxy, PoolOptions()) as redis:
             assert await redis.set("reset:key", "x")
-            pool = cast(Any, redis).connection_pool
-            conn = await pool.get_connection()
-            try:
+            async with taken_from_pool(redis) as conn:
                 proxy.cut()
 
                 async def closed() -> bool:
                     return bool(conn._writer.transport.is_closing())
 
-                await wait_until(closed)
+                await wait_until(closed)  # the loop closed the transport on the RST
                 with pytest.raises(RedisConnectionError):
                     await conn.send_packed_command(conn.pack_command("GET", "reset:key"))
                 assert not conn.is_connected
-            finally:
-                await pool.release(conn)
             assert await redis.get("reset:key") == "x"
-        finally:
-            await connection.aclose()
 
     factory = uvloop.new_event_loop if loop == "uvloop" else asyncio.new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:

@@ -18,7 +18,10 @@ from pathlib import Path
 
 import pytest
 from conftest import subprocess_env
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redisproc import RedisProcess
+
+from taskrunner.cli._common import run_async
 
 APP = "apps.cli_app:tr"
 TASKRUNNER = str(Path(sys.executable).with_name("taskrunner"))
@@ -188,9 +191,6 @@ def test_several_lost_connections_at_once_are_one_line_and_a_bug_beside_them_is_
     """Two tasks of a worker that lose Redis together fail as a group: still one line
     and exit code 1 (as one lost connection); a group with anything else in it (a bug)
     keeps its traceback."""
-    from redis.exceptions import ConnectionError as RedisConnectionError
-
-    from taskrunner.cli._common import run_async
 
     async def lost_twice() -> None:
         raise ExceptionGroup(
