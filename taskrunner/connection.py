@@ -231,7 +231,69 @@ def fast(base: type[AbstractConnection]) -> type[AbstractConnection]:
     return cast(type[AbstractConnection], _mixed(_HiredisPacking, base))
 
 
-class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+class _QuickCheckout:
+    """A blocking pool's checkout without its condition lock when a connection is free.
+
+    redis-py's ``BlockingConnectionPool`` takes an ``asyncio.Condition`` and an
+    ``async_timeout`` on every checkout and again on every release, and reports each
+    to its event dispatcher and metrics recorder: about 16 µs of the client's time per
+    command, against 1.5 µs here. When a connection is free nobody can be waiting for
+    one, so it is taken directly (and checked as redis-py checks it: connected, nothing
+    unread). Otherwise the pool's own checkout runs, and the callers it makes wait are
+    counted, so that a release hands the connection over through the pool's own
+    release (which wakes them) while anyone waits. Skipped on release, with nobody
+    waiting: the re-authentication event of streaming credential providers (taskrunner
+    authenticates with the URL's user and password only) and redis-py's optional
+    connection-count metrics. Pools of a redis-py without these internals, or in
+    maintenance mode, use the pool's own checkout throughout."""
+
+    _waiting = 0
+
+    def _quick(self) -> bool:
+        return (
+            isinstance(getattr(self, "_available_connections", None), list)
+            and isinstance(getattr(self, "_in_use_connections", None), set)
+            and not getattr(self, "_in_maintenance", False)
+            and hasattr(self, "ensure_connection")
+        )
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        pool = cast(Any, self)
+        if self._quick() and pool._available_connections and not args and not kwargs:
+            connection = pool._available_connections.pop()
+            pool._in_use_connections.add(connection)
+            try:
+                await pool.ensure_connection(connection)
+            except BaseException:
+                await self.release(connection)
+                raise
+            return connection
+        self._waiting += 1
+        try:
+            return await cast(Any, super()).get_connection(*args, **kwargs)
+        finally:
+            self._waiting -= 1
+
+    async def release(self, connection: Any) -> None:
+        pool = cast(Any, self)
+        reconnect = getattr(connection, "should_reconnect", None)
+        if (
+            self._waiting
+            or not self._quick()
+            or connection not in pool._in_use_connections
+            or (reconnect is not None and reconnect())
+        ):
+            await cast(Any, super()).release(connection)
+            return
+        pool._in_use_connections.remove(connection)
+        pool._available_connections.append(connection)
+
+
+class _BlockingPool(_QuickCheckout, BlockingConnectionPool):
+    """A pool that waits for a free connection, with the quick checkout."""
+
+
+class _BlockingSentinelPool(_QuickCheckout, SentinelConnectionPool, BlockingConnectionPool):
     """A Sentinel-managed pool that waits for a free connection (redis-py's raises)."""
 
 
@@ -402,7 +464,7 @@ def _standalone(
         if target.tls:
             kwargs.update(target.ssl_options)
     kwargs["db"] = target.db
-    pool = BlockingConnectionPool(
+    pool = _BlockingPool(
         max_connections=max_connections or options.max_connections,
         timeout=options.pool_timeout,
         connection_class=fast(connection_class),

@@ -92,6 +92,51 @@ async def test_a_full_pool_makes_callers_wait_then_fail_after_pool_timeout(
         assert await job.status() == JobStatus.QUEUED
 
 
+async def test_a_pool_of_one_connection_serves_every_waiting_caller(
+    make_runner: MakeRunner,
+) -> None:
+    # 200 callers share one connection: each release must wake a waiting caller (the
+    # pool's quick checkout only skips the wake-up when nobody waits).
+    tr = make_runner(max_connections=1, pool_timeout=10)
+
+    @tr.task
+    async def noop() -> None: ...
+
+    async with tr:
+        jobs: list[Any] = []
+
+        async def enqueue() -> None:
+            jobs.append(await noop.enqueue())
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(200):
+                tg.start_soon(enqueue)
+        assert len({job.id for job in jobs}) == 200
+        pool = tr.client.redis.connection_pool
+        assert len(pool._in_use_connections) == 0  # every connection went back
+        assert len(pool._available_connections) == 1
+
+
+async def test_a_pooled_connection_the_server_closed_is_replaced_at_checkout(
+    make_runner: MakeRunner, redis: Redis
+) -> None:
+    tr = make_runner(max_connections=1)
+
+    @tr.task
+    async def noop() -> None: ...
+
+    async with tr:
+        await noop.enqueue()
+        name = f"pooled-{id(tr)}"
+        await tr.client.redis.client_setname(name)
+        clients = await redis.client_list()
+        [pooled] = [c for c in clients if c["name"] == name]
+        assert await redis.client_kill_filter(_id=pooled["id"]) == 1
+        job = await noop.enqueue()  # on a new connection, not an error
+        assert await job.status() == JobStatus.QUEUED
+        assert all(c["name"] != name for c in await redis.client_list())
+
+
 async def test_tasks_that_hammer_redis_never_starve_the_workers_heartbeats(
     make_runner: MakeRunner, caplog: pytest.LogCaptureFixture
 ) -> None:
