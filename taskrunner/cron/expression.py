@@ -27,6 +27,8 @@ ALIASES = {
     "@midnight": "0 0 * * *",
     "@hourly": "0 * * * *",
 }
+OUT_OF_RANGE = (ValueError, OverflowError, OSError)
+"""What a time outside datetime's years 1 to 9999 raises (``fromtimestamp``, cronsim)."""
 FORMS = (
     "5 fields (minute hour day-of-month month day-of-week) or 6 with a leading seconds "
     "field, e.g. '*/5 * * * *'"
@@ -83,11 +85,12 @@ class CronExpression:
 
     def after(self, ms: int, *, now: bool = False) -> int | None:
         """The first tick strictly after ``ms`` (epoch ms; ``now=True``: after the
-        present), or None if there is none in the next 50 years."""
-        start = datetime.now(self.tz) if now else datetime.fromtimestamp(ms // 1000, self.tz)
+        present), or None if there is none in the next 50 years or before the end of
+        year 9999 (what a datetime can hold)."""
         try:
+            start = datetime.now(self.tz) if now else datetime.fromtimestamp(ms // 1000, self.tz)
             found = next(CronSim(self._fields, start))
-        except StopIteration:
+        except (StopIteration, *OUT_OF_RANGE):
             return None
         return int(found.timestamp()) * 1000
 
@@ -97,10 +100,10 @@ class CronExpression:
 
     def at_or_before(self, ms: int) -> int | None:
         """The last tick at or before ``ms`` (None if none in the last 50 years)."""
-        start = datetime.fromtimestamp(ms // 1000 + 1, self.tz)
         try:
+            start = datetime.fromtimestamp(ms // 1000 + 1, self.tz)
             found = next(CronSim(self._fields, start, reverse=True))
-        except StopIteration:
+        except (StopIteration, *OUT_OF_RANGE):
             return None
         return int(found.timestamp()) * 1000
 

@@ -4,6 +4,7 @@ arguments), and how late a tick may still run (``max_drift``); and ``CronInfo``,
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -19,6 +20,11 @@ DEFAULT_MAX_DRIFT = 60.0
 """Seconds a tick may be late and still run (after a restart, a pause of every worker)."""
 MIN_MAX_DRIFT = 1.0
 """A smaller ``max_drift`` would skip ticks a live worker is merely a little late for."""
+FUTURE_SLACK = 60.0
+"""Seconds a handled tick (a state's ``last``, a ``cron`` event) may be ahead of the
+current time and still be believed (clocks differ a little); further ahead it is
+hostile. tick.lua has the same bound (``FUTURE_SLACK_MS``)."""
+_DIGITS = re.compile(r"[0-9]{1,18}")
 
 
 def check_schedule_name(name: str) -> str:
@@ -103,8 +109,8 @@ class CronInfo(BaseModel):
 
 def info(schedule: CronSchedule, state: dict[str, str], now_ms: int) -> CronInfo:
     """A schedule's ``CronInfo`` from its state hash (hostile fields read as absent)."""
-    fired = _int(state.get("fired"))
-    after = max(now_ms, _int(state.get("last")) or 0)
+    fired = plausible_tick(state.get("fired"), now_ms)
+    after = max(now_ms, plausible_tick(state.get("last"), now_ms) or 0)
     upcoming = schedule.expression.after(after)
     return CronInfo(
         name=schedule.name,
@@ -120,11 +126,15 @@ def info(schedule: CronSchedule, state: dict[str, str], now_ms: int) -> CronInfo
     )
 
 
-def _int(text: str | None) -> int | None:
-    try:
-        value = int(text) if text is not None else None
-    except ValueError:
+def plausible_tick(value: object, now_ms: int) -> int | None:
+    """``value`` (a state's ``last``, the tick of a ``cron`` event) as a handled tick in
+    epoch ms, or None if it cannot be one: not a positive whole number in ASCII digits,
+    or more than ``FUTURE_SLACK`` after ``now_ms`` (hostile: never handled by now)."""
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    if not isinstance(value, str) or not _DIGITS.fullmatch(value):
         return None
-    if value is None or not 0 < value < 253402300800000:  # year 10000
+    tick = int(value)
+    if not 0 < tick <= now_ms + int(FUTURE_SLACK * 1000):
         return None
-    return value
+    return tick

@@ -37,8 +37,10 @@ import anyio
 
 from taskrunner import scripts
 from taskrunner.connection import REDIS_ERRORS, reachable, report
+from taskrunner.cron.schedule import plausible_tick
 from taskrunner.exceptions import LockConflictError
 from taskrunner.job import Job
+from taskrunner.logs import excerpt
 from taskrunner.middleware.base import (
     EnqueueContext,
     Middleware,
@@ -116,16 +118,21 @@ class CronService:
         self._wake.set()
 
     def on_fired(self, queue: str, argument: str) -> None:
-        """A ``cron <name> <tick> <worker>`` event: that worker handled that tick."""
+        """A ``cron <name> <tick> <worker>`` event: that worker handled that tick. A
+        garbage one (a tick that is no whole number, or in the future by more than
+        ``FUTURE_SLACK``) is ignored: it must not make the schedule wait for it."""
         parts = argument.split(" ")
         if len(parts) != 3:
             return
-        name, tick, worker = parts
+        name, text, worker = parts
         entry = self._entries.get(name)
-        if entry is None or entry.schedule.queue != queue or not tick.isdigit():
+        if entry is None or entry.schedule.queue != queue or not self._loaded:
             return
-        if self._loaded:
-            entry.handled(int(tick), owner=worker == self._worker.id)
+        tick = plausible_tick(text, self._now())
+        if tick is None:
+            logger.debug("cron %s: ignored a garbage event: %s", name, excerpt(argument))
+            return
+        entry.handled(tick, owner=worker == self._worker.id)
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -211,7 +218,7 @@ class CronService:
             pipe.hget(key, "last")
         replies = await pipe.execute()
         for entry, last in zip(entries, replies[1::2], strict=True):
-            entry.handled(_ms(last) or _start(entry.schedule, now), owner=False)
+            entry.handled(_last(entry.schedule, last, now), owner=False)
         self._loaded = True
 
     async def _catch_up(self, entry: _Entry, eager: bool) -> int:
@@ -315,11 +322,21 @@ def _start(schedule: CronSchedule, now: int) -> int:
     return now - 1
 
 
-def _ms(value: object) -> int:
-    try:
-        return int(str(value))
-    except ValueError:
-        return 0
+def _last(schedule: CronSchedule, value: object, now: int) -> int:
+    """The state's ``last`` as read at start-up; one that cannot be a handled tick (not
+    a whole number, or later than now + ``FUTURE_SLACK``) is read as a lost state, with
+    one WARNING (tick.lua reads it the same way, and overwrites it at the next tick)."""
+    tick = plausible_tick(value, now)
+    if tick is not None:
+        return tick
+    if value is not None:
+        logger.warning(
+            "cron %s: the state's last tick %s is not a handled tick (hostile or from a "
+            "clock far ahead): starting as if the schedule's state were lost",
+            schedule.name,
+            excerpt(value),
+        )
+    return _start(schedule, now)
 
 
 def _log_skipped(schedule: CronSchedule, previous: int, tick: int) -> None:

@@ -20,9 +20,13 @@ local tick, drift = tonumber(ARGV[1]), tonumber(ARGV[2])
 local t = redis.call('TIME')
 local server = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local now = now_ms(ARGV[5])
-local last = tonumber(redis.call('HGET', state, 'last'))
-if not last or last ~= last or last == math.huge or last == -math.huge then
-  last = 0  -- missing or hostile: as if no tick was ever handled
+-- `last` is a handled tick: a whole number of ms, never after now; allow
+-- FUTURE_SLACK_MS for clocks that differ (taskrunner.cron.schedule.FUTURE_SLACK)
+local FUTURE_SLACK_MS = 60000
+local raw = redis.call('HGET', state, 'last')
+local last = raw and string.match(raw, '^%d+$') and tonumber(raw)
+if not last or last > now + FUTURE_SLACK_MS then
+  last = 0  -- missing or hostile (NaN, '1e3', far ahead): as if no tick was handled
 end
 if last >= tick then
   return {'done', string.format('%d', last), server}
