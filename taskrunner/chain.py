@@ -233,7 +233,7 @@ class Spec:
             raise SpecError("the job has no follow-up spec")
         try:
             value = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # deep nesting: RecursionError
             raise SpecError(f"the follow-up spec is not JSON: {safe_text(text, 200)!r}") from None
         if not isinstance(value, dict) or value.get("v") != SPEC_VERSION:
             raise SpecError("the follow-up spec is not a version 1 object")
@@ -257,7 +257,7 @@ def follow_payload(step: Step, result: str) -> str:
     parameter, and the step's other arguments."""
     try:
         value = json.loads(result)
-    except ValueError:
+    except (ValueError, RecursionError):  # deep nesting: RecursionError
         raise SpecError(f"the result is not JSON: {safe_text(result, 200)!r}") from None
     return json.dumps({step.param: value, **step.args}, separators=(",", ":"))
 
@@ -269,7 +269,7 @@ def follow_meta(meta: str | None, *, more: bool) -> str:
     if meta:
         try:
             value = json.loads(meta)
-        except ValueError:
+        except (ValueError, RecursionError):  # deep nesting: RecursionError
             value = {}
         if isinstance(value, dict):
             found = {str(k): str(v) for k, v in value.items() if k != NEXT_HEADER}

@@ -26,7 +26,7 @@ from taskrunner.clock import Clock
 from taskrunner.connection import REDIS_ERRORS, Connection, reachable, report
 from taskrunner.exceptions import JobNotFound, LockConflictError, TaskrunnerError
 from taskrunner.job import Job, JobStatus
-from taskrunner.keys import DEFAULT_LEVEL, Queue, QueueKeys, home_partition
+from taskrunner.keys import DEFAULT_LEVEL, MAX_PARTITIONS, Queue, QueueKeys, home_partition
 from taskrunner.middleware.base import (
     EnqueueContext,
     EnqueueNext,
@@ -102,7 +102,7 @@ class Client:
         """Partitions of a queue nobody configured: 1, or one per primary on a cluster."""
         if not self.connection.cluster:
             return 1
-        return max(1, len(cast(Any, self.redis).get_primaries()))
+        return min(MAX_PARTITIONS, max(1, len(cast(Any, self.redis).get_primaries())))
 
     async def resolve(self, name: str, *, refresh: bool = False, record: bool = False) -> Queue:
         """The queue ``name`` with its partitions, as recorded in Redis (or configured,
@@ -432,7 +432,7 @@ def _relayed(state: dict[str, str]) -> bool:
 def _json_or_none(text: str) -> Any:
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # deep nesting: RecursionError
         return None
 
 
@@ -546,9 +546,14 @@ class _EnqueueBatch:
         flag = _WROTE.get()
         if flag[0]:
             raise RuntimeError("an enqueue middleware called call_next twice for one job")
+        # A middleware may have moved the job to a queue not resolved yet; and a write
+        # that cannot be built raises before this chain counts as written, so the
+        # batch's other chains are not left waiting for it.
+        await self._client.resolve(ctx.queue)
+        call = self._client.write_call(ctx)
         flag[0] = True
         index = len(self._calls)
-        self._calls.append(self._client.write_call(ctx))
+        self._calls.append(call)
         self._decided()
         await self._flushed.wait()
         return self._client.job_from_reply(ctx, self._replies[index])

@@ -19,6 +19,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from pydantic_core import ErrorDetails
 
 from taskrunner.exceptions import ConfigurationError
+from taskrunner.keys import MAX_PARTITIONS
 
 DEFAULT_DEAD_LETTER_LIMIT = 10_000
 """Dead letters kept per queue: the oldest beyond this are removed (Sidekiq's default)."""
@@ -32,8 +33,9 @@ def _seconds(value: object) -> object:
     return value.total_seconds() if isinstance(value, timedelta) else value
 
 
-Seconds = Annotated[float, BeforeValidator(_seconds)]
-"""Seconds as a number or a ``timedelta``."""
+Seconds = Annotated[float, BeforeValidator(_seconds), Field(strict=True, allow_inf_nan=False)]
+"""Seconds as a finite number or a ``timedelta`` (``"10"`` is refused, as in a task
+option)."""
 Count = Annotated[int, Field(strict=True)]
 """A whole number (``1.5``, ``"3"`` and ``True`` are refused)."""
 
@@ -52,7 +54,7 @@ class RunnerSettings(BaseModel):
     stale_after: Seconds = Field(default=30.0, gt=0)
     socket_timeout: Seconds = Field(default=10.0, gt=0)
     lock_ttl: Seconds = Field(default=600.0, gt=0)
-    partitions: Count | None = Field(default=None, ge=1)
+    partitions: Count | None = Field(default=None, ge=1, le=MAX_PARTITIONS)
     priority_aging: Seconds = Field(default=60.0, gt=0)
     max_connections: Count = Field(default=100, ge=1)
     pool_timeout: Seconds = Field(default=20.0, gt=0)

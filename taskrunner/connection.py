@@ -75,6 +75,12 @@ def unavailable(exc: BaseException) -> bool:
     return text.startswith(_UNAVAILABLE_REPLIES) or _refused_in_script(text, _UNAVAILABLE_REPLIES)
 
 
+def wrong_type(exc: BaseException) -> bool:
+    """Whether ``exc`` is Redis refusing a key that holds another type of value than the
+    command needs (WRONGTYPE): hostile data, which waiting does not mend."""
+    return isinstance(exc, ResponseError) and "WRONGTYPE" in str(exc)
+
+
 def _refused_in_script(text: str, codes: tuple[str, ...]) -> bool:
     """Whether a script's error is one of ``codes`` refusing a command it ran: Redis 6.2
     wraps it ("Error running script (call to f_...): @user_script:90: ... -READONLY You

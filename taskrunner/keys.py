@@ -62,6 +62,9 @@ GROUP = "taskrunner"
 DEFAULT_NAMESPACE = "taskrunner"
 DEFAULT_PRIORITIES = ("high", "default", "low")
 DEFAULT_LEVEL = "default"
+MAX_PARTITIONS = 1024
+"""The most partitions a queue may have (``partitions=``; a larger count recorded in
+Redis is hostile and read as absent)."""
 
 _FORBIDDEN = frozenset("{}# \t\r\n")
 _FORBIDDEN_LEVEL = _FORBIDDEN | {":"}

@@ -33,7 +33,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from taskrunner.exceptions import NotReplicated
-from taskrunner.keys import GROUP, LimitKeys, QueueKeys
+from taskrunner.keys import GROUP, MAX_PARTITIONS, LimitKeys, QueueKeys
 
 Arg = str | int | float
 
@@ -795,7 +795,7 @@ def watch(keys: QueueKeys, job_id: str) -> ScriptCall:
 
 def partitions(meta_key: str, wanted: int, default: int, *, record: bool) -> ScriptCall:
     """Read (and, with ``record`` or an explicit ``wanted``, set) a queue's partitions."""
-    return ScriptCall(PARTITIONS, [meta_key], [wanted, default, int(record)])
+    return ScriptCall(PARTITIONS, [meta_key], [wanted, default, int(record), MAX_PARTITIONS])
 
 
 def turn(keys: QueueKeys, period_ms: int, worker: str) -> ScriptCall:

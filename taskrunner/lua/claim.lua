@@ -6,6 +6,7 @@
 --         {'missing'} the entry has no job hash (the caller dead-letters the entry with
 --                  orphan.lua; it stays pending until then, so a crash loses nothing),
 --         {'invalid', status} the job hash has no known status (dead-lettered likewise),
+--         {'wrongtype'} the job's key is not a hash (dead-lettered likewise),
 --         {'final', status} the job is already final (acked and deleted),
 --         {'stray', live_entry} the job is live under another entry: this one is a
 --                  duplicate and must not start a second copy (acked and deleted),
@@ -23,7 +24,11 @@ if #redis.call('XPENDING', stream, group, entry, entry, '1', consumer) == 0 then
 end
 -- the arguments come in the same HMGET only when they are small enough: a hostile
 -- field of any size is never copied into the script
-local small = redis.call('HSTRLEN', job, 'args') <= tonumber(ARGV[6])
+local size = redis.pcall('HSTRLEN', job, 'args')
+if type(size) == 'table' then  -- WRONGTYPE: the job's key is not a hash (hostile)
+  return {'wrongtype'}
+end
+local small = size <= tonumber(ARGV[6])
 local h = redis.call('HMGET', job, 'status', 'task', 'locks', 'abort', 'entry', 'attempts',
   'reclaims', 'meta', 'enqueued', 'due', 'crashes', 'reclaimed', small and 'args' or 'task')
 local status = h[1]

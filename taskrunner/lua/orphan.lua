@@ -2,7 +2,8 @@
 -- gone, or a hash without a known status), and acknowledge it, in one step. The entry
 -- stays pending until then, so a crash before this script loses nothing; an entry no
 -- longer pending (another worker already did this) is left alone. Whatever the hash
--- already holds is kept; only the status, the finish time and the error are set.
+-- already holds is kept; only the status, the finish time and the error are set. A job
+-- key that is not a hash (hostile) is replaced by the dead letter's record.
 -- KEYS: stream, job, dead
 -- ARGV: group, entry_id, job_id, task, queue, error_json, clock_offset_ms
 -- Returns 1 dead-lettered, 0 the entry was not pending any more.
@@ -12,6 +13,10 @@ if #pending == 0 then
   return 0
 end
 local now = now_ms(ARGV[7])
+local found = redis.call('TYPE', job).ok
+if found ~= 'hash' and found ~= 'none' then  -- hostile: a job key of another type
+  redis.call('DEL', job)
+end
 redis.call('HSETNX', job, 'task', ARGV[4])
 redis.call('HSETNX', job, 'queue', ARGV[5])
 redis.call('HSETNX', job, 'enqueued', now)

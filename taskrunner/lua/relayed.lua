@@ -17,7 +17,11 @@ end
 local value = 'ok'
 if ARGV[2] == 'dead' then
   local now = now_ms(ARGV[5])
-  if redis.call('EXISTS', dead_job) == 0 then
+  local found = redis.call('TYPE', dead_job).ok
+  if found ~= 'hash' and found ~= 'none' then  -- hostile: a key of another type
+    redis.call('DEL', dead_job)
+  end
+  if found ~= 'hash' then
     redis.call('HSET', dead_job, 'task', ARGV[7], 'queue', ARGV[8], 'args', '{}',
       'enqueued', now, 'attempts', 0)
   end
@@ -25,7 +29,7 @@ if ARGV[2] == 'dead' then
   redis.call('ZADD', dead, now, ARGV[6])
   value = 'dead ' .. ARGV[6]
 end
-if redis.call('EXISTS', job) == 1 then
+if redis.call('TYPE', job).ok == 'hash' then  -- gone, or hostile: nothing to record
   redis.call('HSET', job, 'relayed', value)
   if redis.call('HEXISTS', job, 'watch') == 1 then
     redis.call(ARGV[4], ARGV[3], 'relayed')

@@ -13,8 +13,8 @@ local group, consumer, entry = ARGV[1], ARGV[2], ARGV[3]
 if #redis.call('XPENDING', stream, group, entry, entry, 1, consumer) == 0 then
   return 0
 end
-local h = redis.call('HMGET', job, 'status', 'entry', 'lease', 'alone', 'reclaims', 'crashes')
-if not h[1] then
+local h = redis.pcall('HMGET', job, 'status', 'entry', 'lease', 'alone', 'reclaims', 'crashes')
+if h.err or not h[1] then  -- no job hash, or a key of another type (hostile)
   return -1
 end
 if h[2] ~= entry or (h[1] ~= 'running' and h[1] ~= 'queued') then

@@ -69,7 +69,7 @@ import anyio
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from taskrunner import scripts
-from taskrunner.connection import REDIS_ERRORS, reachable, report
+from taskrunner.connection import REDIS_ERRORS, reachable, report, wrong_type
 from taskrunner.exceptions import ConfigurationError
 from taskrunner.keys import LimitKeys, QueueKeys
 from taskrunner.logs import job_extra
@@ -210,7 +210,8 @@ def parse_waiter(namespace: str, member: str) -> tuple[QueueKeys, str] | None:
     """The partition and job id of a waiter member; None for anything malformed."""
     queue, _, rest = member.partition("\t")
     partition, _, job_id = rest.partition("\t")
-    if not (partition.isdigit() and job_id):
+    # isdigit() is true of '²' and of 5,000 digits, which int() refuses
+    if not (partition.isascii() and partition.isdigit() and len(partition) <= 4 and job_id):
         return None
     try:
         return QueueKeys(namespace, queue, int(partition)), job_id
@@ -310,6 +311,10 @@ class LimitsMiddleware(Middleware):
         try:
             reply = await self._calls.run(ctx.worker, call, _give_back(ctx, limit, keys))
         except REDIS_ERRORS as exc:  # a refused call (a worker's pipeline rides outages)
+            if limit.concurrency:  # the reply may be what was lost: give back at once
+                await self._release(ctx, limit, keys, wake=False)
+            if wrong_type(exc):  # hostile data: rescheduling would not mend it
+                return Outcome.dead(f"a key of its limits holds another type of value ({exc})")
             logger.warning(
                 "job %s %s attempt %d: cannot check its limits (%s); rescheduled",
                 ctx.job.id,
@@ -318,8 +323,6 @@ class LimitsMiddleware(Middleware):
                 exc,
                 extra=job_extra(ctx.job),
             )
-            if limit.concurrency:  # the reply may be what was lost: give back at once
-                await self._release(ctx, limit, keys, wake=False)
             return Outcome.reschedule(time.time() + _RETRY_AFTER_REDIS_ERROR)
         code, wait_ms = int(reply[0]), int(reply[1])
         if code == 0:

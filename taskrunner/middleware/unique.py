@@ -63,7 +63,7 @@ from pydantic_core import to_jsonable_python
 
 from taskrunner import scripts
 from taskrunner.codec import canonical_json
-from taskrunner.connection import REDIS_ERRORS
+from taskrunner.connection import REDIS_ERRORS, wrong_type
 from taskrunner.exceptions import ConfigurationError, LockConflictError, LostLease
 from taskrunner.job import ErrorInfo, Job
 from taskrunner.keys import home_partition
@@ -345,6 +345,8 @@ class UniqueMiddleware(Middleware):
         try:
             conflict = await self._take(ctx, locks)
         except REDIS_ERRORS as exc:  # a refused call (a worker's pipeline rides outages)
+            if wrong_type(exc):  # hostile data: rescheduling would not mend it
+                return Outcome.dead(f"its lock key holds another type of value ({exc})")
             logger.warning(
                 "job %s %s attempt %d: cannot take its lock (%s); rescheduled",
                 ctx.job.id,

@@ -43,7 +43,7 @@ from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import ResponseError, SlotNotCoveredError
 
 from taskrunner import scripts
-from taskrunner.connection import REDIS_ERRORS, reachable, report
+from taskrunner.connection import REDIS_ERRORS, reachable, report, wrong_type
 from taskrunner.keys import GROUP, Queue, QueueKeys
 from taskrunner.logs import excerpt
 from taskrunner.orphans import dead_letter_entry
@@ -71,7 +71,7 @@ def _meta(text: str) -> dict[str, str]:
         return {}
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # deep nesting: RecursionError
         return {}
     if not isinstance(value, dict):
         return {}
@@ -299,6 +299,9 @@ class Reader:
             if isinstance(reply, ResponseError) and "NOGROUP" in str(reply):
                 missing_groups.append((q, keys))
                 continue
+            if wrong_type(reply):  # hostile: this partition cannot be read; the rest can
+                report(f"reading jobs of {keys.prefix}", reply)
+                continue
             if isinstance(reply, Exception):
                 failed.append(reply)
                 continue
@@ -348,6 +351,9 @@ class Reader:
         seen: list[tuple[int, int, list[list[str]]]] = []  # (partition, now, ids per level)
         missing_groups = []
         for index, ((q, keys), reply) in enumerate(zip(parts, replies, strict=True)):
+            if wrong_type(reply):  # hostile: this partition cannot be read; the rest can
+                report(f"reading jobs of {keys.prefix}", reply)
+                continue
             if isinstance(reply, Exception):
                 raise reply
             if reply == ["nogroup"]:
@@ -443,7 +449,7 @@ class Reader:
                     excerpt(str(reply)),
                 )
                 continue
-            if str(reply[0]) in ("missing", "invalid"):
+            if str(reply[0]) in ("missing", "invalid", "wrongtype"):
                 try:
                     await self._dead_letter(keys, stream, entry_id, fields, reply)
                 except REDIS_ERRORS as exc:  # it stays pending: dead-lettered after a reclaim
@@ -462,9 +468,13 @@ class Reader:
         fields: dict[str, str],
         reply: list[Any],
     ) -> None:
-        """An entry claim.lua found no runnable job for ("missing", "invalid")."""
+        """An entry claim.lua found no runnable job for ("missing", "invalid",
+        "wrongtype")."""
         verdict = str(reply[0])
-        why = "has no job" if verdict == "missing" else f"names a job with status {reply[1]!r}"
+        why = {
+            "missing": "has no job",
+            "wrongtype": "names a job whose key is not a hash",
+        }.get(verdict) or f"names a job with status {reply[1]!r}"
         await dead_letter_entry(
             self._redis, self._env(), keys, stream, entry_id, fields, why, fields.get("job")
         )
@@ -529,6 +539,9 @@ async def ensure_groups(redis: Redis, partitions: Sequence[tuple[Queue, QueueKey
             pipe.xgroup_create(stream, GROUP, id="0", mkstream=True)
     for reply in await pipe.execute(raise_on_error=False):
         if isinstance(reply, ResponseError) and "BUSYGROUP" in str(reply):
+            continue
+        if wrong_type(reply):  # hostile: that stream's key holds another type
+            report("creating a consumer group", reply)  # its reads fail and are reported
             continue
         if isinstance(reply, Exception):
             raise reply

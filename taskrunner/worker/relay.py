@@ -36,7 +36,7 @@ from redis.asyncio import Redis
 
 from taskrunner import scripts
 from taskrunner.chain import Spec, SpecError, Step, follow_meta, follow_payload
-from taskrunner.connection import REDIS_ERRORS, reachable, report, unavailable
+from taskrunner.connection import REDIS_ERRORS, reachable, report, unavailable, wrong_type
 from taskrunner.job import ErrorInfo, safe_text
 from taskrunner.keys import QueueKeys
 
@@ -108,9 +108,14 @@ class Relay:
             pipe = cast(Any, self._redis.pipeline(transaction=False))
             for keys in pending:
                 pipe.zrange(keys.outbox, 0, RELAY_BATCH - 1)
-            found = await pipe.execute()
+            found = await pipe.execute(raise_on_error=False)
             full = []
             for keys, ids in zip(pending, found, strict=True):
+                if isinstance(ids, Exception):
+                    if not wrong_type(ids):
+                        raise ids
+                    report(f"the chain relay of {keys.prefix}", ids)  # hostile: skip it
+                    continue
                 if ids:
                     count = await self._relay(keys, cast(list[str], ids))
                     handled += count
@@ -124,11 +129,8 @@ class Relay:
         pipe = cast(Any, self._redis.pipeline(transaction=False))
         for job_id in ids:
             pipe.hmget(keys.job(job_id), ["next", "result", "meta", "task"])
-        states = await pipe.execute()
-        plans = [
-            await self._plan(job_id, cast(list[str | None], state))
-            for job_id, state in zip(ids, states, strict=True)
-        ]
+        states = await pipe.execute(raise_on_error=False)
+        plans = [await self._plan(job_id, state) for job_id, state in zip(ids, states, strict=True)]
         writes = [p for p in plans if p.write is not None]
         replies = await scripts.run_many(
             self._redis, [cast(scripts.ScriptCall, p.write) for p in writes], raise_on_error=False
@@ -155,7 +157,12 @@ class Relay:
                 )
         return len(done)
 
-    async def _plan(self, job_id: str, state: list[str | None]) -> _Plan:
+    async def _plan(self, job_id: str, state: list[str | None] | Exception) -> _Plan:
+        if isinstance(state, Exception):
+            if unavailable(state):
+                raise state  # the next round tries again
+            # hostile: the job's key is not a hash (WRONGTYPE)
+            return _Plan(job_id, dead=f"the job cannot be read: {safe_text(str(state), 200)}")
         spec_text, result, meta, task = state
         plan = _Plan(job_id, task=task or "")
         if task is None:

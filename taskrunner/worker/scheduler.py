@@ -12,15 +12,16 @@ twice, and a crash in between loses nothing.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, cast
 
 import anyio
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from taskrunner import scripts
 from taskrunner.clock import Clock
-from taskrunner.connection import REDIS_ERRORS, reachable, report
+from taskrunner.connection import REDIS_ERRORS, reachable, report, wrong_type
 from taskrunner.keys import QueueKeys
 
 logger = logging.getLogger("taskrunner.worker")
@@ -51,8 +52,13 @@ class Scheduler:
         env: Callable[[], scripts.Env],
         clock: Callable[[], Clock],
         max_wait: float,
+        levels: Collection[str] = (),
     ) -> None:
         self._redis = redis
+        self._levels = frozenset(levels)
+        """The runner's priority levels: a member naming another (hostile, or a level
+        since removed) goes to its partition's default level instead of a stream that
+        no worker reads."""
         self._partitions = partitions
         self._env = env
         self._clock = clock
@@ -88,22 +94,39 @@ class Scheduler:
         now = self._clock().shift(await server_ms(self._redis))
         moved = 0
         for keys in self._partitions():
-            while True:
-                found = await self._redis.zrangebyscore(
-                    keys.delayed, "-inf", now, start=0, num=PROMOTE_BATCH
-                )
-                members = [(m, *reversed(parse_member(m))) for m in cast(list[str], found)]
-                if not members:
-                    break
-                call = scripts.promote(env, keys, [(m, j, lv) for m, j, lv in members])
-                count = int(await scripts.run(self._redis, call))
-                moved += count
-                self.promoted += count
-                if count:
-                    logger.debug("promoted %d due job(s) of %s", count, keys.prefix)
-                if len(members) < PROMOTE_BATCH or count == 0:
-                    break
+            try:
+                moved += await self._promote(env, keys, now)
+            except ResponseError as exc:
+                if not wrong_type(exc):
+                    raise
+                report(f"promoting the due jobs of {keys.prefix}", exc)  # hostile: skip it
         return moved
+
+    async def _promote(self, env: scripts.Env, keys: QueueKeys, now: float) -> int:
+        """Move the due jobs of one partition; the number moved."""
+        moved = 0
+        while True:
+            found = await self._redis.zrangebyscore(
+                keys.delayed, "-inf", now, start=0, num=PROMOTE_BATCH
+            )
+            members = [self._target(keys, m) for m in cast(list[str], found)]
+            if not members:
+                return moved
+            call = scripts.promote(env, keys, [(m, j, lv) for m, j, lv in members])
+            count = int(await scripts.run(self._redis, call))
+            moved += count
+            self.promoted += count
+            if count:
+                logger.debug("promoted %d due job(s) of %s", count, keys.prefix)
+            if len(members) < PROMOTE_BATCH or count == 0:
+                return moved
+
+    def _target(self, keys: QueueKeys, member: str) -> tuple[str, str, str]:
+        """``(member, job id, level)``: the member's level if the runner has it."""
+        level, job_id = parse_member(member)
+        if self._levels and level not in self._levels:
+            level = keys.default_level
+        return member, job_id, level
 
     async def _next_due_in(self) -> float:
         partitions = self._partitions()
@@ -111,7 +134,8 @@ class Scheduler:
         pipe = cast(Any, self._redis.pipeline(transaction=False))
         for keys in partitions:
             pipe.zrange(keys.delayed, 0, 0, withscores=True)
-        firsts = [float(r[0][1]) for r in await pipe.execute() if r]
+        replies = await pipe.execute(raise_on_error=False)
+        firsts = [float(r[0][1]) for r in replies if r and not isinstance(r, Exception)]
         if not firsts:
             return self._max_wait
         return max(0.0, min(self._max_wait, (min(firsts) - now) / 1000))

@@ -333,6 +333,7 @@ class Worker:
             lambda: client.env,
             lambda: client.clock,
             self.runner.max_idle_wait,
+            levels=client.levels,
         )
         self.committer.on_retry = self.scheduler.wake
         self.relay = Relay(self.redis, client, self.partitions, self.runner.max_idle_wait)
