@@ -30,7 +30,8 @@ class ArgsCodec:
     def __init__(self, fn: Callable[..., Any], name: str) -> None:
         self.signature = inspect.signature(fn)
         try:
-            hints = get_type_hints(fn)
+            # an object whose __call__ is the task: its method's annotations
+            hints = get_type_hints(fn if inspect.isroutine(fn) else type(fn).__call__)
         except (NameError, TypeError) as exc:
             raise ConfigurationError(f"task {name}: cannot resolve annotations: {exc}") from exc
         fields: dict[str, Any] = {}

@@ -4,12 +4,15 @@ of a task: ``Task`` and ``BoundTask`` (taskrunner.task), as chain steps take the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Generic, ParamSpec, Protocol, TypeVar
 
 from taskrunner.codec import ArgsCodec
+from taskrunner.exceptions import ConfigurationError
+from taskrunner.keys import check_name
 from taskrunner.options import TaskOptions
 
 P = ParamSpec("P")
@@ -57,6 +60,25 @@ class EnqueueOptions:
     job_id: str | None = None
     queue: str | None = None
     priority: str | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse a bad value where it is given: nothing is written for it."""
+        delay = self.delay
+        if delay is not None and not isinstance(delay, timedelta):
+            if isinstance(delay, bool) or not isinstance(delay, int | float):
+                raise ConfigurationError(
+                    f"delay must be a number of seconds or a timedelta, got {delay!r}"
+                )
+            if not math.isfinite(delay):
+                raise ConfigurationError(f"delay must be a finite number, got {delay!r}")
+        if self.at is not None and not isinstance(self.at, datetime):
+            raise ConfigurationError(f"at must be a datetime, got {self.at!r}")
+        if self.job_id is not None and (not isinstance(self.job_id, str) or not self.job_id):
+            raise ConfigurationError(f"job_id must be a non-empty string, got {self.job_id!r}")
+        if self.queue is not None:
+            check_name("queue", self.queue)
+        if self.priority is not None and (not isinstance(self.priority, str) or not self.priority):
+            raise ConfigurationError(f"priority must be the name of a level, got {self.priority!r}")
 
 
 @dataclass(frozen=True, slots=True)

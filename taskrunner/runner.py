@@ -17,7 +17,7 @@ import pydantic
 
 from taskrunner import deadletters, scripts
 from taskrunner.admin import Admin
-from taskrunner.chain import NEXT_HEADER, ChainJob, Spec, Step
+from taskrunner.chain import MAX_STEPS, NEXT_HEADER, ChainJob, Spec, Step
 from taskrunner.chain import handles as chain_handles
 from taskrunner.client import Client, new_job_id
 from taskrunner.clock import Clock
@@ -257,7 +257,7 @@ class TaskRunner:
         """
 
         def decorate(func: Callable[P, Awaitable[R]]) -> Task[P, R]:
-            task_name = name or getattr(func, "__qualname__", None) or repr(func)
+            task_name = name or _default_name(func)
             if not callable(func) or not _is_async(func):
                 raise ConfigurationError(
                     f"task {task_name!r}: @tr.task needs an async function, got {func!r}"
@@ -354,17 +354,19 @@ class TaskRunner:
         return decorate
 
     def _cron_task(self, fn: Callable[[], Awaitable[R]], name: str | None) -> Task[[], R]:
-        """``@tr.cron`` on a plain function: declare it as a task first."""
-        label = name or getattr(fn, "__qualname__", None) or repr(fn)
+        """``@tr.cron`` on a plain function: declare it as a task first, named as
+        ``@tr.task`` names it (``name`` names the schedule)."""
+        label = name or _default_name(fn)
         if not callable(fn) or not _is_async(fn):
             raise ConfigurationError(
                 f"cron schedule {label!r}: @tr.cron needs an async function or a task, got {fn!r}"
             )
-        if name is None and label in self.registry:
+        task_name = _default_name(fn)
+        if task_name in self.registry:
             raise ConfigurationError(
-                f"cron schedule {label!r}: a task named {label!r} is already declared"
+                f"cron schedule {label!r}: a task named {task_name!r} is already declared"
             )
-        return self.task(name=name)(fn)
+        return self.task(fn)
 
     def _merge_options(
         self,
@@ -577,6 +579,10 @@ class TaskRunner:
     async def enqueue_chain(self, first: Call[Any], steps: Sequence[Call[Any]]) -> ChainJob[Any]:
         """Validate a chain and write its first job with the rest as its follow-up spec
         (``task.chain(...).then(...).enqueue()``; docs/chains.md)."""
+        if len(steps) > MAX_STEPS:
+            raise ConfigurationError(
+                f"a chain has at most {MAX_STEPS} steps after its first job, got {len(steps)}"
+            )
         ctx = self._context(first)
         if steps:
             spec = Spec(tuple(self._step(call) for call in steps))
@@ -822,6 +828,13 @@ def _describe_invalid(exc: pydantic.ValidationError, values: Mapping[str, Any], 
         else:
             parts.append(f"invalid options: {message}")
     return f"task {task!r}: " + "; ".join(dict.fromkeys(parts))
+
+
+def _default_name(fn: Callable[..., Any]) -> str:
+    """A task's default name: the function's ``__qualname__``, or, for an object whose
+    ``__call__`` is the coroutine function, its class's."""
+    found = getattr(fn, "__qualname__", None)
+    return found if isinstance(found, str) and found else type(fn).__qualname__
 
 
 def _is_async(fn: Callable[..., Any]) -> bool:

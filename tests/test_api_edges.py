@@ -1,0 +1,186 @@
+"""What the docs promise at the edges of the public API, found by an audit of the docs
+against the code: bad per-enqueue options and settings are refused where they are
+given, an enqueue middleware may move a job to another queue, a chain's length is
+checked at enqueue, an object whose ``__call__`` is async is a task, and ``@tr.cron``
+on a function names the task as ``@tr.task`` does."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import anyio
+import pytest
+from redis.asyncio import Redis
+
+from taskrunner import (
+    ConfigurationError,
+    EnqueueContext,
+    Job,
+    JobStatus,
+    Middleware,
+    TaskRunner,
+)
+from taskrunner.middleware.base import EnqueueNext
+
+DEADLINE = 30.0
+MakeRunner = Callable[..., TaskRunner]
+
+
+async def namespace_keys(redis: Redis, namespace: str) -> list[str]:
+    return [k async for k in redis.scan_iter(match=f"{namespace}:*")]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"delay": math.nan},
+        {"delay": math.inf},
+        {"delay": "10"},
+        {"delay": True},
+        {"job_id": ""},
+        {"job_id": 42},
+        {"queue": ""},
+        {"queue": "a b"},
+        {"priority": ""},
+        {"at": "2030-01-01"},
+    ],
+)
+async def test_a_bad_enqueue_option_is_refused_where_it_is_given_and_writes_nothing(
+    make_runner: MakeRunner, redis: Redis, namespace: str, options: dict[str, Any]
+) -> None:
+    tr = make_runner()
+
+    @tr.task
+    async def noop() -> None: ...
+
+    async with tr:
+        with pytest.raises(ConfigurationError):
+            await noop.options(**options).enqueue()
+        assert await namespace_keys(redis, namespace) == []
+
+
+async def test_good_enqueue_options_are_taken(make_runner: MakeRunner) -> None:
+    tr = make_runner()
+
+    @tr.task
+    async def noop() -> None: ...
+
+    async with tr:
+        for options in ({"delay": 10}, {"delay": 2.5}, {"delay": timedelta(seconds=3)}):
+            job = await noop.options(**options).enqueue()
+            assert await job.status() == JobStatus.SCHEDULED
+        assert await (await noop.options(delay=-1).enqueue()).status() == JobStatus.QUEUED
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"result_ttl": "10"},
+        {"timeout": "5"},
+        {"retry_delay": "1"},
+        {"lock_ttl": "60"},
+        {"stale_after": math.inf},
+        {"pool_timeout": math.nan},
+        {"partitions": 1025},
+    ],
+)
+def test_a_setting_that_is_not_a_finite_number_of_seconds_is_refused(
+    make_runner: MakeRunner, setting: dict[str, Any]
+) -> None:
+    with pytest.raises(ConfigurationError):
+        make_runner(**setting)
+
+
+class _MoveTo(Middleware):
+    """Moves every job to ``queue`` (not used by the runner before)."""
+
+    def __init__(self, queue: str) -> None:
+        self.queue = queue
+
+    async def enqueue(self, ctx: EnqueueContext, call_next: EnqueueNext) -> Job[Any]:
+        ctx.queue = self.queue
+        return await call_next(ctx)
+
+
+async def test_an_enqueue_middleware_may_move_a_job_to_a_queue_not_resolved_yet(
+    make_runner: MakeRunner,
+) -> None:
+    tr = make_runner(queue="origin", middleware=[_MoveTo("elsewhere")])
+
+    @tr.task
+    async def one() -> int:
+        return 1
+
+    async with tr:
+        with anyio.fail_after(DEADLINE):
+            job = await one.enqueue()
+        assert job.queue == "elsewhere"
+        assert await job.status() == JobStatus.QUEUED
+        await tr.run_until_idle(queues=["elsewhere"], timeout=DEADLINE)
+        assert await job.result(timeout=1) == 1
+
+
+async def test_a_write_that_cannot_be_built_raises_through_enqueue_middleware(
+    make_runner: MakeRunner, redis: Redis, namespace: str
+) -> None:
+    tr = make_runner(middleware=[_MoveTo("bad name")])  # refused when the write is built
+
+    @tr.task
+    async def one() -> int:
+        return 1
+
+    async with tr:
+        with anyio.fail_after(DEADLINE), pytest.raises(ConfigurationError):
+            await one.enqueue()
+        with anyio.fail_after(DEADLINE), pytest.raises(ConfigurationError):
+            await tr.enqueue_many([one.call(), one.call()])
+        assert await namespace_keys(redis, namespace) == []
+
+
+async def test_a_chain_has_at_most_one_hundred_steps_after_its_first_job(
+    make_runner: MakeRunner, redis: Redis, namespace: str
+) -> None:
+    tr = make_runner()
+
+    @tr.task
+    async def inc(x: int) -> int:
+        return x + 1
+
+    async with tr:
+        chain = inc.chain(0)
+        for _ in range(100):
+            chain = chain.then(inc)
+        with pytest.raises(ConfigurationError, match="at most 100 steps"):
+            await chain.then(inc).enqueue()
+        assert await namespace_keys(redis, namespace) == []
+        handle = await chain.enqueue()
+        assert len(handle.jobs) == 101
+
+
+async def test_an_object_whose_call_is_async_is_a_task(make_runner: MakeRunner) -> None:
+    tr = make_runner()
+
+    class Charge:
+        async def __call__(self, amount: int) -> int:
+            return amount * 2
+
+    charge = tr.task(Charge())
+    named = tr.task(name="charge-named")(Charge())
+    assert charge.name == "test_an_object_whose_call_is_async_is_a_task.<locals>.Charge"
+    async with tr:
+        jobs = [await charge.enqueue(21), await named.enqueue(5)]
+        await tr.run_until_idle(timeout=DEADLINE)
+        assert [await job.result(timeout=1) for job in jobs] == [42, 10]
+
+
+def test_cron_on_a_function_names_the_task_as_tr_task_does(make_runner: MakeRunner) -> None:
+    tr = make_runner()
+
+    @tr.cron("0 9 * * *", name="morning")
+    async def send_report() -> None: ...
+
+    assert send_report.name.endswith("tr_task_does.<locals>.send_report")
+    assert tr.crontab.get("morning").task.name == send_report.name
