@@ -23,15 +23,16 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
-from typing import cast
+from typing import Any, cast
 
 from redis.asyncio import Redis
 
 from taskrunner import scripts
 from taskrunner.clock import Clock
-from taskrunner.job import ErrorInfo, JobInfo, JobStatus
+from taskrunner.job import ErrorInfo, JobInfo, JobStatus, safe_text
 from taskrunner.keys import DEFAULT_PRIORITIES, QueueKeys
 
 __all__ = [
@@ -86,7 +87,7 @@ def decode_cursor(cursor: str) -> tuple[str, str, int]:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         queue, job_id, score = json.loads(raw)
         valid = isinstance(queue, str) and isinstance(job_id, str) and isinstance(score, int)
-    except (ValueError, TypeError, binascii.Error):
+    except (ValueError, TypeError, binascii.Error, RecursionError):
         valid = False
     if not valid:
         raise ValueError(f"invalid dead-letter cursor {cursor[:40]!r}")
@@ -105,16 +106,30 @@ async def page(
     count = max(1, min(limit, MAX_PAGE + 1))
     after_id, after_score = after if after is not None else ("", 0)
     flat = await scripts.run(redis, scripts.page(keys, after_id, after_score, count))
-    return [(str(flat[i]), int(float(flat[i + 1]))) for i in range(0, len(flat), 2)]
+    return [(str(flat[i]), _score_ms(flat[i + 1])) for i in range(0, len(flat), 2)]
+
+
+_SCORE_LIMIT = 2**63
+"""Where an infinite score is clamped to in a cursor (beyond any real time in ms)."""
+
+
+def _score_ms(score: str | float) -> int:
+    """A dead letter's score as whole ms; a hostile infinite one is clamped to
+    ``±_SCORE_LIMIT`` (a page resuming from there may repeat it, never skip one)."""
+    value = float(score)
+    if math.isinf(value):
+        return _SCORE_LIMIT if value > 0 else -_SCORE_LIMIT
+    return int(value)
 
 
 async def infos(redis: Redis, keys: QueueKeys, job_ids: Sequence[str]) -> list[JobInfo]:
     """The ``JobInfo`` of these dead letters (one pipelined round trip); a job hash that
-    is gone is skipped, one that cannot be read is described by its error."""
+    is gone is skipped, one that cannot be read (or whose key is not a hash) is
+    described by its error."""
     pipe = redis.pipeline(transaction=False)
     for job_id in job_ids:
         pipe.hgetall(keys.job(job_id))
-    states = cast(list[dict[str, str]], await pipe.execute())
+    states: list[Any] = await pipe.execute(raise_on_error=False)
     return [
         _info(job_id, keys.queue, state)
         for job_id, state in zip(job_ids, states, strict=True)
@@ -122,22 +137,28 @@ async def infos(redis: Redis, keys: QueueKeys, job_ids: Sequence[str]) -> list[J
     ]
 
 
-def _info(job_id: str, queue: str, state: dict[str, str]) -> JobInfo:
+def _info(job_id: str, queue: str, state: dict[str, str] | Exception) -> JobInfo:
+    if isinstance(state, Exception):  # a job key that is not a hash
+        return _unreadable(job_id, queue, "", state)
     try:
         return JobInfo.from_hash(job_id, state)
     except Exception as exc:  # noqa: BLE001 - hostile bytes: still listed, still removable
-        return JobInfo(
-            id=job_id,
-            task=str(state.get("task", ""))[:200],
-            queue=queue,
-            status=JobStatus.DEAD,
-            attempts=0,
-            enqueued_at=datetime.fromtimestamp(0, UTC),
-            error=ErrorInfo(
-                type="taskrunner.UnreadableJob",
-                message=f"unreadable job hash: {type(exc).__name__}: {str(exc)[:200]}",
-            ),
-        )
+        return _unreadable(job_id, queue, state.get("task", ""), exc)
+
+
+def _unreadable(job_id: str, queue: str, task: str, exc: Exception) -> JobInfo:
+    return JobInfo(
+        id=safe_text(job_id, 200),
+        task=safe_text(task, 200),
+        queue=queue,
+        status=JobStatus.DEAD,
+        attempts=0,
+        enqueued_at=datetime.fromtimestamp(0, UTC),
+        error=ErrorInfo(
+            type="taskrunner.UnreadableJob",
+            message=f"unreadable job: {type(exc).__name__}: {safe_text(str(exc), 200)}",
+        ),
+    )
 
 
 async def list_dead(
@@ -214,7 +235,7 @@ async def retry_ids(
     ``BATCH`` per script call; returns how many were dead letters here."""
     revived = 0
     for start in range(0, len(job_ids), BATCH):
-        chunk = job_ids[start : start + BATCH]
+        chunk, _ = await _by_type(redis, keys, job_ids[start : start + BATCH])
         calls = [scripts.revive(env, keys, i, levels) for i in chunk]
         replies = await scripts.run_many(redis, calls)
         revived += sum(int(r) for r in replies)
@@ -234,7 +255,7 @@ async def retry_all(
     last = cast(list[tuple[str, float]], await redis.zrange(keys.dead, -1, -1, withscores=True))
     if not last:
         return 0
-    bound, budget = int(last[0][1]), int(await redis.zcard(keys.dead))
+    bound, budget = float(last[0][1]), int(await redis.zcard(keys.dead))
     revived = 0
     while budget > 0:
         ids = await _oldest(redis, keys, max_score=bound, count=min(BATCH, budget))
@@ -245,7 +266,7 @@ async def retry_all(
     return revived
 
 
-async def _oldest(redis: Redis, keys: QueueKeys, *, max_score: int, count: int) -> list[str]:
+async def _oldest(redis: Redis, keys: QueueKeys, *, max_score: float, count: int) -> list[str]:
     found = await redis.zrangebyscore(keys.dead, "-inf", max_score, start=0, num=count)
     return [str(job_id) for job_id in found]
 
@@ -258,8 +279,35 @@ async def delete_dead(redis: Redis, keys: QueueKeys, job_ids: Sequence[str]) -> 
     script call; returns how many were dead letters here."""
     removed = 0
     for start in range(0, len(job_ids), BATCH):
-        chunk = job_ids[start : start + BATCH]
-        removed += int(await scripts.run(redis, scripts.purge(keys, chunk, 0, -1)))
+        removed += await _purge(redis, keys, job_ids[start : start + BATCH], 0, -1)
+    return removed
+
+
+async def _by_type(
+    redis: Redis, keys: QueueKeys, job_ids: Sequence[str]
+) -> tuple[list[str], list[str]]:
+    """These ids split by their job key: a hash or none (the scripts take those), and
+    any other type (hostile: the scripts would fail on it)."""
+    pipe = redis.pipeline(transaction=False)
+    for job_id in job_ids:
+        pipe.type(keys.job(job_id))
+    kinds = await pipe.execute()
+    usable = [i for i, kind in zip(job_ids, kinds, strict=True) if kind in ("hash", "none")]
+    hostile = [i for i, kind in zip(job_ids, kinds, strict=True) if kind not in ("hash", "none")]
+    return usable, hostile
+
+
+async def _purge(
+    redis: Redis, keys: QueueKeys, job_ids: Sequence[str], cutoff_ms: float, keep: int
+) -> int:
+    """purge.lua over these ids; a dead letter whose job key is not a hash leaves the
+    dead letters here (its key, which is no job of ours, is left alone)."""
+    usable, hostile = await _by_type(redis, keys, job_ids)
+    removed = int(await redis.zrem(keys.dead, *hostile)) if hostile else 0
+    if usable:
+        # a hostile infinite score makes the cutoff infinite: sent as "inf" (Lua reads it)
+        cutoff = int(cutoff_ms) if math.isfinite(cutoff_ms) else cast(int, cutoff_ms)
+        removed += int(await scripts.run(redis, scripts.purge(keys, usable, cutoff, keep)))
     return removed
 
 
@@ -279,9 +327,9 @@ async def purge_dead(
         last = cast(list[tuple[str, float]], await redis.zrange(keys.dead, -1, -1, withscores=True))
         if not last:
             return 0
-        cutoff = int(last[0][1])
+        cutoff = float(last[0][1])
     else:
-        cutoff = await redis_now_ms(redis, clock) - int(older_than * 1000)
+        cutoff = float(await redis_now_ms(redis, clock) - int(older_than * 1000))
     return await _remove_oldest(
         redis, keys, cutoff_ms=cutoff, keep=_NO_COUNT_RULE, max_batches=max_batches
     )
@@ -310,7 +358,7 @@ async def trim_dead(
 
 
 async def _remove_oldest(
-    redis: Redis, keys: QueueKeys, *, cutoff_ms: int, keep: int, max_batches: int | None = None
+    redis: Redis, keys: QueueKeys, *, cutoff_ms: float, keep: int, max_batches: int | None = None
 ) -> int:
     """Remove, oldest first, the dead letters that died at or before ``cutoff_ms`` or
     that exceed ``keep``; stop when a batch removes nothing."""
@@ -324,7 +372,7 @@ async def _remove_oldest(
             ids = [str(job_id) for job_id in rows]
         if not ids:
             break
-        done = int(await scripts.run(redis, scripts.purge(keys, ids, cutoff_ms, keep)))
+        done = await _purge(redis, keys, ids, cutoff_ms, keep)
         removed += done
         batches += 1
         if done == 0:

@@ -220,7 +220,7 @@ def _json(text: str | None) -> Any:
         return None
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested too deeply to decode
         return None
 
 
@@ -268,7 +268,7 @@ class Job(Generic[R]):
 
     async def status(self) -> JobStatus:
         """The job's status (JobNotFound if there is no such job)."""
-        return JobStatus(await self._client.field(self.queue, self.id, "status"))
+        return _status(await self._client.field(self.queue, self.id, "status"))
 
     async def info(self) -> JobInfo:
         """Everything Redis knows about the job."""
@@ -311,7 +311,8 @@ class Job(Generic[R]):
             return codec.decode(payload)  # type: ignore[no-any-return]
         error = ErrorInfo.parse(state["error"]) if state.get("error") else None
         if status == JobStatus.FAILED:
-            assert error is not None
+            if error is None:  # a hash without its error (hostile, or written by hand)
+                raise JobFailed(self.id, "unknown", "no error was recorded", "")
             raise JobFailed(self.id, error.type, error.message, error.traceback)
         if status == JobStatus.ABORTED:
             raise JobAborted(self.id)

@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
+from redis.exceptions import ResponseError
+
 from taskrunner import deadletters, scripts
 from taskrunner.admin import listing, scope, stats, workers
 from taskrunner.admin.models import (
@@ -25,8 +27,8 @@ from taskrunner.admin.models import (
     WorkerDetail,
 )
 from taskrunner.client import Client
-from taskrunner.exceptions import JobNotFound
-from taskrunner.job import JobStatus
+from taskrunner.exceptions import JobNotFound, TaskrunnerError
+from taskrunner.job import JobStatus, safe_text
 from taskrunner.keys import Queue, QueueKeys, check_name
 
 if TYPE_CHECKING:
@@ -49,6 +51,17 @@ class Runner(Protocol):
 
 
 DEFAULT_LIMIT = 50
+MAX_LOCKS = 100
+"""Locks of one job shown at most (its ``locks`` field may be hostile)."""
+
+
+def _lock(key: str, holder: Any, ttl: Any) -> LockInfo:
+    """A lock as read (a key that is not a string reads as free, its expiry kept)."""
+    return LockInfo(
+        key=safe_text(key, 200),
+        holder=safe_text(holder, 200) if isinstance(holder, str) else None,
+        ttl=ttl / 1000 if isinstance(ttl, int) and ttl > 0 else None,
+    )
 
 
 class Admin:
@@ -90,10 +103,12 @@ class Admin:
         pipe = self._client.redis.pipeline(transaction=False)
         pipe.hgetall(keys.job(job_id))
         pipe.pttl(keys.job(job_id))
-        state, ttl = cast(tuple[dict[str, str], int], tuple(await pipe.execute()))
+        state, ttl = cast(tuple[Any, Any], tuple(await pipe.execute(raise_on_error=False)))
+        if isinstance(state, Exception):  # a job key that is not a hash
+            raise TaskrunnerError(f"job {job_id}: its record cannot be read: {state}")
         if not state.get("status"):
             raise JobNotFound(job_id)
-        locks = await self._locks(state.get("locks", "").split())
+        locks = await self._locks(state.get("locks", "").split()[:MAX_LOCKS])
         return JobDetail.from_state(job_id, keys.partition, state, locks, int(ttl))
 
     async def _locks(self, lock_keys: list[str]) -> list[LockInfo]:
@@ -103,15 +118,8 @@ class Admin:
         for key in lock_keys:
             pipe.get(key)
             pipe.pttl(key)
-        replies = await pipe.execute()
-        return [
-            LockInfo(
-                key=key,
-                holder=replies[2 * i],
-                ttl=replies[2 * i + 1] / 1000 if replies[2 * i + 1] > 0 else None,
-            )
-            for i, key in enumerate(lock_keys)
-        ]
+        replies = await pipe.execute(raise_on_error=False)
+        return [_lock(key, replies[2 * i], replies[2 * i + 1]) for i, key in enumerate(lock_keys)]
 
     async def retry(self, job_id: str, queue: str | None = None) -> bool:
         """Run a failed, aborted, rejected or dead job again under the same id: back in
@@ -124,9 +132,12 @@ class Admin:
     async def _rerun(self, keys: QueueKeys, job_id: str, *, dead_only: bool = False) -> bool:
         client = self._client
         q = await scope.queue(client, keys.queue)
-        status, level = cast(
-            list[str | None], await client.redis.hmget(keys.job(job_id), ["status", "level"])
-        )
+        try:
+            status, level = cast(
+                list[str | None], await client.redis.hmget(keys.job(job_id), ["status", "level"])
+            )
+        except ResponseError as exc:  # a job key that is not a hash: nothing to run
+            raise TaskrunnerError(f"job {job_id}: its record cannot be read: {exc}") from None
         if dead_only and status != JobStatus.DEAD:
             return False
         stream = keys.level_stream(scope.level_or_default(client, q, level))

@@ -30,12 +30,15 @@ import json
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, cast
 
 from redis.asyncio import Redis
 
 from taskrunner import scripts
-from taskrunner.job import JobInfo, JobStatus
+from taskrunner.admin.models import info_of
+from taskrunner.exceptions import TaskrunnerError
+from taskrunner.job import ErrorInfo, JobInfo, JobStatus, safe_text
 from taskrunner.keys import GROUP, Queue, QueueKeys
 from taskrunner.worker.scheduler import parse_member
 
@@ -88,7 +91,7 @@ def decode_cursor(cursor: str) -> tuple[str, str, dict[str, str]]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         value = json.loads(raw)
-    except (binascii.Error, ValueError) as exc:
+    except (binascii.Error, ValueError, RecursionError) as exc:
         raise CursorError(f"invalid cursor {cursor[:40]!r}") from exc
     if not (
         isinstance(value, list)
@@ -317,24 +320,55 @@ async def states(
     redis: Redis, wanted: Sequence[tuple[QueueKeys, str]], fields: Sequence[str] = FIELDS
 ) -> list[dict[str, str]]:
     """The listed fields of each ``(partition, job id)`` (empty for a job whose hash
-    is gone), in one pipelined round trip."""
+    is gone; ``{UNREADABLE: reason}`` for a key that is not a hash), in one pipelined
+    round trip."""
     if not wanted:
         return []
     pipe = redis.pipeline(transaction=False)
     for keys, job_id in wanted:
         pipe.hmget(keys.job(job_id), fields)
-    rows = cast(list[list[str | None]], await pipe.execute())
-    return [{f: v for f, v in zip(fields, row, strict=True) if v is not None} for row in rows]
+    rows: list[Any] = await pipe.execute(raise_on_error=False)
+    return [_state(fields, row) for row in rows]
 
 
-def to_info(job_id: str, state: dict[str, str]) -> JobInfo | None:
-    """A listed job's info; None when its state cannot be read (never raises)."""
-    if not state.get("status"):
+UNREADABLE = "\0unreadable"
+"""The key of a state read from a job key that is not a hash (no field is named so)."""
+
+
+def _state(fields: Sequence[str], row: Any) -> dict[str, str]:
+    if isinstance(row, Exception):
+        return {UNREADABLE: safe_text(str(row), 200)}
+    return {f: v for f, v in zip(fields, row, strict=True) if v is not None}
+
+
+def unreadable(job_id: str, queue: str, status: JobStatus, reason: str) -> JobInfo:
+    """A listed job whose record cannot be read: still listed (and removable), with
+    ``reason`` as its error."""
+    return JobInfo(
+        id=safe_text(job_id, 200),
+        task="",
+        queue=queue,
+        status=status,
+        attempts=0,
+        enqueued_at=datetime.fromtimestamp(0, UTC),
+        error=ErrorInfo(type="taskrunner.UnreadableJob", message=f"unreadable job: {reason}"),
+    )
+
+
+def to_info(
+    job_id: str, state: dict[str, str], status: JobStatus | None = None, queue: str = ""
+) -> JobInfo | None:
+    """A listed job's info; None when it has no status (never raises). A record that
+    cannot be read is described by its error when ``status`` (the listing's) is given."""
+    reason = state.get(UNREADABLE)
+    if reason is None and state.get("status"):
+        try:
+            return info_of(job_id, state)
+        except (TaskrunnerError, ValueError, KeyError) as exc:
+            reason = safe_text(str(exc), 200)
+    if reason is None or status is None:
         return None
-    try:
-        return JobInfo.from_hash(job_id, state)
-    except (ValueError, KeyError):
-        return None
+    return unreadable(job_id, queue, status, reason)
 
 
 # -- one status of one queue, merged over its sources ---------------------------------------
@@ -397,8 +431,8 @@ class Merge:
         for index, ((source, item), state) in enumerate(zip(batch, found_states, strict=True)):
             budget[0] -= 1
             self.positions[source.name] = item.after
-            if item.job_id and state.get("status") == source.status.value and filters.match(state):
-                info = to_info(item.job_id, state)
+            if item.job_id and _listed(state, source.status) and filters.match(state):
+                info = to_info(item.job_id, state, source.status, source.keys.queue)
                 if info is not None:
                     found.append(info)
             if len(found) >= limit or budget[0] <= 0:
@@ -436,13 +470,32 @@ async def _matching(redis: Redis, batch: list[tuple[Source, Item]], filters: Fil
         calls.append(
             scripts.match(source.keys, ids, status, filters.task or "", filters.priority or "")
         )
-    replies = await scripts.run_many(redis, calls)
-    found = [
-        positions[int(p) - 1]
-        for positions, reply in zip(by_part.values(), replies, strict=True)
-        for p in reply
-    ]
+    replies = await scripts.run_many(redis, calls, raise_on_error=False)
+    found: list[int] = []
+    for positions, reply in zip(by_part.values(), replies, strict=True):
+        if isinstance(reply, Exception):  # a job key that is not a hash: judge here
+            found += await _matching_here(redis, [batch[i] for i in positions], positions, filters)
+        else:
+            found += [positions[int(p) - 1] for p in reply]
     return sorted(found)
+
+
+async def _matching_here(
+    redis: Redis, batch: list[tuple[Source, Item]], positions: list[int], filters: Filters
+) -> list[int]:
+    """``_matching`` of one partition decided here (when its script call failed)."""
+    found = await states(redis, [(s.keys, item.job_id) for s, item in batch])
+    return [
+        index
+        for index, (source, _), state in zip(positions, batch, found, strict=True)
+        if state.get("status") == source.status.value and filters.match(state)
+    ]
+
+
+def _listed(state: dict[str, str], status: JobStatus) -> bool:
+    """Whether a candidate's state belongs on this listing: its record has this status
+    now, or it cannot be read at all (shown with the reason rather than hidden)."""
+    return UNREADABLE in state or state.get("status") == status.value
 
 
 # -- a page over queues and statuses --------------------------------------------------------

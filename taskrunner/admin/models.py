@@ -62,14 +62,13 @@ class JobDetail(JobInfo):
     def from_state(
         cls, job_id: str, partition: int, h: dict[str, str], locks: list[LockInfo], ttl_ms: int
     ) -> JobDetail:
-        base = JobInfo.from_hash(job_id, h).model_dump()
-        base["progress"] = _json(h.get("progress"))  # the raw text when it is not JSON
-        meta = _json(h.get("meta"))
+        base = info_of(job_id, h).model_dump()
+        meta = stored_json(h.get("meta"))
         return cls(
             **base,
             partition=partition,
-            args=_json(h.get("args")),
-            result=_json(h.get("result")) if h.get("status") == JobStatus.SUCCEEDED else None,
+            args=stored_json(h.get("args")),
+            result=stored_json(h.get("result")) if h.get("status") == JobStatus.SUCCEEDED else None,
             locks=locks,
             meta=meta if isinstance(meta, dict) else {},
             reruns=_int(h.get("reruns")),
@@ -77,14 +76,24 @@ class JobDetail(JobInfo):
         )
 
 
-def _json(text: str | None) -> Any:
-    """Stored JSON decoded; text that is not JSON is returned as is (never raises)."""
+def stored_json(text: str | None) -> Any:
+    """JSON read from Redis, decoded; text that does not decode (not JSON, or nested
+    too deeply for the decoder: ``RecursionError``) is returned as is (never raises)."""
     if text is None or text == "":
         return None
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return safe_text(text)
+
+
+def info_of(job_id: str, h: dict[str, str]) -> JobInfo:
+    """``JobInfo.from_hash`` with the progress decoded by ``stored_json`` (the raw text
+    when it does not decode). Raises ``TaskrunnerError`` for a hash without a valid
+    status."""
+    info = JobInfo.from_hash(job_id, {k: v for k, v in h.items() if k != "progress"})
+    info.progress = stored_json(h.get("progress"))
+    return info
 
 
 def _int(text: str | None) -> int:
@@ -180,4 +189,6 @@ __all__ = [
     "QueueCounts",
     "RunningJob",
     "WorkerDetail",
+    "info_of",
+    "stored_json",
 ]

@@ -23,6 +23,7 @@ from taskrunner.admin import scope
 from taskrunner.admin.listing import states, to_info
 from taskrunner.admin.models import RunningJob, WorkerDetail
 from taskrunner.client import Client
+from taskrunner.job import safe_text
 from taskrunner.keys import GROUP, Queue, QueueKeys
 
 MAX_WORKERS = 200
@@ -97,12 +98,22 @@ def _consumers(summary: Any) -> dict[str, int]:
 def _detail(
     worker_id: str, score: float, queues: list[str], now: float, stale_after: float
 ) -> WorkerDetail:
-    seen = score / 1000
-    age = max(0.0, now - seen)
+    seen = _heartbeat(score)
+    if seen is None:  # a score no clock gives: shown as a stale worker without a time
+        return WorkerDetail(
+            id=_shown(worker_id),
+            queues=queues,
+            last_heartbeat=None,
+            age=None,
+            stale=True,
+            holding=0,
+            running=[],
+        )
+    age = max(0.0, now - seen.timestamp())
     return WorkerDetail(
-        id=worker_id,
+        id=_shown(worker_id),
         queues=queues,
-        last_heartbeat=datetime.fromtimestamp(seen, UTC),
+        last_heartbeat=seen,
         age=round(age, 3),
         stale=age > stale_after,
         holding=0,
@@ -110,9 +121,23 @@ def _detail(
     )
 
 
+def _heartbeat(score: float) -> datetime | None:
+    """The time of a heartbeat score (ms); None when it is no time at all (infinite,
+    or beyond what a datetime holds)."""
+    try:
+        return datetime.fromtimestamp(score / 1000, UTC)
+    except (ValueError, OverflowError, OSError):
+        return None
+
+
+def _shown(worker_id: str) -> str:
+    """A worker id as text that can be shown (valid UTF-8, at most 200 characters)."""
+    return safe_text(worker_id, 200)
+
+
 def _gone(worker_id: str, queues: list[str]) -> WorkerDetail:
     return WorkerDetail(
-        id=worker_id,
+        id=_shown(worker_id),
         queues=queues,
         last_heartbeat=None,
         age=None,

@@ -8,7 +8,16 @@ import json
 
 import click
 
-from taskrunner.cli._common import USAGE_ERROR, example, fail, load_app, run_async, settings_for
+from taskrunner.cli._common import (
+    SECONDS,
+    USAGE_ERROR,
+    example,
+    fail,
+    load_app,
+    run_async,
+    settings_for,
+)
+from taskrunner.cli._data import data_errors
 from taskrunner.deadletters import DEFAULT_PAGE, MAX_PAGE, DeadLetters, decode_cursor
 from taskrunner.job import JobInfo
 
@@ -69,7 +78,8 @@ def dead_letters(
     async def main() -> None:
         async with runner:
             try:
-                found.append(await runner.dead_letters(queue, limit=limit, cursor=cursor))
+                with data_errors():
+                    found.append(await runner.dead_letters(queue, limit=limit, cursor=cursor))
             except ValueError as exc:  # a cursor of another queue or app
                 fail(str(exc), USAGE_ERROR)
 
@@ -111,7 +121,8 @@ def retry_dead(app: str, job_ids: tuple[str, ...], all_: bool, queue: str | None
     async def main() -> None:
         async with runner:
             ids = list(job_ids) or None
-            revived.append(await runner.retry_dead(ids, all=all_, queue=queue))
+            with data_errors():
+                revived.append(await runner.retry_dead(ids, all=all_, queue=queue))
 
     run_async(main)
     click.echo(f"revived {revived[0]} job(s)")
@@ -130,7 +141,8 @@ def delete_dead(app: str, job_ids: tuple[str, ...], queue: str | None) -> None:
 
     async def main() -> None:
         async with runner:
-            removed.append(await runner.delete_dead(list(job_ids), queue=queue))
+            with data_errors():
+                removed.append(await runner.delete_dead(list(job_ids), queue=queue))
 
     run_async(main)
     click.echo(f"deleted {removed[0]} job(s)")
@@ -143,7 +155,7 @@ def delete_dead(app: str, job_ids: tuple[str, ...], queue: str | None) -> None:
 @click.option("--all", "all_", is_flag=True, help="Every dead-lettered job.")
 @click.option(
     "--older-than",
-    type=click.FloatRange(min=0),
+    type=SECONDS,
     default=None,
     help="Only jobs that died more than this many seconds ago.",
 )
@@ -157,7 +169,8 @@ def purge_dead(app: str, all_: bool, older_than: float | None, queue: str | None
 
     async def main() -> None:
         async with runner:
-            removed.append(await runner.purge_dead(queue=queue, older_than=older_than))
+            with data_errors():
+                removed.append(await runner.purge_dead(queue=queue, older_than=older_than))
 
     run_async(main)
     click.echo(f"purged {removed[0]} job(s)")

@@ -15,6 +15,7 @@ import click
 from pydantic import BaseModel
 
 from taskrunner.cli._common import example, load_app, run_async, settings_for
+from taskrunner.cli._data import data_errors
 from taskrunner.cli._queues import check_queue_names
 from taskrunner.cli.cron import table as cron_table
 from taskrunner.counts import queue_counts, resolve
@@ -70,7 +71,8 @@ def info(app: str, queues: tuple[str, ...], as_json: bool) -> None:
 
     async def main() -> None:
         async with runner:
-            found = await gather(runner, settings.queues)
+            with data_errors():
+                found = await gather(runner, settings.queues)
         click.echo(found.model_dump_json(indent=2) if as_json else table(found))
 
     run_async(main)

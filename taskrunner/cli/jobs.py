@@ -18,6 +18,7 @@ import click
 from taskrunner.admin import CursorError, JobDetail, JobPage
 from taskrunner.admin.listing import MAX_LIMIT, STATUS_ORDER
 from taskrunner.cli._common import USAGE_ERROR, example, fail, load_app, run_async, settings_for
+from taskrunner.cli._data import data_errors
 from taskrunner.exceptions import ConfigurationError
 from taskrunner.job import JobInfo
 from taskrunner.runner import TaskRunner
@@ -36,7 +37,8 @@ def _run(app: str, body: Callable[[TaskRunner], Coroutine[Any, Any, None]]) -> N
     async def main() -> None:
         async with runner:
             try:
-                await body(runner)
+                with data_errors():
+                    await body(runner)
             except (ConfigurationError, CursorError, ValueError) as exc:
                 fail(str(exc), USAGE_ERROR)
 

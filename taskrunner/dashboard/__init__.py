@@ -32,8 +32,11 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
+from redis.exceptions import ResponseError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -41,6 +44,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from taskrunner.dashboard.guard import Auth, AuthResult, Guard
 from taskrunner.dashboard.pages import ROUTES
 from taskrunner.exceptions import TaskrunnerError
+from taskrunner.job import safe_text
 from taskrunner.runner import TaskRunner
 
 STATIC = Path(__file__).parent / "static"
@@ -68,11 +72,19 @@ def dashboard(
         routes=[*ROUTES, Mount("/static", StaticFiles(directory=STATIC), name="static")],
         middleware=[*(middleware or []), Middleware(Guard, auth=auth), Middleware(_Opener)],
         lifespan=_lifespan(runner) if open_runner else None,
+        exception_handlers={ResponseError: _refused},
     )
     app.state.taskrunner = runner
     app.state.title = title
     app.state.poll_seconds = poll_seconds
     return app
+
+
+async def _refused(request: Request, exc: Exception) -> Response:
+    """What Redis holds broke a page (a key of the wrong type: WRONGTYPE): say so in
+    one line, 502 (the data behind the dashboard is bad), never 500."""
+    line = " ".join(safe_text(str(exc), 500).split())
+    return PlainTextResponse(f"Redis refused a read: {line}", 502)
 
 
 def _lifespan(runner: TaskRunner) -> Callable[[Starlette], AbstractAsyncContextManager[None]]:

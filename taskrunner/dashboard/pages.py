@@ -27,7 +27,7 @@ from taskrunner.admin.listing import MAX_LIMIT, STATUS_ORDER
 from taskrunner.dashboard import chart
 from taskrunner.dashboard.guard import check_csrf
 from taskrunner.exceptions import ConfigurationError, JobNotFound, TaskrunnerError
-from taskrunner.job import JobStatus
+from taskrunner.job import JobStatus, safe_text
 from taskrunner.runner import TaskRunner
 
 templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
@@ -47,6 +47,8 @@ templates.env.globals["when"] = _when
 RETRIABLE = {JobStatus.FAILED, JobStatus.ABORTED, JobStatus.REJECTED, JobStatus.DEAD}
 ABORTABLE = {JobStatus.SCHEDULED, JobStatus.QUEUED, JobStatus.RUNNING}
 PAGE_SIZE = 50
+UNREADABLE = 422
+"""The answer for a job whose record cannot be read (the data is bad, not the server)."""
 
 
 def runner_of(request: Request) -> TaskRunner:
@@ -146,6 +148,8 @@ async def job_page(request: Request) -> Response:
         raise HTTPException(404, f"no job {job_id!r} in queue {queue!r}") from None
     except ConfigurationError as exc:
         raise HTTPException(400, str(exc)) from exc
+    except TaskrunnerError as exc:  # its record cannot be read (hostile data)
+        raise HTTPException(UNREADABLE, safe_text(str(exc), 500)) from exc
     return render(
         request,
         "job.html",
@@ -206,6 +210,8 @@ async def retry_job(request: Request) -> Response:
         done = await runner_of(request).admin.retry(job_id, queue)
     except JobNotFound:
         raise HTTPException(404, f"no job {job_id!r}") from None
+    except TaskrunnerError as exc:  # its record cannot be read (hostile data)
+        raise HTTPException(UNREADABLE, safe_text(str(exc), 500)) from exc
     notice = "queued again" if done else "not retried: only failed, aborted, rejected or dead jobs"
     return RedirectResponse(
         path(request, "job", {"notice": notice}, queue=queue, job_id=job_id), 303
