@@ -142,10 +142,13 @@ class _Link:
             self.owner.spawn(lambda: self._unsubscribe(pubsub, channel))
 
     async def _subscribe(self, pubsub: PubSub, channels: list[str]) -> None:
-        if self.sharded:
-            await pubsub.ssubscribe(*channels)
-        else:
+        if not self.sharded:
             await pubsub.subscribe(*channels)
+            return
+        # One SSUBSCRIBE per hash slot: a node serves many slots, but refuses (CROSSSLOT)
+        # an SSUBSCRIBE whose channels are not all of one slot.
+        for group in self.owner.by_slot(channels):
+            await pubsub.ssubscribe(*group)
 
     async def _unsubscribe(self, pubsub: PubSub, channel: str) -> None:
         async with self._sending:
@@ -186,6 +189,9 @@ class _Link:
             connection = pubsub.connection
             if connection is not None:  # told when redis-py reconnects it by itself
                 connection.register_connect_callback(self._reconnected)
+                if self.sharded:  # redis-py's own would send one SSUBSCRIBE of all slots
+                    connection.deregister_connect_callback(pubsub.on_connect)
+                    connection.register_connect_callback(self._resubscribe_by_slot)
             self.pubsub = pubsub
             if self.channels:
                 await self._subscribe(pubsub, list(self.channels))
@@ -195,6 +201,7 @@ class _Link:
         finally:
             self.pubsub = None
             if connection is not None:  # it goes back to the client's pool
+                connection.deregister_connect_callback(self._resubscribe_by_slot)
                 connection.deregister_connect_callback(self._reconnected)
             with anyio.CancelScope(shield=True):
                 async with self._sending:  # a listener's subscribe in flight ends first
@@ -208,6 +215,16 @@ class _Link:
         server confirms its channel, as after a new session."""
         self.confirmed = set()
         self._resubscribing = set(self.channels)
+
+    async def _resubscribe_by_slot(self, connection: Any) -> None:
+        """In place of redis-py's resubscription of a reconnected sharded session (it
+        names every channel in one SSUBSCRIBE): the wanted channels, one SSUBSCRIBE per
+        slot. Called by redis-py inside the session's read, before it reads again."""
+        pubsub = self.pubsub
+        if pubsub is None or pubsub.connection is not connection:
+            return  # that session ended: the next one subscribes everything
+        pubsub.pending_unsubscribe_shard_channels.clear()
+        await self._subscribe(pubsub, list(self.channels))
 
     async def _listen(self, pubsub: PubSub) -> None:
         heard = time.monotonic()
@@ -320,6 +337,14 @@ class Subscriber:
             return bool(link.channels)
         del self._links[link.name]
         return False
+
+    def by_slot(self, channels: list[str]) -> list[list[str]]:
+        """``channels`` of a sharded link grouped by hash slot, in first-seen order."""
+        cluster = cast("RedisCluster", self.connection.redis)
+        groups: dict[int, list[str]] = {}
+        for channel in channels:
+            groups.setdefault(cluster.keyslot(channel), []).append(channel)
+        return list(groups.values())
 
     def unsubscribe(self, channel: str, h: Handler) -> None:
         link = self._links.get(self._link_name(channel))
