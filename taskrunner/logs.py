@@ -159,6 +159,7 @@ class Throttle:
 def setup(level: str = "info", fmt: str = "text") -> None:
     """Log to stderr at ``level`` as ``text`` or ``json`` lines (the CLI's setup)."""
     logging.basicConfig(level=level.upper())
+    logging.getLogger().setLevel(level.upper())  # basicConfig keeps a level set before
     formatter = JsonFormatter() if fmt == "json" else TextFormatter()
     for handler in logging.getLogger().handlers:
         handler.setFormatter(formatter)

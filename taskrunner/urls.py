@@ -82,12 +82,13 @@ _IPV6 = re.compile(r"^[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*$")
 
 _SCHEME_RE = r"[A-Za-z][A-Za-z0-9+.\-]*://"
 _STOP = r"\s'\"<>`"
-_USERINFO_RE = re.compile(rf"({_SCHEME_RE}[^{_STOP}:@/\[\]]*):[^{_STOP}]*@")
-"""``scheme://user:password@``: everything up to the last ``@`` of the URL is hidden,
-so a password with an unencoded ``@``, ``/`` or ``#`` is hidden whole."""
+_USERINFO_RE = re.compile(rf"({_SCHEME_RE}[^{_STOP}:@/\[\]]*):(?:(?!{_SCHEME_RE})[^\n])*@")
+"""``scheme://user:password@``: everything up to the last ``@`` of the line before the
+next URL is hidden, so a password with an unencoded ``@``, ``/`` or ``#``, a quote or a
+space (which a message may print as it is, or inside a ``repr``) is hidden whole."""
 _NO_AT_RE = re.compile(
     rf"({_SCHEME_RE}[^{_STOP}:@/\[\],]*):"
-    rf"(?=[^{_STOP}@/?#,]*[^{_STOP}@/?#,0-9])[^{_STOP}@/?#,]+(?=[{_STOP}/?#,]|$)"
+    r"(?=[^\s@/?#,]*[^\s@/?#,0-9])[^\s@/?#,]+(?=[\s/?#,]|$)"
 )
 """``scheme://user:secret`` without ``@`` (a forgotten host): a "port" that is not a
 number may be a password, so it is hidden too."""

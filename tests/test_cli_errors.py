@@ -211,3 +211,77 @@ def test_several_lost_connections_at_once_are_one_line_and_a_bug_beside_them_is_
 
     with pytest.raises(ExceptionGroup):
         run_async(lost_and_a_bug)
+
+
+@pytest.mark.parametrize("password", ["pw'quote-tail", 'pw"dq-tail', "pw`tick<tail>", "pw@at-tail"])
+def test_a_password_with_quotes_or_brackets_is_hidden_whole(
+    namespace: str, password: str, unreachable_port: int
+) -> None:
+    url = f"redis://app:{password}@127.0.0.1:{unreachable_port}/0"
+    done = run_cli(env_with(url, namespace), "info", APP)
+    assert_one_line(done, 1, "cannot reach redis at redis://app:***@127.0.0.1")
+    assert "tail" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("source", "fragment"),
+    [
+        ("raise RuntimeError('boom on import')\n", "raised RuntimeError: boom on import"),
+        ("def broken(:\n", "raised SyntaxError"),
+        ("from taskrunner import TaskRunner\ntr = TaskRunner(middleware=[object()])\n", "raised"),
+    ],
+)
+def test_an_app_that_fails_on_import_exits_2_with_one_line(
+    namespace: str, tmp_path: Path, source: str, fragment: str
+) -> None:
+    (tmp_path / "failing_app.py").write_text(source)
+    for command in (["worker", "failing_app:tr"], ["info", "failing_app:tr"]):
+        done = run_cli(env_with("redis://127.0.0.1:1/0", namespace), *command, cwd=tmp_path)
+        assert_one_line(done, 2, "cannot load failing_app:tr: importing failing_app", fragment)
+
+
+def test_what_an_app_logs_on_import_is_redacted_in_every_command(
+    redis_server: RedisProcess, namespace: str, tmp_path: Path
+) -> None:
+    (tmp_path / "logging_app.py").write_text(
+        "import logging\nfrom taskrunner import TaskRunner\n"
+        "logging.getLogger('myapp').warning('using %s', 'redis://app:ImportSecret@h:1/0')\n"
+        "tr = TaskRunner()\n"
+    )
+    env = env_with(redis_server.url, namespace)
+    del env["TASKRUNNER_LOG_LEVEL"]
+    for command in (["info", "logging_app:tr"], ["dead-letters", "logging_app:tr"]):
+        done = run_cli(env, *command, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert "using redis://app:***@h:1/0" in done.stderr
+        assert "ImportSecret" not in done.stderr
+
+
+def test_an_unreachable_cluster_exits_1_with_one_line(
+    namespace: str, unreachable_port: int
+) -> None:
+    url = f"redis+cluster://:clusterpw@127.0.0.1:{unreachable_port}"
+    done = run_cli(env_with(url, namespace), "info", APP)
+    assert_one_line(done, 1, "cannot reach redis at redis+cluster://:***@127.0.0.1")
+    assert "clusterpw" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["enqueue", APP, "add", "[1, 2]", "--delay", "nan"],
+        ["enqueue", APP, "add", "[1, 2]", "--delay", "inf"],
+        ["enqueue", APP, "add", "[1, 2]", "--wait", "--timeout", "nan"],
+        ["enqueue", APP, "add", "[1, 2]", "--wait", "--timeout", "-1"],
+        ["purge-dead", APP, "--older-than", "nan"],
+        ["purge-dead", APP, "--older-than", "inf"],
+    ],
+    ids=lambda a: " ".join(a[-2:]),
+)
+def test_a_number_of_seconds_that_is_not_finite_is_a_usage_error(
+    redis_server: RedisProcess, namespace: str, args: list[str]
+) -> None:
+    done = run_cli(env_with(redis_server.url, namespace), *args)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "not a finite number of seconds" in done.stderr or ">=0" in done.stderr

@@ -11,6 +11,8 @@ message goes through ``taskrunner.urls.redact``: no password is ever printed.
 from __future__ import annotations
 
 import importlib
+import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -18,7 +20,13 @@ from typing import Any, NoReturn
 
 import anyio
 import click
-from redis.exceptions import AuthenticationError, InvalidResponse, RedisError, ResponseError
+from redis.exceptions import (
+    AuthenticationError,
+    InvalidResponse,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -36,6 +44,7 @@ RUNTIME_ERROR = 1
 
 _AUTH_REPLIES = ("NOAUTH", "WRONGPASS", "NOPERM")
 _DB_REPLIES = ("DB index is out of range", "invalid DB index", "SELECT is not allowed")
+_CLUSTER_AUTH_TEXTS = (*_AUTH_REPLIES, "invalid username-password", "Authentication required")
 
 _target = {"redis": "redis"}
 """What the command connects to, redacted, for error messages (set by ``use_url``)."""
@@ -79,6 +88,23 @@ def _usage_message(exc: click.ClickException) -> str:
     return message
 
 
+class _Seconds(click.FloatRange):
+    """A finite number of seconds, zero or more (``nan``, ``inf`` and ``-1`` are refused
+    where they are given, as a usage error)."""
+
+    def __init__(self) -> None:
+        super().__init__(min=0)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        seconds = super().convert(value, param, ctx)
+        if not math.isfinite(seconds):
+            self.fail(f"{value!r} is not a finite number of seconds", param, ctx)
+        return seconds
+
+
+SECONDS = _Seconds()
+
+
 def load_app(path: str) -> TaskRunner:
     """Import ``module:attribute`` (like uvicorn) and return the TaskRunner it names."""
     module_name, sep, attribute = path.partition(":")
@@ -86,18 +112,30 @@ def load_app(path: str) -> TaskRunner:
         fail(f"APP must look like module:attribute, got {path!r}", USAGE_ERROR)
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
+    if not logging.getLogger().handlers:  # what the app logs on import is redacted too
+        setup_logging("warning")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         fail(f"cannot import module {module_name!r}: {exc}", USAGE_ERROR)
     except ConfigurationError as exc:  # e.g. TaskRunner(url=...) with a bad URL
         fail(f"cannot load {path}: {exc}", USAGE_ERROR)
+    except Exception as exc:  # noqa: BLE001 - the app's own error: one line, no source lines
+        fail(f"cannot load {path}: importing {module_name} raised {_describe(exc)}", USAGE_ERROR)
     app = getattr(module, attribute, None)
     if app is None:
         fail(f"module {module_name!r} has no attribute {attribute!r}", USAGE_ERROR)
     if not isinstance(app, TaskRunner):
         fail(f"{path} is a {type(app).__name__}, not a TaskRunner", USAGE_ERROR)
     return app
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: message`` of an exception, with where it was raised for a syntax error."""
+    where = ""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        where = f" ({exc.filename}, line {exc.lineno})"
+    return f"{type(exc).__name__}: {exc}{where}"
 
 
 def settings_for(flags: Mapping[str, Any], runner: TaskRunner | None = None) -> Settings:
@@ -168,7 +206,9 @@ def _one_line(exc: BaseException) -> tuple[str, int] | None:
     rejected = _rejected_by_server(exc)
     if rejected is not None:
         return f"{_target['redis']} {rejected}: {exc}", USAGE_ERROR
-    if isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError)):
+    if isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError)) or (
+        _cluster_unreachable(exc)
+    ):
         return f"cannot reach {_target['redis']}: {exc}", RUNTIME_ERROR
     if isinstance(exc, TaskrunnerError):
         return str(exc), RUNTIME_ERROR
@@ -188,7 +228,19 @@ def _rejected_by_server(exc: BaseException) -> str | None:
         isinstance(exc, RedisError) and "Protocol error" in text
     ):
         return "does not speak the Redis protocol (check the host and port of the URL)"
+    if isinstance(exc, RedisClusterException):  # its text carries the node's reply
+        if any(reply in text for reply in _CLUSTER_AUTH_TEXTS):
+            return "refused the credentials (check the user and password in the URL)"
+        if "Cluster mode is not enabled" in text:
+            return "is not a cluster (check the scheme of the URL)"
+    if isinstance(exc, ResponseError) and "unknown command 'SENTINEL'" in text:
+        return "is not a sentinel (check the scheme and the hosts of the URL)"
     return None
+
+
+def _cluster_unreachable(exc: BaseException) -> bool:
+    """A cluster client that could reach none of its start-up nodes."""
+    return isinstance(exc, RedisClusterException) and "cannot be connected" in str(exc)
 
 
 def example(text: str) -> str:

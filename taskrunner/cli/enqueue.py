@@ -9,7 +9,15 @@ import anyio
 import click
 import pydantic
 
-from taskrunner.cli._common import USAGE_ERROR, example, fail, load_app, run_async, settings_for
+from taskrunner.cli._common import (
+    SECONDS,
+    USAGE_ERROR,
+    example,
+    fail,
+    load_app,
+    run_async,
+    settings_for,
+)
 from taskrunner.cli._queues import check_queue_names
 from taskrunner.connection import REDIS_ERRORS
 from taskrunner.exceptions import JobError
@@ -33,7 +41,7 @@ taskrunner enqueue examples.quickstart:tr greet '{"name": "world"}' --delay 10
 @click.argument("app")
 @click.argument("task")
 @click.argument("args", required=False)
-@click.option("--delay", type=float, help="Run it no earlier than this many seconds from now.")
+@click.option("--delay", type=SECONDS, help="Run it no earlier than this many seconds from now.")
 @click.option("--queue", "-q", help="Queue to send it to. [default: the task's queue]")
 @click.option("--job-id", help="A job id of your choice (enqueue is idempotent while it exists).")
 @click.option(
@@ -41,7 +49,7 @@ taskrunner enqueue examples.quickstart:tr greet '{"name": "world"}' --delay 10
     is_flag=True,
     help="Wait until the job is final; print its progress (stderr) and result.",
 )
-@click.option("--timeout", type=float, help="With --wait: give up after this many seconds.")
+@click.option("--timeout", type=SECONDS, help="With --wait: give up after this many seconds.")
 def enqueue(
     app: str,
     task: str,
@@ -52,8 +60,6 @@ def enqueue(
     wait: bool,
     timeout: float | None,
 ) -> None:
-    if delay is not None and delay < 0:
-        fail(f"--delay must be zero or more, got {delay:g}", USAGE_ERROR)
     if timeout is not None and not wait:
         fail("--timeout only applies with --wait (it bounds the wait for the result)", USAGE_ERROR)
     if queue is not None:
