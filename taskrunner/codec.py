@@ -150,9 +150,13 @@ class ResultCodec:
         """``-> None``: a None result is ``null`` without a trip through pydantic."""
 
     def encode(self, value: Any) -> str:
+        """The value as stored. It is validated against the annotation first (pydantic
+        would otherwise store ``"x"`` for ``-> int`` with only a warning, and
+        ``job.result()`` could not rebuild it): ``ValidationError`` if it does not fit,
+        ``PydanticSerializationError`` if it cannot be serialised."""
         if value is None and self._returns_none:
             return "null"
-        return self.adapter.dump_json(value).decode()
+        return self.adapter.dump_json(self.adapter.validate_python(value)).decode()
 
     def decode(self, payload: str) -> Any:
         return self.adapter.validate_json(payload)

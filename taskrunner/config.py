@@ -21,6 +21,10 @@ from pydantic_core import ErrorDetails
 from taskrunner.exceptions import ConfigurationError
 from taskrunner.keys import MAX_PARTITIONS
 
+MAX_CONCURRENCY = 10_000
+"""The most jobs one worker process runs at once (``concurrency``): each is a task and a
+slot, so a typo of a few more zeros would take the memory of the machine; run more
+processes for more."""
 DEFAULT_DEAD_LETTER_LIMIT = 10_000
 """Dead letters kept per queue: the oldest beyond this are removed (Sidekiq's default)."""
 DEFAULT_DEAD_LETTER_TTL = 30 * 24 * 3600.0

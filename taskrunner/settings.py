@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from taskrunner.config import MAX_CONCURRENCY
 from taskrunner.exceptions import ConfigurationError
 from taskrunner.urls import parse_url, redact
 
@@ -67,7 +68,7 @@ class Settings(BaseSettings):
 
     redis_url: str | None = Field(default=None, repr=False)  # it may hold a password
     queues: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    concurrency: int = Field(default=100, ge=1)
+    concurrency: int = Field(default=100, ge=1, le=MAX_CONCURRENCY)
     processes: int = Field(default=1, ge=1)
     burst: bool = False
     grace_period: float = Field(default=30.0, ge=0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import pytest
@@ -19,6 +19,7 @@ from taskrunner import (
     ConfigurationError,
     EnqueueContext,
     Job,
+    JobFailed,
     JobStatus,
     Middleware,
     TaskRunner,
@@ -184,3 +185,56 @@ def test_cron_on_a_function_names_the_task_as_tr_task_does(make_runner: MakeRunn
 
     assert send_report.name.endswith("tr_task_does.<locals>.send_report")
     assert tr.crontab.get("morning").task.name == send_report.name
+
+
+async def test_a_result_that_does_not_fit_its_annotation_fails_the_job_for_good(
+    make_runner: MakeRunner,
+) -> None:
+    tr = make_runner(max_retries=3)
+    runs: list[str] = []
+
+    @tr.task
+    async def count() -> int:
+        runs.append("count")
+        return cast(int, "not a number")
+
+    @tr.task
+    async def opaque() -> Any:
+        runs.append("opaque")
+        return object()  # no JSON for it
+
+    @tr.task
+    async def lenient() -> int:
+        return cast(int, "7")  # pydantic's lax mode takes it as 7
+
+    async with tr:
+        jobs = [await count.enqueue(), await opaque.enqueue(), await lenient.enqueue()]
+        await tr.run_until_idle(timeout=DEADLINE, raise_failures=False)
+        errors = ["ValidationError", "PydanticSerializationError"]
+        for job, error in zip(jobs[:2], errors, strict=True):
+            info = await job.info()
+            assert (info.status, info.attempts) == (JobStatus.FAILED, 1)
+            assert info.error is not None
+            assert info.error.type.endswith(error)
+            with pytest.raises(JobFailed):
+                await job.result(timeout=1)
+        assert await jobs[2].result(timeout=1) == 7
+    assert sorted(runs) == ["count", "opaque"]  # once each: not retried
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"grace_period": -5},
+        {"grace_period": math.nan},
+        {"grace_period": math.inf},
+        {"concurrency": 0},
+        {"concurrency": 10_001},
+    ],
+)
+def test_a_worker_refuses_a_grace_period_or_concurrency_out_of_range(
+    make_runner: MakeRunner, options: dict[str, Any]
+) -> None:
+    tr = make_runner()
+    with pytest.raises(ValueError, match=str(next(iter(options)))):
+        tr.worker(handle_signals=False, **options)

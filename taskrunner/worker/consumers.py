@@ -60,12 +60,17 @@ def _cancelling() -> bool:
 
 def terminal(max_payload: int) -> ExecuteNext:
     """The innermost layer of every execution chain: run the function and encode its
-    result (so a result that cannot be stored fails the attempt under the retry
-    policy, like any error of the task)."""
+    result. A result that does not fit the return annotation or cannot be serialised
+    fails the job for good (running it again would return the same); one larger than
+    ``max_payload`` fails the attempt under the retry policy, like any error of the
+    task."""
 
     async def call_task(ctx: ExecutionContext) -> Outcome:
         result = await ctx.task.fn(*ctx.args, **ctx.kwargs)
-        encoded = ctx.task.codec.result.encode(result)
+        try:
+            encoded = ctx.task.codec.result.encode(result)
+        except ValueError as exc:  # pydantic's ValidationError, PydanticSerializationError
+            return Outcome.failed(ErrorInfo.from_exception(exc))
         check_size("the result", encoded, max_payload)
         return Outcome(OutcomeKind.SUCCEEDED, result=result, encoded=encoded)
 

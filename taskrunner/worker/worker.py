@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import secrets
 import signal
@@ -26,6 +27,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from taskrunner import scripts
+from taskrunner.config import MAX_CONCURRENCY
 from taskrunner.connection import REDIS_ERRORS, Connection, PoolOptions, open_connection, report
 from taskrunner.deadletters import trim_dead
 from taskrunner.keys import Queue, QueueKeys
@@ -98,10 +100,12 @@ class Worker:
         handle_signals: bool | None = None,
         max_deliveries: int = 5,
     ) -> None:
-        if concurrency < 1:
-            raise ValueError("concurrency must be at least 1")
+        if not 1 <= concurrency <= MAX_CONCURRENCY:
+            raise ValueError(f"concurrency must be from 1 to {MAX_CONCURRENCY:,}: {concurrency!r}")
         if max_deliveries < 1:
             raise ValueError("max_deliveries must be at least 1")
+        if not 0 <= grace_period < math.inf:  # NaN fails it too
+            raise ValueError(f"grace_period must be a finite number, 0 or more: {grace_period!r}")
         self.runner = runner
         self.queue_names = list(queues) if queues else runner.queues()
         self.concurrency = concurrency
