@@ -288,12 +288,14 @@ async def _by_type(
 ) -> tuple[list[str], list[str]]:
     """These ids split by their job key: a hash or none (the scripts take those), and
     any other type (hostile: the scripts would fail on it)."""
+    # HEXISTS, not TYPE: the documented ACL user runs only the commands taskrunner needs
     pipe = redis.pipeline(transaction=False)
     for job_id in job_ids:
-        pipe.type(keys.job(job_id))
-    kinds = await pipe.execute()
-    usable = [i for i, kind in zip(job_ids, kinds, strict=True) if kind in ("hash", "none")]
-    hostile = [i for i, kind in zip(job_ids, kinds, strict=True) if kind not in ("hash", "none")]
+        pipe.hexists(keys.job(job_id), "status")
+    found = await pipe.execute(raise_on_error=False)
+    pairs = list(zip(job_ids, found, strict=True))
+    usable = [i for i, reply in pairs if not isinstance(reply, Exception)]
+    hostile = [i for i, reply in pairs if isinstance(reply, Exception)]
     return usable, hostile
 
 

@@ -576,8 +576,9 @@ async def test_a_lone_call_gives_its_error_in_its_place_and_survives_a_script_fl
     stream = await stream_of(redis, keys)
     [job] = await write_at(redis, keys, stream, ["5-0"])
     assert await read(redis, keys, stream, 1) == ["5-0"]
-    await redis.set(keys.job("hostile"), "not a hash")
-    hostile = claim(keys, stream, ("hostile", "5-0"), "t0")
+    hostile_stream = keys.level_stream("hostile")
+    await redis.set(hostile_stream, "not a stream")
+    hostile = claim(keys, hostile_stream, job, "t0")
     [reply] = await scripts.run_many(redis, [hostile], raise_on_error=False)
     assert isinstance(reply, Exception)
     assert "WRONGTYPE" in str(reply)
@@ -592,8 +593,9 @@ async def test_take_claims_the_named_job_in_its_read_and_leaves_the_rest_to_clai
     redis: Redis, keys: QueueKeys
 ) -> None:
     """take.lua: the read's entries as fetch.lua gives them, the named job's with
-    claim.lua's reply as a fourth element; a named job whose hash is not a hash gets
-    none (its claim failed inside the script) and the read still returns every entry."""
+    claim.lua's reply as a fourth element; a named job whose key is not a hash gets
+    claim.lua's 'wrongtype' (the worker dead-letters its entry), and the read still
+    returns every entry."""
     stream = await stream_of(redis, keys)
     jobs = await write_at(redis, keys, stream, ["1-0", "2-0", "3-0"])
     fetched = scripts.fetch(ENV, keys, [stream], CONSUMER, 2, 60_000)
@@ -607,7 +609,8 @@ async def test_take_claims_the_named_job_in_its_read_and_leaves_the_rest_to_clai
     await redis.set(keys.job("hostile"), "not a hash")
     fetched = scripts.fetch(ENV, keys, [stream], CONSUMER, 5, 60_000)
     reply = await scripts.run(redis, scripts.take(fetched, keys, "hostile", "t", 5, MAX_PAYLOAD))
-    assert [(str(e[1]), len(e)) for e in reply] == [("3-0", 3), ("4-0", 3)]
+    assert [(str(e[1]), len(e)) for e in reply] == [("3-0", 3), ("4-0", 4)]
+    assert [str(v) for v in reply[1][3]] == ["wrongtype"]
     assert jobs[2][1] == "3-0"
 
 

@@ -17,11 +17,11 @@ end
 local value = 'ok'
 if ARGV[2] == 'dead' then
   local now = now_ms(ARGV[5])
-  local found = redis.call('TYPE', dead_job).ok
-  if found ~= 'hash' and found ~= 'none' then  -- hostile: a key of another type
+  -- (HEXISTS, not TYPE: the documented ACL user runs only the commands taskrunner needs)
+  if type(redis.pcall('HEXISTS', dead_job, 'status')) == 'table' then  -- WRONGTYPE
     redis.call('DEL', dead_job)
   end
-  if found ~= 'hash' then
+  if redis.call('EXISTS', dead_job) == 0 then
     redis.call('HSET', dead_job, 'task', ARGV[7], 'queue', ARGV[8], 'args', '{}',
       'enqueued', now, 'attempts', 0)
   end
@@ -29,9 +29,10 @@ if ARGV[2] == 'dead' then
   redis.call('ZADD', dead, now, ARGV[6])
   value = 'dead ' .. ARGV[6]
 end
-if redis.call('TYPE', job).ok == 'hash' then  -- gone, or hostile: nothing to record
+local watched = redis.pcall('HEXISTS', job, 'watch')
+if type(watched) == 'number' and redis.call('EXISTS', job) == 1 then  -- else gone or hostile
   redis.call('HSET', job, 'relayed', value)
-  if redis.call('HEXISTS', job, 'watch') == 1 then
+  if watched == 1 then
     redis.call(ARGV[4], ARGV[3], 'relayed')
   end
 end
