@@ -49,12 +49,19 @@ async def counts(client: Client, queues: Sequence[Queue], stale_after: float) ->
     """The counts of each queue: two pipelined round trips, sent together."""
     now = client.clock.now()
     parts = [_Parts(q, scope.partitions(client, q)) for q in queues]
+    # both finish before either's error is raised: a round trip left running after the
+    # caller has gone would reconnect on a closed pool and leak its connection
     base, extra = await asyncio.gather(
         core_counts.queue_counts(
             client.redis, parts, now=now, result_ttl=client.result_ttl_ms / 1000
         ),
         _finished(client, parts, int(now * 1000) - client.result_ttl_ms),
+        return_exceptions=True,
     )
+    if isinstance(base, BaseException):
+        raise base
+    if isinstance(extra, BaseException):
+        raise extra
     live_since = time.time() - stale_after  # heartbeats are written by the workers' clocks
     found = []
     for q, core, (succeeded, aborted, rejected, paused) in zip(parts, base, extra, strict=True):
