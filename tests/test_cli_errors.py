@@ -285,3 +285,9 @@ def test_a_number_of_seconds_that_is_not_finite_is_a_usage_error(
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
     assert "not a finite number of seconds" in done.stderr or ">=0" in done.stderr
+
+
+def test_an_empty_job_id_is_a_usage_error(redis_server: RedisProcess, namespace: str) -> None:
+    done = run_cli(env_with(redis_server.url, namespace), "enqueue", APP, "add", "[1, 2]",
+                   "--job-id", "")  # fmt: skip
+    assert_one_line(done, 2, "job_id must be a non-empty string")

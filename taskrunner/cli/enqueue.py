@@ -20,7 +20,7 @@ from taskrunner.cli._common import (
 )
 from taskrunner.cli._queues import check_queue_names
 from taskrunner.connection import REDIS_ERRORS
-from taskrunner.exceptions import JobError
+from taskrunner.exceptions import ConfigurationError, JobError
 from taskrunner.runner import TaskRunner
 from taskrunner.task import Call, EnqueueOptions, TaskDefinition
 
@@ -71,9 +71,11 @@ def enqueue(
         known = ", ".join(sorted(runner.registry)) or "none"
         fail(f"{app} has no task {task!r} (tasks: {known})", USAGE_ERROR)
     positional, keywords = parse_args(args)
-    call: Call[Any] = Call(
-        definition, positional, keywords, EnqueueOptions(delay=delay, job_id=job_id, queue=queue)
-    )
+    try:
+        options = EnqueueOptions(delay=delay, job_id=job_id, queue=queue)
+    except ConfigurationError as exc:  # e.g. an empty --job-id
+        fail(str(exc), USAGE_ERROR)
+    call: Call[Any] = Call(definition, positional, keywords, options)
 
     async def main() -> None:
         async with runner:

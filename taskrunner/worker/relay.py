@@ -159,9 +159,9 @@ class Relay:
 
     async def _plan(self, job_id: str, state: list[str | None] | Exception) -> _Plan:
         if isinstance(state, Exception):
-            if unavailable(state):
+            if not wrong_type(state):
                 raise state  # the next round tries again
-            # hostile: the job's key is not a hash (WRONGTYPE)
+            # hostile: the job's key is not a hash
             return _Plan(job_id, dead=f"the job cannot be read: {safe_text(str(state), 200)}")
         spec_text, result, meta, task = state
         plan = _Plan(job_id, task=task or "")
