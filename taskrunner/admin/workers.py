@@ -100,15 +100,7 @@ def _detail(
 ) -> WorkerDetail:
     seen = _heartbeat(score)
     if seen is None:  # a score no clock gives: shown as a stale worker without a time
-        return WorkerDetail(
-            id=_shown(worker_id),
-            queues=queues,
-            last_heartbeat=None,
-            age=None,
-            stale=True,
-            holding=0,
-            running=[],
-        )
+        return _gone(worker_id, queues)
     age = max(0.0, now - seen.timestamp())
     return WorkerDetail(
         id=_shown(worker_id),
