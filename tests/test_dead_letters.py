@@ -214,3 +214,29 @@ async def test_dead_letters_api_and_commands(
         after = await add.enqueue(20, 22)
         assert await after.result(timeout=DEADLINE) == 42
         assert worker.alive
+
+
+async def test_retry_dead_leaves_a_job_that_is_no_longer_dead_alone(
+    make_runner: MakeRunner, redis: Redis, namespace: str
+) -> None:
+    """A dead-letter member whose job is queued again under its id (the dead job's
+    hash expired, the id was enqueued anew) is stale: retrying it drops the member and
+    adds no second entry for the live job."""
+    tr = make_runner()
+
+    @tr.task(name="noop")
+    async def noop() -> None:
+        return None
+
+    keys = QueueKeys(namespace, "default")
+    async with tr:
+        job = await noop.options(job_id="again").enqueue()
+        await redis.zadd(keys.dead, {job.id: 1})
+        assert await redis.xlen(keys.stream) == 1
+        assert await tr.retry_dead([job.id]) == 0
+        assert await redis.zcard(keys.dead) == 0
+        assert await redis.hget(keys.job(job.id), "status") == "queued"
+        assert await redis.xlen(keys.stream) == 1
+        await redis.zadd(keys.dead, {job.id: 1})
+        assert await tr.retry_dead(all=True) == 0
+        assert await redis.xlen(keys.stream) == 1

@@ -4,11 +4,14 @@
 -- runner does not declare). Workers that found the partition drained are woken.
 -- KEYS: dead, job, idle, stream_1 .. stream_L (the partition's level streams)
 -- ARGV: job_id, default_index, publish_command, events_channel, level_1 .. level_L
--- Returns 1 revived, 0 not in the dead letters.
+-- A member whose job is not dead any more (its hash expired and the id was enqueued
+-- again, so it may be queued or running) is a stale dead letter: it leaves the dead
+-- letters and its job is left alone, so a job never gets a second entry this way.
+-- Returns 1 revived, 0 not a dead letter here.
 if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then
   return 0
 end
-if redis.call('EXISTS', KEYS[2]) == 0 then
+if redis.call('HGET', KEYS[2], 'status') ~= 'dead' then
   return 0
 end
 local level = redis.call('HGET', KEYS[2], 'level')
