@@ -398,7 +398,7 @@ class Client:
         )
         stream = keys.level_stream(level or self.default_level)
         call = scripts.abort(
-            self.env, keys, stream, job_id, self.result_ttl_ms, (locks or "").split()
+            self.env, keys, stream, job_id, self.result_ttl_ms, keys.own_locks(locks)
         )
         reply = str(await scripts.run(self.redis, call))
         if reply == "missing":

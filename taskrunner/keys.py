@@ -196,6 +196,13 @@ class QueueKeys:
     def lock(self, digest: str) -> str:
         return f"{self.prefix}:lock:{digest}"
 
+    def own_locks(self, field: str | None) -> list[str]:
+        """The lock keys named in a job's ``locks`` field that are this partition's
+        locks. Any other name (hostile data) is left out: a commit or abort never
+        touches a key that is not a lock, and its keys stay on one Cluster slot."""
+        prefix = self.lock("")
+        return [key for key in (field or "").split() if key.startswith(prefix) and key != prefix]
+
     def cron(self, name: str) -> str:
         """The state of cron schedule ``name`` (taskrunner.cron)."""
         return f"{self.prefix}:cron:{name}"

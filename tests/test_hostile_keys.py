@@ -167,6 +167,43 @@ async def test_a_lock_key_of_another_type_dead_letters_the_job_instead_of_waitin
         assert "another type" in (info.error.message if info.error else "")
 
 
+async def test_a_jobs_locks_field_naming_hostile_keys_fails_no_commit(
+    make_runner: MakeRunner, redis: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ``locks`` field naming a lock key of another type, or keys that are not its
+    partition's locks at all: the commit releases only the job's own lock and
+    touches nothing else."""
+    tr = make_runner(queue="lockfield")
+
+    @tr.task
+    async def one() -> int:
+        return 1
+
+    caplog.set_level(logging.WARNING, logger="taskrunner")
+    async with tr:
+        keys = tr.client.keys("lockfield")
+        job = await one.enqueue()  # queued: no worker runs yet
+        hostile, mine = keys.lock("hostile"), keys.lock("mine")
+        await redis.hset(hostile, "x", "1")
+        await redis.set(mine, job.id)
+        await redis.set("elsewhere", job.id)
+        await redis.hset(keys.job(job.id), "locks", f"{hostile} elsewhere {keys.stream} {mine}")
+        await burst(tr, "lockfield")
+        info = await job.info()
+        assert info.status == JobStatus.SUCCEEDED
+        assert await job.result(timeout=1) == 1
+        assert await redis.exists(mine) == 0
+        assert await redis.get("elsewhere") == job.id
+        assert await redis.hget(hostile, "x") == "1"
+        assert await redis.xpending(keys.stream, "taskrunner") == {
+            "pending": 0,
+            "min": None,
+            "max": None,
+            "consumers": [],
+        }
+    assert "reclaimed" not in caplog.text
+
+
 async def test_keys_of_another_type_do_not_stop_a_worker_or_a_burst(
     make_runner: MakeRunner, redis: Redis, caplog: pytest.LogCaptureFixture
 ) -> None:

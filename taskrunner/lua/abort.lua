@@ -35,7 +35,8 @@ if stale > 0 then
   redis.call('ZREMRANGEBYRANK', aborted, 0, math.min(stale, 100) - 1)
 end
 for i = 5, #KEYS do
-  if redis.call('GET', KEYS[i]) == ARGV[1] then
+  local ok, owner = pcall(redis.call, 'GET', KEYS[i])  -- a hostile key of another type
+  if ok and owner == ARGV[1] then
     redis.call('DEL', KEYS[i])
   end
 end

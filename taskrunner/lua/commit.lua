@@ -42,6 +42,13 @@ if ARGV[15] then
   FIRST_LOCK = 10
 end
 
+-- whether this job holds a lock key (one of another type, hostile, is no lock of its:
+-- it fails no commit halfway through its writes)
+local function holds(key)
+  local ok, owner = pcall(redis.call, 'GET', key)
+  return ok and owner == job_id
+end
+
 local h = redis.call('HMGET', job, 'lease', 'committed', 'abort', 'watch')
 if h[1] ~= token then
   if h[2] == token then
@@ -79,7 +86,7 @@ if outcome == 'retry' or outcome == 'reschedule' then
   -- the job's locks outlive the wait for its next attempt; never shorten one
   local ttl = delay + tonumber(ARGV[14])
   for i = FIRST_LOCK, #KEYS do
-    if redis.call('GET', KEYS[i]) == job_id and redis.call('PTTL', KEYS[i]) < ttl then
+    if holds(KEYS[i]) and redis.call('PTTL', KEYS[i]) < ttl then
       redis.call('PEXPIRE', KEYS[i], ttl)
     end
   end
@@ -126,7 +133,7 @@ if index then
   add_to_index(index, stamp, job_id, now, tonumber(ARGV[7]))
 end
 for i = FIRST_LOCK, #KEYS do
-  if redis.call('GET', KEYS[i]) == job_id then
+  if holds(KEYS[i]) then
     redis.call('DEL', KEYS[i])
   end
 end

@@ -14,7 +14,8 @@ redis.call('XCLAIM', stream, ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
 local ttl = tonumber(ARGV[5])
 if ttl > 0 then
   for i = 3, #KEYS do
-    if redis.call('GET', KEYS[i]) == ARGV[6] and redis.call('PTTL', KEYS[i]) < ttl then
+    local ok, owner = pcall(redis.call, 'GET', KEYS[i])  -- a hostile key of another type
+    if ok and owner == ARGV[6] and redis.call('PTTL', KEYS[i]) < ttl then
       redis.call('PEXPIRE', KEYS[i], ttl)
     end
   end

@@ -13,7 +13,8 @@ local released = 0
 local dropped = {}
 for i = 2, #KEYS do
   dropped[KEYS[i]] = true
-  if redis.call('GET', KEYS[i]) == job_id then
+  local ok, owner = pcall(redis.call, 'GET', KEYS[i])  -- a hostile key of another type
+  if ok and owner == job_id then
     redis.call('DEL', KEYS[i])
     released = released + 1
   end

@@ -515,7 +515,7 @@ class Reader:
             task_name=str(reply[1]),
             payload=str(reply[2]),
             attempt=int(reply[3]),
-            locks=str(reply[4]).split(),
+            locks=keys.own_locks(str(reply[4])),
             reclaims=int(reply[5]),
             reclaimed=int(reply[8]) == 1,
             meta=_meta(str(reply[6])),
