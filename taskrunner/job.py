@@ -306,9 +306,14 @@ class Job(Generic[R]):
             codec = self._codec
             if codec is None and self._codecs is not None:
                 codec = self._codecs(state.get("task", ""))
-            if codec is None:
-                return json.loads(payload)  # type: ignore[no-any-return]
-            return codec.decode(payload)  # type: ignore[no-any-return]
+            try:
+                if codec is None:
+                    return json.loads(payload)  # type: ignore[no-any-return]
+                return codec.decode(payload)  # type: ignore[no-any-return]
+            except (ValueError, RecursionError) as exc:  # hostile: not JSON, too deep
+                reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+                message = f"job {self.id}: stored result unreadable: {reason}"
+                raise TaskrunnerError(message) from None
         error = ErrorInfo.parse(state["error"]) if state.get("error") else None
         if status == JobStatus.FAILED:
             if error is None:  # a hash without its error (hostile, or written by hand)

@@ -331,6 +331,23 @@ async def test_result_of_a_failed_job_without_an_error_raises_job_failed(
     assert failed.value.job_id == "bare"
 
 
+@pytest.mark.parametrize(
+    ("task", "result"),
+    [("ghost", DEEP), ("ghost", "not json"), ("add", DEEP), ("add", '"x"')],
+)
+async def test_result_that_does_not_decode_raises_a_taskrunner_error(
+    make_runner: MakeRunner, redis: Redis, keys: QueueKeys, task: str, result: str
+) -> None:
+    """A stored result that is not JSON, too deep, or not of the return type, for a
+    task this runner declares (``add``) or not (``ghost``)."""
+    tr = build(make_runner)
+    await put_job(redis, keys, "odd", "succeeded", keys.succeeded, task=task, result=result)
+    async with tr:
+        with pytest.raises(TaskrunnerError, match="stored result unreadable") as raised:
+            await tr.job("odd").result(timeout=5)
+    assert len(str(raised.value)) < 300
+
+
 async def test_status_of_a_job_with_a_garbage_status_raises_a_taskrunner_error(
     make_runner: MakeRunner, redis: Redis, keys: QueueKeys
 ) -> None:
