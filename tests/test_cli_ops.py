@@ -74,7 +74,9 @@ def test_job_shows_the_error_and_traceback_and_retry_runs_it_again(env: dict[str
     assert (again["status"], again["reruns"]) == ("failed", 1)
 
 
-def test_retry_of_a_succeeded_job_and_a_missing_one_fail_in_one_line(env: dict[str, str]) -> None:
+def test_retry_and_abort_of_a_succeeded_job_and_a_missing_one_fail_in_one_line(
+    env: dict[str, str],
+) -> None:
     done = enqueue(env, "add", "[1, 2]")
     burst(env)
     refused = cli(env, "retry", APP, done)
@@ -83,6 +85,13 @@ def test_retry_of_a_succeeded_job_and_a_missing_one_fail_in_one_line(env: dict[s
         f"taskrunner: error: job {done} is succeeded: only failed, aborted, rejected or "
         "dead jobs can be retried\n"
     )
+    not_aborted = cli(env, "abort", APP, done)
+    assert not_aborted.returncode == 1
+    assert not_aborted.stderr == (
+        f"taskrunner: error: job {done} is succeeded: only scheduled, queued or running "
+        "jobs can be aborted\n"
+    )
+    assert json.loads(cli(env, "job", APP, done, "--json").stdout)["status"] == "succeeded"
     missing = cli(env, "job", APP, "no-such-job")
     assert missing.returncode == 1
     assert missing.stderr == "taskrunner: error: no job 'no-such-job'\n"
@@ -108,6 +117,8 @@ def test_jobs_pages_with_a_cursor_and_abort_ends_a_queued_job(env: dict[str, str
     assert pages == 3
     aborted = cli(env, "abort", APP, ids[0])
     assert aborted.stdout.strip() == f"job {ids[0]}: aborted"
+    again = cli(env, "abort", APP, ids[0])  # an aborted job's abort: the same answer
+    assert (again.returncode, again.stdout.strip()) == (0, f"job {ids[0]}: aborted")
     by_task = json.loads(
         cli(env, "jobs", APP, "--task", "add", "--status", "aborted", "--json").stdout
     )

@@ -20,7 +20,7 @@ from taskrunner.admin.listing import MAX_LIMIT, STATUS_ORDER
 from taskrunner.cli._common import USAGE_ERROR, example, fail, load_app, run_async, settings_for
 from taskrunner.cli._data import data_errors
 from taskrunner.exceptions import ConfigurationError
-from taskrunner.job import JobInfo
+from taskrunner.job import JobInfo, JobStatus
 from taskrunner.runner import TaskRunner
 
 QUEUE_OPTION = click.option(
@@ -221,7 +221,8 @@ def _row(info: JobInfo) -> tuple[str, ...]:
 @click.command(
     "abort",
     help="Abort a job of APP: a scheduled or queued job never runs; a running one is "
-    "cancelled by its worker. Prints the status right after the call."
+    "cancelled by its worker. Prints the status right after the call. Exits 1 if the job "
+    "had already finished otherwise (succeeded, failed, rejected or dead)."
     + example("taskrunner abort myapp:tr 3f2a9c41d0e54b7e9a1c2b3d4e5f6a7b"),
 )
 @click.argument("app")
@@ -230,6 +231,8 @@ def _row(info: JobInfo) -> tuple[str, ...]:
 def abort(app: str, job_id: str, queue: str | None) -> None:
     async def body(runner: TaskRunner) -> None:
         status = await runner.admin.abort(job_id, queue)
+        if status.is_final and status != JobStatus.ABORTED:
+            fail(f"job {job_id} is {status}: only scheduled, queued or running jobs can be aborted")
         click.echo(f"job {job_id}: {'aborting (running)' if status == 'running' else status}")
 
     _run(app, body)
