@@ -266,6 +266,19 @@ def test_an_unreachable_cluster_exits_1_with_one_line(
     assert "clusterpw" not in done.stderr
 
 
+def test_sentinels_that_know_no_master_exit_1_with_one_short_line(
+    namespace: str, unreachable_port: int, redis_server: RedisProcess
+) -> None:
+    """Unreachable sentinels, or a server that is up but follows no such master: one
+    line naming the master, not a repr of every sentinel's connection."""
+    for host in (f"127.0.0.1:{unreachable_port}", f"127.0.0.1:{unreachable_port},127.0.0.1:1"):
+        url = f"redis+sentinel://:sentinelpw@{host}/mymaster"
+        done = run_cli(env_with(url, namespace), "info", APP)
+        assert_one_line(done, 1, "cannot reach redis at redis+sentinel://:***@", "'mymaster'")
+        assert "sentinelpw" not in done.stderr
+        assert len(done.stderr) < 400, done.stderr
+
+
 @pytest.mark.parametrize(
     "args",
     [

@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 
 import anyio
 import click
+from redis.asyncio.sentinel import MasterNotFoundError
 from redis.exceptions import (
     AuthenticationError,
     InvalidResponse,
@@ -176,13 +177,13 @@ def run_async(fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
     try:
         anyio.run(fn, backend="asyncio", backend_options=options)
     except BaseExceptionGroup as group:
-        lines = [_one_line(leaf) for leaf in _leaves(group)]
+        lines = [one_line(leaf) for leaf in _leaves(group)]
         first = lines[0]
         if first is not None and all(lines):  # e.g. two tasks lost the same Redis
             fail(*first)
         raise
     except Exception as exc:
-        line = _one_line(exc)
+        line = one_line(exc)
         if line is not None:
             fail(*line)
         raise
@@ -197,7 +198,7 @@ def _leaves(exc: BaseException) -> list[BaseException]:
     return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
 
 
-def _one_line(exc: BaseException) -> tuple[str, int] | None:
+def one_line(exc: BaseException) -> tuple[str, int] | None:
     """The line and exit code for an error about the setup, not a bug (None for any
     other): 2 when the URL or the configuration is wrong, 1 when Redis cannot be
     reached or for another failure."""
@@ -206,6 +207,13 @@ def _one_line(exc: BaseException) -> tuple[str, int] | None:
     rejected = _rejected_by_server(exc)
     if rejected is not None:
         return f"{_target['redis']} {rejected}: {exc}", USAGE_ERROR
+    if isinstance(exc, MasterNotFoundError):  # its text lists every sentinel's repr
+        head = str(exc).split(" : ", 1)[0]
+        return (
+            f"cannot reach {_target['redis']}: {head} "
+            "(check the master name and that the sentinels are up)",
+            RUNTIME_ERROR,
+        )
     if isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError)) or (
         _cluster_unreachable(exc)
     ):

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 from redis.exceptions import ResponseError
 
-from taskrunner.cli._common import RUNTIME_ERROR, _one_line, fail
+from taskrunner.cli._common import RUNTIME_ERROR, fail, one_line
 
 
 @contextmanager
@@ -25,7 +25,7 @@ def data_errors() -> Iterator[None]:
     try:
         yield
     except ResponseError as exc:
-        line = _one_line(exc)
+        line = one_line(exc)
         if line is not None:  # credentials, database, protocol: the URL's fault
             fail(*line)
         fail(f"cannot read what Redis holds: {exc}", RUNTIME_ERROR)
