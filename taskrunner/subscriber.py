@@ -76,6 +76,9 @@ class _Link:
         self.pubsub: PubSub | None = None
         self.confirmed: set[str] = set()
         self._resubscribing: set[str] = set()
+        self._leaving: dict[str, int] = {}
+        """Sharded channels this session unsubscribed, by replies still to come: such a
+        reply is no sign that the slot moved, even if the channel is wanted again."""
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._sending = anyio.Lock()
         """Held by a listener's (un)subscribe on the session's connection, and by the
@@ -137,6 +140,7 @@ class _Link:
             return
         del self.channels[channel]
         self.confirmed.discard(channel)
+        self._waiters.pop(channel, None)  # only waits given up (cancelled) are left
         pubsub = self.pubsub
         if pubsub is not None:
             self.owner.spawn(lambda: self._unsubscribe(pubsub, channel))
@@ -154,8 +158,11 @@ class _Link:
         async with self._sending:
             if pubsub is not self.pubsub:
                 return  # that session ended: the next one does not subscribe it
+            if channel in self.channels:
+                return  # wanted again since (its adder subscribed it): keep it
             with contextlib.suppress(*REDIS_ERRORS):
                 if self.sharded:
+                    self._leaving[channel] = self._leaving.get(channel, 0) + 1
                     await pubsub.sunsubscribe(channel)
                 else:
                     await pubsub.unsubscribe(channel)
@@ -178,6 +185,7 @@ class _Link:
     async def _session(self) -> None:
         pubsub = self.client.pubsub()
         self.confirmed = set()
+        self._leaving = {}
         self._resubscribing = set(self.channels)
         connection: Any = None
         try:
@@ -214,6 +222,7 @@ class _Link:
         messages published in between are lost, so each handler is told once the
         server confirms its channel, as after a new session."""
         self.confirmed = set()
+        self._leaving = {}
         self._resubscribing = set(self.channels)
 
     async def _resubscribe_by_slot(self, connection: Any) -> None:
@@ -250,6 +259,8 @@ class _Link:
         channel = message.get("channel")
         if kind in ("subscribe", "ssubscribe") and isinstance(channel, str):
             self._confirmed(channel)
+        elif kind == "sunsubscribe" and isinstance(channel, str) and self._left(channel):
+            pass  # the reply to our own SUNSUBSCRIBE
         elif kind == "sunsubscribe" and channel in self.channels:
             # The server dropped a wanted channel: its slot moved (a reshard, a failover).
             raise SlotMoved(f"the slot of {channel!r} moved")
@@ -257,6 +268,14 @@ class _Link:
             data = message.get("data")
             for h in list(self.channels.get(channel, ())):
                 self.owner.call(h.message, data if isinstance(data, str) else str(data))
+
+    def _left(self, channel: str) -> bool:
+        count = self._leaving.get(channel, 0)
+        if count <= 1:
+            self._leaving.pop(channel, None)
+        else:
+            self._leaving[channel] = count - 1
+        return count > 0
 
     def _confirmed(self, channel: str) -> None:
         self.confirmed.add(channel)
@@ -307,8 +326,13 @@ class Subscriber:
             logger.exception("a pub/sub handler failed; the message is dropped")
 
     async def subscribe(self, channel: str, h: Handler) -> None:
-        """Subscribe ``h`` to ``channel``; returns once the server confirmed it."""
-        await self._link(channel).add(channel, h)
+        """Subscribe ``h`` to ``channel``; returns once the server confirmed it. A
+        caller cancelled (or failing) meanwhile leaves no handler behind."""
+        try:
+            await self._link(channel).add(channel, h)
+        except BaseException:
+            self.unsubscribe(channel, h)
+            raise
 
     async def rehome(self, link: _Link) -> bool:
         """After ``link`` failed on a cluster: refresh the slot map, move its channels to

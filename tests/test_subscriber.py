@@ -4,6 +4,7 @@ restart, cluster failover) and its listener is told to re-read what it waits for
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import anyio
@@ -116,6 +117,87 @@ async def test_a_listener_is_told_when_redis_py_reconnects_the_link_by_itself(
                 return "after" in got
 
             await wait_until(publish_until_heard, DEADLINE, interval=0.05)
+            tg.cancel_scope.cancel()
+    finally:
+        await connection.aclose()
+        await admin.aclose()
+
+
+async def test_a_channel_given_up_and_wanted_again_at_once_stays_subscribed(
+    redis_url: str,
+) -> None:
+    """A wait that timed out gives its channel up (the UNSUBSCRIBE is sent by a task of
+    its own) and a new wait on the same job takes it again at once: the late UNSUBSCRIBE
+    must not drop the channel the new wait was confirmed on (it did: the second
+    ``result()`` then waited for its re-read, up to 10 s, and a progress follower
+    missed most values)."""
+    connection = await open_connection(redis_url, PoolOptions())
+    admin = await open_connection(redis_url, PoolOptions())
+    subscriber = Subscriber(connection)
+    quiet = handler(lambda message: None, lambda: None)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(subscriber.run)
+            for round_ in range(20):
+                channel = f"t:again:{round_}"
+                got: list[str] = []
+                first = handler(lambda message: None, lambda: None)
+                await subscriber.subscribe(channel, first)
+                subscriber.unsubscribe(channel, first)
+                for _ in range(round_ % 4):  # the give-up's task runs before, or after
+                    await asyncio.sleep(0)
+                await subscriber.subscribe(channel, handler(got.append, lambda: None))
+                # a later subscription on the same link is sent after whatever the
+                # give-up sent, and confirmed after the server handled it
+                await subscriber.subscribe(f"t:again:sync:{round_}", quiet)
+                numsub = dict(await admin.redis.pubsub_numsub(channel))
+                assert numsub[channel] == 1, f"round {round_}: the channel was dropped"
+                await admin.redis.publish(channel, "done")
+
+                async def heard(got: list[str] = got) -> bool:
+                    return got == ["done"]
+
+                await wait_until(heard, DEADLINE, interval=0.01)
+            tg.cancel_scope.cancel()
+    finally:
+        await connection.aclose()
+        await admin.aclose()
+
+
+async def test_a_subscribe_cancelled_while_it_waits_leaves_no_handler_or_channel(
+    redis_url: str,
+) -> None:
+    """A ``result(timeout=...)`` whose timeout lands while it subscribes: the handler
+    it registered and the channel must go with it (they stayed for the process's
+    life: a slow leak of subscriptions in a web app with short timeouts)."""
+    connection = await open_connection(redis_url, PoolOptions())
+    admin = await open_connection(redis_url, PoolOptions())
+    subscriber = Subscriber(connection)
+    quiet = handler(lambda message: None, lambda: None)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(subscriber.run)
+            await subscriber.subscribe("t:cancel:up", quiet)  # the session is up
+            cut: list[int] = []
+            for steps in range(12):
+                channel = f"t:cancel:{steps}"
+                waiting = asyncio.ensure_future(subscriber.subscribe(channel, quiet))
+                for _ in range(steps):
+                    await asyncio.sleep(0)
+                waiting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await waiting
+                if waiting.cancelled():
+                    cut.append(steps)
+                else:  # it was confirmed first: its caller gives it up as usual
+                    subscriber.unsubscribe(channel, quiet)
+                await subscriber.subscribe(f"t:cancel:sync:{steps}", quiet)
+                assert all(channel not in link.channels for link in subscriber._links.values()), (
+                    steps
+                )
+                numsub = dict(await admin.redis.pubsub_numsub(channel))
+                assert numsub[channel] == 0, f"{steps} steps: the channel stayed subscribed"
+            assert len([steps for steps in cut if steps > 0]) >= 3  # cut while under way
             tg.cancel_scope.cancel()
     finally:
         await connection.aclose()
