@@ -15,11 +15,20 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Annotated, Any, Self
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 from pydantic_core import ErrorDetails
 
 from taskrunner.exceptions import ConfigurationError
 from taskrunner.keys import MAX_PARTITIONS
+from taskrunner.options import at_most_max
 
 MAX_CONCURRENCY = 10_000
 """The most jobs one worker process runs at once (``concurrency``): each is a task and a
@@ -37,9 +46,14 @@ def _seconds(value: object) -> object:
     return value.total_seconds() if isinstance(value, timedelta) else value
 
 
-Seconds = Annotated[float, BeforeValidator(_seconds), Field(strict=True, allow_inf_nan=False)]
+Seconds = Annotated[
+    float,
+    BeforeValidator(_seconds),
+    Field(strict=True, allow_inf_nan=False),
+    AfterValidator(at_most_max),
+]
 """Seconds as a finite number or a ``timedelta`` (``"10"`` is refused, as in a task
-option)."""
+option), at most ``MAX_SECONDS`` (about 100 years)."""
 Count = Annotated[int, Field(strict=True)]
 """A whole number (``1.5``, ``"3"`` and ``True`` are refused)."""
 

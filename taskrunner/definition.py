@@ -13,7 +13,7 @@ from typing import Any, Generic, ParamSpec, Protocol, TypeVar
 from taskrunner.codec import ArgsCodec
 from taskrunner.exceptions import ConfigurationError
 from taskrunner.keys import check_name
-from taskrunner.options import TaskOptions
+from taskrunner.options import MAX_SECONDS, TaskOptions
 
 P = ParamSpec("P")
 R_co = TypeVar("R_co", covariant=True)
@@ -71,6 +71,9 @@ class EnqueueOptions:
                 )
             if not math.isfinite(delay):
                 raise ConfigurationError(f"delay must be a finite number, got {delay!r}")
+        seconds = delay.total_seconds() if isinstance(delay, timedelta) else delay
+        if seconds is not None and seconds > MAX_SECONDS:
+            raise ConfigurationError(f"delay must be at most {MAX_SECONDS:.0f} seconds (100 years)")
         if self.at is not None and not isinstance(self.at, datetime):
             raise ConfigurationError(f"at must be a datetime, got {self.at!r}")
         if self.job_id is not None and (not isinstance(self.job_id, str) or not self.job_id):

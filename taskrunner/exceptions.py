@@ -29,6 +29,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from taskrunner.options import MAX_SECONDS
+
 
 class TaskrunnerError(Exception):
     """Root of every taskrunner exception."""
@@ -153,7 +155,17 @@ class Retry(TaskrunnerError):  # a request, not an error: named like arq's and C
 
     def __init__(self, delay: float | timedelta | None = None) -> None:
         super().__init__("retry requested")
-        self.delay = delay.total_seconds() if isinstance(delay, timedelta) else delay
+        seconds = delay.total_seconds() if isinstance(delay, timedelta) else delay
+        if seconds is not None and (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, int | float)
+            or not -MAX_SECONDS <= seconds <= MAX_SECONDS  # NaN too
+        ):
+            raise ConfigurationError(
+                f"Retry(delay=...) must be a finite number of seconds up to {MAX_SECONDS:.0f} "
+                f"(100 years) or a timedelta, got {delay!r}"
+            )
+        self.delay = seconds
 
 
 class TaskTimeout(TaskrunnerError, TimeoutError):

@@ -5,7 +5,12 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Annotated, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict
+
+MAX_SECONDS = 100 * 365 * 24 * 3600.0
+"""The longest duration taskrunner takes, about 100 years (a setting, a task option, a
+delay): in milliseconds it stays a whole number that Redis's expiries and a Lua
+number hold exactly."""
 
 
 def to_seconds(value: object) -> object:
@@ -13,7 +18,15 @@ def to_seconds(value: object) -> object:
     return value.total_seconds() if isinstance(value, timedelta) else value
 
 
-OptionalSeconds = Annotated[float | None, BeforeValidator(to_seconds)]
+def at_most_max(value: float | None) -> float | None:
+    """Refuse a duration longer than ``MAX_SECONDS`` (pydantic turns this into the
+    setting's or option's error)."""
+    if value is not None and value > MAX_SECONDS:
+        raise ValueError(f"it must be at most {MAX_SECONDS:.0f} seconds (100 years)")
+    return value
+
+
+OptionalSeconds = Annotated[float | None, BeforeValidator(to_seconds), AfterValidator(at_most_max)]
 """A task option in seconds that also takes a ``timedelta``; None means "not set"."""
 
 

@@ -22,9 +22,11 @@ from taskrunner import (
     JobFailed,
     JobStatus,
     Middleware,
+    Retry,
     TaskRunner,
 )
 from taskrunner.middleware.base import EnqueueNext
+from taskrunner.options import MAX_SECONDS
 
 DEADLINE = 30.0
 MakeRunner = Callable[..., TaskRunner]
@@ -41,6 +43,8 @@ async def namespace_keys(redis: Redis, namespace: str) -> list[str]:
         {"delay": math.inf},
         {"delay": "10"},
         {"delay": True},
+        {"delay": 1e20},
+        {"delay": timedelta(days=365 * 101)},
         {"job_id": ""},
         {"job_id": 42},
         {"queue": ""},
@@ -86,6 +90,9 @@ async def test_good_enqueue_options_are_taken(make_runner: MakeRunner) -> None:
         {"stale_after": math.inf},
         {"pool_timeout": math.nan},
         {"partitions": 1025},
+        {"result_ttl": 1e20},  # was taken: every commit then failed halfway
+        {"dead_letter_ttl": timedelta(days=365 * 101)},
+        {"lock_ttl": MAX_SECONDS + 1},
     ],
 )
 def test_a_setting_that_is_not_a_finite_number_of_seconds_is_refused(
@@ -93,6 +100,36 @@ def test_a_setting_that_is_not_a_finite_number_of_seconds_is_refused(
 ) -> None:
     with pytest.raises(ConfigurationError):
         make_runner(**setting)
+
+
+def test_the_longest_duration_is_taken_and_one_beyond_it_is_refused(
+    make_runner: MakeRunner,
+) -> None:
+    """About 100 years: as a setting, a task option and an enqueue delay; beyond it
+    (lock_ttl=1e20 once made every enqueue of the task fail in Redis) refused."""
+    tr = make_runner(result_ttl=MAX_SECONDS, dead_letter_ttl=timedelta(seconds=MAX_SECONDS))
+
+    @tr.task(lock="until_executed", lock_ttl=MAX_SECONDS, timeout=MAX_SECONDS)
+    async def noop() -> None: ...
+
+    noop.options(delay=MAX_SECONDS)
+    with pytest.raises(ConfigurationError, match="lock_ttl"):
+
+        @tr.task(lock="until_executed", lock_ttl=1e20)
+        async def locked() -> None: ...
+
+    with pytest.raises(ConfigurationError, match="retry_delay"):
+
+        @tr.task(retry_delay=timedelta(days=365 * 101))
+        async def later() -> None: ...
+
+
+@pytest.mark.parametrize("delay", [math.nan, math.inf, 1e20, "3", True])
+def test_retry_with_a_delay_out_of_range_is_refused(delay: Any) -> None:
+    with pytest.raises(ConfigurationError, match="Retry"):
+        Retry(delay=delay)
+    assert Retry(delay=timedelta(seconds=2)).delay == 2
+    assert Retry(delay=-1).delay == -1  # in the past: due at once, as a negative delay
 
 
 class _MoveTo(Middleware):
