@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import logging
@@ -36,6 +37,8 @@ from taskrunner.deadletters import DeadLetters
 from taskrunner.embedded import EmbeddedRedis
 from taskrunner.exceptions import (
     ConfigurationError,
+    JobNotFound,
+    LockConflictError,
     PayloadTooLarge,
     TaskrunnerError,
     UnknownOptionError,
@@ -592,8 +595,20 @@ class TaskRunner:
                 raise PayloadTooLarge(f"the chain after {first.task.name}", size, self.max_payload)
             ctx.meta[NEXT_HEADER] = "1"
         [job] = await self.client.write_many([ctx], self._enqueue_layers)
+        if job.deduplicated and steps and job.id != first.options.job_id:
+            await self._check_same_chain(first, job, ctx.follow)
         queues = [(c.options.queue or c.task.queue, c.task.codec.result) for c in steps]
         return chain_handles(self.client, job, queues)
+
+    async def _check_same_chain(self, first: Call[Any], holder: Job[Any], follow: str) -> None:
+        """A chain whose first step a unique lock deduplicated onto ``holder``: fine when
+        the holder runs this same chain, else LockConflictError (nothing was written;
+        a handle would wait for steps that never come)."""
+        with contextlib.suppress(JobNotFound):  # finished and expired: not this chain
+            if await self.client.field(holder.queue, holder.id, "next") == follow:
+                return
+        lock = self.unique.lock_key(first.task, first.args, first.kwargs, first.options.queue)
+        raise LockConflictError(lock, holder.id)
 
     def _step(self, call: Call[Any]) -> Step:
         """One follow-up of a chain, validated now (its first argument comes later)."""

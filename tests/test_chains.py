@@ -21,6 +21,7 @@ from taskrunner import (
     JobFailed,
     JobNotFound,
     JobStatus,
+    LockConflictError,
     TaskRunner,
     current_job,
 )
@@ -130,6 +131,42 @@ async def test_a_chain_with_a_job_id_is_enqueued_once(make_runner: MakeRunner) -
         async with tr.worker(concurrency=4, handle_signals=False):
             assert await again.result(timeout=DEADLINE) == 6
         assert t.ran == ["order-7", "order-7.1"]
+
+
+async def test_a_chain_whose_locked_first_step_is_held_by_another_job(
+    make_runner: MakeRunner,
+) -> None:
+    """The first step's unique lock held by the same chain: deduplicated onto it, its
+    handle follows it. Held by a plain job, or a chain that goes on otherwise: the
+    chain is not written and enqueue raises LockConflictError (it returned a handle
+    whose result waited for a step that never comes, then raised JobNotFound)."""
+    tr = make_runner()
+    t = App(tr)
+    ran: list[int] = []
+
+    @tr.task(lock="until_executed")
+    async def fetch(order: int) -> int:
+        ran.append(order)
+        return order
+
+    async with tr:
+        first = await fetch.chain(7).then(t.double).enqueue()
+        again = await fetch.chain(7).then(t.double).enqueue()
+        assert (first.deduplicated, again.deduplicated) == (False, True)
+        assert [j.id for j in again.jobs] == [j.id for j in first.jobs]
+        with pytest.raises(LockConflictError) as other_chain:
+            await fetch.chain(7).then(t.add, 1).enqueue()
+        assert other_chain.value.holder == first.id
+        plain = await fetch.enqueue(8)
+        with pytest.raises(LockConflictError) as held:
+            await fetch.chain(8).then(t.double).enqueue()
+        assert held.value.holder == plain.id
+        assert held.value.lock == tr.unique.lock_key(fetch, (8,))
+        async with tr.worker(concurrency=4, handle_signals=False):
+            assert await again.result(timeout=DEADLINE) == 14
+            assert await plain.result(timeout=DEADLINE) == 8
+        assert sorted(ran) == [7, 8]
+        assert t.ran == [first.jobs[1].id]
 
 
 async def test_a_malformed_follow_up_spec_is_dead_lettered_and_the_worker_goes_on(
