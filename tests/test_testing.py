@@ -176,6 +176,37 @@ async def test_run_until_idle_times_out_saying_what_is_left(make_runner: MakeRun
         await job.result(timeout=DEADLINE)
 
 
+async def test_run_until_idle_hands_back_the_job_it_runs_when_the_time_runs_out(
+    make_runner: MakeRunner,
+) -> None:
+    """Its own worker's job, cancelled at the deadline, goes back to the queue at once
+    (it stayed running under a lease nobody renewed, until a reclaim: stale_after, 30 s
+    by default), so the next run_until_idle takes it."""
+    tr = make_runner()
+    release = anyio.Event()
+    cancelled: list[str] = []
+
+    @tr.task(name="stuck")
+    async def stuck() -> str:
+        try:
+            await release.wait()
+        except anyio.get_cancelled_exc_class():
+            cancelled.append(current_job().id)
+            raise
+        return "done"
+
+    async with tr:
+        job = await stuck.enqueue()
+        with pytest.raises(TimeoutError, match=r"not idle after 0.5s: queue default: 1 running"):
+            await tr.run_until_idle(timeout=0.5)
+        assert cancelled == [job.id]
+        assert await job.status() == JobStatus.QUEUED
+        release.set()
+        done = await tr.run_until_idle(timeout=DEADLINE)
+        assert [c.id for c in done] == [job.id]
+        assert await job.result() == "done"
+
+
 async def _has_status(tr: TaskRunner, job_id: str, status: str) -> bool:
     return await tr.job(job_id).status() == status
 

@@ -54,6 +54,7 @@ class Runner(Protocol):
         concurrency: int = ...,
         burst: bool = ...,
         handle_signals: bool | None = ...,
+        grace_period: float = ...,
     ) -> Worker: ...
 
     async def __aenter__(self) -> Any: ...
@@ -63,6 +64,9 @@ class Runner(Protocol):
 
 BUSY_POLL = 0.02
 """Seconds between two looks at the queues while another worker runs a job."""
+STOP_GRACE = 10.0
+"""Seconds a worker stopped at the deadline has to hand its running jobs back (Redis
+may be away) before it is cancelled outright."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,25 +131,53 @@ async def run_until_idle(
 
 async def _run(runner: Runner, queues: list[str], timeout: float, concurrency: int) -> None:
     deadline = time.monotonic() + timeout
-    idle = False
-    while not idle:
-        with anyio.move_on_after(deadline - time.monotonic()) as scope:
-            idle = await _round(runner, queues, concurrency, deadline)
-        if scope.cancelled_caught:
-            counts = await _counts(runner, queues)
+    while True:
+        left: list[list[QueueCounts]] = []  # what was left when the time ran out
+        with anyio.move_on_after(deadline + STOP_GRACE - time.monotonic()):
+            if await _round(runner, queues, concurrency, deadline, left):
+                return
+        if left or time.monotonic() >= deadline:
+            counts = left[0] if left else await _counts(runner, queues)
             raise TimeoutError(f"run_until_idle: not idle after {timeout:g}s: {_describe(counts)}")
 
 
-async def _round(runner: Runner, queues: list[str], concurrency: int, deadline: float) -> bool:
+async def _round(
+    runner: Runner,
+    queues: list[str],
+    concurrency: int,
+    deadline: float,
+    left: list[list[QueueCounts]],
+) -> bool:
     """Run a burst worker (until nothing is ready, running in it, or due now); then
-    True if the queues are idle, else wait until they may have changed and False."""
-    worker = runner.worker(queues=queues, concurrency=concurrency, burst=True, handle_signals=False)
-    await worker.run()
+    True if the queues are idle, else wait until they may have changed and False. At
+    the deadline the worker is stopped: its running jobs are cancelled and handed back
+    to the queue (not left running under a lease nobody renews)."""
+    worker = runner.worker(
+        queues=queues, concurrency=concurrency, burst=True, handle_signals=False, grace_period=0
+    )
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_stop_at, runner, queues, worker, deadline, left)
+        await worker.run()
+        tg.cancel_scope.cancel()
+    if left:
+        return False
     wait = _wait(runner, await _counts(runner, queues), deadline)
     if wait is None:
         return True
     await anyio.sleep(wait)
     return False
+
+
+async def _stop_at(
+    runner: Runner,
+    queues: list[str],
+    worker: Worker,
+    deadline: float,
+    left: list[list[QueueCounts]],
+) -> None:
+    await anyio.sleep(max(0.0, deadline - time.monotonic()))
+    left.append(await _counts(runner, queues))
+    worker.stop()
 
 
 async def _counts(runner: Runner, queues: list[str]) -> list[QueueCounts]:
