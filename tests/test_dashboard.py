@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -415,6 +416,42 @@ def test_dashboard_command_refuses_a_bad_port_in_one_line(redis_url: str, namesp
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1
     assert done.stderr.startswith("taskrunner: error:")
+
+
+def test_dashboard_command_start_up_failures_are_one_line(
+    redis_url: str, namespace: str, unreachable_port: int
+) -> None:
+    """A port already in use and an unreachable Redis: one line and exit 1 (uvicorn
+    printed its log and a traceback, and exited 1 or 3)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        in_use = subprocess.run(
+            [TASKRUNNER, "dashboard", "apps.cli_app:tr", "--port", str(port)],
+            env=subprocess_env(redis_url, namespace),
+            capture_output=True,
+            text=True,
+            timeout=DEADLINE,
+            check=False,
+        )
+    assert in_use.returncode == 1
+    assert in_use.stderr == (
+        f"taskrunner: error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    )
+    away = f"redis://:dashpw@127.0.0.1:{unreachable_port}/0"
+    unreachable = subprocess.run(
+        [TASKRUNNER, "dashboard", "apps.cli_app:tr", "--port", "0"],
+        env=subprocess_env(away, namespace),
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        check=False,
+    )
+    assert unreachable.returncode == 1
+    assert unreachable.stderr.count("\n") == 1, unreachable.stderr
+    assert unreachable.stderr.startswith("taskrunner: error: cannot reach redis at redis://:***@")
+    assert "dashpw" not in unreachable.stderr
 
 
 def served_url(proc: subprocess.Popen[bytes], log: Path) -> str:

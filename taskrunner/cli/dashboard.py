@@ -8,9 +8,23 @@ or put it behind a proxy that authenticates.
 
 from __future__ import annotations
 
+import logging
+import socket
+
 import click
 
-from taskrunner.cli._common import USAGE_ERROR, example, fail, load_app, settings_for
+from taskrunner.cli._common import (
+    RUNTIME_ERROR,
+    USAGE_ERROR,
+    example,
+    fail,
+    load_app,
+    run_async,
+    settings_for,
+)
+from taskrunner.runner import TaskRunner
+
+logger = logging.getLogger("uvicorn.error")  # uvicorn's own lines go there
 
 EXAMPLE = """
 taskrunner dashboard examples.quickstart:tr
@@ -47,10 +61,42 @@ def dashboard(app: str, port: int, host: str) -> None:
         )
     runner = load_app(app)
     settings = settings_for({}, runner)
-    uvicorn.run(
-        build(runner, open_runner=True),
-        host=host,
-        port=port,
-        log_level=settings.log_level,
-        lifespan="on",
+    run_async(lambda: _reachable(runner))  # an unreachable Redis: one line, as everywhere
+    sock = _listen(host, port)  # a port in use: one line, not uvicorn's exit 1 or 3
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:  # uvicorn names no address for sockets it was given
+                bound = sock.getsockname()
+                address = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+                logger.info(
+                    "Uvicorn running on http://%s:%d (Press CTRL+C to quit)", address, bound[1]
+                )
+
+    config = uvicorn.Config(
+        build(runner, open_runner=True), log_level=settings.log_level, lifespan="on"
     )
+    Server(config).run(sockets=[sock])
+
+
+async def _reachable(runner: TaskRunner) -> None:
+    async with runner:
+        pass
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (uvicorn listens on it)."""
+    sock: socket.socket | None = None
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        if sock is not None:
+            sock.close()
+        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", RUNTIME_ERROR)
+    return sock
