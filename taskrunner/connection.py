@@ -426,8 +426,10 @@ async def open_connection(url: str, options: PoolOptions) -> Connection:
 def _retry() -> Retry:
     """A pooled connection that a restart or a failover closed fails once: a call
     retries it on a new connection (twice, 50-200 ms apart). Every script is safe to
-    repeat (enqueue and commit are idempotent; claim and requeue check who holds the
-    entry)."""
+    repeat after a lost reply: enqueue and commit are idempotent; claim and requeue
+    check who holds the entry, and a claim repeated with its own token answers the
+    same; a repeated take.lua returns the job it claimed. Entries a lost read
+    delivered are requeued by the stale-entry reclaim (docs/reliability.md)."""
     return Retry(ExponentialBackoff(cap=0.2, base=0.05), 2)
 
 

@@ -614,6 +614,44 @@ async def test_take_claims_the_named_job_in_its_read_and_leaves_the_rest_to_clai
     assert jobs[2][1] == "3-0"
 
 
+async def test_a_claim_or_take_sent_again_after_a_lost_reply_answers_the_same(
+    redis: Redis, keys: QueueKeys
+) -> None:
+    """redis-py sends a call again on a new connection when the old one broke, also when
+    Redis had run it and only the reply was lost. A claim repeated with its own token
+    is no reclaim: the same answer, the attempt counted once (it was counted twice, as
+    a worker's death, and a job lost a retry to it). A take.lua repeated returns the
+    job its first run claimed, with the same answer (the read itself delivers new
+    entries: the job would wait for the stale-entry reclaim)."""
+    stream = await stream_of(redis, keys)
+    jobs = await write_at(redis, keys, stream, ["1-0", "2-0", "3-0"])
+    assert await read(redis, keys, stream, 1) == ["1-0"]
+    first = await scripts.run(redis, claim(keys, stream, jobs[0], "tok"))
+    again = await scripts.run(redis, claim(keys, stream, jobs[0], "tok"))
+    assert [str(v) for v in again] == [str(v) for v in first]
+    assert (str(first[0]), int(first[3]), int(first[8])) == ("ok", 1, 0)
+    job0 = await redis.hgetall(keys.job("job0"))
+    assert (job0["attempts"], job0.get("reclaims"), job0["lease"]) == ("1", None, "tok")
+    # a new token for the same running entry is a reclaim, and its repeat answers as it
+    other = await scripts.run(redis, claim(keys, stream, jobs[0], "tok2"))
+    repeat = await scripts.run(redis, claim(keys, stream, jobs[0], "tok2"))
+    assert (int(other[3]), int(other[5]), int(other[8])) == (2, 1, 1)
+    assert [str(v) for v in repeat] == [str(v) for v in other]
+    assert await redis.hget(keys.job("job0"), "attempts") == "2"
+
+    fetched = scripts.fetch(ENV, keys, [stream], CONSUMER, 1, 60_000)
+    take = scripts.take(fetched, keys, "job1", "named", 5, MAX_PAYLOAD)
+    reply = await scripts.run(redis, take)
+    assert [(str(e[1]), str(e[3][0])) for e in reply] == [("2-0", "ok")]
+    resent = await scripts.run(redis, take)  # reads 3-0, and gives job1 back
+    assert sorted((str(e[1]), len(e)) for e in resent) == [("2-0", 4), ("3-0", 3)]
+    named = next(e for e in resent if str(e[1]) == "2-0")
+    assert [str(v) for v in named[3]] == [str(v) for v in reply[0][3]]
+    assert await redis.hget(keys.job("job1"), "attempts") == "1"
+    other_token = scripts.take(fetched, keys, "job1", "someone-else", 5, MAX_PAYLOAD)
+    assert await scripts.run(redis, other_token) == []  # not this call's claim: nothing
+
+
 async def test_a_batch_runs_at_most_batch_max_calls(
     redis: Redis, keys: QueueKeys, redis_url: str
 ) -> None:

@@ -30,7 +30,8 @@ if type(size) == 'table' then  -- WRONGTYPE: the job's key is not a hash (hostil
 end
 local small = size <= tonumber(ARGV[6])
 local h = redis.call('HMGET', job, 'status', 'task', 'locks', 'abort', 'entry', 'attempts',
-  'reclaims', 'meta', 'enqueued', 'due', 'crashes', 'reclaimed', small and 'args' or 'task')
+  'reclaims', 'meta', 'enqueued', 'due', 'crashes', 'reclaimed', small and 'args' or 'task',
+  'lease')
 local status = h[1]
 if not status then
   return {'missing'}
@@ -66,25 +67,36 @@ local attempts = tonumber(h[6]) or 0
 if not (attempts >= 0 and attempts < 9007199254740992) then  -- false for NaN too
   attempts = 0
 end
-attempts = math.floor(attempts) + 1
-local attempts_text = string.format('%d', attempts)
+attempts = math.floor(attempts)
 local reclaims = tonumber(h[7]) or 0
 if not (reclaims >= 0 and reclaims < 9007199254740992) then
   reclaims = 0
 end
 reclaims = math.floor(reclaims)
+local ready = math.max(tonumber(h[9]) or 0, tonumber(h[10]) or 0)
+if status == 'running' and h[14] == ARGV[4] then
+  -- this very claim again (its reply was lost with the connection and the call sent
+  -- again): the same answer, and nothing is counted twice
+  return {verdict, h[2] or '', args, attempts, h[3] or '', reclaims, h[8] or '', ready,
+    h[12] == ARGV[4] and 1 or 0}
+end
+attempts = attempts + 1
+local attempts_text = string.format('%d', attempts)
+-- 'reclaimed': '1' when requeue.lua put the job back from a stale worker; a claim that
+-- takes a job over keeps its own token there, so that a repeat of it answers the same
 local reclaimed = 0
 if status == 'running' then  -- the same entry delivered again: its attempt was cut short
   reclaims = reclaims + 1
   reclaimed = 1
-elseif h[12] then
+elseif h[12] == '1' then
   reclaimed = 1
+elseif h[12] then  -- an earlier attempt's
   redis.call('HDEL', job, 'reclaimed')
 end
 -- fields that did not change are not written (each is a search of the hash): 'entry'
 -- when the job moved to this entry, 'reclaims' (absent: none) when this is one
 local started = now_text(ARGV[7])
-if h[5] == entry and status ~= 'running' then
+if h[5] == entry and reclaimed == 0 then
   redis.call('HSET', job, 'status', 'running', 'lease', ARGV[4], 'worker', consumer,
     'started', started, 'attempts', attempts_text)
 else
@@ -98,8 +110,11 @@ else
     set[#set + 1] = 'reclaims'
     set[#set + 1] = string.format('%d', reclaims)
   end
+  if reclaimed == 1 then
+    set[#set + 1] = 'reclaimed'
+    set[#set + 1] = ARGV[4]
+  end
   redis.call('HSET', job, unpack(set))
 end
-local ready = math.max(tonumber(h[9]) or 0, tonumber(h[10]) or 0)
 return {verdict, h[2] or '', args, attempts, h[3] or '', reclaims, h[8] or '', ready,
   reclaimed}
