@@ -464,3 +464,59 @@ async def test_a_heartbeat_answered_after_its_job_committed_reports_no_lost_leas
 
 async def _succeeded(job: Job[Any]) -> bool:
     return await job.status() == JobStatus.SUCCEEDED
+
+
+async def test_a_lost_lease_is_reported_once_while_its_copy_stops(
+    make_runner: Callable[..., TaskRunner],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    redis: Redis,
+    namespace: str,
+) -> None:
+    # A copy told that its lease is lost may take a while to stop (a shielded clean-up,
+    # a blocked loop): the heartbeats meanwhile neither renew it nor report it again
+    # (each reported it: one warning per beat for one loss).
+    from taskrunner.middleware import lease
+
+    tr = make_runner(heartbeat_interval=0.1, stale_after=1.0)
+    beats: list[int] = []
+    renew = lease._renew
+
+    async def counted(worker: Any, homes: Any, calls: Any) -> list[Any]:
+        beats.append(len(calls))
+        return await renew(worker, homes, calls)
+
+    monkeypatch.setattr(lease, "_renew", counted)
+    started, release = anyio.Event(), anyio.Event()
+
+    @tr.task
+    async def slow_to_stop() -> int:
+        started.set()
+        try:
+            await anyio.sleep_forever()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await release.wait()
+        return 1
+
+    async with tr:
+        job = await slow_to_stop.enqueue()
+        with caplog.at_level(logging.INFO, logger="taskrunner"):
+            async with tr.worker(concurrency=1, handle_signals=False):
+                with anyio.fail_after(30):
+                    await started.wait()
+                    key = QueueKeys(namespace, "default").job(job.id)
+                    await redis.hset(key, "lease", "taken-over")
+
+                    async def lost() -> bool:
+                        return any("lease lost" in r.getMessage() for r in caplog.records)
+
+                    await wait_until(lost, 30, interval=0.02)
+                    after = len(beats)
+
+                    async def three_more_beats() -> bool:  # while the copy stops
+                        return len(beats) >= after + 3
+
+                    await wait_until(three_more_beats, 30, interval=0.02)
+                    release.set()
+    assert len([r for r in caplog.records if "lease lost" in r.getMessage()]) == 1

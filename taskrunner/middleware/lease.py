@@ -272,6 +272,8 @@ class LeaseMiddleware(Middleware):
         for ctx, reply in zip(leases, replies[: len(leases)], strict=True):
             if state.leases.get(ctx.lease) is ctx:  # a job that ended meanwhile committed:
                 _handle_beat(ctx, reply)  # its spent lease is no loss
+                if reply == 0:  # lost: not renewed (nor reported) again while it stops
+                    state.leases.pop(ctx.lease, None)
         for item, reply in zip(held, replies[len(leases) :], strict=True):
             if reply == 0:
                 worker.drop_held(item.token, CancelReason.LOST_LEASE)
