@@ -16,6 +16,7 @@ from redis.exceptions import ResponseError
 
 from taskrunner import (
     Call,
+    ConfigurationError,
     EnqueueContext,
     Job,
     JobInfo,
@@ -29,6 +30,7 @@ from taskrunner import scripts as scripts_module
 from taskrunner.client import new_job_id
 from taskrunner.keys import QueueKeys
 from taskrunner.middleware.base import EnqueueNext
+from taskrunner.options import MAX_SECONDS
 from taskrunner.worker.scheduler import parse_member
 
 MakeRunner = Callable[..., TaskRunner]
@@ -183,20 +185,22 @@ async def test_delay_schedules_the_job_in_the_delayed_set(
     assert abs(info.due_at.timestamp() - due[job.id]) < 0.002
 
 
-async def test_a_delay_beyond_a_64_bit_millisecond_count_stays_in_the_future(
+async def test_the_longest_delay_stays_in_the_future_and_a_longer_one_is_refused(
     tr: TaskRunner, redis: Redis, namespace: str
 ) -> None:
-    """The due time is sent and stored as Redis formats a double: a delay of 10**20 s
-    (more milliseconds than a 64-bit integer holds) is due in the far future, not at
-    once (an integer format would wrap it around to a negative score)."""
+    """The longest delay (MAX_SECONDS, about 100 years) is due that far ahead; a delay
+    of 10**20 s (more milliseconds than a 64-bit integer holds) is refused where it is
+    given, and nothing is written."""
     add = declare_add(tr)
-    job = await add.options(delay=1e20).enqueue(1, 2)
     keys = QueueKeys(namespace, "default")
+    with pytest.raises(ConfigurationError, match="at most"):
+        await add.options(delay=1e20).enqueue(1, 2)
+    assert await redis.zcard(keys.delayed) == 0
+    job = await add.options(delay=MAX_SECONDS).enqueue(1, 2)
     [(_, score)] = cast(
         list[tuple[str, float]], await redis.zrange(keys.delayed, 0, -1, withscores=True)
     )
-    assert score > 1e22
-    assert float(await redis.hget(keys.job(job.id), "due") or 0) > 1e22
+    assert score > (time.time() + MAX_SECONDS - 3600) * 1000
     assert await job.status() == JobStatus.SCHEDULED
 
 

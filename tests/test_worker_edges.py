@@ -210,25 +210,22 @@ async def test_an_error_in_one_call_of_a_batch_stays_in_its_place(
             for i, (entry, fields) in enumerate(entries)
         ]
         assert [r[0] for r in await scripts.run_many(redis, claims)] == ["ok", "ok"]
-        bad = f"{keys.prefix}:lock:not-a-string"
-        await redis.hset(bad, "x", "y")  # GET on a hash fails inside the second commit
+        await redis.set(keys.job("hostile"), "not a hash")  # the middle commit fails on it
         commits = [
-            commit_call(
-                keys,
-                fields["job"],
-                entry,
-                f"token{i}",
-                "succeeded",
-                "null",
-                [bad] if i == 1 else [],
-            )
-            for i, (entry, fields) in enumerate(entries)
+            commit_call(keys, job or fields["job"], entry, token, "succeeded", "null", [])
+            for (entry, fields), token, job in [
+                (entries[0], "token0", None),
+                (entries[1], "token1", "hostile"),
+                (entries[1], "token1", None),
+            ]
         ]
         results = await scripts.run_many(redis, commits, raise_on_error=False)
         assert results[0] == 1
         assert isinstance(results[1], ResponseError)
+        assert "WRONGTYPE" in str(results[1])
+        assert results[2] == 1  # the call after the failed one ran, in its place
         assert await first.status() == JobStatus.SUCCEEDED
-        assert await second.status() == JobStatus.SUCCEEDED  # written before it failed
+        assert await second.status() == JobStatus.SUCCEEDED
 
 
 async def test_an_abort_during_a_failing_attempt_ends_the_job_at_once(
