@@ -337,9 +337,9 @@ class Client:
         listener = handler(lambda data: wake.set(), wake.set)
         channel = keys.done(job_id)
         subscriber = self.subscriber()
-        await subscriber.subscribe(channel, listener)
         recheck = RECHECK_FIRST
-        try:
+        try:  # a wait cancelled while it subscribes leaves nothing subscribed
+            await subscriber.subscribe(channel, listener)
             while True:
                 wake.clear()
                 state = await self._retrying(lambda: self._watch(keys, job_id))
@@ -374,10 +374,10 @@ class Client:
         listener = handler(lambda data: wake.set(), wake.set)
         channel = keys.done(job_id)
         subscriber = self.subscriber()
-        await subscriber.subscribe(channel, listener)
         last: str | None = None
         recheck = RECHECK_FIRST
-        try:
+        try:  # a follower cancelled while it subscribes leaves nothing subscribed
+            await subscriber.subscribe(channel, listener)
             while True:
                 wake.clear()
                 state = await self._retrying(lambda: self._watch(keys, job_id))

@@ -161,11 +161,15 @@ class _Link:
             if channel in self.channels:
                 return  # wanted again since (its adder subscribed it): keep it
             with contextlib.suppress(*REDIS_ERRORS):
-                if self.sharded:
-                    self._leaving[channel] = self._leaving.get(channel, 0) + 1
-                    await pubsub.sunsubscribe(channel)
-                else:
+                if not self.sharded:
                     await pubsub.unsubscribe(channel)
+                    return
+                self._leaving[channel] = self._leaving.get(channel, 0) + 1
+                try:
+                    await pubsub.sunsubscribe(channel)
+                except BaseException:  # not sent, or its reply will not come on this link
+                    self._left(channel)
+                    raise
 
     async def run(self) -> None:
         try:
@@ -327,12 +331,10 @@ class Subscriber:
 
     async def subscribe(self, channel: str, h: Handler) -> None:
         """Subscribe ``h`` to ``channel``; returns once the server confirmed it. A
-        caller cancelled (or failing) meanwhile leaves no handler behind."""
-        try:
-            await self._link(channel).add(channel, h)
-        except BaseException:
-            self.unsubscribe(channel, h)
-            raise
+        caller that stops waiting (cancelled, timed out) stays subscribed until it calls
+        ``unsubscribe``: a worker's event listener keeps asking for a subscription that
+        is slow to be confirmed; a one-off wait gives it up in its ``finally``."""
+        await self._link(channel).add(channel, h)
 
     async def rehome(self, link: _Link) -> bool:
         """After ``link`` failed on a cluster: refresh the slot map, move its channels to
