@@ -313,7 +313,7 @@ class Job(Generic[R]):
             except (ValueError, RecursionError) as exc:  # hostile: not JSON, too deep
                 reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
                 message = f"job {self.id}: stored result unreadable: {reason}"
-                raise TaskrunnerError(message) from None
+                raise TaskrunnerError(message) from exc
         error = ErrorInfo.parse(state["error"]) if state.get("error") else None
         if status == JobStatus.FAILED:
             if error is None:  # a hash without its error (hostile, or written by hand)

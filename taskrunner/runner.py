@@ -604,8 +604,9 @@ class TaskRunner:
         """A chain whose first step a unique lock deduplicated onto ``holder``: fine when
         the holder runs this same chain, else LockConflictError (nothing was written;
         a handle would wait for steps that never come)."""
-        with contextlib.suppress(JobNotFound):  # finished and expired: not this chain
-            if await self.client.field(holder.queue, holder.id, "next") == follow:
+        with contextlib.suppress(JobNotFound, ValueError, RecursionError):  # not this chain
+            stored = await self.client.field(holder.queue, holder.id, "next")
+            if stored == follow or json.loads(stored) == json.loads(follow):  # any key order
                 return
         lock = self.unique.lock_key(first.task, first.args, first.kwargs, first.options.queue)
         raise LockConflictError(lock, holder.id)

@@ -6,9 +6,13 @@ on a function names the task as ``@tr.task`` does."""
 
 from __future__ import annotations
 
+import copy
 import math
+import pickle
 from collections.abc import Callable
 from datetime import timedelta
+from decimal import Decimal
+from fractions import Fraction
 from typing import Any, cast
 
 import anyio
@@ -130,6 +134,15 @@ def test_retry_with_a_delay_out_of_range_is_refused(delay: Any) -> None:
         Retry(delay=delay)
     assert Retry(delay=timedelta(seconds=2)).delay == 2
     assert Retry(delay=-1).delay == -1  # in the past: due at once, as a negative delay
+
+
+def test_retry_copies_and_pickles_with_its_delay_and_takes_any_real_number() -> None:
+    # a task run in a process pool raises a Retry that is pickled on its way back
+    for retry in (Retry(delay=5), Retry(), Retry(delay=timedelta(minutes=1))):
+        assert copy.copy(retry).delay == retry.delay
+        assert pickle.loads(pickle.dumps(retry)).delay == retry.delay
+    other_reals: list[Any] = [Decimal("1.5"), Fraction(1, 4)]  # outside the typed API
+    assert [Retry(delay=d).delay for d in other_reals] == [1.5, 0.25]
 
 
 class _MoveTo(Middleware):
