@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 
+from taskrunner.connection import REDIS_ERRORS
 from taskrunner.counts import QueueCounts, queue_counts, resolve
 from taskrunner.exceptions import JobDeadLettered, JobFailed
 from taskrunner.job import ErrorInfo, JobContext
@@ -64,6 +65,8 @@ class Runner(Protocol):
 
 BUSY_POLL = 0.02
 """Seconds between two looks at the queues while another worker runs a job."""
+COUNT_WAIT = 1.0
+"""Seconds the look at what is left may take at the deadline, before the stop."""
 STOP_GRACE = 10.0
 """Seconds a worker stopped at the deadline has to hand its running jobs back (Redis
 may be away) before it is cancelled outright."""
@@ -137,7 +140,7 @@ async def _run(runner: Runner, queues: list[str], timeout: float, concurrency: i
             if await _round(runner, queues, concurrency, deadline, left):
                 return
         if left or time.monotonic() >= deadline:
-            counts = left[0] if left else await _counts(runner, queues)
+            counts = left[0] if left and left[0] else await _counts(runner, queues)
             raise TimeoutError(f"run_until_idle: not idle after {timeout:g}s: {_describe(counts)}")
 
 
@@ -155,10 +158,16 @@ async def _round(
     worker = runner.worker(
         queues=queues, concurrency=concurrency, burst=True, handle_signals=False, grace_period=0
     )
+    failed: list[Exception] = []
     async with anyio.create_task_group() as tg:
         tg.start_soon(_stop_at, runner, queues, worker, deadline, left)
-        await worker.run()
+        try:
+            await worker.run()
+        except Exception as exc:  # noqa: BLE001 - raised below as it is, not in a group
+            failed.append(exc)
         tg.cancel_scope.cancel()
+    if failed:
+        raise failed[0]
     if left:
         return False
     wait = _wait(runner, await _counts(runner, queues), deadline)
@@ -176,8 +185,15 @@ async def _stop_at(
     left: list[list[QueueCounts]],
 ) -> None:
     await anyio.sleep(max(0.0, deadline - time.monotonic()))
-    left.append(await _counts(runner, queues))
-    worker.stop()
+    counts: list[QueueCounts] = []
+    try:  # what is left, for the error; the worker stops whatever happens to the look
+        with anyio.move_on_after(COUNT_WAIT):
+            counts = await _counts(runner, queues)
+    except REDIS_ERRORS:
+        pass
+    finally:
+        left.append(counts)
+        worker.stop()
 
 
 async def _counts(runner: Runner, queues: list[str]) -> list[QueueCounts]:
