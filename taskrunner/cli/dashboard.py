@@ -62,22 +62,22 @@ def dashboard(app: str, port: int, host: str) -> None:
     runner = load_app(app)
     settings = settings_for({}, runner)
     run_async(lambda: _reachable(runner))  # an unreachable Redis: one line, as everywhere
-    sock = _listen(host, port)  # a port in use: one line, not uvicorn's exit 1 or 3
+    sockets = _listen(host, port)  # a port in use: one line, not uvicorn's exit 1 or 3
 
     class Server(uvicorn.Server):
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             await super().startup(sockets=sockets)
-            if self.started:  # uvicorn names no address for sockets it was given
-                bound = sock.getsockname()
-                address = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
-                logger.info(
-                    "Uvicorn running on http://%s:%d (Press CTRL+C to quit)", address, bound[1]
-                )
+            if not self.started:
+                return
+            for sock in sockets or []:  # uvicorn names no address of sockets it was given
+                address, bound = sock.getsockname()[:2]
+                shown = f"[{address}]" if ":" in address else address
+                logger.info("Uvicorn running on http://%s:%d (Press CTRL+C to quit)", shown, bound)
 
     config = uvicorn.Config(
         build(runner, open_runner=True), log_level=settings.log_level, lifespan="on"
     )
-    Server(config).run(sockets=[sock])
+    Server(config).run(sockets=sockets)
 
 
 async def _reachable(runner: TaskRunner) -> None:
@@ -85,18 +85,25 @@ async def _reachable(runner: TaskRunner) -> None:
         pass
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    """A socket bound to ``host:port`` (uvicorn listens on it)."""
-    sock: socket.socket | None = None
+def _listen(host: str, port: int) -> list[socket.socket]:
+    """Sockets bound to every address ``host`` resolves to (``localhost``: often ::1
+    and 127.0.0.1, as uvicorn binds them), all on one port: the first one's when
+    ``port`` is 0. Uvicorn listens on them."""
+    sockets: list[socket.socket] = []
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        sock = socket.socket(family, kind, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, resolved in dict.fromkeys(found):
+            address = resolved
+            if sockets and port == 0:  # the others take the port the first one got
+                address = (resolved[0], sockets[0].getsockname()[1], *resolved[2:])
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:  # its own address only, not the IPv4 ones too
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
     except OSError as exc:
-        if sock is not None:
+        for sock in sockets:
             sock.close()
         fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", RUNTIME_ERROR)
-    return sock
+    return sockets
