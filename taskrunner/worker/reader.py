@@ -235,7 +235,10 @@ class Reader:
         except BaseException:
             self._slots.release(free)
             raise
-        self._slots.release(free - len(fetched))
+        if len(fetched) > free:  # a take.lua repeated after a lost reply: a full read and
+            self._slots.take(len(fetched) - free)  # the job its first run claimed
+        else:
+            self._slots.release(free - len(fetched))
         if len(parts) > 1 and plan and not fetched:
             return 0, set(), False  # another worker read what we saw first: look again
         asked = {keys.prefix for _, keys in parts}
