@@ -30,8 +30,7 @@ if type(size) == 'table' then  -- WRONGTYPE: the job's key is not a hash (hostil
 end
 local small = size <= tonumber(ARGV[6])
 local h = redis.call('HMGET', job, 'status', 'task', 'locks', 'abort', 'entry', 'attempts',
-  'reclaims', 'meta', 'enqueued', 'due', 'crashes', 'reclaimed', small and 'args' or 'task',
-  'lease')
+  'reclaims', 'meta', 'enqueued', 'due', 'crashes', 'reclaimed', small and 'args' or 'task')
 local status = h[1]
 if not status then
   return {'missing'}
@@ -74,7 +73,7 @@ if not (reclaims >= 0 and reclaims < 9007199254740992) then
 end
 reclaims = math.floor(reclaims)
 local ready = math.max(tonumber(h[9]) or 0, tonumber(h[10]) or 0)
-if status == 'running' and h[14] == ARGV[4] then
+if status == 'running' and redis.call('HGET', job, 'lease') == ARGV[4] then
   -- this very claim again (its reply was lost with the connection and the call sent
   -- again): the same answer, and nothing is counted twice
   return {verdict, h[2] or '', args, attempts, h[3] or '', reclaims, h[8] or '', ready,

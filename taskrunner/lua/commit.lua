@@ -42,13 +42,6 @@ if ARGV[15] then
   FIRST_LOCK = 10
 end
 
--- whether this job holds a lock key (one of another type, hostile, is no lock of its:
--- it fails no commit halfway through its writes)
-local function holds(key)
-  local ok, owner = pcall(redis.call, 'GET', key)
-  return ok and owner == job_id
-end
-
 local h = redis.call('HMGET', job, 'lease', 'committed', 'abort', 'watch')
 if h[1] ~= token then
   if h[2] == token then
@@ -86,7 +79,8 @@ if outcome == 'retry' or outcome == 'reschedule' then
   -- the job's locks outlive the wait for its next attempt; never shorten one
   local ttl = delay + tonumber(ARGV[14])
   for i = FIRST_LOCK, #KEYS do
-    if holds(KEYS[i]) and redis.call('PTTL', KEYS[i]) < ttl then
+    local ok, owner = pcall(redis.call, 'GET', KEYS[i])  -- a key of another type: not a
+    if ok and owner == job_id and redis.call('PTTL', KEYS[i]) < ttl then  -- lock of its
       redis.call('PEXPIRE', KEYS[i], ttl)
     end
   end
@@ -133,7 +127,10 @@ if index then
   add_to_index(index, stamp, job_id, now, tonumber(ARGV[7]))
 end
 for i = FIRST_LOCK, #KEYS do
-  if holds(KEYS[i]) then
+  -- a lock key of another type (hostile) is no lock of the job's: it fails no commit
+  -- halfway through its writes
+  local ok, owner = pcall(redis.call, 'GET', KEYS[i])
+  if ok and owner == job_id then
     redis.call('DEL', KEYS[i])
   end
 end
