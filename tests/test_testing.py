@@ -511,3 +511,28 @@ def test_taskrunner_fixture_without_an_app_is_a_usage_error(tmp_path: Path) -> N
     done = run_pytest(tmp_path, "test_app.py")
     assert done.returncode != 0
     assert "taskrunner_app = module:attribute" in done.stdout + done.stderr
+
+
+async def test_run_until_idle_runs_a_job_that_a_running_job_enqueues_and_waits_for(
+    make_runner: MakeRunner,
+) -> None:
+    """A burst worker with free slots keeps reading while a job runs: the job a running
+    parent enqueues and awaits starts at once (it started only when the parent's wait
+    timed out, and the parent failed)."""
+    tr = make_runner()
+
+    @tr.task(name="child")
+    async def child(x: int) -> int:
+        return x * 2
+
+    @tr.task(name="parent", max_retries=0)
+    async def parent(x: int) -> int:
+        job = await child.enqueue(x)
+        return await job.result(timeout=20) + 1
+
+    async with tr:
+        job = await parent.enqueue(21)
+        with anyio.fail_after(DEADLINE):
+            done = await tr.run_until_idle(timeout=DEADLINE)
+        assert await job.result() == 43
+        assert sorted(c.task for c in done) == ["child", "parent"]

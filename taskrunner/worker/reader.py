@@ -162,6 +162,22 @@ class Reader:
                 return None
         return self._woken_now(set()) or None
 
+    async def until_woken_or(self, other: Callable[[], Awaitable[object]]) -> None:
+        """Wait until ``other()`` returns, a wake-up comes (a "ready": a job to read,
+        also while every job that runs waits for it), or the fallback wait passes."""
+        if self._woken or self._wake_all or self._wake.is_set():
+            return
+        wake = self._wake
+        with anyio.move_on_after(self._idle_wait):
+            async with anyio.create_task_group() as tg:
+
+                async def first(wait: Callable[[], Awaitable[object]]) -> None:
+                    await wait()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(first, other)
+                tg.start_soon(first, wake.wait)
+
     def _partitions(self) -> list[tuple[Queue, QueueKeys]]:
         return [(q, keys) for q in self._queues() for keys in q.parts]
 

@@ -418,8 +418,8 @@ class Worker:
         nothing is due, nothing was promoted or relayed since the last look (by this
         call or the scheduler and relay services: the read before it may have missed
         those jobs), and no stale job could be reclaimed (the lease middleware's hook)."""
-        if self.slots.busy:
-            await self.slots.changed()
+        if self.slots.busy:  # a job that runs may wait for one that is enqueued now
+            await self.reader.until_woken_or(self.slots.changed)
             return False
         await self.committer.coalescer.drained()  # retried with backoff through an outage
         try:
