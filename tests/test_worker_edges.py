@@ -517,3 +517,40 @@ async def test_a_lost_lease_is_reported_once_while_its_copy_stops(
                     await wait_until(three_more_beats, 30, interval=0.02)
                     release.set()
     assert len([r for r in caplog.records if "lease lost" in r.getMessage()]) == 1
+
+
+@pytest.mark.parametrize("leave", ["error", "cancel"])
+async def test_leaving_an_embedded_worker_by_an_error_or_a_cancel_stops_it_gracefully(
+    make_runner: Callable[..., TaskRunner], leave: str
+) -> None:
+    # `async with tr.worker()` left by an exception or a cancelled scope: its running job
+    # is handed back (it stayed running under a dead lease until a reclaim), and the
+    # body's exception comes out as it was raised, not inside a task group's.
+    tr = make_runner()
+    started = anyio.Event()
+
+    @tr.task
+    async def forever() -> None:
+        started.set()
+        await anyio.sleep_forever()
+
+    async with tr:
+        job = await forever.enqueue()
+        raised: list[BaseException] = []
+        with anyio.CancelScope() as outer:
+            try:
+                async with tr.worker(concurrency=1, grace_period=0.1, handle_signals=False):
+                    with anyio.fail_after(DEADLINE):
+                        await started.wait()
+                    if leave == "error":
+                        raise RuntimeError("the body failed")
+                    outer.cancel()  # as a timeout around the block would
+                    await anyio.sleep_forever()
+            except Exception as exc:
+                raised.append(exc)
+        assert outer.cancelled_caught == (leave == "cancel")
+        assert [repr(e) for e in raised] == (
+            ["RuntimeError('the body failed')"] if leave == "error" else []
+        )
+        info = await job.info()
+        assert (info.status, info.attempts) == (JobStatus.QUEUED, 0)

@@ -50,6 +50,9 @@ logger = logging.getLogger("taskrunner.worker")
 
 COMMIT_DEADLINE = 10.0
 """Seconds a stopping worker keeps retrying outcomes Redis has not recorded yet."""
+STOP_MARGIN = COMMIT_DEADLINE + 5.0
+"""Seconds beyond the grace period that leaving ``async with tr.worker()`` by an error
+or a cancellation waits for the stop (hand-back and outstanding outcomes included)."""
 INTERNAL_CONNECTIONS = 8
 """Connections of a worker's own client (heartbeats, reads, commits), apart from the
 pool that task code shares, so tasks can never starve them."""
@@ -123,6 +126,8 @@ class Worker:
         self._drained_hooks: list[Callable[[], Awaitable[bool]]] = []
         self._services: TaskGroup | None = None
         self._background: TaskGroup | None = None
+        self._serve_scope: anyio.CancelScope | None = None
+        """The embedded worker's serving task (``async with``): shielded, bounded on exit."""
         self.connection: Connection
         self.slots: Slots
         self.consumers: Consumers
@@ -146,6 +151,7 @@ class Worker:
             tg.cancel_scope.cancel()
 
     async def __aenter__(self) -> Worker:
+        self._serve_scope = anyio.CancelScope(shield=True)
         self._background = anyio.create_task_group()
         await self._background.__aenter__()
         try:
@@ -171,7 +177,16 @@ class Worker:
     ) -> bool | None:
         self.stop()
         assert self._background is not None
-        return await self._background.__aexit__(et, e, tb)
+        if et is None:
+            return await self._background.__aexit__(None, None, None)
+        # Left by an error or a cancellation: the same graceful stop (running jobs get the
+        # grace period, the rest go back to the queue), bounded; then the body's
+        # exception goes on as it was raised, not inside a task group's.
+        scope = self._serve_scope  # shielded: a cancellation around reaches the body only
+        assert scope is not None
+        scope.deadline = min(scope.deadline, anyio.current_time() + self.grace_period + STOP_MARGIN)
+        await self._background.__aexit__(None, None, None)
+        return None
 
     def stop(self) -> None:
         """Stop reading, let running jobs finish within the grace period, then hand
@@ -268,8 +283,12 @@ class Worker:
     # -- serving -------------------------------------------------------------------------
 
     async def _serve_started(self, *, task_status: TaskStatus[None]) -> None:
-        async with self.runner:
-            await self._serve(task_status)
+        # Shielded: when the code around `async with tr.worker()` is cancelled, its body
+        # ends and __aexit__ stops the worker gracefully (a second signal cancels it)
+        assert self._serve_scope is not None
+        with self._serve_scope:
+            async with self.runner:
+                await self._serve(task_status)
         if self.handle_signals:
             assert self._background is not None
             self._background.cancel_scope.cancel()  # ends the signal watcher
@@ -524,6 +543,8 @@ class Worker:
             async for signum in signals:
                 if self._stopping.is_set():
                     logger.warning("second signal: exiting now")
+                    if self._serve_scope is not None:
+                        self._serve_scope.cancel()
                     scope.cancel()
                     return
                 logger.info(
