@@ -490,3 +490,15 @@ async def test_jobs_page_filters_by_priority_and_the_job_page_shows_it(
     assert '<dd class="priority">high</dd>' in detail
     assert "partition 0" in detail
     assert unknown.status_code == 400
+
+
+async def test_the_job_page_hides_a_password_in_the_jobs_arguments(
+    make_runner: MakeRunner,
+) -> None:
+    tr = build(make_runner)
+    secret = "dashpw-in-args"
+    async with client_for(tr, worker=False) as client:
+        job_id = await enqueue(tr, "fixable", flag=f"redis://:{secret}@cache:6379/0")
+        page = (await client.get(f"/ops/jobs/default/{job_id}")).text
+    assert secret not in page
+    assert "redis://:***@cache:6379/0" in page

@@ -226,3 +226,36 @@ async def test_exceptions_and_reprs_in_python_hide_the_password(locked: RedisPro
     with pytest.raises(ValueError, match=r"redis://:\*\*\*@") as bad:
         TaskRunner(f"redis://:{WRONG}@127.0.0.1:notaport/0")
     assert WRONG not in str(bad.value)
+
+
+def test_a_password_in_a_jobs_arguments_or_result_is_not_shown(
+    redis_url: str, namespace: str
+) -> None:
+    """A URL with a password in a job's arguments, result or error: `job`, `jobs`,
+    `dead-letters`, `enqueue --wait` and the dashboard's job page show it as ***."""
+    secret = f"argpw{secrets.token_hex(6)}"
+    url = f"postgresql://app:{secret}@db:5432/app"
+    env = subprocess_env(redis_url, namespace)
+
+    def cli(*args: str) -> str:
+        done = subprocess.run(
+            [TASKRUNNER, *args], env=env, capture_output=True, text=True, timeout=60, check=False
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout + done.stderr
+
+    person = json.dumps([{"name": url, "age": 30}])
+    job_id = cli("enqueue", APP, "greet", person).strip()
+    cli("worker", APP, "--burst")
+    waited = cli("enqueue", APP, "greet", person, "--job-id", job_id, "--wait")  # its result
+    shown = [
+        waited,
+        cli("job", APP, job_id),
+        cli("job", APP, job_id, "--json"),
+        cli("jobs", APP, "--status", "succeeded", "--json"),
+    ]
+    for text in shown:
+        assert secret not in text
+    for text in shown[:3]:  # the listing shows no arguments or result
+        assert "postgresql://app:***@db:5432/app" in text
+    assert json.loads(shown[2])["args"]["person"]["name"] == "postgresql://app:***@db:5432/app"

@@ -20,6 +20,7 @@ from taskrunner.cli._common import (
 from taskrunner.cli._data import data_errors
 from taskrunner.deadletters import DEFAULT_PAGE, MAX_PAGE, DeadLetters, decode_cursor
 from taskrunner.job import JobInfo
+from taskrunner.urls import redact
 
 LIST_EXAMPLE = """
 taskrunner dead-letters myapp:tr                  # the oldest 100
@@ -90,10 +91,10 @@ def dead_letters(
             {**info.model_dump(mode="json"), "reason": info.error.message if info.error else ""}
             for info in page
         ]
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(redact(json.dumps(rows, indent=2)))
     else:
         for info in page:
-            click.echo(_line(info))
+            click.echo(redact(_line(info)))
     if page.next_cursor:
         click.echo(f"more: --cursor {page.next_cursor}", err=True)
 

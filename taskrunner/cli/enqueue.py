@@ -23,6 +23,7 @@ from taskrunner.connection import REDIS_ERRORS
 from taskrunner.exceptions import ConfigurationError, JobError
 from taskrunner.runner import TaskRunner
 from taskrunner.task import Call, EnqueueOptions, TaskDefinition
+from taskrunner.urls import redact
 
 EXAMPLE = """
 taskrunner enqueue examples.quickstart:tr add '[1, 2]' --wait
@@ -161,10 +162,11 @@ async def print_result(
     try:
         with anyio.fail_after(timeout):
             async for progress in job.progress():
-                click.echo(f"progress: {json.dumps(progress, separators=(',', ':'))}", err=True)
+                line = f"progress: {json.dumps(progress, separators=(',', ':'))}"
+                click.echo(redact(line), err=True)
             value = await job.result()
     except TimeoutError:
         fail(f"job {job_id} did not finish within {timeout:g}s (the job itself goes on)")
     except JobError as exc:
         fail(str(exc))
-    click.echo(definition.codec.result.encode(value))
+    click.echo(redact(definition.codec.result.encode(value)))

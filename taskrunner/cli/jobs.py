@@ -22,6 +22,7 @@ from taskrunner.cli._data import data_errors
 from taskrunner.exceptions import ConfigurationError
 from taskrunner.job import JobInfo, JobStatus
 from taskrunner.runner import TaskRunner
+from taskrunner.urls import redact
 
 QUEUE_OPTION = click.option(
     "--queue", "-q", default=None, help="The job's queue. [default: looked for in every queue]"
@@ -127,7 +128,8 @@ taskrunner job myapp:tr 3f2a9c41d0e54b7e9a1c2b3d4e5f6a7b --json | jq .error.trac
 def job(app: str, job_id: str, queue: str | None, as_json: bool) -> None:
     async def body(runner: TaskRunner) -> None:
         found = await runner.admin.job(job_id, queue)
-        click.echo(json.dumps(detail_json(found), indent=2) if as_json else detail_text(found))
+        shown = json.dumps(detail_json(found), indent=2) if as_json else detail_text(found)
+        click.echo(redact(shown))  # a password in the job's arguments, result, progress
 
     _run(app, body)
 
@@ -181,7 +183,7 @@ def jobs(
         page = await runner.admin.jobs(
             queue=queue, status=status, task=task, priority=priority, limit=limit, cursor=cursor
         )
-        click.echo(page.model_dump_json(indent=2) if as_json else page_text(page))
+        click.echo(redact(page.model_dump_json(indent=2) if as_json else page_text(page)))
 
     _run(app, body)
 

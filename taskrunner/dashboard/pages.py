@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
+from jinja2 import pass_eval_context
+from jinja2.nodes import EvalContext
 from markupsafe import Markup
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -29,6 +31,7 @@ from taskrunner.dashboard.guard import check_csrf
 from taskrunner.exceptions import ConfigurationError, JobNotFound, TaskrunnerError
 from taskrunner.job import JobStatus, safe_text
 from taskrunner.runner import TaskRunner
+from taskrunner.urls import redact
 
 templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 
@@ -44,6 +47,17 @@ def _when(value: datetime | None) -> Markup:
 
 
 templates.env.globals["when"] = _when
+_tojson = templates.env.filters["tojson"]
+
+
+@pass_eval_context
+def _tojson_redacted(context: EvalContext, value: object, indent: int | None = None) -> Markup:
+    """Jinja's ``tojson``, with the password of every URL in it hidden (a job's
+    arguments, result and progress are shown as they were stored)."""
+    return Markup(redact(str(_tojson(context, value, indent))))  # noqa: S704 - escaped JSON
+
+
+templates.env.filters["tojson"] = _tojson_redacted
 RETRIABLE = {JobStatus.FAILED, JobStatus.ABORTED, JobStatus.REJECTED, JobStatus.DEAD}
 ABORTABLE = {JobStatus.SCHEDULED, JobStatus.QUEUED, JobStatus.RUNNING}
 PAGE_SIZE = 50
