@@ -238,3 +238,23 @@ async def test_two_worker_processes_run_each_delayed_job_exactly_once(
     runs = await redis.hgetall(runs_key(namespace))
     assert set(runs) == {job.id for job in jobs}
     assert set(runs.values()) == {"1"}
+
+
+def test_the_processes_supervisor_imports_nothing_of_the_app(
+    redis_url: str, namespace: str, tmp_path: Path
+) -> None:
+    """docs/workers.md: N processes are N imports of the app, none in the supervisor
+    (it imported the app too: its import-time work and memory, once more)."""
+    log = tmp_path / "imports.log"
+    env = {**subprocess_env(redis_url, namespace), "IMPORTS_APP_LOG": str(log)}
+    done = subprocess.run(
+        [TASKRUNNER, "worker", "apps.imports_app:tr", "--processes", "2", "--burst"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    pids = log.read_text().split()
+    assert len(pids) == 2, pids

@@ -119,14 +119,14 @@ def worker(
         argv = child_argv(app, base, processes=base.processes, supervised=True)
         run_with_reload(argv, base.grace_period)
         return
-    runner = load_app(app)
-    settings = with_runner_defaults(base, runner)
-    use_url(runner, settings)
-    if settings.processes > 1:
+    if base.processes > 1:  # the supervisor imports nothing of the app: its children do
         if supervised:  # the child of --reload: stop when the reloader is gone
             _stop_when_parent_exits()
         argv = child_argv(app, base, processes=1, supervised=True)
-        sys.exit(supervise_workers(argv, settings))
+        sys.exit(supervise_workers(argv, base))
+    runner = load_app(app)
+    settings = with_runner_defaults(base, runner)
+    use_url(runner, settings)
     run_worker(runner, settings, supervised=supervised)
 
 
