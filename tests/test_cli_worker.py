@@ -207,6 +207,25 @@ async def test_second_sigterm_exits_at_once_without_acknowledging(
     assert (await redis.xpending(keys.stream, GROUP))["pending"] == 1
 
 
+async def test_a_hang_up_stops_gracefully_and_never_counts_as_a_second_signal(
+    app: tuple[TaskRunner, Tasks], env: dict[str, str], tmp_path: Path
+) -> None:
+    """SIGHUP (a closed terminal; the supervisor or reloader gone, which a worker
+    tells itself with SIGHUP) is a graceful stop, and during one it changes nothing:
+    the running job finishes and is recorded (SIGHUP killed the worker outright; a
+    reloader dying during a stop made the worker exit at once, its job left running)."""
+    _, tasks = app
+    job = await tasks.sleepy.enqueue(1.5)
+    with worker_process(env, tmp_path, "--grace-period", "3600") as proc:
+        await wait_until(lambda: logged(tmp_path, started_line(job.id)), DEADLINE)
+        proc.send_signal(signal.SIGHUP)
+        await wait_until(lambda: logged(tmp_path, "stopping gracefully"), DEADLINE)
+        proc.send_signal(signal.SIGHUP)  # during the stop: nothing more
+        await wait_until(lambda: exited(proc), DEADLINE)
+        assert proc.returncode == 0
+    assert await job.status() == JobStatus.SUCCEEDED
+
+
 # -- two processes racing ----------------------------------------------------------------------
 
 

@@ -137,8 +137,16 @@ class Supervisor:
         return code
 
     async def _forward_signals(self) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
+                if signum == signal.SIGHUP:  # a hang-up (terminal closed, reloader gone):
+                    if not self._signals_seen:  # one graceful stop, never a second signal
+                        self._signals_seen = 1
+                        logger.info(
+                            "received SIGHUP: stopping %d worker process(es)", self.processes
+                        )
+                        self._stop_all(signal.SIGTERM)
+                    continue
                 self._signals_seen += 1
                 name = signal.Signals(signum).name
                 if self._signals_seen == 1:

@@ -234,7 +234,7 @@ def _stop_when_parent_exits() -> None:
         except OSError:
             pass
         logger.warning("the supervisor is gone; stopping")  # (or the reloader)
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGHUP)  # a graceful stop, never a second signal
 
     threading.Thread(target=wait_for_eof, name="taskrunner-supervisor-watch", daemon=True).start()
 

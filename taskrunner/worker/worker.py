@@ -144,10 +144,11 @@ class Worker:
 
     async def run(self) -> None:
         """Run until stopped (a signal, ``stop()``) or, in burst mode, until drained."""
-        async with self.runner, anyio.create_task_group() as tg:
-            if self.handle_signals is not False:
-                tg.start_soon(self._signals, tg.cancel_scope)
-            await self._serve()
+        async with anyio.create_task_group() as tg:
+            if self.handle_signals is not False:  # before the runner opens: a signal while
+                tg.start_soon(self._signals, tg.cancel_scope)  # it starts is a stop too
+            async with self.runner:
+                await self._serve()
             tg.cancel_scope.cancel()
 
     async def __aenter__(self) -> Worker:
@@ -539,8 +540,10 @@ class Worker:
             )
 
     async def _signals(self, scope: anyio.CancelScope) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
+                if signum == signal.SIGHUP and self._stopping.is_set():
+                    continue  # a hang-up (terminal closed, supervisor gone) never hurries
                 if self._stopping.is_set():
                     logger.warning("second signal: exiting now")
                     if self._serve_scope is not None:
