@@ -283,7 +283,12 @@ class EmbeddedRedis:
     # -- files and locks -------------------------------------------------------------
 
     def _prepare_dirs(self) -> None:
-        (self._dir / "clients").mkdir(mode=0o700, parents=True, exist_ok=True)
+        # private: the server's data (job arguments and results) is in there
+        self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):  # one made before, by us, with the default mode
+            if self._dir.stat().st_uid == os.getuid() and self._dir.stat().st_mode & 0o077:
+                self._dir.chmod(0o700)
+        (self._dir / "clients").mkdir(mode=0o700, exist_ok=True)
         socket_dir = self._socket.parent
         if socket_dir != self._dir:
             _make_private_dir(socket_dir)

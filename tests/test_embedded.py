@@ -394,6 +394,15 @@ def test_first_start_records_the_binary_and_its_version(directory: Path) -> None
     data = json.loads((directory / "server.json").read_text())
     assert data == {"path": recorded.path, "version": recorded.version}
     assert (directory / "server.json").stat().st_mode & 0o077 == 0
+    assert directory.stat().st_mode & 0o077 == 0  # the data (job payloads) is private
+
+
+def test_a_data_directory_made_with_the_default_mode_becomes_private(tmp_path: Path) -> None:
+    directory = tmp_path / "shared"
+    directory.mkdir(mode=0o755)
+    directory.chmod(0o755)
+    with EmbeddedRedis(directory):
+        assert directory.stat().st_mode & 0o777 == 0o700
 
 
 def test_a_later_start_uses_the_recorded_binary_whatever_comes_first_on_path(
