@@ -672,3 +672,23 @@ async def test_a_batch_runs_at_most_batch_max_calls(
     assert sizes == [scripts.BATCH_MAX, scripts.BATCH_MAX, 50]
     entries = cast(list[Any], await redis.xrange(keys.level_stream(keys.default_level)))
     assert [fields["job"] for _, fields in entries] == [job for job, _ in written]
+
+
+async def test_loading_the_scripts_sends_only_those_the_server_lacks(
+    redis: Redis, redis_url: str, keys: QueueKeys
+) -> None:
+    """Every connect makes sure the scripts are there: a SCRIPT EXISTS, then a SCRIPT
+    LOAD only of the missing ones (it sent every source each time: about 100 KB, and
+    Redis 6.2 appends each SCRIPT LOAD to its AOF)."""
+    await scripts.load_all(redis)
+    monitor = Monitor(redis_url, f"{keys.prefix}:marker")
+    await monitor.start()
+    await scripts.load_all(redis)  # all there already
+    await redis.script_flush()
+    await scripts.load_all(redis)  # all gone: all loaded again
+    commands = await monitor.stop(redis)
+    loads = [c for c in commands if c.upper().startswith("SCRIPT LOAD")]
+    exists = [c for c in commands if c.upper().startswith("SCRIPT EXISTS")]
+    assert len(exists) == 2
+    assert len(loads) == 2 * len(scripts.ALL)
+    assert await redis.script_exists(*(s.sha for s in scripts.ALL)) == [True] * len(scripts.ALL)
