@@ -233,8 +233,8 @@ async def load_all(redis: Redis) -> None:
     shas = list(sources)
     try:
         found = await redis.script_exists(*shas)
-    except ResponseError:  # an ACL user without +script|exists (docs/deployment.md's has
-        found = [False] * len(shas)  # +script|load only): load them all, as before
+    except ResponseError:  # an ACL user without +script|exists (one made from an older
+        found = [False] * len(shas)  # docs/deployment.md): load them all, as before
     missing = [sha for sha, there in zip(shas, found, strict=True) if not there]
     if not missing:
         return

@@ -37,6 +37,7 @@ from taskrunner import (
     Task,
     TaskRunner,
     current_job,
+    scripts,
 )
 from taskrunner.cli.info import gather, table
 
@@ -274,3 +275,29 @@ async def _dead(tr: TaskRunner, n: int) -> bool:
 def test_the_docs_name_the_acl_user_and_password_placeholder() -> None:
     line = documented_acl()
     assert re.search(r"\s>\S+", line), "the ACL line sets a password"
+
+
+async def test_an_acl_user_without_script_exists_still_gets_the_scripts_loaded(
+    tmp_path: Path,
+) -> None:
+    """An ACL written from an older docs/deployment.md (no +script|exists): loading the
+    scripts falls back to loading them all, and the scripts run."""
+    binary = binaries_under_test()[0]
+    line = " ".join(w for w in acl_for(binary).split() if w != "+script|exists")
+    with RedisProcess(tmp_path / "redis", binary=binary.path, acl=[line]) as server:
+        url = server.url_for("taskrunner", documented_password(line))
+        client = redis.asyncio.Redis.from_url(url)
+        try:
+            await scripts.load_all(client)
+            shas = [s.sha for s in scripts.ALL]
+            assert server_scripts_present(server, shas)
+        finally:
+            await client.aclose()
+
+
+def server_scripts_present(server: RedisProcess, shas: list[str]) -> bool:
+    admin = redis.Redis(**server.client_kwargs())
+    try:
+        return all(admin.script_exists(*shas))
+    finally:
+        admin.close()
