@@ -4,7 +4,6 @@ of a task: ``Task`` and ``BoundTask`` (taskrunner.task), as chain steps take the
 
 from __future__ import annotations
 
-import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -13,7 +12,7 @@ from typing import Any, Generic, ParamSpec, Protocol, TypeVar
 from taskrunner.codec import ArgsCodec
 from taskrunner.exceptions import ConfigurationError
 from taskrunner.keys import check_name
-from taskrunner.options import MAX_SECONDS, TaskOptions
+from taskrunner.options import TaskOptions, signed_seconds
 
 P = ParamSpec("P")
 R_co = TypeVar("R_co", covariant=True)
@@ -63,17 +62,10 @@ class EnqueueOptions:
 
     def __post_init__(self) -> None:
         """Refuse a bad value where it is given: nothing is written for it."""
-        delay = self.delay
-        if delay is not None and not isinstance(delay, timedelta):
-            if isinstance(delay, bool) or not isinstance(delay, int | float):
-                raise ConfigurationError(
-                    f"delay must be a number of seconds or a timedelta, got {delay!r}"
-                )
-            if not math.isfinite(delay):
-                raise ConfigurationError(f"delay must be a finite number, got {delay!r}")
-        seconds = delay.total_seconds() if isinstance(delay, timedelta) else delay
-        if seconds is not None and seconds > MAX_SECONDS:
-            raise ConfigurationError(f"delay must be at most {MAX_SECONDS:.0f} seconds (100 years)")
+        try:
+            signed_seconds(self.delay)
+        except ValueError as exc:
+            raise ConfigurationError(f"delay {exc}") from None
         if self.at is not None and not isinstance(self.at, datetime):
             raise ConfigurationError(f"at must be a datetime, got {self.at!r}")
         if self.job_id is not None and (not isinstance(self.job_id, str) or not self.job_id):

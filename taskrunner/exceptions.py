@@ -27,11 +27,9 @@ they are, because callers already know them)::
 
 from __future__ import annotations
 
-import contextlib
-import math
 from datetime import timedelta
 
-from taskrunner.options import MAX_SECONDS
+from taskrunner.options import signed_seconds
 
 
 class TaskrunnerError(Exception):
@@ -157,29 +155,13 @@ class Retry(TaskrunnerError):  # a request, not an error: named like arq's and C
 
     def __init__(self, delay: float | timedelta | None = None) -> None:
         super().__init__("retry requested")
-        self.delay = _retry_delay(delay)
+        try:
+            self.delay = signed_seconds(delay)
+        except ValueError as exc:
+            raise ConfigurationError(f"Retry(delay=...) {exc}") from None
 
     def __reduce__(self) -> tuple[type[Retry], tuple[float | None]]:
         return (type(self), (self.delay,))  # copies and pickles are made from the delay
-
-
-def _retry_delay(delay: object) -> float | None:
-    """Seconds from ``Retry(delay=...)``: a real number or a timedelta, finite and at
-    most MAX_SECONDS either way; ConfigurationError for anything else."""
-    if delay is None:
-        return None
-    seconds = math.nan  # refused below: a boolean, text, or what float() refuses
-    if isinstance(delay, timedelta):
-        seconds = delay.total_seconds()
-    elif not isinstance(delay, bool | str | bytes):
-        with contextlib.suppress(TypeError, ValueError):
-            seconds = float(delay)  # type: ignore[arg-type]
-    if not -MAX_SECONDS <= seconds <= MAX_SECONDS:  # NaN too
-        raise ConfigurationError(
-            f"Retry(delay=...) must be a finite number of seconds up to {MAX_SECONDS:.0f} "
-            f"(100 years) or a timedelta, got {delay!r}"
-        )
-    return seconds
 
 
 class TaskTimeout(TaskrunnerError, TimeoutError):

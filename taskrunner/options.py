@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
 from datetime import timedelta
 from typing import Annotated, TypeVar
 
@@ -24,6 +26,26 @@ def at_most_max(value: float | None) -> float | None:
     if value is not None and value > MAX_SECONDS:
         raise ValueError(f"it must be at most {MAX_SECONDS:.0f} seconds (100 years)")
     return value
+
+
+def signed_seconds(value: object) -> float | None:
+    """Seconds of a delay (``options(delay=...)``, ``Retry(delay=...)``): any real number
+    or a ``timedelta``, of either sign, finite and at most ``MAX_SECONDS`` long; None
+    stays None. ValueError for anything else (a boolean, text, NaN, infinity)."""
+    if value is None:
+        return None
+    seconds = math.nan  # refused below: a boolean, text, or what float() refuses
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif not isinstance(value, bool | str | bytes):
+        with contextlib.suppress(TypeError, ValueError):
+            seconds = float(value)  # type: ignore[arg-type]
+    if not -MAX_SECONDS <= seconds <= MAX_SECONDS:  # NaN too
+        raise ValueError(
+            f"must be a finite number of seconds, at most {MAX_SECONDS:.0f} (100 years), "
+            f"or a timedelta, got {value!r}"
+        )
+    return seconds
 
 
 OptionalSeconds = Annotated[float | None, BeforeValidator(to_seconds), AfterValidator(at_most_max)]
