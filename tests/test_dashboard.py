@@ -404,15 +404,20 @@ def test_taskrunner_dashboard_serves_the_app_on_loopback_and_stops_on_sigterm(
     assert "Application shutdown complete" in (tmp_path / "dashboard.log").read_text()
 
 
-def test_dashboard_command_refuses_a_bad_port_in_one_line(redis_url: str, namespace: str) -> None:
-    done = subprocess.run(
-        [TASKRUNNER, "dashboard", "apps.cli_app:tr", "--port", "99999"],
-        env=subprocess_env(redis_url, namespace),
+def dashboard_command(url: str, namespace: str, port: int) -> subprocess.CompletedProcess[str]:
+    """``taskrunner dashboard`` of the CLI test app, expected to exit on its own."""
+    return subprocess.run(
+        [TASKRUNNER, "dashboard", "apps.cli_app:tr", "--port", str(port)],
+        env=subprocess_env(url, namespace),
         capture_output=True,
         text=True,
         timeout=DEADLINE,
         check=False,
     )
+
+
+def test_dashboard_command_refuses_a_bad_port_in_one_line(redis_url: str, namespace: str) -> None:
+    done = dashboard_command(redis_url, namespace, 99999)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1
     assert done.stderr.startswith("taskrunner: error:")
@@ -427,27 +432,13 @@ def test_dashboard_command_start_up_failures_are_one_line(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        in_use = subprocess.run(
-            [TASKRUNNER, "dashboard", "apps.cli_app:tr", "--port", str(port)],
-            env=subprocess_env(redis_url, namespace),
-            capture_output=True,
-            text=True,
-            timeout=DEADLINE,
-            check=False,
-        )
+        in_use = dashboard_command(redis_url, namespace, port)
     assert in_use.returncode == 1
     assert in_use.stderr == (
         f"taskrunner: error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
     )
     away = f"redis://:dashpw@127.0.0.1:{unreachable_port}/0"
-    unreachable = subprocess.run(
-        [TASKRUNNER, "dashboard", "apps.cli_app:tr", "--port", "0"],
-        env=subprocess_env(away, namespace),
-        capture_output=True,
-        text=True,
-        timeout=DEADLINE,
-        check=False,
-    )
+    unreachable = dashboard_command(away, namespace, 0)
     assert unreachable.returncode == 1
     assert unreachable.stderr.count("\n") == 1, unreachable.stderr
     assert unreachable.stderr.startswith("taskrunner: error: cannot reach redis at redis://:***@")
