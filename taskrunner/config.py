@@ -21,6 +21,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StrictBool,
     ValidationError,
     model_validator,
 )
@@ -101,6 +102,29 @@ class RunnerSettings(BaseModel):
             raise ConfigurationError(describe(exc)) from None
 
 
+class WorkerSettings(BaseModel):
+    """The arguments of ``tr.worker(...)``, checked like a runner's settings: a wrong
+    type or a value out of range raises ``ConfigurationError`` where the worker is
+    made (the queue names are checked by ``taskrunner.keys.check_name``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    queues: tuple[str, ...] | None = None  # a str is refused, not read as its letters
+    concurrency: Count = Field(default=100, ge=1, le=MAX_CONCURRENCY)
+    burst: StrictBool = False
+    grace_period: Seconds = Field(default=30.0, ge=0)
+    handle_signals: StrictBool | None = None
+    max_deliveries: Count = Field(default=5, ge=1)
+
+    @classmethod
+    def check(cls, **values: Any) -> WorkerSettings:
+        """Validate ``values``; raise ``ConfigurationError`` naming each bad one."""
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise ConfigurationError(describe(exc, "worker setting")) from None
+
+
 _READABLE = {
     "greater_than": "it must be more than {gt:g}",
     "greater_than_equal": "it must be {ge:g} or more",
@@ -109,12 +133,16 @@ _READABLE = {
     "int_parsing": "it must be a whole number",
     "float_type": "it must be a number of seconds or a timedelta",
     "float_parsing": "it must be a number of seconds or a timedelta",
+    "less_than_equal": "it must be {le:g} or less",
+    "bool_type": "it must be True or False",
+    "tuple_type": "it must be a list of names",
+    "finite_number": "it must be a finite number",
 }
 
 
-def describe(exc: ValidationError) -> str:
+def describe(exc: ValidationError, what: str = "TaskRunner setting") -> str:
     """One sentence: each bad setting with its value and what it must be."""
-    return "; ".join(_one(error, "TaskRunner setting") for error in exc.errors()) + "."
+    return "; ".join(_one(error, what) for error in exc.errors()) + "."
 
 
 def reason(error: ErrorDetails) -> str:

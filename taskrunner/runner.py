@@ -259,6 +259,9 @@ class TaskRunner:
         ``ConfigurationError``; either is one sentence naming the task and the option.
         """
 
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ConfigurationError(f"invalid task name {name!r}: it must be a non-empty string")
+
         def decorate(func: Callable[P, Awaitable[R]]) -> Task[P, R]:
             task_name = name or _default_name(func)
             if not callable(func) or not _is_async(func):
@@ -792,7 +795,7 @@ class TaskRunner:
         queues: Sequence[str] | None = None,
         concurrency: int = 100,
         burst: bool = False,
-        grace_period: float = 30.0,
+        grace_period: float | timedelta = 30.0,
         handle_signals: bool | None = None,
         max_deliveries: int = 5,
     ) -> Worker:

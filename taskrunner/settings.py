@@ -44,6 +44,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from taskrunner.config import MAX_CONCURRENCY
 from taskrunner.exceptions import ConfigurationError
+from taskrunner.options import MAX_SECONDS
 from taskrunner.urls import parse_url, redact
 
 if TYPE_CHECKING:
@@ -71,7 +72,7 @@ class Settings(BaseSettings):
     concurrency: int = Field(default=100, ge=1, le=MAX_CONCURRENCY)
     processes: int = Field(default=1, ge=1)
     burst: bool = False
-    grace_period: float = Field(default=30.0, ge=0)
+    grace_period: float = Field(default=30.0, ge=0, le=MAX_SECONDS, allow_inf_nan=False)
     log_level: LogLevel = "info"
     log_format: Literal["text", "json"] = "text"
     max_deliveries: int = Field(default=5, ge=1)
@@ -159,6 +160,6 @@ def with_runner_defaults(settings: Settings, runner: TaskRunner) -> Settings:
             redact(settings.redis_url or ""),
             redact(runner.url),
         )
-    if "queues" not in settings.model_fields_set:
+    if not settings.queues:  # not given, or an empty TASKRUNNER_QUEUES: every queue
         update["queues"] = runner.queues()
     return settings.model_copy(update=update)

@@ -231,6 +231,8 @@ def parse_url(url: str) -> RedisTarget:
     Raises:
         ConfigurationError: one sentence naming what is wrong, with the URL redacted.
     """
+    if not isinstance(url, str):
+        raise ConfigurationError(f"invalid Redis URL: it must be a str, got {type(url).__name__}")
     try:
         return _parse(url)
     except _Invalid as exc:

@@ -211,6 +211,8 @@ def test_bad_environment_setting_prints_one_line_and_exits_2(
         ({"TASKRUNNER_CONCURRENCY": "3"}, ["-c", "5"], "queues default,other, concurrency 5"),
         ({"TASKRUNNER_QUEUES": "other"}, [], "queues other, concurrency 100"),
         ({"TASKRUNNER_QUEUES": "other, default"}, ["-q", "x"], "queues x, concurrency 100"),
+        ({"TASKRUNNER_QUEUES": ""}, [], "queues default,other, concurrency 100"),  # as unset
+        ({"TASKRUNNER_QUEUES": " , "}, [], "queues default,other, concurrency 100"),
     ],
 )
 def test_worker_settings_come_from_flags_then_environment_then_defaults(
@@ -525,3 +527,12 @@ async def test_info_lists_a_worker_without_recent_heartbeats_as_stale(
         line.startswith("crashed-host:123:abc") and line.endswith("(stale)")
         for line in done.stdout.splitlines()
     )
+
+
+@pytest.mark.parametrize("value", ["", ","])
+def test_info_reads_an_empty_taskrunner_queues_as_unset_like_the_worker(
+    env: dict[str, str], value: str
+) -> None:
+    done = run_cli(env | {"TASKRUNNER_QUEUES": value}, "info", APP, "--json")
+    assert done.returncode == 0, done.stderr
+    assert sorted(json.loads(done.stdout)["queues"]) == ["default", "other"]

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import secrets
 import signal
 import socket
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Sequence
 from contextlib import AbstractAsyncContextManager
+from datetime import timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -27,10 +27,10 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from taskrunner import scripts
-from taskrunner.config import MAX_CONCURRENCY
+from taskrunner.config import WorkerSettings
 from taskrunner.connection import REDIS_ERRORS, Connection, PoolOptions, open_connection, report
 from taskrunner.deadletters import trim_dead
-from taskrunner.keys import Queue, QueueKeys
+from taskrunner.keys import Queue, QueueKeys, check_name
 from taskrunner.middleware.base import CancelReason, Held, Middleware
 from taskrunner.subscriber import Subscriber
 from taskrunner.worker.committer import Coalescer, Committer
@@ -99,24 +99,26 @@ class Worker:
         queues: Sequence[str] | None = None,
         concurrency: int = 100,
         burst: bool = False,
-        grace_period: float = 30.0,
+        grace_period: float | timedelta = 30.0,
         handle_signals: bool | None = None,
         max_deliveries: int = 5,
     ) -> None:
-        if not 1 <= concurrency <= MAX_CONCURRENCY:
-            raise ValueError(f"concurrency must be from 1 to {MAX_CONCURRENCY:,}: {concurrency!r}")
-        if max_deliveries < 1:
-            raise ValueError("max_deliveries must be at least 1")
-        if not 0 <= grace_period < math.inf:  # NaN fails it too
-            raise ValueError(f"grace_period must be a finite number, 0 or more: {grace_period!r}")
+        checked = WorkerSettings.check(
+            queues=queues,
+            concurrency=concurrency,
+            burst=burst,
+            grace_period=grace_period,
+            handle_signals=handle_signals,
+            max_deliveries=max_deliveries,
+        )
         self.runner = runner
-        self.queue_names = list(queues) if queues else runner.queues()
-        self.concurrency = concurrency
-        self.burst = burst
-        self.grace_period = grace_period
-        self.handle_signals = handle_signals
+        self.queue_names = [check_name("queue", q) for q in checked.queues or runner.queues()]
+        self.concurrency = checked.concurrency
+        self.burst = checked.burst
+        self.grace_period = checked.grace_period
+        self.handle_signals = checked.handle_signals
         """None (default): SIGINT/SIGTERM stop ``run()``; ``async with`` leaves them alone."""
-        self.max_deliveries = max_deliveries
+        self.max_deliveries = checked.max_deliveries
         self._id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(16)}"
         self.queues: list[Queue] = []
         self._stopping = anyio.Event()
@@ -143,13 +145,18 @@ class Worker:
     # -- public lifecycle ---------------------------------------------------------------
 
     async def run(self) -> None:
-        """Run until stopped (a signal, ``stop()``) or, in burst mode, until drained."""
-        async with anyio.create_task_group() as tg:
-            if self.handle_signals is not False:  # before the runner opens: a signal while
-                tg.start_soon(self._signals, tg.cancel_scope)  # it starts is a stop too
-            async with self.runner:
-                await self._serve()
-            tg.cancel_scope.cancel()
+        """Run until stopped (a signal, ``stop()``) or, in burst mode, until drained.
+        An error is raised as itself (a lost Redis, a bad setting), not in a group."""
+        try:
+            async with anyio.create_task_group() as tg:
+                if self.handle_signals is not False:  # before the runner opens: a signal
+                    tg.start_soon(self._signals, tg.cancel_scope)  # while it starts stops
+                async with self.runner:
+                    await self._serve()
+                tg.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            _raise_sole(group)
+            raise
 
     async def __aenter__(self) -> Worker:
         self._serve_scope = anyio.CancelScope(shield=True)
@@ -169,8 +176,7 @@ class Worker:
         try:
             await self._background.__aexit__(type(exc), exc, exc.__traceback__)
         except BaseExceptionGroup as group:  # the start-up error, wrapped by the task group
-            if len(group.exceptions) == 1:
-                raise group.exceptions[0] from None
+            _raise_sole(group)
             raise
 
     async def __aexit__(
@@ -556,3 +562,15 @@ class Worker:
                     self.grace_period,
                 )
                 self.stop()
+
+
+def _raise_sole(group: BaseExceptionGroup[BaseException]) -> None:
+    """Raise the one exception of a task group's ``group`` (through nested groups) as
+    itself, with its own cause, without the group; return when there are several."""
+    if len(group.exceptions) != 1:
+        return
+    sole = group.exceptions[0]
+    if isinstance(sole, BaseExceptionGroup):
+        _raise_sole(sole)
+        return
+    raise sole from sole.__cause__
