@@ -21,10 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, Protocol, TypeVar, cast
 
-import anyio
-
 from taskrunner.definition import Call, Calls
-from taskrunner.job import Job, JobStore, safe_text
+from taskrunner.job import Job, JobStore, deadline, safe_text
 from taskrunner.keys import check_name
 
 if TYPE_CHECKING:
@@ -121,7 +119,7 @@ class ChainJob(Generic[R]):
         ``JobDeadLettered``; a follow-up whose spec was unreadable is dead-lettered as
         ``next-<id of the step before>``), and the later steps never exist.
         ``TimeoutError`` when ``timeout`` seconds pass first (the chain goes on)."""
-        with anyio.fail_after(timeout):
+        with deadline(timeout, f"chain {self.jobs[0].id} is not done"):
             for job in self.jobs[:-1]:
                 state = await self._client.wait(job.queue, job.id, None, relayed=True)
                 job._outcome(state)  # raises unless it succeeded

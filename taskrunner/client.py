@@ -25,7 +25,7 @@ from taskrunner import scripts
 from taskrunner.clock import Clock
 from taskrunner.connection import REDIS_ERRORS, Connection, reachable, report
 from taskrunner.exceptions import JobNotFound, LockConflictError, TaskrunnerError
-from taskrunner.job import Job, JobStatus
+from taskrunner.job import Job, JobStatus, deadline
 from taskrunner.keys import DEFAULT_LEVEL, MAX_PARTITIONS, Queue, QueueKeys, home_partition
 from taskrunner.middleware.base import (
     EnqueueContext,
@@ -328,7 +328,7 @@ class Client:
         message lost on a live connection by a re-read (``RECHECK_MAX``).
         ``relayed``: a chain step that succeeded is waited for until its follow-up
         is written too (its ``relayed`` field)."""
-        with anyio.fail_after(timeout):
+        with deadline(timeout, f"job {job_id} is not final"):
             keys = await self._retrying(lambda: self.locate(queue, job_id))
             return await self._wait(keys, job_id, relayed=relayed)
 
@@ -491,9 +491,14 @@ async def _answers(
     return list(zip(batch, await sent, strict=True))
 
 
+class _NotSent(Exception):
+    """A job's write was not sent: another chain of its pipeline raised."""
+
+
 class _EnqueueBatch:
     """Runs each context through the enqueue chain concurrently; the chains' writes are
-    collected and sent in one pipeline once every chain has either written or left."""
+    collected and sent in one pipeline once every chain has either written or left. If
+    a chain raised (a middleware's error), none is sent and its error is raised."""
 
     def __init__(self, client: Client, size: int) -> None:
         self._client = client
@@ -534,9 +539,10 @@ class _EnqueueBatch:
             for index, ctx in enumerate(contexts):
                 tg.start_soon(one, index, ctx)
             await self._arrived.wait()
-            self._replies = await scripts.run_many(
-                self._client.redis, self._calls, replicas=self._client.replicas
-            )
+            if not errors:  # a chain that raised stops the whole pipeline: none is sent
+                self._replies = await scripts.run_many(
+                    self._client.redis, self._calls, replicas=self._client.replicas
+                )
             self._flushed.set()
         if errors:
             raise errors[0]
@@ -556,6 +562,8 @@ class _EnqueueBatch:
         self._calls.append(call)
         self._decided()
         await self._flushed.wait()
+        if index >= len(self._replies):
+            raise _NotSent(ctx.job_id)
         return self._client.job_from_reply(ctx, self._replies[index])
 
     def _decided(self) -> None:

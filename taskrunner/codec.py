@@ -14,14 +14,31 @@ import json
 from collections.abc import Callable
 from typing import Any, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model
+from pydantic import BaseModel, ConfigDict, Field, PydanticUserError, TypeAdapter, create_model
 
 from taskrunner.exceptions import ConfigurationError
 
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 _FIRST = object()
 """Stands for a chain step's first argument (the previous result) while binding."""
-_MODEL_CONFIG = ConfigDict(extra="forbid", populate_by_name=True, arbitrary_types_allowed=False)
+_NON_FINITE = ConfigDict(ser_json_inf_nan="constants")
+"""NaN and infinities are written as ``NaN``/``Infinity`` (which pydantic and Python's
+``json`` read back), not as ``null`` (pydantic's default: ``x: float`` would then fail
+in the worker)."""
+_MODEL_CONFIG = ConfigDict(
+    extra="forbid", populate_by_name=True, arbitrary_types_allowed=False, **_NON_FINITE
+)
+SAFE_LENGTH = 4300
+"""JSON this long or shorter holds no number the decoder refuses: pydantic (like
+Python's ``int``) reads at most 4,300 digits."""
+
+
+def readable(encoded: str) -> bool:
+    """Whether ``encoded`` surely reads back as it was written: short, and without a
+    ``null`` (a model of the user's own config writes a NaN as ``null``). Anything
+    else is read back once where it is written (``ValidationError`` if it cannot be),
+    so what a worker or ``job.result()`` could not read fails there."""
+    return len(encoded) <= SAFE_LENGTH and "null" not in encoded
 
 
 class ArgsCodec:
@@ -81,7 +98,11 @@ class ArgsCodec:
         if self._rest is None:
             rest = {k: v for k, v in self._fields.items() if k != "p0"}
             self._rest = create_model(f"{self._name}.rest", __config__=_MODEL_CONFIG, **rest)
-        return first, self._rest.model_validate(values).model_dump_json(by_alias=True)
+        rest_model = self._rest
+        encoded = rest_model.model_validate(values).model_dump_json(by_alias=True)
+        if not readable(encoded):
+            rest_model.model_validate_json(encoded)
+        return first, encoded
 
     def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         """The call's arguments by name, defaults applied (TypeError if they don't fit)."""
@@ -101,7 +122,10 @@ class ArgsCodec:
             self._validate = self.model.__pydantic_validator__.validate_python
             self._to_json = self.model.__pydantic_serializer__.to_json
         model = self._validate(self.bind(args, kwargs))
-        return self._to_json(model, by_alias=True).decode()
+        encoded = self._to_json(model, by_alias=True).decode()
+        if not readable(encoded):
+            self.model.model_validate_json(encoded)
+        return encoded
 
     def decode(self, payload: str) -> tuple[list[Any], dict[str, Any]]:
         """Validate a stored payload and return positional and keyword arguments for the call."""
@@ -145,7 +169,10 @@ class ResultCodec:
     """Serialises a task's return value and rebuilds it into the annotated type."""
 
     def __init__(self, annotation: Any) -> None:
-        self.adapter: TypeAdapter[Any] = TypeAdapter(annotation)
+        try:
+            self.adapter: TypeAdapter[Any] = TypeAdapter(annotation, config=_NON_FINITE)
+        except PydanticUserError:  # a model or dataclass: its own config applies
+            self.adapter = TypeAdapter(annotation)
         self._returns_none = annotation is None or annotation is type(None)
         """``-> None``: a None result is ``null`` without a trip through pydantic."""
 
@@ -156,7 +183,10 @@ class ResultCodec:
         ``PydanticSerializationError`` if it cannot be serialised."""
         if value is None and self._returns_none:
             return "null"
-        return self.adapter.dump_json(self.adapter.validate_python(value)).decode()
+        encoded = self.adapter.dump_json(self.adapter.validate_python(value)).decode()
+        if not readable(encoded):
+            self.adapter.validate_json(encoded)
+        return encoded
 
     def decode(self, payload: str) -> Any:
         return self.adapter.validate_json(payload)

@@ -20,7 +20,7 @@ from typing import Any, Generic, Literal, TypeVar, overload
 import anyio
 
 from taskrunner.exceptions import JobError
-from taskrunner.job import Job
+from taskrunner.job import Job, deadline
 
 R = TypeVar("R")
 
@@ -72,7 +72,7 @@ class Group(Generic[R]):
                 except JobError as exc:
                     found[index] = exc
 
-        with anyio.fail_after(timeout):
+        with deadline(timeout, f"a group of {len(self.jobs)} jobs is not done"):
             async with anyio.create_task_group() as tg:
                 for index, job in enumerate(self.jobs):
                     tg.start_soon(one, index, job)

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import contextvars
 import json
 import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
+import anyio
 from pydantic import BaseModel, ValidationError
 
 from taskrunner.exceptions import (
@@ -62,6 +64,19 @@ class JobStore(Protocol):
     async def abort(self, queue: str, job_id: str) -> JobStatus: ...
 
     def progress(self, queue: str, job_id: str) -> AsyncIterator[Any]: ...
+
+
+@contextlib.contextmanager
+def deadline(timeout: float | None, what: str) -> Iterator[None]:
+    """``anyio.fail_after(timeout)`` whose ``TimeoutError`` says what was not done in
+    time (``what``: "job 1234 is not final"); one raised inside passes unchanged."""
+    try:
+        with anyio.fail_after(timeout) as scope:
+            yield
+    except TimeoutError:
+        if scope.cancelled_caught:
+            raise TimeoutError(f"{what} after {timeout:g}s") from None
+        raise
 
 
 class JobStatus(StrEnum):

@@ -17,7 +17,9 @@ from typing import Any, cast
 
 import anyio
 import pytest
+from pydantic import BaseModel, ValidationError
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from taskrunner import (
     ConfigurationError,
@@ -34,6 +36,10 @@ from taskrunner.options import MAX_SECONDS
 
 DEADLINE = 30.0
 MakeRunner = Callable[..., TaskRunner]
+
+
+class Point(BaseModel):  # its own config: it writes a NaN as null
+    x: float
 
 
 async def namespace_keys(redis: Redis, namespace: str) -> list[str]:
@@ -278,13 +284,165 @@ async def test_a_result_that_does_not_fit_its_annotation_fails_the_job_for_good(
         {"grace_period": -5},
         {"grace_period": math.nan},
         {"grace_period": math.inf},
+        {"grace_period": MAX_SECONDS + 1},
+        {"grace_period": "5"},
         {"concurrency": 0},
         {"concurrency": 10_001},
+        {"concurrency": "5"},
+        {"concurrency": 2.0},
+        {"max_deliveries": 0},
+        {"burst": 1},
+        {"queues": "emails"},  # a str is not a list of names (it was read as its letters)
+        {"queues": ["a b"]},
+        {"queues": [""]},
+        {"queues": [3]},
     ],
 )
-def test_a_worker_refuses_a_grace_period_or_concurrency_out_of_range(
+def test_a_worker_refuses_a_bad_argument_where_it_is_made(
     make_runner: MakeRunner, options: dict[str, Any]
 ) -> None:
     tr = make_runner()
-    with pytest.raises(ValueError, match=str(next(iter(options)))):
+    name = next(iter(options))
+    with pytest.raises(ConfigurationError, match=name.rstrip("s")):
         tr.worker(handle_signals=False, **options)
+
+
+def test_a_worker_takes_its_grace_period_as_a_timedelta_and_queues_as_any_sequence(
+    make_runner: MakeRunner,
+) -> None:
+    tr = make_runner()
+    worker = tr.worker(grace_period=timedelta(seconds=3), queues=("emails", "reports"))
+    assert worker.grace_period == 3.0
+    assert worker.queue_names == ["emails", "reports"]
+
+
+async def test_a_worker_run_raises_its_error_itself_not_in_a_group(namespace: str) -> None:
+    tr = TaskRunner("redis://127.0.0.1:1/0", namespace=namespace)  # nothing listens on 1
+    with pytest.raises(RedisConnectionError):
+        await tr.worker(burst=True, handle_signals=False).run()
+
+
+@pytest.mark.parametrize("name", [5, ""])
+def test_a_task_name_must_be_a_non_empty_string(make_runner: MakeRunner, name: Any) -> None:
+    tr = make_runner()
+
+    async def noop() -> None: ...
+
+    with pytest.raises(ConfigurationError, match="task name"):
+        tr.task(name=name)(noop)
+    assert tr.registry == {}
+
+
+@pytest.mark.parametrize("url", [5, 5.0, b"redis://localhost"])
+def test_a_url_that_is_not_a_str_is_a_configuration_error(url: Any) -> None:
+    with pytest.raises(ConfigurationError, match="must be a str"):
+        TaskRunner(url)
+
+
+async def test_an_enqueue_middleware_error_writes_nothing_of_its_pipeline(
+    make_runner: MakeRunner, redis: Redis, namespace: str
+) -> None:
+    tr = make_runner()
+
+    @tr.task(lock="until_executed")
+    async def unique(x: int) -> None: ...
+
+    def broken(x: int) -> int:
+        raise ZeroDivisionError("unique_args failed")
+
+    @tr.task(lock="until_executed", unique_args=broken)
+    async def bad(x: int) -> None: ...
+
+    @tr.task
+    async def plain(x: int) -> None: ...
+
+    async with tr:
+        with pytest.raises(ZeroDivisionError, match="unique_args failed"):
+            await tr.enqueue_many([unique.call(5), plain.call(1), bad.call(1), plain.call(2)])
+        assert await namespace_keys(redis, namespace) == []
+        [job] = await tr.enqueue_many([unique.call(5)])  # the runner still works
+        assert await job.status() == JobStatus.QUEUED
+
+
+async def test_an_integer_the_worker_could_not_read_back_fails_at_enqueue(
+    make_runner: MakeRunner, redis: Redis, namespace: str
+) -> None:
+    tr = make_runner()
+
+    @tr.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    huge = 10**5000  # pydantic encodes it, but reads at most 4,300 digits
+    async with tr:
+        with pytest.raises(ValidationError):
+            await add.enqueue(huge, 1)
+        with pytest.raises(ValidationError):
+            await add.chain(1, 2).then(add, huge).enqueue()
+        assert await namespace_keys(redis, namespace) == []
+        long_but_fine = 10**4000
+        job = await add.enqueue(long_but_fine, 1)
+        await tr.run_until_idle()
+        assert await job.result(timeout=DEADLINE) == long_but_fine + 1
+
+
+async def test_a_result_the_caller_could_not_read_back_fails_the_job(
+    make_runner: MakeRunner,
+) -> None:
+    tr = make_runner(max_retries=0)
+
+    @tr.task
+    async def huge() -> int:
+        return 10**5000
+
+    async with tr:
+        job = await huge.enqueue()
+        await tr.run_until_idle(raise_failures=False)
+        with pytest.raises(JobFailed, match="number out of range"):
+            await job.result(timeout=DEADLINE)
+
+
+async def test_a_wait_that_runs_out_says_which_job(make_runner: MakeRunner) -> None:
+    tr = make_runner()
+
+    @tr.task
+    async def noop() -> None: ...
+
+    async with tr:
+        job = await noop.enqueue()
+        with pytest.raises(TimeoutError, match=rf"job {job.id} is not final after 0\.1s"):
+            await job.result(timeout=0.1)
+        group = await tr.group([noop.call()])
+        with pytest.raises(TimeoutError, match=r"a group of 1 jobs is not done after 0\.1s"):
+            await group.results(timeout=0.1)
+
+
+async def test_nan_and_infinities_reach_the_task_and_come_back_as_its_result(
+    make_runner: MakeRunner,
+) -> None:
+    tr = make_runner()
+
+    @tr.task
+    async def echo(x: float, xs: list[float]) -> list[float]:
+        return [x, *xs]
+
+    async with tr:
+        job = await echo.enqueue(math.nan, [math.inf, -math.inf])
+        await tr.run_until_idle()
+        got = await job.result(timeout=DEADLINE)
+        assert math.isnan(got[0])
+        assert got[1:] == [math.inf, -math.inf]
+
+
+async def test_a_nan_the_worker_could_not_read_back_fails_at_enqueue(
+    make_runner: MakeRunner, redis: Redis, namespace: str
+) -> None:
+    tr = make_runner()
+
+    @tr.task
+    async def place(p: Point) -> None: ...
+
+    async with tr:
+        with pytest.raises(ValidationError):
+            await place.enqueue(Point(x=math.nan))
+        assert await namespace_keys(redis, namespace) == []
