@@ -294,3 +294,18 @@ async def test_ready_names_the_job_unless_its_id_is_longer_than_the_limit(
             await watcher.aclose()
     assert scripts.READY_NAME_LIMIT == 1024
     assert message["data"] == ("ready " + job_id if length <= 1024 else "ready")
+
+
+async def test_a_slot_released_before_the_waiting_task_runs_still_wakes_it() -> None:
+    """A burst worker that finds nothing to read while a job runs waits for a slot
+    change in a task it starts: the job may end before that task runs. Waited for as
+    ``slots.changed`` (counted only once the task ran), that release was lost and the
+    worker idled 5 s before it could exit; ``watching()`` counts the waiter at once."""
+    slots = Slots(4)
+    slots.take(1)
+    with slots.watching() as changed:
+        waiting = asyncio.ensure_future(changed.wait())
+        slots.finish()  # the job ends before the waiting task has run once
+        with anyio.fail_after(DEADLINE):
+            await waiting
+    assert slots.busy == 0

@@ -13,8 +13,8 @@ nothing meanwhile.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 
 class Slots:
@@ -75,9 +75,17 @@ class Slots:
 
     async def changed(self) -> None:
         """Wait for the next release or gate change."""
+        with self.watching() as event:
+            await event.wait()
+
+    @contextmanager
+    def watching(self) -> Iterator[asyncio.Event]:
+        """The event the next release or gate change sets, counted as waited for from
+        now on: a change between this call and the wait (in a task that starts later)
+        is not lost."""
         self._waiters += 1
         try:
-            await self._changed.wait()
+            yield self._changed
         finally:
             self._waiters -= 1
 

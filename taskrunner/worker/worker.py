@@ -445,7 +445,8 @@ class Worker:
         call or the scheduler and relay services: the read before it may have missed
         those jobs), and no stale job could be reclaimed (the lease middleware's hook)."""
         if self.slots.busy:  # a job that runs may wait for one that is enqueued now
-            await self.reader.until_woken_or(self.slots.changed)
+            with self.slots.watching() as changed:  # a job ending from here on wakes it
+                await self.reader.until_woken_or(changed.wait)
             return False
         await self.committer.coalescer.drained()  # retried with backoff through an outage
         try:
