@@ -25,7 +25,7 @@ from taskrunner import scripts
 from taskrunner.clock import Clock
 from taskrunner.connection import REDIS_ERRORS, Connection, reachable, report
 from taskrunner.exceptions import JobNotFound, LockConflictError, TaskrunnerError
-from taskrunner.job import Job, JobStatus, deadline
+from taskrunner.job import Job, JobStatus, deadline, parse_status
 from taskrunner.keys import DEFAULT_LEVEL, MAX_PARTITIONS, Queue, QueueKeys, home_partition
 from taskrunner.middleware.base import (
     EnqueueContext,
@@ -328,6 +328,10 @@ class Client:
         message lost on a live connection by a re-read (``RECHECK_MAX``).
         ``relayed``: a chain step that succeeded is waited for until its follow-up
         is written too (its ``relayed`` field)."""
+        if timeout is not None and timeout <= 0:  # no time to wait: look once
+            state = await self._watch(await self.locate(queue, job_id), job_id)
+            if parse_status(state["status"]).is_final and (not relayed or _relayed(state)):
+                return state
         with deadline(timeout, f"job {job_id} is not final"):
             keys = await self._retrying(lambda: self.locate(queue, job_id))
             return await self._wait(keys, job_id, relayed=relayed)
@@ -343,7 +347,7 @@ class Client:
             while True:
                 wake.clear()
                 state = await self._retrying(lambda: self._watch(keys, job_id))
-                if JobStatus(state["status"]).is_final and (not relayed or _relayed(state)):
+                if parse_status(state["status"]).is_final and (not relayed or _relayed(state)):
                     return state
                 recheck = await _woken(wake, recheck)
         finally:
@@ -385,7 +389,7 @@ class Client:
                 if value is not None and value != last:
                     last = value
                     yield _json_or_none(value)
-                if JobStatus(state["status"]).is_final:
+                if parse_status(state["status"]).is_final:
                     return
                 recheck = await _woken(wake, recheck)
         finally:
@@ -403,7 +407,7 @@ class Client:
         reply = str(await scripts.run(self.redis, call))
         if reply == "missing":
             raise JobNotFound(job_id)
-        return JobStatus.RUNNING if reply == "aborting" else JobStatus(reply)
+        return JobStatus.RUNNING if reply == "aborting" else parse_status(reply)
 
     async def aclose(self) -> None:
         task, self._subscriber_task = self._subscriber_task, None

@@ -198,7 +198,7 @@ class JobInfo(BaseModel):
             id=safe_text(job_id),
             task=safe_text(h.get("task", "")),
             queue=safe_text(h.get("queue", "")),
-            status=_status(h.get("status")),
+            status=parse_status(h.get("status")),
             attempts=_int(h.get("attempts")),
             enqueued_at=_time(h.get("enqueued")) or datetime.fromtimestamp(0, UTC),
             due_at=_time(h.get("due")),
@@ -215,7 +215,8 @@ class JobInfo(BaseModel):
         )
 
 
-def _status(text: str | None) -> JobStatus:
+def parse_status(text: str | None) -> JobStatus:
+    """A stored status; ``TaskrunnerError`` for anything else (hostile data)."""
     try:
         return JobStatus(text or "")
     except ValueError:
@@ -283,7 +284,7 @@ class Job(Generic[R]):
 
     async def status(self) -> JobStatus:
         """The job's status (JobNotFound if there is no such job)."""
-        return _status(await self._client.field(self.queue, self.id, "status"))
+        return parse_status(await self._client.field(self.queue, self.id, "status"))
 
     async def info(self) -> JobInfo:
         """Everything Redis knows about the job."""

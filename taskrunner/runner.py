@@ -60,7 +60,7 @@ from taskrunner.middleware.limits import LimitsMiddleware
 from taskrunner.middleware.retry import RetryMiddleware
 from taskrunner.middleware.timeout import TimeoutMiddleware
 from taskrunner.middleware.unique import UniqueMiddleware
-from taskrunner.options import FUNCTION, TaskOptions
+from taskrunner.options import FUNCTION, MAX_SECONDS, TaskOptions
 from taskrunner.task import Call, EnqueueOptions, Task, TaskDefinition
 from taskrunner.typed_options import TaskOptionsDict
 from taskrunner.urls import parse_url, redact
@@ -663,6 +663,8 @@ class TaskRunner:
         due: float | None = None
         if opts.at is not None:
             due = opts.at.timestamp()
+            if due - now > MAX_SECONDS:
+                raise ConfigurationError(f"at is more than 100 years ahead: {opts.at.isoformat()}")
         elif opts.delay is not None:
             due = now + _seconds(opts.delay)
         if due is not None and due <= now:

@@ -7,6 +7,7 @@ redis-server, real ``taskrunner`` processes, the dashboard over httpx."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from redis.asyncio import Redis
 
 from taskrunner import JobFailed, JobStatus, TaskRunner, TaskrunnerError
 from taskrunner.dashboard import dashboard
+from taskrunner.dashboard.pages import UNREADABLE
 from taskrunner.keys import QueueKeys
 
 APP = "apps.cli_app:tr"
@@ -356,6 +358,35 @@ async def test_status_of_a_job_with_a_garbage_status_raises_a_taskrunner_error(
     async with tr:
         with pytest.raises(TaskrunnerError, match="bogus"):
             await tr.job("odd").status()
+
+
+async def test_waiting_following_or_aborting_a_job_with_a_garbage_status_is_a_taskrunner_error(
+    make_runner: MakeRunner, redis: Redis, keys: QueueKeys, env: dict[str, str]
+) -> None:
+    """``result()``, ``progress()`` and ``abort()`` raised a bare ValueError (the dashboard
+    answered 500, ``taskrunner abort`` exited 2 as for a bad argument)."""
+    tr = build(make_runner)
+    await put_job(redis, keys, "odd", "bogus", keys.failed)
+    async with tr:
+        job = tr.job("odd")
+        with pytest.raises(TaskrunnerError, match="bogus"):
+            await job.result(timeout=DEADLINE)
+        with pytest.raises(TaskrunnerError, match="bogus"):
+            async for _ in job.progress():
+                pass
+        with pytest.raises(TaskrunnerError, match="bogus"):
+            await job.abort()
+    async with dashboard_client(tr) as client:
+        page = await client.get("/")
+        token = re.search(r'name="csrf" value="([^"]+)"', page.text)
+        assert token is not None, page.text[:2000]
+        answer = await client.post("/jobs/default/odd/abort", data={"csrf": token[1]})
+        assert answer.status_code == UNREADABLE, answer.text[:2000]
+        assert "bogus" in answer.text
+    done = cli(env, "abort", APP, "odd")
+    assert_no_traceback(done)
+    assert done.returncode == 1, done.stderr
+    assert "bogus" in done.stderr
 
 
 # -- cursors ----------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import copy
 import math
 import pickle
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
 from typing import Any, cast
@@ -61,6 +61,7 @@ async def namespace_keys(redis: Redis, namespace: str) -> list[str]:
         {"queue": "a b"},
         {"priority": ""},
         {"at": "2030-01-01"},
+        {"at": datetime(9999, 12, 31, tzinfo=UTC)},  # beyond the 100 years a delay has
     ],
 )
 async def test_a_bad_enqueue_option_is_refused_where_it_is_given_and_writes_nothing(
@@ -446,3 +447,21 @@ async def test_a_nan_the_worker_could_not_read_back_fails_at_enqueue(
         with pytest.raises(ValidationError):
             await place.enqueue(Point(x=math.nan))
         assert await namespace_keys(redis, namespace) == []
+
+
+async def test_a_zero_timeout_returns_the_result_of_a_final_job_without_waiting(
+    make_runner: MakeRunner,
+) -> None:
+    tr = make_runner()
+
+    @tr.task
+    async def one() -> int:
+        return 1
+
+    async with tr:
+        job = await one.enqueue()
+        with pytest.raises(TimeoutError, match="is not final"):
+            await job.result(timeout=0)  # queued: not final, and no time to wait
+        await tr.run_until_idle()
+        assert await job.result(timeout=0) == 1
+        assert await job.result(timeout=-1) == 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import subprocess
 import sys
 from collections.abc import Callable
@@ -100,6 +101,9 @@ def test_bad_settings_of_a_schedule_are_refused_in_one_sentence() -> None:
     cases: list[tuple[Callable[[], object], str]] = [
         (lambda: tr.cron("* * * * *", report.call("a"), tz="Mars/Base"), "unknown time zone"),
         (lambda: tr.cron("* * * * *", report.call("a"), max_drift=0.5), "at least 1 second"),
+        # infinity was taken, then every worker's cron service crashed as it started
+        (lambda: tr.cron("* * * * *", report.call("a"), max_drift=math.inf), "at most"),
+        (lambda: tr.cron("* * * * *", report.call("a"), max_drift=math.nan), "at most"),
         (lambda: tr.cron("* * * * *", report.call(3)), "kind: input should be a valid string"),  # type: ignore[arg-type]
         (lambda: tr.cron("* * * * *", report.call("a"), name="a b"), "invalid cron schedule"),
         (lambda: tr.cron("* * * * *", report.options(delay=5).call("a")), "delay cannot be set"),

@@ -73,6 +73,8 @@ async def send(order: int, account_id: str = "main") -> None: ...
         ({"rate_limit": "10/0s"}, "rate_limit='10/0s': its period must be at least 1 s"),
         ({"rate_limit": "100/d"}, "invalid option rate_limit='100/d'"),
         ({"rate_limit": "100001/s"}, "its count must be from 1 to 100,000"),
+        # every check then failed in Redis and the job was rescheduled forever
+        ({"rate_limit": "1/99999999999h"}, "its period must be at most 3153600000 seconds"),
         ({"rate_limit": 100}, "invalid option rate_limit=100"),
         ({"concurrency_limit": 0}, "invalid option concurrency_limit=0: it must be 1 or more"),
         ({"concurrency_limit": True}, "invalid option concurrency_limit=True"),

@@ -4,6 +4,7 @@ servers, with real in-process workers; the plugin also in fresh pytest processes
 from __future__ import annotations
 
 import functools
+import math
 import os
 import subprocess
 import sys
@@ -397,6 +398,9 @@ async def test_frozen_time_restores_the_clock_and_freezes_one_runner(
             assert other_clock.now() == 0
         with pytest.raises(ValueError, match="forward"):
             await clock.advance(-1)
+        for amount in (math.nan, math.inf, 1e20):
+            with pytest.raises(ValueError, match="finite amount"):
+                await clock.advance(amount)
         with pytest.raises(ValueError, match="naive"):
             await clock.move_to(datetime(2031, 1, 1))  # naive: refused
         await clock.advance(timedelta(days=1))  # not connected: nothing to wake

@@ -17,9 +17,17 @@ import click
 
 from taskrunner.admin import CursorError, JobDetail, JobPage
 from taskrunner.admin.listing import MAX_LIMIT, STATUS_ORDER
-from taskrunner.cli._common import USAGE_ERROR, example, fail, load_app, run_async, settings_for
+from taskrunner.cli._common import (
+    RUNTIME_ERROR,
+    USAGE_ERROR,
+    example,
+    fail,
+    load_app,
+    run_async,
+    settings_for,
+)
 from taskrunner.cli._data import data_errors
-from taskrunner.exceptions import ConfigurationError
+from taskrunner.exceptions import ConfigurationError, TaskrunnerError
 from taskrunner.job import JobInfo, JobStatus
 from taskrunner.runner import TaskRunner
 from taskrunner.urls import redact
@@ -40,7 +48,11 @@ def _run(app: str, body: Callable[[TaskRunner], Coroutine[Any, Any, None]]) -> N
             try:
                 with data_errors():
                     await body(runner)
-            except (ConfigurationError, CursorError, ValueError) as exc:
+            except (ConfigurationError, CursorError) as exc:
+                fail(str(exc), USAGE_ERROR)
+            except TaskrunnerError as exc:  # e.g. a job whose record is hostile: exit 1
+                fail(redact(str(exc)), RUNTIME_ERROR)
+            except ValueError as exc:
                 fail(str(exc), USAGE_ERROR)
 
     run_async(main)

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from taskrunner.cron.expression import CronExpression
 from taskrunner.exceptions import ConfigurationError
 from taskrunner.keys import check_name
+from taskrunner.options import MAX_SECONDS
 from taskrunner.task import TaskDefinition
 
 DEFAULT_MAX_DRIFT = 60.0
@@ -38,10 +39,10 @@ def check_max_drift(name: str, value: float | timedelta) -> float:
         raise ConfigurationError(
             f"cron schedule {name!r}: max_drift must be seconds or a timedelta, got {value!r}"
         )
-    if not seconds >= MIN_MAX_DRIFT:  # also NaN
+    if not MIN_MAX_DRIFT <= seconds <= MAX_SECONDS:  # also NaN and infinity
         raise ConfigurationError(
-            f"cron schedule {name!r}: max_drift must be at least {MIN_MAX_DRIFT:g} second, "
-            f"got {seconds!r}"
+            f"cron schedule {name!r}: max_drift must be at least {MIN_MAX_DRIFT:g} second "
+            f"and at most {MAX_SECONDS:.0f} (100 years), got {seconds!r}"
         )
     return float(seconds)
 

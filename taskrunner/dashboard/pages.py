@@ -239,6 +239,8 @@ async def abort_job(request: Request) -> Response:
         status = await runner_of(request).admin.abort(job_id, queue)
     except JobNotFound:
         raise HTTPException(404, f"no job {job_id!r}") from None
+    except TaskrunnerError as exc:  # its record cannot be read (hostile data)
+        raise HTTPException(UNREADABLE, safe_text(str(exc), 500)) from exc
     notice = "aborting: its worker is cancelling it" if status == "running" else f"now {status}"
     return RedirectResponse(
         path(request, "job", {"notice": notice}, queue=queue, job_id=job_id), 303

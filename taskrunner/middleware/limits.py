@@ -82,7 +82,7 @@ from taskrunner.middleware.base import (
 )
 from taskrunner.middleware.pipeline import Undo, WorkerPipelines
 from taskrunner.middleware.unique import lock_digest
-from taskrunner.options import FUNCTION, TaskOptions
+from taskrunner.options import FUNCTION, MAX_SECONDS, TaskOptions
 from taskrunner.task import TaskDefinition
 
 logger = logging.getLogger("taskrunner.limits")
@@ -125,7 +125,10 @@ class Rate:
             raise ValueError(f"its count must be from 1 to {MAX_LIMIT:,}, got {count}")
         if multiple < 1:
             raise ValueError("its period must be at least 1 " + unit)
-        return cls(count, multiple * _PERIODS[unit])
+        period_ms = multiple * _PERIODS[unit]
+        if period_ms > MAX_SECONDS * 1000:
+            raise ValueError(f"its period must be at most {MAX_SECONDS:.0f} seconds (100 years)")
+        return cls(count, period_ms)
 
 
 class LimitOptions(TaskOptions):

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, cast
 from taskrunner import scripts
 from taskrunner.connection import REDIS_ERRORS
 from taskrunner.exceptions import TaskrunnerError
+from taskrunner.options import MAX_SECONDS
 
 if TYPE_CHECKING:
     from taskrunner.client import Client
@@ -70,8 +71,11 @@ class FrozenClock:
         workers' schedulers wake, so jobs now due are promoted (``run_until_idle``
         then runs them; a running embedded worker runs them at once)."""
         step = _seconds(seconds)
-        if step < 0:
-            raise ValueError("time only moves forward: advance by a positive amount")
+        if not 0 <= step <= MAX_SECONDS:  # NaN fails it too
+            raise ValueError(
+                "time only moves forward, by a finite amount of at most 100 years: "
+                f"advance by a positive number of seconds, got {seconds!r}"
+            )
         self._runner.clock.advance(step)
         client = _client(self._runner)
         if client is None:  # not connected: no lock to age, no worker of ours to wake
