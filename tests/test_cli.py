@@ -264,6 +264,20 @@ async def test_enqueue_prints_the_job_id_of_a_queued_job(
     assert await redis.xlen(keys.stream) == 1
 
 
+async def test_enqueue_of_an_existing_job_id_says_nothing_new_was_written(
+    env: dict[str, str], redis: Redis, namespace: str
+) -> None:
+    first = await run_cli_async(env, "enqueue", APP, "add", "[1, 2]", "--job-id", "once")
+    assert first.returncode == 0, first.stderr
+    assert "already exists" not in first.stderr
+    again = await run_cli_async(env, "enqueue", APP, "add", "[5, 5]", "--job-id", "once")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == "once"
+    assert "job once already exists; nothing new was written" in again.stderr
+    keys = QueueKeys(namespace, "default")
+    assert await redis.hget(keys.job("once"), "args") == '{"x":1,"y":2}'
+
+
 async def test_enqueue_with_delay_schedules_the_job(
     env: dict[str, str], redis: Redis, namespace: str
 ) -> None:

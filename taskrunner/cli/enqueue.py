@@ -136,7 +136,11 @@ async def send(runner: TaskRunner, call: Call[Any]) -> str:
         fail(f"invalid arguments for {call.task.name}: {describe(exc)}", USAGE_ERROR)
     except TypeError as exc:
         fail(f"invalid arguments for {call.task.name}: {exc}", USAGE_ERROR)
-    return jobs[0].id
+    job = jobs[0]
+    if job.deduplicated:  # an existing job (its job_id, or a unique lock's holder)
+        click.echo(f"taskrunner: note: job {job.id} already exists; nothing new was written",
+                   err=True)  # fmt: skip
+    return job.id
 
 
 def describe(exc: pydantic.ValidationError) -> str:
