@@ -66,15 +66,16 @@ async def test_a_failure_for_good_is_one_error_with_the_tasks_traceback(
     assert all(r.exc_info is None for r in caplog.records)  # the traceback once, in text
 
 
+@pytest.mark.parametrize(("delay", "said"), [(0.25, "0.250s"), (-5, "0.000s")])
 async def test_a_retry_is_a_warning_that_says_its_delay(
-    make_runner: MakeRunner, caplog: pytest.LogCaptureFixture
+    make_runner: MakeRunner, caplog: pytest.LogCaptureFixture, delay: float, said: str
 ) -> None:
     tr = make_runner(max_retries=1)
 
     @tr.task
     async def once_more() -> int:
         if current_job().attempt == 1:
-            raise Retry(delay=0.25)
+            raise Retry(delay=delay)  # a negative delay: at once, not "in -5.000s"
         return 2
 
     caplog.set_level(logging.INFO, logger="taskrunner")
@@ -82,7 +83,7 @@ async def test_a_retry_is_a_warning_that_says_its_delay(
         job = await once_more.enqueue()
         assert await job.result(timeout=DEADLINE) == 2
     [warning] = [r for r in job_records(caplog, job.id) if r.levelno == logging.WARNING]
-    assert "attempt 1 failed (Retry: retry requested); retry 1 of 1 in 0.250s" in (
+    assert f"attempt 1 failed (Retry: retry requested); retry 1 of 1 in {said}" in (
         warning.getMessage()
     )
 

@@ -48,7 +48,7 @@ class RetryMiddleware(Middleware):
                 raise
             delay = self.backoff(ctx.job.attempt, opts)
             if isinstance(exc, Retry) and exc.delay is not None:
-                delay = float(exc.delay)
+                delay = max(0.0, float(exc.delay))  # a delay in the past: at once
             logger.warning(
                 "job %s %s attempt %d failed (%s: %s); retry %d of %d in %.3fs",
                 ctx.job.id,
