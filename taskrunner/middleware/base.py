@@ -223,7 +223,8 @@ class ExecutionContext:
     locks: list[str]
     """Lock keys the job holds; final commits release them, heartbeats renew them."""
     cancel: Callable[[CancelReason], None]
-    """Cancel this attempt; the worker turns the reason into the outcome."""
+    """Cancel this attempt; the worker turns the reason into the outcome, also when
+    the task catches the cancellation and returns or raises something else."""
     payload: str = ""
     """The arguments as stored (validated JSON keyed by parameter name)."""
     lock_ttl_ms: int = 0

@@ -17,7 +17,11 @@ class TimeoutOptions(TaskOptions):
 
 
 class TimeoutMiddleware(Middleware):
-    """Cancels an attempt after its timeout and raises ``TaskTimeout`` in its place."""
+    """Cancels an attempt after its timeout and raises ``TaskTimeout`` in its place.
+
+    A task that catches the cancellation and returns (or raises another error) times
+    out all the same: the chain's innermost layer lets no caught cancellation end an
+    attempt (``taskrunner.worker.consumers.terminal``), so it reaches this scope."""
 
     Options = TimeoutOptions
 

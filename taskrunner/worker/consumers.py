@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
 from taskrunner import scripts
@@ -63,10 +65,17 @@ def terminal(max_payload: int) -> ExecuteNext:
     result. A result that does not fit the return annotation or cannot be serialised
     fails the job for good (running it again would return the same); one larger than
     ``max_payload`` fails the attempt under the retry policy, like any error of the
-    task."""
+    task. A task cancelled while it ran (timeout, abort, lost lease, shutdown) that
+    caught the cancellation and returned or raised another error ends by that
+    cancellation all the same (``_cancelled_anyway``)."""
 
     async def call_task(ctx: ExecutionContext) -> Outcome:
-        result = await ctx.task.fn(*ctx.args, **ctx.kwargs)
+        try:
+            result = await ctx.task.fn(*ctx.args, **ctx.kwargs)
+        except Exception as exc:
+            await _cancelled_anyway(ctx, exc)
+            raise
+        await _cancelled_anyway(ctx, None)
         try:
             encoded = ctx.task.codec.result.encode(result)
         except ValueError as exc:  # pydantic's ValidationError, PydanticSerializationError
@@ -75,6 +84,27 @@ def terminal(max_payload: int) -> ExecuteNext:
         return Outcome(OutcomeKind.SUCCEEDED, result=result, encoded=encoded)
 
     return call_task
+
+
+async def _cancelled_anyway(ctx: ExecutionContext, error: Exception | None) -> None:
+    """Raise the cancellation of an attempt that was cancelled while its task ran, if
+    the task caught it and returned (or raised an error of its own) instead of letting
+    it out: the cancel decides the outcome (a timeout's ``TaskTimeout``, an abort, a
+    lost lease, a hand-back) exactly as when it propagates, and the task's value or
+    error is dropped. A cancel that comes after the task returned changes nothing here.
+    """
+    if anyio.current_effective_deadline() != -math.inf:  # -inf: a scope was cancelled
+        return
+    logger.warning(
+        "job %s %s attempt %d: the task caught its cancellation and %s; the "
+        "cancellation decides the outcome",
+        ctx.job.id,
+        ctx.job.task,
+        ctx.job.attempt,
+        "returned" if error is None else "raised " + type(error).__name__,
+        extra=job_extra(ctx.job),
+    )
+    await anyio.lowlevel.checkpoint_if_cancelled()
 
 
 class Consumers:
