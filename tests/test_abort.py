@@ -153,3 +153,38 @@ async def test_abort_of_a_job_whose_worker_died_takes_effect_when_it_is_reclaime
         assert ran == []
         info = await job.info()
         assert info.reclaims == 1
+
+
+@pytest.mark.parametrize("cleanup", ["returns", "raises"])
+async def test_abort_of_a_task_that_swallows_its_cancellation_still_ends_aborted(
+    make_runner: MakeRunner, cleanup: str
+) -> None:
+    """The task catches the cancellation and returns a value, or raises an error of its
+    own: the abort decides the outcome (not the value, not the error)."""
+    tr = make_runner(heartbeat_interval=30.0, stale_after=60.0)
+    started = anyio.Event()
+    cleaned: list[str] = []
+
+    @tr.task(max_retries=0)
+    async def swallow() -> str:
+        started.set()
+        try:
+            await anyio.sleep_forever()
+        except anyio.get_cancelled_exc_class():
+            cleaned.append(cleanup)
+            if cleanup == "raises":
+                raise ValueError("cleanup failed") from None
+            return "cleaned up"
+        return "done"
+
+    async with tr, tr.worker(handle_signals=False):
+        job = await swallow.enqueue()
+        await started.wait()
+        assert await job.abort() == JobStatus.RUNNING
+        with pytest.raises(JobAborted):
+            await job.result(timeout=DEADLINE)
+        info = await job.info()
+        assert info.status == JobStatus.ABORTED
+        assert info.abort_requested
+        assert (info.attempts, info.reclaims) == (1, 0)
+    assert cleaned == [cleanup]

@@ -520,6 +520,78 @@ async def test_timeout_without_retries_fails_the_job(make_runner: MakeRunner) ->
     assert "0.2" in failure.value.exc_message
 
 
+@pytest.mark.parametrize("cleanup", ["returns", "raises"])
+async def test_a_timeout_the_task_swallows_still_fails_the_attempt_with_task_timeout(
+    make_runner: MakeRunner, cleanup: str
+) -> None:
+    # The task catches its cancellation and returns a value, or raises an error of its
+    # own: the attempt still failed by its timeout (the value is not its result).
+    tr = make_runner()
+    cleaned: list[int] = []
+
+    @tr.task(timeout=0.2, max_retries=0)
+    async def swallow() -> str:
+        try:
+            await anyio.sleep(60)
+        except anyio.get_cancelled_exc_class():
+            cleaned.append(current_job().attempt)
+            if cleanup == "raises":
+                raise ValueError("cleanup failed") from None
+            return "cleaned up"
+        return "done"
+
+    async with tr, background_worker(tr):
+        job = await swallow.enqueue()
+        with pytest.raises(JobFailed) as failure:
+            await job.result(timeout=DEADLINE)
+        assert failure.value.exc_type == "taskrunner.exceptions.TaskTimeout"
+        assert (await job.info()).attempts == 1
+    assert cleaned == [1]
+
+
+async def test_a_swallowed_timeout_is_retried_under_the_retry_policy(
+    make_runner: MakeRunner,
+) -> None:
+    tr = make_runner(retry_delay=0.01)
+    cleaned: list[int] = []
+
+    @tr.task(timeout=0.2, max_retries=1)
+    async def swallow_once() -> int:
+        attempt = current_job().attempt
+        if attempt == 1:
+            try:
+                await anyio.sleep(60)
+            except anyio.get_cancelled_exc_class():
+                cleaned.append(attempt)
+                return 0  # swallowed: not the job's result
+        return attempt
+
+    async with tr, background_worker(tr):
+        job = await swallow_once.enqueue()
+        assert await job.result(timeout=DEADLINE) == 2
+        assert (await job.info()).attempts == 2
+    assert cleaned == [1]
+
+
+async def test_a_task_that_could_swallow_its_timeout_and_returns_in_time_succeeds(
+    make_runner: MakeRunner,
+) -> None:
+    tr = make_runner()
+
+    @tr.task(timeout=DEADLINE)
+    async def prompt() -> str:
+        try:
+            await anyio.lowlevel.checkpoint()
+        except anyio.get_cancelled_exc_class():
+            return "cleaned up"
+        return "done"
+
+    async with tr, background_worker(tr):
+        job = await prompt.enqueue()
+        assert await job.result(timeout=DEADLINE) == "done"
+        assert await job.status() == JobStatus.SUCCEEDED
+
+
 # -- delayed jobs --------------------------------------------------------------------------
 
 
@@ -687,6 +759,40 @@ async def test_graceful_shutdown_finishes_running_jobs_and_hands_back_the_rest(
         assert time.monotonic() - started < 60.0  # long before stale_after
         assert (await s.info()).attempts == 1
     assert stuck_runs == [1, 1]
+
+
+async def test_a_job_that_swallows_its_cancellation_at_shutdown_is_handed_back(
+    make_runner: MakeRunner,
+) -> None:
+    # Cancelled at the end of the grace period, the task catches it and returns: the
+    # interrupted attempt is handed back (not counted), not recorded as succeeded.
+    tr = make_runner()
+    started = anyio.Event()
+    runs: list[str] = []
+
+    @tr.task
+    async def swallow() -> str:
+        if not runs:
+            runs.append("cancelled")
+            started.set()
+            try:
+                await anyio.sleep_forever()
+            except anyio.get_cancelled_exc_class():
+                return "cleaned up"
+        runs.append("done")
+        return "done"
+
+    async with tr:
+        job = await swallow.enqueue()
+        async with tr.worker(handle_signals=False, grace_period=0.1) as worker:
+            await started.wait()
+            worker.stop()
+        info = await job.info()
+        assert (info.status, info.attempts) == (JobStatus.QUEUED, 0)
+        async with background_worker(tr):
+            assert await job.result(timeout=DEADLINE) == "done"
+        assert (await job.info()).attempts == 1
+    assert runs == ["cancelled", "done"]
 
 
 @ALL
