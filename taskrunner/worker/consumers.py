@@ -93,6 +93,11 @@ async def _cancelled_anyway(ctx: ExecutionContext, error: Exception | None) -> N
     lost lease, a hand-back) exactly as when it propagates, and the task's value or
     error is dropped. A cancel that comes after the task returned changes nothing here.
     """
+    task = asyncio.current_task()
+    # No cancel was delivered to this task: nothing to look up (anyio's deadline walk
+    # costs about 3 us, a tenth of a job's CPU; this look about 0.3).
+    if task is None or not task.cancelling():
+        return
     if anyio.current_effective_deadline() != -math.inf:  # -inf: a scope was cancelled
         return
     logger.warning(
