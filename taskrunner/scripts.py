@@ -66,6 +66,10 @@ _SETTLE = _read("_settle").replace("@TRIM_MAX@", str(TRIM_MAX))
 """Prepended to the scripts that settle entries or index finished jobs, and to every
 batch (lua/_settle.lua): what a batch defers to its end, and when to trim an index."""
 
+_HOSTILE = _read("_hostile")
+"""Prepended to the scripts whose failure paths meet hostile data (lua/_hostile.lua):
+a dead letter's reason, a count that a hostile field does not fail."""
+
 
 def _prelude(text: str, *, batch: bool) -> str:
     """The helpers ``text`` uses, and no others: each is a closure Lua creates on every
@@ -73,7 +77,13 @@ def _prelude(text: str, *, batch: bool) -> str:
     settles = batch or any(name in text for name in ("settle_entry", "add_to_index"))
     clock = "now_ms" in text or "now_text" in text
     ready = "ready_event" in text
-    return (_CLOCK if clock else "") + (_SETTLE if settles else "") + (_READY if ready else "")
+    hostile = "dead_reason" in text or "add_count" in text
+    return (
+        (_CLOCK if clock else "")
+        + (_SETTLE if settles else "")
+        + (_READY if ready else "")
+        + (_HOSTILE if hostile else "")
+    )
 
 
 _BATCH_DRIVER = _read("_batch")

@@ -19,7 +19,14 @@
 --          A job whose abort was requested while it ran ends as aborted instead of
 --          going back for another attempt.
 -- Returns 1 committed (or already committed by this same token: a repeat after a
--- lost reply changes nothing), 0 lost lease (nothing changed).
+-- lost reply changes nothing), 0 lost lease (nothing changed), an error (nothing
+-- changed, the entry stays pending for the stale-entry reclaim) when a job that dies
+-- finds its queue's dead letters of another type.
+-- Hostile keys fail no commit half way: a retry or reschedule whose delayed set is of
+-- another type, a hand-back whose stream takes no new entry, a chain step whose outbox
+-- is of another type are dead-lettered with that reason; a seq that is no counter
+-- schedules with sequence 0; a hostile count field ('reschedules', 'attempts') counts
+-- as 0 or its whole part (add_count, _hostile.lua).
 -- The token is spent by the commit ('lease' cleared, kept as 'committed'), so at most
 -- one attempt of a job commits an outcome. The final status is published on the job's
 -- done channel only when someone waits for it (watch.lua set 'watch').
@@ -52,6 +59,30 @@ end
 if h[3] and (outcome == 'retry' or outcome == 'reschedule' or outcome == 'handback') then
   outcome = 'aborted'  -- aborted while it ran: it ends now, not after the next wait
 end
+local payload = ARGV[6]
+
+-- Hostile keys (of another type, written by hand or damaged) must fail no commit half
+-- way through its writes: what a non-success path needs is read (pcall) before the
+-- entry is settled. A delayed set that is no sorted set: the job is dead-lettered with
+-- that reason instead of waiting there; dead letters that are no sorted set: nothing
+-- is written, the entry stays pending and the stale-entry reclaim takes it again.
+local first = nil
+if outcome == 'retry' or outcome == 'reschedule' then
+  local ok, read = pcall(redis.call, 'ZRANGE', delayed, 0, 0, 'WITHSCORES')
+  if ok then
+    first = read
+  else
+    payload = dead_reason('its ' .. outcome .. ' cannot be scheduled', delayed, read)
+    outcome = 'dead'
+  end
+end
+if outcome == 'dead' then
+  local ok, err = pcall(redis.call, 'ZSCORE', dead, job_id)
+  if not ok then
+    return redis.error_reply('the dead letters ' .. dead .. ' cannot be written (' ..
+      error_text(err) .. '); the entry stays pending')
+  end
+end
 -- XACK now (the first write: Redis does not refuse it when out of memory, and lets the
 -- writes after it through), the entry deleted now or, in a batch, at its end
 settle_entry(stream, group, entry)
@@ -64,17 +95,22 @@ if outcome == 'retry' or outcome == 'reschedule' then
     delay = 0  -- a limit slot freed while this refused attempt was committing (hasten.lua)
   end
   local due = now + delay
-  local first = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
-  local member = string.format('%016x', redis.call('INCR', seq)) .. ':' .. ARGV[13] .. ':' .. job_id
+  -- a seq that is no counter (hostile, or at its largest) orders nothing: the job is
+  -- scheduled with sequence 0 (equal due times then lose their FIFO order)
+  local ok, n = pcall(redis.call, 'INCR', seq)
+  if not ok then
+    n = 0
+  end
+  local member = string.format('%016x', n) .. ':' .. ARGV[13] .. ':' .. job_id
   redis.call('ZADD', delayed, due, member)
   if outcome == 'retry' then
     redis.call('HSET', job, 'status', 'scheduled', 'member', member, 'due', due, 'lease', '',
-      'committed', token, 'error', ARGV[6])
+      'committed', token, 'error', payload)
   else
     redis.call('HSET', job, 'status', 'scheduled', 'member', member, 'due', due, 'lease', '',
       'committed', token)
-    redis.call('HINCRBY', job, 'reschedules', 1)
-    redis.call('HINCRBY', job, 'attempts', -1)
+    add_count(job, 'reschedules', 1)
+    add_count(job, 'attempts', -1)
   end
   -- the job's locks outlive the wait for its next attempt; never shorten one
   local ttl = delay + tonumber(ARGV[14])
@@ -90,30 +126,45 @@ if outcome == 'retry' or outcome == 'reschedule' then
   return 1
 end
 if outcome == 'handback' then
-  local new_entry = redis.call('XADD', stream, '*', 'job', job_id)
-  redis.call('HSET', job, 'status', 'queued', 'entry', new_entry, 'lease', '',
-    'committed', token)
-  redis.call('HINCRBY', job, 'attempts', -1)
-  if redis.call('DEL', KEYS[7]) == 1 then
-    redis.call(publish, ARGV[10], ready_event(job_id))
+  -- a stream that takes no new entry (hostile: its last id is the largest there is)
+  local ok, new_entry = pcall(redis.call, 'XADD', stream, '*', 'job', job_id)
+  if ok then
+    redis.call('HSET', job, 'status', 'queued', 'entry', new_entry, 'lease', '',
+      'committed', token)
+    add_count(job, 'attempts', -1)
+    if redis.call('DEL', KEYS[7]) == 1 then
+      redis.call(publish, ARGV[10], ready_event(job_id))
+    end
+    return 1
   end
-  return 1
+  payload = dead_reason('it cannot be handed back', stream, new_entry)
+  outcome = 'dead'
 end
 
+if outcome == 'succeeded' and outbox then
+  -- a chain step: its follow-up is written from the outbox; an outbox that is no sorted
+  -- set (hostile) cannot take it, so the step is dead-lettered with that reason (its
+  -- result kept): retried from there once the key is mended, it runs on
+  local ok, err = pcall(redis.call, 'ZADD', outbox, now, job_id)
+  if not ok then
+    redis.call('HSET', job, 'result', ARGV[6])
+    payload = dead_reason('its follow-up cannot be recorded', outbox, err)
+    outcome = 'dead'
+  end
+end
 if outcome == 'succeeded' then
   redis.call('HSET', job, 'status', outcome, 'finished', stamp, 'lease', '', 'committed', token,
-    'result', ARGV[6])
-  if outbox then
-    redis.call('ZADD', outbox, now, job_id)
-  end
-elseif ARGV[6] ~= '' then
+    'result', payload)
+elseif payload ~= '' then
   redis.call('HSET', job, 'status', outcome, 'finished', stamp, 'lease', '', 'committed', token,
-    'error', ARGV[6])
+    'error', payload)
 else
   redis.call('HSET', job, 'status', outcome, 'finished', stamp, 'lease', '', 'committed', token)
 end
 if outcome == 'dead' then
-  redis.call('ZADD', dead, now, job_id)
+  -- checked above for a job that dies; a hand-back or a chain step that could not be
+  -- recorded as such and whose dead letters are hostile too stays outside them
+  pcall(redis.call, 'ZADD', dead, now, job_id)
 else
   redis.call('PEXPIRE', job, ARGV[7])
 end

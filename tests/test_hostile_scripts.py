@@ -1,0 +1,236 @@
+"""Hostile keys and fields met by the worker's scripts half way through an outcome: a
+commit never stops after it settled the entry (the job ends retried, dead-lettered with
+its reason, or still pending for the stale-entry reclaim: never "running" with no entry),
+a claim never drops a job's only entry because of a hostile ``entry`` field, and a limit's
+hostile holders or starts never make its jobs spin."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+import anyio
+import pytest
+from redis.asyncio import Redis
+
+from taskrunner import (
+    ExecutionContext,
+    JobStatus,
+    Middleware,
+    Outcome,
+    TaskRunner,
+)
+from taskrunner import scripts as lua
+from taskrunner.keys import GROUP
+from taskrunner.middleware.base import ExecuteNext
+
+MakeRunner = Callable[..., TaskRunner]
+DEADLINE = 30.0
+
+
+async def burst(tr: TaskRunner, *queues: str, deadline: float = DEADLINE) -> None:
+    """Run a burst worker on ``queues`` (default: the runner's) until it exits."""
+    with anyio.fail_after(deadline):
+        await tr.worker(
+            queues=list(queues) or None, concurrency=4, burst=True, handle_signals=False
+        ).run()
+
+
+async def command(redis: Redis, *args: str) -> Any:
+    """A command redis-py has no typed method for (XSETID, ZADD with score text)."""
+    return await cast(Any, redis).execute_command(*args)
+
+
+async def pending(redis: Redis, stream: str) -> int:
+    return int((await redis.xpending(stream, GROUP))["pending"])
+
+
+class Decide(Middleware):
+    """Ends each job's first attempt with ``outcome`` (after ``before`` ran), instead of
+    running it; later attempts run."""
+
+    def __init__(
+        self,
+        outcome: Outcome,
+        before: Callable[[ExecutionContext], Awaitable[None]] | None = None,
+    ) -> None:
+        self.outcome = outcome
+        self.before = before
+        self.decided: set[str] = set()
+
+    async def execute(self, ctx: ExecutionContext, call_next: ExecuteNext) -> Outcome:
+        if ctx.job.id in self.decided:
+            return await call_next(ctx)
+        self.decided.add(ctx.job.id)
+        if self.before is not None:
+            await self.before(ctx)
+        return self.outcome
+
+
+# -- commit.lua --------------------------------------------------------------------------
+
+
+async def _seq_text(redis: Redis, key: str) -> None:
+    await redis.set(key, "notanumber")
+
+
+async def _seq_largest(redis: Redis, key: str) -> None:
+    await redis.set(key, "9223372036854775807")
+
+
+async def _seq_hash(redis: Redis, key: str) -> None:
+    await redis.hset(key, "x", "1")
+
+
+@pytest.mark.parametrize("spoil", [_seq_text, _seq_largest, _seq_hash])
+async def test_a_retry_is_scheduled_whatever_the_seq_key_holds(
+    make_runner: MakeRunner,
+    redis: Redis,
+    spoil: Callable[[Redis, str], Awaitable[None]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    tr = make_runner(queue="seq")
+    tries: list[int] = []
+
+    @tr.task(max_retries=2)
+    async def flaky() -> int:
+        tries.append(1)
+        if len(tries) == 1:
+            raise RuntimeError("first attempt fails")
+        return len(tries)
+
+    caplog.set_level(logging.ERROR, logger="taskrunner")
+    async with tr:
+        keys = tr.client.keys("seq")
+        await spoil(redis, keys.seq)
+        job = await flaky.enqueue()
+        async with tr.worker(concurrency=4, handle_signals=False):
+            assert await job.result(timeout=DEADLINE) == 2
+        info = await job.info()
+        assert (info.status, info.attempts) == (JobStatus.SUCCEEDED, 2)
+        assert await pending(redis, keys.stream) == 0
+    assert "could not be recorded" not in caplog.text
+
+
+async def test_a_retry_whose_delayed_set_is_of_another_type_is_dead_lettered(
+    make_runner: MakeRunner, redis: Redis
+) -> None:
+    tr = make_runner(queue="delayed")
+
+    @tr.task(max_retries=2)
+    async def fails() -> None:
+        raise RuntimeError("fails")
+
+    async with tr:
+        keys = tr.client.keys("delayed")
+        job = await fails.enqueue()
+        await redis.set(keys.delayed, "not a sorted set")
+        await burst(tr)
+        info = await job.info()
+        assert info.status == JobStatus.DEAD
+        message = info.error.message if info.error else ""
+        assert "its retry cannot be scheduled" in message
+        assert keys.delayed in message
+        assert [d.id for d in await tr.dead_letters("delayed")] == [job.id]
+        assert await pending(redis, keys.stream) == 0
+
+
+async def test_a_job_that_dies_while_the_dead_letters_are_hostile_stays_pending(
+    make_runner: MakeRunner, redis: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    tr = make_runner(queue="dead", middleware=[Decide(Outcome.dead("no way"))])
+
+    @tr.task
+    async def one() -> int:
+        return 1
+
+    caplog.set_level(logging.ERROR, logger="taskrunner")
+    async with tr:
+        keys = tr.client.keys("dead")
+        job = await one.enqueue()
+        await redis.set(keys.dead, "not a sorted set")
+        await burst(tr)
+        # nothing written: the entry stays pending for the stale-entry reclaim
+        assert await pending(redis, keys.stream) == 1
+        assert await redis.hget(keys.job(job.id), "status") == "running"
+        assert await redis.get(keys.dead) == "not a sorted set"
+    assert "it will be reclaimed" in caplog.text
+
+
+async def test_hostile_counts_do_not_stop_a_reschedule(
+    make_runner: MakeRunner, redis: Redis
+) -> None:
+    async def spoil(ctx: ExecutionContext) -> None:
+        await redis.hset(ctx.keys.job(ctx.job.id), mapping={"reschedules": "nan", "attempts": "x"})
+
+    refuse = Decide(Outcome.reschedule(time.time() + 3600), spoil)
+    tr = make_runner(queue="counts", middleware=[refuse])
+
+    @tr.task
+    async def one() -> int:
+        return 1
+
+    async with tr:
+        keys = tr.client.keys("counts")
+        job = await one.enqueue()
+        await burst(tr)  # the job waits an hour in the delayed set: the burst exits
+        stored = await redis.hmget(keys.job(job.id), ["status", "reschedules", "attempts"])
+        assert stored == ["scheduled", "1", "0"]
+        assert await redis.zcard(keys.delayed) == 1
+        assert await pending(redis, keys.stream) == 0
+
+
+async def test_a_hand_back_to_a_stream_that_takes_no_entry_is_dead_lettered(
+    make_runner: MakeRunner, redis: Redis
+) -> None:
+    tr = make_runner(queue="handback")
+
+    @tr.task
+    async def one() -> int:
+        return 1
+
+    async with tr:
+        keys = tr.client.keys("handback")
+        env = tr.client.env
+        job = await one.enqueue()
+        await redis.xgroup_create(keys.stream, GROUP, id="0", mkstream=True)
+        [(_, entry, _)] = await lua.run(redis, lua.fetch(env, keys, [keys.stream], "me", 1, 0))
+        claim = lua.claim(env, keys, keys.stream, job.id, "me", entry, "tok", 5, 1 << 20)
+        assert (await lua.run(redis, claim))[0] == "ok"
+        # the stream's last id becomes the largest there is: XADD '*' fails
+        last = "18446744073709551615-18446744073709551615"
+        await command(redis, "XSETID", keys.stream, last)
+        handback = lua.commit(
+            env, keys, keys.stream, job.id, entry, "tok", "handback", "", 60_000, 0, "", [], 0
+        )
+        assert await lua.run(redis, handback) == 1
+        info = await job.info()
+        assert info.status == JobStatus.DEAD
+        assert "it cannot be handed back" in (info.error.message if info.error else "")
+        assert [d.id for d in await tr.dead_letters("handback")] == [job.id]
+        assert await pending(redis, keys.stream) == 0
+
+
+async def test_a_chain_step_whose_outbox_is_hostile_is_dead_lettered_with_its_result(
+    make_runner: MakeRunner, redis: Redis
+) -> None:
+    tr = make_runner(queue="outbox")
+
+    @tr.task
+    async def inc(x: int) -> int:
+        return x + 1
+
+    async with tr:
+        keys = tr.client.keys("outbox")
+        await redis.set(keys.outbox, "not a sorted set")
+        chain = await inc.chain(1).then(inc).enqueue()
+        await burst(tr)
+        [dead] = await tr.dead_letters("outbox")
+        assert "its follow-up cannot be recorded" in (dead.error.message if dead.error else "")
+        assert await redis.hget(keys.job(dead.id), "result") == "2"
+        assert await redis.ttl(keys.job(dead.id)) == -1
+        assert await pending(redis, keys.stream) == 0
+        with pytest.raises(Exception, match="follow-up cannot be recorded"):
+            await chain.result(timeout=1)
