@@ -234,3 +234,98 @@ async def test_a_chain_step_whose_outbox_is_hostile_is_dead_lettered_with_its_re
         assert await pending(redis, keys.stream) == 0
         with pytest.raises(Exception, match="follow-up cannot be recorded"):
             await chain.result(timeout=1)
+
+
+# -- claim.lua and take.lua --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("entry", ["junk", "1-1", "99999999999999999999-0", ""])
+async def test_a_hostile_entry_field_does_not_drop_the_jobs_only_entry(
+    make_runner: MakeRunner, redis: Redis, entry: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    tr = make_runner(queue="entry")
+
+    @tr.task
+    async def one() -> int:
+        return 1
+
+    caplog.set_level(logging.WARNING, logger="taskrunner")
+    async with tr:
+        keys = tr.client.keys("entry")
+        job = await one.enqueue()
+        await redis.hset(keys.job(job.id), "entry", entry)
+        await burst(tr)
+        assert await job.result(timeout=1) == 1
+        assert await pending(redis, keys.stream) == 0
+    assert "duplicates job" not in caplog.text
+
+
+async def test_an_entry_field_naming_a_settled_entry_does_not_drop_the_live_one(
+    make_runner: MakeRunner, redis: Redis
+) -> None:
+    """The entry the hash names is the job's own kind ({job: id}) and exists, but was read
+    and acknowledged already: it is not the job's live entry."""
+    tr = make_runner(queue="settled")
+
+    @tr.task
+    async def one() -> int:
+        return 1
+
+    async with tr:
+        keys = tr.client.keys("settled")
+        await redis.xgroup_create(keys.stream, GROUP, id="0", mkstream=True)
+        old = await redis.xadd(keys.stream, {"job": "fixed"})
+        await redis.xreadgroup(GROUP, "someone", {keys.stream: ">"}, count=1)
+        await redis.xack(keys.stream, GROUP, old)
+        job = await one.options(job_id="fixed").enqueue()
+        await redis.hset(keys.job(job.id), "entry", old)
+        await burst(tr)
+        assert await job.result(timeout=1) == 1
+
+
+async def test_a_true_duplicate_entry_is_still_dropped(
+    make_runner: MakeRunner, redis: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    tr = make_runner(queue="dup")
+    runs: list[int] = []
+
+    @tr.task
+    async def one() -> int:
+        runs.append(1)
+        return 1
+
+    caplog.set_level(logging.WARNING, logger="taskrunner")
+    async with tr:
+        keys = tr.client.keys("dup")
+        duplicate = cast(
+            str, await redis.xadd(keys.stream, {"job": "fixed"})
+        )  # read before the live one
+        job = await one.options(job_id="fixed").enqueue()
+        await burst(tr)
+        assert await job.result(timeout=1) == 1
+        assert await redis.xrange(keys.stream) == []
+    assert runs == [1]
+    assert f"stream entry {duplicate} duplicates job fixed" in caplog.text
+
+
+async def test_take_claims_the_named_job_despite_a_hostile_entry_field(
+    make_runner: MakeRunner, redis: Redis
+) -> None:
+    tr = make_runner(queue="take")
+
+    @tr.task
+    async def one() -> int:
+        return 1
+
+    async with tr:
+        keys = tr.client.keys("take")
+        job = await one.enqueue()
+        await redis.hset(keys.job(job.id), "entry", "junk")
+        await redis.xgroup_create(keys.stream, GROUP, id="0", mkstream=True)
+        fetched = lua.fetch(tr.client.env, keys, [keys.stream], "me", 10, 0)
+        call = lua.take(fetched, keys, job.id, "tok", 5, 1 << 20)
+        reply: list[Any] = await lua.run(redis, call)
+        [(_, entry, fields, claimed)] = reply
+        assert fields == ["job", job.id]
+        assert claimed[0] == "ok"
+        assert await redis.hmget(keys.job(job.id), ["status", "entry"]) == ["running", entry]

@@ -8,8 +8,9 @@
 --         {'invalid', status} the job hash has no known status (dead-lettered likewise),
 --         {'wrongtype'} the job's key is not a hash (dead-lettered likewise),
 --         {'final', status} the job is already final (acked and deleted),
---         {'stray', live_entry} the job is live under another entry: this one is a
---                  duplicate and must not start a second copy (acked and deleted),
+--         {'stray', live_entry} the job is live under another entry (one that exists in
+--                  this stream, unsettled): this one is a duplicate and must not start
+--                  a second copy (acked and deleted),
 --         {verdict, task, args, attempts, locks, reclaims, meta_json, ready_ms, reclaimed}
 --         with verdict 'ok', 'poison' (its worker died under it while it ran alone
 --         max_deliveries times), 'abort' (abort requested) or 'toolarge' (its arguments
@@ -44,7 +45,49 @@ if status ~= 'queued' and status ~= 'running' and status ~= 'scheduled' then
   end
   return {'invalid', status}
 end
-if status == 'scheduled' or (h[5] and h[5] ~= entry) then
+-- Another entry named: is it the job's live entry? Only if it is in this stream,
+-- carries the same fields as the entry read, and is not settled (pending, or not read
+-- by the group yet); then the entry read is a stray duplicate. A hostile 'entry' field
+-- (junk, an id of no entry, of one settled already or of another job's) is not
+-- trusted: the entry read is claimed, and the field corrected below. (Inline, not a
+-- function: the common path, the entry read named, creates no closure.)
+local elsewhere = false
+if status ~= 'scheduled' and h[5] and h[5] ~= entry then
+  repeat
+    local named = h[5]
+    local ok, found = pcall(redis.call, 'XRANGE', stream, named, named)  -- junk: an error
+    if not ok or #found == 0 then
+      break
+    end
+    local mine = redis.call('XRANGE', stream, entry, entry)[1]
+    if mine then
+      local a, b = found[1][2], mine[2]
+      local same = #a == #b
+      for i = 1, #a do
+        same = same and a[i] == b[i]
+      end
+      if not same then
+        break
+      end
+    end
+    if #redis.call('XPENDING', stream, group, named, named, 1) > 0 then
+      elsewhere = true
+      break
+    end
+    for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+      local name, last
+      for k = 1, #g, 2 do
+        if g[k] == 'name' then name = g[k + 1] end
+        if g[k] == 'last-delivered-id' then last = g[k + 1] end
+      end
+      if name == group and last then  -- unread: after the group's last delivered id
+        local read, after = pcall(redis.call, 'XRANGE', stream, '(' .. last, named, 'COUNT', 1)
+        elsewhere = read and #after > 0
+      end
+    end
+  until true
+end
+if status == 'scheduled' or elsewhere then
   redis.call('XACK', stream, group, entry)
   redis.call('XDEL', stream, entry)
   return {'stray', h[5] or ''}
