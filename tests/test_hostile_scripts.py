@@ -7,6 +7,7 @@ hostile holders or starts never make its jobs spin."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
@@ -23,8 +24,9 @@ from taskrunner import (
     TaskRunner,
 )
 from taskrunner import scripts as lua
-from taskrunner.keys import GROUP
+from taskrunner.keys import GROUP, LimitKeys
 from taskrunner.middleware.base import ExecuteNext
+from taskrunner.middleware.limits import limit_digest, refused_wait
 
 MakeRunner = Callable[..., TaskRunner]
 DEADLINE = 30.0
@@ -329,3 +331,76 @@ async def test_take_claims_the_named_job_despite_a_hostile_entry_field(
         assert fields == ["job", job.id]
         assert claimed[0] == "ok"
         assert await redis.hmget(keys.job(job.id), ["status", "entry"]) == ["running", entry]
+
+
+# -- acquire.lua -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("score", ["inf", "1e20"])
+async def test_hostile_limit_holders_are_dropped_not_waited_for(
+    make_runner: MakeRunner, redis: Redis, score: str
+) -> None:
+    tr = make_runner(queue="limit")
+
+    @tr.task(name="limited", concurrency_limit=2)
+    async def limited() -> int:
+        return 1
+
+    async with tr:
+        keys = LimitKeys(tr.namespace, limit_digest("limited", {}))
+        await command(redis, "ZADD", keys.running, score, "t1", score, "t2")
+        job = await limited.enqueue()
+        # before, the job was rescheduled every 50 ms for ever: the burst never ended
+        await burst(tr, deadline=10)
+        assert await job.result(timeout=1) == 1
+        assert (await job.info()).reschedules == 0
+        assert await redis.zrange(keys.running, 0, -1) == []
+
+
+@pytest.mark.parametrize("score", ["inf", "1e20"])
+async def test_hostile_rate_starts_are_dropped_not_waited_for(
+    make_runner: MakeRunner, redis: Redis, score: str
+) -> None:
+    tr = make_runner(queue="rate")
+
+    @tr.task(name="paced", rate_limit="2/h")
+    async def paced() -> int:
+        return 1
+
+    async with tr:
+        keys = LimitKeys(tr.namespace, limit_digest("paced", {}))
+        await command(redis, "ZADD", keys.starts, score, "s1", score, "s2")
+        job = await paced.enqueue()
+        await burst(tr, deadline=10)
+        assert await job.result(timeout=1) == 1
+        assert (await job.info()).reschedules == 0
+
+
+async def test_the_wait_acquire_returns_is_clamped_to_the_lease(redis: Redis) -> None:
+    """Holders just under the bound (two leases) stay, and the wait is at most that."""
+    keys = LimitKeys("clamp", "d")
+    await redis.delete(keys.running)
+    far = int(time.time() * 1000) + 10 * 3_600_000
+    await redis.zadd(keys.running, {"a": far})
+    call = lua.acquire(lua.Env(), keys, "me", "q\t0\tj", 1, 1000, 0, 0)
+    code, wait_ms = (await lua.run(redis, call))[:2]
+    assert (code, wait_ms) == (0, 0)  # the holder an hour ahead was dropped
+    await redis.zadd(keys.running, {"b": int(time.time() * 1000) + 1500})
+    call = lua.acquire(lua.Env(), keys, "other", "q\t0\tk", 2, 1000, 0, 0)
+    code, wait_ms = (await lua.run(redis, call))[:2]
+    assert code == 1
+    assert 0 < int(wait_ms) <= 2000
+
+
+@pytest.mark.parametrize("wait", [math.nan, math.inf, -math.inf, 1e300, -5.0, -9.2e15])
+@pytest.mark.parametrize("code", [1, 2])
+def test_a_wait_that_is_no_time_becomes_the_bound(code: int, wait: float) -> None:
+    got = refused_wait(code, wait, 30.0, 60.0)
+    bound = 30.0 if code == 1 else 60.0
+    assert got == bound
+
+
+def test_a_wait_within_its_bound_is_kept() -> None:
+    assert refused_wait(1, 2.5, 30.0, 60.0) == 2.5
+    assert refused_wait(2, 59.0, 30.0, 60.0) == 59.0
+    assert refused_wait(1, 0.0, 30.0, 60.0) == 0.0

@@ -12,8 +12,12 @@
 -- Returns {0, 0, woken}: taken; woken = waiters (members) to wake because slots
 --                        are still free after this one (at most 100),
 --         {1, wait_ms}: every concurrency slot is held: the caller is registered as a
---                       waiter; the earliest holder's lease ends in wait_ms,
---         {2, wait_ms}: the rate window is full: its oldest start leaves in wait_ms.
+--                       waiter; the earliest holder's lease ends in wait_ms (at most
+--                       two leases),
+--         {2, wait_ms}: the rate window is full: its oldest start leaves in wait_ms (at
+--                       most two periods).
+-- Hostile scores (a holder more than two leases ahead, a start more than a period
+-- ahead: inf, 1e20) are dropped when they would make a check refuse.
 local running, starts, waiting = KEYS[1], KEYS[2], KEYS[3]
 local holder, waiter = ARGV[1], ARGV[2]
 local limit, lease = tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -37,21 +41,36 @@ if limit > 0 then
   redis.call('ZREMRANGEBYSCORE', running, '-inf', real)
   held = redis.call('ZCARD', running)
   if held >= limit and not redis.call('ZSCORE', running, holder) then
-    redis.call('ZADD', waiting, real, waiter)
-    if redis.call('PTTL', waiting) < 3 * lease then
-      redis.call('PEXPIRE', waiting, 3 * lease)
+    -- a holder's score is its lease's expiry, at most a lease ahead (two: room for a
+    -- worker whose stale_after is longer); one further ahead (inf, 1e20: hostile)
+    -- would hold its slot for ever: dropped, on this refused path only
+    local bound = real + 2 * lease
+    held = held - redis.call('ZREMRANGEBYSCORE', running, '(' .. string.format('%d', bound),
+      '+inf')
+    if held >= limit then
+      redis.call('ZADD', waiting, real, waiter)
+      if redis.call('PTTL', waiting) < 3 * lease then
+        redis.call('PEXPIRE', waiting, 3 * lease)
+      end
+      local first = redis.call('ZRANGE', running, 0, 0, 'WITHSCORES')
+      return {1, math.min(math.max(0, tonumber(first[2]) - real), 2 * lease)}
     end
-    local first = redis.call('ZRANGE', running, 0, 0, 'WITHSCORES')
-    return {1, math.max(0, tonumber(first[2]) - real)}
   end
 end
 if rate > 0 then
   local clock = ARGV[7]
   local now = now_ms(clock)
   redis.call('ZREMRANGEBYSCORE', starts, '-inf', now - period)
-  if redis.call('ZCARD', starts) >= rate then
+  local count = redis.call('ZCARD', starts)
+  if count >= rate then
+    -- a start's score is its start time: one more than a period ahead (inf, 1e20:
+    -- hostile) would fill the window for ever: dropped, on this full path only
+    count = count - redis.call('ZREMRANGEBYSCORE', starts,
+      '(' .. string.format('%d', now + period), '+inf')
+  end
+  if count >= rate then
     local oldest = redis.call('ZRANGE', starts, 0, 0, 'WITHSCORES')
-    return {2, math.max(1, tonumber(oldest[2]) + period - now)}
+    return {2, math.min(math.max(1, tonumber(oldest[2]) + period - now), 2 * period)}
   end
   redis.call('ZADD', starts, now, holder)
   if string.sub(clock, 1, 1) == '=' then

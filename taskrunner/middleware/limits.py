@@ -335,13 +335,15 @@ class LimitsMiddleware(Middleware):
         return self._refused(ctx, limit, code, wait_ms / 1000)
 
     def _refused(self, ctx: ExecutionContext, limit: _Limit, code: int, wait: float) -> Outcome:
+        rate = limit.rate
+        period = rate.period_ms / 1000 if rate else 0.0
+        wait = refused_wait(code, wait, ctx.worker.stale_after, period)
         if code == 1:
             which = f"concurrency limit {limit.concurrency}"
-            wait = min(wait, ctx.worker.stale_after) * random.uniform(1.0, 1.1)
+            wait *= random.uniform(1.0, 1.1)
         else:
-            rate = limit.rate
             assert rate is not None
-            which = f"rate limit {rate.count} per {rate.period_ms / 1000:g}s"
+            which = f"rate limit {rate.count} per {period:g}s"
             wait += random.uniform(0.0, min(MAX_RATE_JITTER, rate.period_ms / 10_000))
         wait = max(MIN_WAIT, wait)
         logger.debug(
@@ -464,6 +466,17 @@ class LimitsMiddleware(Middleware):
                 for token in lost:
                     held.pop(token, None)
         return renewed
+
+
+def refused_wait(code: int, wait: float, stale_after: float, period: float) -> float:
+    """The seconds a refused job waits before its jitter: ``wait`` as acquire.lua said
+    (``code`` 1: a concurrency slot, 2: the rate window), at most a lease
+    (``stale_after``) or a rate ``period``; anything outside 0 to that bound (negative,
+    NaN, infinite: what hostile scores make of it) is the bound."""
+    bound = stale_after if code == 1 else period
+    if not 0.0 <= wait <= bound:  # false for NaN too
+        return bound
+    return wait
 
 
 def _give_back(ctx: ExecutionContext, limit: _Limit, keys: LimitKeys) -> Undo | None:
