@@ -27,6 +27,7 @@ from taskrunner import scripts as lua
 from taskrunner.keys import GROUP, LimitKeys
 from taskrunner.middleware.base import ExecuteNext
 from taskrunner.middleware.limits import limit_digest, refused_wait
+from taskrunner.testing import frozen_time
 
 MakeRunner = Callable[..., TaskRunner]
 DEADLINE = 30.0
@@ -404,3 +405,50 @@ def test_a_wait_within_its_bound_is_kept() -> None:
     assert refused_wait(1, 2.5, 30.0, 60.0) == 2.5
     assert refused_wait(2, 59.0, 30.0, 60.0) == 59.0
     assert refused_wait(1, 0.0, 30.0, 60.0) == 0.0
+
+
+async def test_a_due_job_whose_stream_takes_no_entry_waits_in_the_delayed_set(
+    make_runner: MakeRunner, redis: Redis
+) -> None:
+    """promote.lua removed the member, then its XADD failed: the job stayed "scheduled"
+    with no member and no entry, lost. Now the member goes back, a minute later."""
+    tr = make_runner(queue="promote")
+
+    @tr.task
+    async def one() -> int:
+        return 1
+
+    async with tr, frozen_time(tr) as clock:
+        keys = tr.client.keys("promote")
+        job = await one.options(delay=10).enqueue()
+        stream = keys.stream
+        await redis.delete(stream)
+        await redis.set(stream, "not a stream")
+        await clock.advance(11)
+        await burst(tr, "promote")
+        info = await job.info()
+        assert info.status == JobStatus.SCHEDULED
+        [(_, score)] = cast(
+            list[tuple[str, float]], await redis.zrange(keys.delayed, 0, -1, withscores=True)
+        )
+        assert score == pytest.approx((clock.now() + 60) * 1000, abs=2000)
+        await redis.delete(stream)  # mended: the job runs a minute later
+        await clock.advance(61)
+        await tr.run_until_idle()
+        assert await job.result(timeout=DEADLINE) == 1
+
+
+async def test_an_orphan_entry_whose_dead_letters_are_hostile_stays_pending(
+    make_runner: MakeRunner, redis: Redis
+) -> None:
+    """orphan.lua marked the job dead, then failed on the dead set's ZADD: a "dead" job
+    in no dead set. Now it writes nothing and the entry stays pending."""
+    tr = make_runner(queue="orphan")
+    async with tr:
+        keys = tr.client.keys("orphan")
+        await redis.xgroup_create(keys.stream, GROUP, id="0", mkstream=True)
+        await redis.xadd(keys.stream, {"job": "nosuchjob"})
+        await redis.set(keys.dead, "not a sorted set")
+        await burst(tr, "orphan")
+        assert await redis.exists(keys.job("nosuchjob")) == 0
+        assert await pending(redis, keys.stream) == 1  # the stale reclaim tries again

@@ -12,6 +12,12 @@ local pending = redis.call('XPENDING', stream, ARGV[1], ARGV[2], ARGV[2], 1)
 if #pending == 0 then
   return 0
 end
+-- dead letters that are no sorted set (hostile): nothing is written, the entry stays
+-- pending (the error is reported; the next pass tries again)
+if type(redis.pcall('ZSCORE', dead, ARGV[3])) == 'table' then
+  return redis.error_reply('the dead letters ' .. dead .. ' are not a sorted set; the entry ' ..
+    'stays pending')
+end
 local now = now_ms(ARGV[7])
 -- (HEXISTS, not TYPE: the documented ACL user runs only the commands taskrunner needs)
 if type(redis.pcall('HEXISTS', job, 'status')) == 'table' then  -- WRONGTYPE: hostile

@@ -16,10 +16,16 @@ for i = 1, n do
   if score and tonumber(score) <= now and redis.call('ZREM', delayed, member) == 1 then
     local job = KEYS[2 + i]
     if redis.call('HGET', job, 'status') == 'scheduled' then
-      local entry = redis.call('XADD', KEYS[2 + n + i], '*', 'job', job_id)
-      redis.call('HSET', job, 'status', 'queued', 'entry', entry)
-      redis.call('HDEL', job, 'member')
-      moved = moved + 1
+      -- a stream that takes no entry (hostile: another type, or its last id the largest
+      -- there is): the member goes back, a minute later, rather than the job being lost
+      local ok, entry = pcall(redis.call, 'XADD', KEYS[2 + n + i], '*', 'job', job_id)
+      if ok then
+        redis.call('HSET', job, 'status', 'queued', 'entry', entry)
+        redis.call('HDEL', job, 'member')
+        moved = moved + 1
+      else
+        redis.call('ZADD', delayed, now + 60000, member)
+      end
     end
   end
 end
