@@ -539,15 +539,21 @@ class _EnqueueBatch:
                     self._decided()
                 _WROTE.reset(wrote)
 
+        failure: Exception | None = None
         async with anyio.create_task_group() as tg:
             for index, ctx in enumerate(contexts):
                 tg.start_soon(one, index, ctx)
             await self._arrived.wait()
             if not errors:  # a chain that raised stops the whole pipeline: none is sent
-                self._replies = await scripts.run_many(
-                    self._client.redis, self._calls, replicas=self._client.replicas
-                )
+                try:
+                    self._replies = await scripts.run_many(
+                        self._client.redis, self._calls, replicas=self._client.replicas
+                    )
+                except Exception as exc:  # noqa: BLE001 - raised below, as itself
+                    failure = exc  # (raised here, it would come out in an ExceptionGroup)
             self._flushed.set()
+        if failure is not None:
+            raise failure
         if errors:
             raise errors[0]
         return [job for job in jobs if job is not None]

@@ -15,6 +15,7 @@ from typing import Any, cast
 import anyio
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from taskrunner import (
     ExecutionContext,
@@ -452,3 +453,45 @@ async def test_an_orphan_entry_whose_dead_letters_are_hostile_stays_pending(
         await burst(tr, "orphan")
         assert await redis.exists(keys.job("nosuchjob")) == 0
         assert await pending(redis, keys.stream) == 1  # the stale reclaim tries again
+
+
+async def test_an_enqueue_that_fails_on_a_hostile_key_leaves_no_lock_behind(
+    make_runner: MakeRunner, redis: Redis
+) -> None:
+    """enqueue.lua wrote a unique job's lock before the stream entry: with a stream of
+    another type the enqueue failed with the lock held, and every enqueue of that job
+    until the lock expired was "deduplicated" onto a job that does not exist."""
+    tr = make_runner(queue="locked")
+
+    @tr.task(lock="until_executed")
+    async def once(x: int) -> int:
+        return x
+
+    async with tr:
+        keys = tr.client.keys("locked")
+        await redis.set(keys.stream, "not a stream")
+        with pytest.raises(ResponseError, match="WRONGTYPE"):
+            await once.enqueue(1)
+        assert [k async for k in redis.scan_iter(match=f"{keys.prefix}:lock:*")] == []
+        await redis.delete(keys.stream)
+        job = await once.enqueue(1)  # mended: a new job, not a duplicate of none
+        assert not job.deduplicated
+        assert await job.status() == JobStatus.QUEUED
+
+
+async def test_a_delayed_enqueue_takes_sequence_zero_when_seq_is_hostile(
+    make_runner: MakeRunner, redis: Redis
+) -> None:
+    tr = make_runner(queue="seq")
+
+    @tr.task(lock="until_executed")
+    async def once(x: int) -> int:
+        return x
+
+    async with tr:
+        keys = tr.client.keys("seq")
+        await redis.set(keys.seq, "notanumber")
+        job = await once.options(delay=60).enqueue(1)
+        assert await job.status() == JobStatus.SCHEDULED
+        [member] = cast(list[str], await redis.zrange(keys.delayed, 0, -1))
+        assert member.startswith("0000000000000000:")

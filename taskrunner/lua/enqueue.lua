@@ -23,9 +23,9 @@ for i = 6, #KEYS do
   end
   locks[#locks + 1] = KEYS[i]
 end
-for i = 6, #KEYS do
-  redis.call('SET', KEYS[i], job_id, 'PX', ARGV[6 + i])
-end
+-- The locks are written after the job (below, in each branch): a write that fails on
+-- a hostile key (a stream, a delayed set of another type) fails before anything is
+-- written, never leaving locks held for a job that does not exist.
 
 local now = now_ms(ARGV[10])
 -- times go as strings (a Lua number passed to redis.call is formatted with
@@ -47,9 +47,14 @@ end
 if delay > 0 then
   local due = now + delay
   local first = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
-  local member = string.format('%016x', redis.call('INCR', seq)) .. ':' .. level .. ':' .. job_id
+  -- a seq that is no counter (hostile) orders nothing: sequence 0
+  local ok, n = pcall(redis.call, 'INCR', seq)
+  local member = string.format('%016x', ok and n or 0) .. ':' .. level .. ':' .. job_id
   redis.call('ZADD', delayed, due, member)
   redis.call('HSET', job, 'status', 'scheduled', 'member', member, 'due', due, unpack(fields))
+  for i = 6, #KEYS do
+    redis.call('SET', KEYS[i], job_id, 'PX', ARGV[6 + i])
+  end
   if #first == 0 or due < tonumber(first[2]) then
     redis.call(ARGV[9], ARGV[8], 'due')
   end
@@ -57,6 +62,9 @@ if delay > 0 then
 end
 local entry = redis.call('XADD', stream, '*', 'job', job_id)
 redis.call('HSET', job, 'status', 'queued', 'entry', entry, unpack(fields))
+for i = 6, #KEYS do
+  redis.call('SET', KEYS[i], job_id, 'PX', ARGV[6 + i])
+end
 if redis.call('DEL', idle) == 1 then
   redis.call(ARGV[9], ARGV[8], ready_event(job_id))
 end
