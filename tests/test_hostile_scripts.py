@@ -495,3 +495,50 @@ async def test_a_delayed_enqueue_takes_sequence_zero_when_seq_is_hostile(
         assert await job.status() == JobStatus.SCHEDULED
         [member] = cast(list[str], await redis.zrange(keys.delayed, 0, -1))
         assert member.startswith("0000000000000000:")
+
+
+async def test_an_entry_field_naming_the_entry_without_its_sequence_is_not_a_live_copy(
+    make_runner: MakeRunner, redis: Redis
+) -> None:
+    """'1796123746213' is a range to XRANGE and XPENDING: it found the entry read itself,
+    pending, and dropped the job's only entry as a duplicate of itself."""
+    tr = make_runner(queue="ranged")
+
+    @tr.task
+    async def one() -> int:
+        return 1
+
+    async with tr:
+        keys = tr.client.keys("ranged")
+        job = await one.enqueue()
+        live = cast(str, await redis.hget(keys.job(job.id), "entry"))
+        await redis.hset(keys.job(job.id), "entry", live.split("-")[0])
+        await burst(tr)
+        assert await job.result(timeout=1) == 1
+
+
+async def test_a_duplicate_entry_with_extra_fields_does_not_take_a_running_jobs_lease(
+    make_runner: MakeRunner, redis: Redis
+) -> None:
+    """A claims the job and runs it; a hand-written entry {job: X, extra: y} read by B is
+    a duplicate of the live, pending entry: B must not claim it (two runs at once, A's
+    commit refused)."""
+    tr = make_runner(queue="twice")
+
+    @tr.task
+    async def one() -> int:
+        return 1
+
+    async with tr:
+        keys = tr.client.keys("twice")
+        env = tr.client.env
+        job = await one.enqueue()
+        await redis.xgroup_create(keys.stream, GROUP, id="0", mkstream=True)
+        [(_, entry, _)] = await lua.run(redis, lua.fetch(env, keys, [keys.stream], "A", 1, 0))
+        claim_a = lua.claim(env, keys, keys.stream, job.id, "A", entry, "tokA", 5, 1 << 20)
+        assert (await lua.run(redis, claim_a))[0] == "ok"
+        await redis.xadd(keys.stream, {"job": job.id, "extra": "y"})
+        [(_, other, _)] = await lua.run(redis, lua.fetch(env, keys, [keys.stream], "B", 1, 0))
+        claim_b = lua.claim(env, keys, keys.stream, job.id, "B", other, "tokB", 5, 1 << 20)
+        assert await lua.run(redis, claim_b) == ["stray", entry]
+        assert await redis.hget(keys.job(job.id), "lease") == "tokA"

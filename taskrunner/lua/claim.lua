@@ -8,9 +8,9 @@
 --         {'invalid', status} the job hash has no known status (dead-lettered likewise),
 --         {'wrongtype'} the job's key is not a hash (dead-lettered likewise),
 --         {'final', status} the job is already final (acked and deleted),
---         {'stray', live_entry} the job is live under another entry (one that exists in
---                  this stream, unsettled): this one is a duplicate and must not start
---                  a second copy (acked and deleted),
+--         {'stray', live_entry} the job is live under another entry (exactly that id,
+--                  in this stream, {'job', job_id}, unsettled): this one is a duplicate
+--                  and must not start a second copy (acked and deleted),
 --         {verdict, task, args, attempts, locks, reclaims, meta_json, ready_ms, reclaimed}
 --         with verdict 'ok', 'poison' (its worker died under it while it ran alone
 --         max_deliveries times), 'abort' (abort requested) or 'toolarge' (its arguments
@@ -45,30 +45,33 @@ if status ~= 'queued' and status ~= 'running' and status ~= 'scheduled' then
   end
   return {'invalid', status}
 end
--- Another entry named: is it the job's live entry? Only if it is in this stream,
--- carries the same fields as the entry read, and is not settled (pending, or not read
--- by the group yet); then the entry read is a stray duplicate. A hostile 'entry' field
--- (junk, an id of no entry, of one settled already or of another job's) is not
--- trusted: the entry read is claimed, and the field corrected below. (Inline, not a
--- function: the common path, the entry read named, creates no closure.)
+-- Another entry named: is it the job's live entry? Only if it is exactly that id in
+-- this stream (an id without its sequence part is a range to XRANGE: not taken), is
+-- {'job', job_id} as the write paths make it (job_id: the entry read names it, as the
+-- worker read it: its last 'job' field), and is not settled (pending, or not read by
+-- the group yet); then the entry read is a stray duplicate, whatever else it carries.
+-- A hostile 'entry' field (junk, an id of no entry, of one settled already or of
+-- another job's) is not trusted: the entry read is claimed, and the field corrected
+-- below. (Inline, not a function: the common path, the entry read named, creates no
+-- closure.)
 local elsewhere = false
 if status ~= 'scheduled' and h[5] and h[5] ~= entry then
   repeat
     local named = h[5]
     local ok, found = pcall(redis.call, 'XRANGE', stream, named, named)  -- junk: an error
-    if not ok or #found == 0 then
+    if not ok or #found ~= 1 or found[1][1] ~= named then
       break
     end
     local mine = redis.call('XRANGE', stream, entry, entry)[1]
-    if mine then
-      local a, b = found[1][2], mine[2]
-      local same = #a == #b
-      for i = 1, #a do
-        same = same and a[i] == b[i]
+    local job_id = nil
+    for i = 1, mine and #mine[2] - 1 or 0, 2 do
+      if mine[2][i] == 'job' then
+        job_id = mine[2][i + 1]
       end
-      if not same then
-        break
-      end
+    end
+    local other = found[1][2]
+    if not job_id or #other ~= 2 or other[1] ~= 'job' or other[2] ~= job_id then
+      break
     end
     if #redis.call('XPENDING', stream, group, named, named, 1) > 0 then
       elsewhere = true
