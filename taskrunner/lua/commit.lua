@@ -19,9 +19,7 @@
 --          A job whose abort was requested while it ran ends as aborted instead of
 --          going back for another attempt.
 -- Returns 1 committed (or already committed by this same token: a repeat after a
--- lost reply changes nothing), 0 lost lease (nothing changed), an error (nothing
--- changed, the entry stays pending for the stale-entry reclaim) when a job that dies
--- finds its queue's dead letters of another type.
+-- lost reply changes nothing), 0 lost lease (nothing changed).
 -- Hostile keys fail no commit half way: a retry or reschedule whose delayed set is of
 -- another type, a hand-back whose stream takes no new entry, a chain step whose outbox
 -- is of another type are dead-lettered with that reason; a seq that is no counter
@@ -64,8 +62,10 @@ local payload = ARGV[6]
 -- Hostile keys (of another type, written by hand or damaged) must fail no commit half
 -- way through its writes: what a non-success path needs is read (pcall) before the
 -- entry is settled. A delayed set that is no sorted set: the job is dead-lettered with
--- that reason instead of waiting there; dead letters that are no sorted set: nothing
--- is written, the entry stays pending and the stale-entry reclaim takes it again.
+-- that reason instead of waiting there. Dead letters that are no sorted set: the job is
+-- recorded dead all the same (its status and reason) but is in no dead set, so its
+-- hash expires after result_ttl (below); leaving the entry pending instead would run
+-- the task again at every stale-entry reclaim.
 local first = nil
 if outcome == 'retry' or outcome == 'reschedule' then
   local ok, read = pcall(redis.call, 'ZRANGE', delayed, 0, 0, 'WITHSCORES')
@@ -74,13 +74,6 @@ if outcome == 'retry' or outcome == 'reschedule' then
   else
     payload = dead_reason('its ' .. outcome .. ' cannot be scheduled', delayed, read)
     outcome = 'dead'
-  end
-end
-if outcome == 'dead' then
-  local ok, err = pcall(redis.call, 'ZSCORE', dead, job_id)
-  if not ok then
-    return redis.error_reply('the dead letters ' .. dead .. ' cannot be written (' ..
-      error_text(err) .. '); the entry stays pending')
   end
 end
 -- XACK now (the first write: Redis does not refuse it when out of memory, and lets the
@@ -161,12 +154,8 @@ elseif payload ~= '' then
 else
   redis.call('HSET', job, 'status', outcome, 'finished', stamp, 'lease', '', 'committed', token)
 end
-if outcome == 'dead' then
-  -- checked above for a job that dies; a hand-back or a chain step that could not be
-  -- recorded as such and whose dead letters are hostile too stays outside them
-  pcall(redis.call, 'ZADD', dead, now, job_id)
-else
-  redis.call('PEXPIRE', job, ARGV[7])
+if outcome ~= 'dead' or not pcall(redis.call, 'ZADD', dead, now, job_id) then
+  redis.call('PEXPIRE', job, ARGV[7])  -- a dead job in no dead set (hostile) too
 end
 local index = nil
 if outcome == 'failed' then
