@@ -383,19 +383,35 @@ async def test_hostile_rate_starts_are_dropped_not_waited_for(
 
 
 async def test_the_wait_acquire_returns_is_clamped_to_the_lease(redis: Redis) -> None:
-    """Holders just under the bound (two leases) stay, and the wait is at most that."""
+    """A holder more than a day (or a hundred leases) ahead is dropped; one within that
+    stays (its worker's lease may be longer than the checking worker's), and the wait
+    the check returns is at most two of the checker's leases."""
     keys = LimitKeys("clamp", "d")
     await redis.delete(keys.running)
-    far = int(time.time() * 1000) + 10 * 3_600_000
-    await redis.zadd(keys.running, {"a": far})
+    now = int(time.time() * 1000)
+    await redis.zadd(keys.running, {"a": now + 2 * 86_400_000})
     call = lua.acquire(lua.Env(), keys, "me", "q\t0\tj", 1, 1000, 0, 0)
     code, wait_ms = (await lua.run(redis, call))[:2]
-    assert (code, wait_ms) == (0, 0)  # the holder an hour ahead was dropped
-    await redis.zadd(keys.running, {"b": int(time.time() * 1000) + 1500})
-    call = lua.acquire(lua.Env(), keys, "other", "q\t0\tk", 2, 1000, 0, 0)
+    assert (code, wait_ms) == (0, 0)  # the holder two days ahead was dropped
+    await redis.delete(keys.running)
+    await redis.zadd(keys.running, {"b": now + 10 * 3_600_000})
+    call = lua.acquire(lua.Env(), keys, "other", "q\t0\tk", 1, 1000, 0, 0)
     code, wait_ms = (await lua.run(redis, call))[:2]
-    assert code == 1
+    assert code == 1  # ten hours ahead: kept
     assert 0 < int(wait_ms) <= 2000
+
+
+async def test_a_holder_of_a_worker_with_a_longer_lease_keeps_its_slot(redis: Redis) -> None:
+    """Workers sharing a limit with stale_after 120 s and 30 s: the longer lease's holder
+    is no hostile score to the shorter one's check (a first version dropped holders
+    more than two of the checker's leases ahead, admitting a second job at limit 1)."""
+    keys = LimitKeys("mixed", "d")
+    await redis.delete(keys.running)
+    long_lease = lua.acquire(lua.Env(), keys, "long", "q\t0\tj", 1, 120_000, 0, 0)
+    assert (await lua.run(redis, long_lease))[0] == 0
+    short_lease = lua.acquire(lua.Env(), keys, "short", "q\t0\tk", 1, 30_000, 0, 0)
+    assert (await lua.run(redis, short_lease))[0] == 1
+    assert await redis.zrange(keys.running, 0, -1) == ["long"]
 
 
 @pytest.mark.parametrize("wait", [math.nan, math.inf, -math.inf, 1e300, -5.0, -9.2e15])

@@ -16,8 +16,9 @@
 --                       two leases),
 --         {2, wait_ms}: the rate window is full: its oldest start leaves in wait_ms (at
 --                       most two periods).
--- Hostile scores (a holder more than two leases ahead, a start more than a period
--- ahead: inf, 1e20) are dropped when they would make a check refuse.
+-- Hostile scores (a holder more than a hundred leases or a day ahead, whichever is
+-- longer, a start more than a period ahead: inf, 1e20) are dropped when they would
+-- make a check refuse.
 local running, starts, waiting = KEYS[1], KEYS[2], KEYS[3]
 local holder, waiter = ARGV[1], ARGV[2]
 local limit, lease = tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -41,10 +42,11 @@ if limit > 0 then
   redis.call('ZREMRANGEBYSCORE', running, '-inf', real)
   held = redis.call('ZCARD', running)
   if held >= limit and not redis.call('ZSCORE', running, holder) then
-    -- a holder's score is its lease's expiry, at most a lease ahead (two: room for a
-    -- worker whose stale_after is longer); one further ahead (inf, 1e20: hostile)
-    -- would hold its slot for ever: dropped, on this refused path only
-    local bound = real + 2 * lease
+    -- a holder's score is its lease's expiry, a lease ahead (of the worker that holds
+    -- it: its stale_after may be longer than this one's); one more than a hundred
+    -- leases or a day ahead (inf, 1e20: hostile) would hold its slot for ever:
+    -- dropped, on this refused path only
+    local bound = real + math.max(100 * lease, 86400000)
     held = held - redis.call('ZREMRANGEBYSCORE', running, '(' .. string.format('%d', bound),
       '+inf')
     if held >= limit then
