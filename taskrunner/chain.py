@@ -119,15 +119,16 @@ class ChainJob(Generic[R]):
         ``JobDeadLettered``; a follow-up whose spec was unreadable is dead-lettered as
         ``next-<id of the step before>``), and the later steps never exist.
         ``TimeoutError`` when ``timeout`` seconds pass first (the chain goes on)."""
-        with deadline(timeout, f"chain {self.jobs[0].id} is not done"):
+        once = 0.0 if timeout is not None and timeout <= 0 else None  # look once, no wait
+        with deadline(None if once == 0 else timeout, f"chain {self.jobs[0].id} is not done"):
             for job in self.jobs[:-1]:
-                state = await self._client.wait(job.queue, job.id, None, relayed=True)
+                state = await self._client.wait(job.queue, job.id, once, relayed=True)
                 job._outcome(state)  # raises unless it succeeded
                 relayed = state.get("relayed", "")
                 if relayed.startswith("dead "):
-                    await Job(self._client, relayed[5:], job.queue).result()
+                    await Job(self._client, relayed[5:], job.queue).result(once)
             last = self.last
-            return last._outcome(await self._client.wait(last.queue, last.id, None))
+            return last._outcome(await self._client.wait(last.queue, last.id, once))
 
 
 # -- the follow-up spec (the job hash's `next` field) -------------------------------------

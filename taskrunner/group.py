@@ -64,18 +64,25 @@ class Group(Generic[R]):
         seconds pass first (the jobs go on)."""
         found: list[Any] = [None] * len(self.jobs)
         limiter = anyio.CapacityLimiter(WAITS)
+        look_once = timeout is not None and timeout <= 0  # as job.result(timeout=0)
+        what = f"a group of {len(self.jobs)} jobs is not done"
+        unfinished: list[str] = []
 
         async def one(index: int, job: Job[R]) -> None:
             async with limiter:
                 try:
-                    found[index] = await job.result()
+                    found[index] = await job.result(0 if look_once else None)
                 except JobError as exc:
                     found[index] = exc
+                except TimeoutError:  # looked once: not final
+                    unfinished.append(job.id)
 
-        with deadline(timeout, f"a group of {len(self.jobs)} jobs is not done"):
+        with deadline(None if look_once else timeout, what):
             async with anyio.create_task_group() as tg:
                 for index, job in enumerate(self.jobs):
                     tg.start_soon(one, index, job)
+        if unfinished:
+            raise TimeoutError(f"{what} after 0s")
         if not return_exceptions:
             for value in found:
                 if isinstance(value, JobError):

@@ -465,3 +465,24 @@ async def test_a_zero_timeout_returns_the_result_of_a_final_job_without_waiting(
         await tr.run_until_idle()
         assert await job.result(timeout=0) == 1
         assert await job.result(timeout=-1) == 1
+
+
+async def test_a_zero_timeout_looks_once_for_groups_and_chains_too(
+    make_runner: MakeRunner,
+) -> None:
+    tr = make_runner()
+
+    @tr.task
+    async def inc(x: int) -> int:
+        return x + 1
+
+    async with tr:
+        group = await tr.group([inc.call(1), inc.call(2)])
+        chain = await inc.chain(1).then(inc).enqueue()
+        with pytest.raises(TimeoutError, match="a group of 2 jobs is not done after 0s"):
+            await group.results(timeout=0)
+        with pytest.raises(TimeoutError, match="is not final"):
+            await chain.result(timeout=0)
+        await tr.run_until_idle()
+        assert await group.results(timeout=0) == [2, 3]
+        assert await chain.result(timeout=0) == 3
