@@ -48,12 +48,10 @@ def _run(app: str, body: Callable[[TaskRunner], Coroutine[Any, Any, None]]) -> N
             try:
                 with data_errors():
                     await body(runner)
-            except (ConfigurationError, CursorError) as exc:
+            except (ConfigurationError, CursorError, ValueError) as exc:
                 fail(str(exc), USAGE_ERROR)
             except TaskrunnerError as exc:  # e.g. a job whose record is hostile: exit 1
                 fail(redact(str(exc)), RUNTIME_ERROR)
-            except ValueError as exc:
-                fail(str(exc), USAGE_ERROR)
 
     run_async(main)
 
