@@ -136,6 +136,7 @@ _READABLE = {
     "less_than_equal": "it must be {le:g} or less",
     "bool_type": "it must be True or False",
     "tuple_type": "it must be a list of names",
+    "string_type": "it must be a str",
     "finite_number": "it must be a finite number",
 }
 
@@ -158,4 +159,5 @@ def _one(error: ErrorDetails, what: str) -> str:
     if not location:  # a rule over several settings: its message names them
         return f"invalid {what}s: {why}"
     value = error["input"]
-    return f"invalid {what} {location[0]}={value!r}: {why}"
+    items = "".join(f"[{part}]" for part in error["loc"] if isinstance(part, int))
+    return f"invalid {what} {location[0]}{items}={value!r}: {why}"

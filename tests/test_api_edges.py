@@ -308,6 +308,12 @@ def test_a_worker_refuses_a_bad_argument_where_it_is_made(
         tr.worker(handle_signals=False, **options)
 
 
+def test_a_bad_queue_in_the_list_is_named_by_its_place(make_runner: MakeRunner) -> None:
+    tr = make_runner()
+    with pytest.raises(ConfigurationError, match=r"queues\[1\]=1: it must be a str"):
+        tr.worker(queues=["a", 1])  # type: ignore[list-item]
+
+
 def test_a_worker_takes_its_grace_period_as_a_timedelta_and_queues_as_any_sequence(
     make_runner: MakeRunner,
 ) -> None:
