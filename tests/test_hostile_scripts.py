@@ -22,6 +22,7 @@ from taskrunner import (
     JobStatus,
     Middleware,
     Outcome,
+    Task,
     TaskRunner,
 )
 from taskrunner import scripts as lua
@@ -32,6 +33,29 @@ from taskrunner.testing import frozen_time
 
 MakeRunner = Callable[..., TaskRunner]
 DEADLINE = 30.0
+
+
+def runner_with_one(make_runner: MakeRunner, **settings: Any) -> tuple[TaskRunner, Task[[], int]]:
+    """A runner on the test's Redis with one task, ``one() -> 1``."""
+    tr = make_runner(**settings)
+
+    @tr.task
+    async def one() -> int:
+        return 1
+
+    return tr, one
+
+
+async def fetched_and_claimed(
+    tr: TaskRunner, redis: Redis, job_id: str, consumer: str, token: str
+) -> tuple[str, list[Any]]:
+    """Read the next entry of the job's queue as ``consumer`` and claim it under
+    ``token``: the entry id and claim.lua's reply."""
+    keys, env = tr.client.keys(tr.queue), tr.client.env
+    fetch = lua.fetch(env, keys, [keys.stream], consumer, 1, 0)
+    [(_, entry, _)] = await lua.run(redis, fetch)
+    claim = lua.claim(env, keys, keys.stream, job_id, consumer, entry, token, 5, 1 << 20)
+    return entry, await lua.run(redis, claim)
 
 
 async def burst(tr: TaskRunner, *queues: str, deadline: float = DEADLINE) -> None:
@@ -147,11 +171,9 @@ async def test_a_job_that_dies_while_the_dead_letters_are_hostile_is_recorded_de
     """Recorded dead with its reason, settled, in no dead set, its hash expiring after
     result_ttl. Left pending instead (an earlier version), the stale-entry reclaim ran
     the task again at every pass and counted each as a worker's death."""
-    tr = make_runner(queue="dead", middleware=[Decide(Outcome.dead("no way"))], result_ttl=600)
-
-    @tr.task
-    async def one() -> int:
-        return 1
+    tr, one = runner_with_one(
+        make_runner, queue="dead", middleware=[Decide(Outcome.dead("no way"))], result_ttl=600
+    )
 
     async with tr:
         keys = tr.client.keys("dead")
@@ -174,11 +196,7 @@ async def test_hostile_counts_do_not_stop_a_reschedule(
         await redis.hset(ctx.keys.job(ctx.job.id), mapping={"reschedules": "nan", "attempts": "x"})
 
     refuse = Decide(Outcome.reschedule(time.time() + 3600), spoil)
-    tr = make_runner(queue="counts", middleware=[refuse])
-
-    @tr.task
-    async def one() -> int:
-        return 1
+    tr, one = runner_with_one(make_runner, queue="counts", middleware=[refuse])
 
     async with tr:
         keys = tr.client.keys("counts")
@@ -193,20 +211,15 @@ async def test_hostile_counts_do_not_stop_a_reschedule(
 async def test_a_hand_back_to_a_stream_that_takes_no_entry_is_dead_lettered(
     make_runner: MakeRunner, redis: Redis
 ) -> None:
-    tr = make_runner(queue="handback")
-
-    @tr.task
-    async def one() -> int:
-        return 1
+    tr, one = runner_with_one(make_runner, queue="handback")
 
     async with tr:
         keys = tr.client.keys("handback")
         env = tr.client.env
         job = await one.enqueue()
         await redis.xgroup_create(keys.stream, GROUP, id="0", mkstream=True)
-        [(_, entry, _)] = await lua.run(redis, lua.fetch(env, keys, [keys.stream], "me", 1, 0))
-        claim = lua.claim(env, keys, keys.stream, job.id, "me", entry, "tok", 5, 1 << 20)
-        assert (await lua.run(redis, claim))[0] == "ok"
+        entry, reply = await fetched_and_claimed(tr, redis, job.id, "me", "tok")
+        assert reply[0] == "ok"
         # the stream's last id becomes the largest there is: XADD '*' fails
         last = "18446744073709551615-18446744073709551615"
         await command(redis, "XSETID", keys.stream, last)
@@ -251,11 +264,7 @@ async def test_a_chain_step_whose_outbox_is_hostile_is_dead_lettered_with_its_re
 async def test_a_hostile_entry_field_does_not_drop_the_jobs_only_entry(
     make_runner: MakeRunner, redis: Redis, entry: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    tr = make_runner(queue="entry")
-
-    @tr.task
-    async def one() -> int:
-        return 1
+    tr, one = runner_with_one(make_runner, queue="entry")
 
     caplog.set_level(logging.WARNING, logger="taskrunner")
     async with tr:
@@ -273,11 +282,7 @@ async def test_an_entry_field_naming_a_settled_entry_does_not_drop_the_live_one(
 ) -> None:
     """The entry the hash names is the job's own kind ({job: id}) and exists, but was read
     and acknowledged already: it is not the job's live entry."""
-    tr = make_runner(queue="settled")
-
-    @tr.task
-    async def one() -> int:
-        return 1
+    tr, one = runner_with_one(make_runner, queue="settled")
 
     async with tr:
         keys = tr.client.keys("settled")
@@ -319,11 +324,7 @@ async def test_a_true_duplicate_entry_is_still_dropped(
 async def test_take_claims_the_named_job_despite_a_hostile_entry_field(
     make_runner: MakeRunner, redis: Redis
 ) -> None:
-    tr = make_runner(queue="take")
-
-    @tr.task
-    async def one() -> int:
-        return 1
+    tr, one = runner_with_one(make_runner, queue="take")
 
     async with tr:
         keys = tr.client.keys("take")
@@ -433,11 +434,7 @@ async def test_a_due_job_whose_stream_takes_no_entry_waits_in_the_delayed_set(
 ) -> None:
     """promote.lua removed the member, then its XADD failed: the job stayed "scheduled"
     with no member and no entry, lost. Now the member goes back, a minute later."""
-    tr = make_runner(queue="promote")
-
-    @tr.task
-    async def one() -> int:
-        return 1
+    tr, one = runner_with_one(make_runner, queue="promote")
 
     async with tr, frozen_time(tr) as clock:
         keys = tr.client.keys("promote")
@@ -522,11 +519,7 @@ async def test_an_entry_field_naming_the_entry_without_its_sequence_is_not_a_liv
 ) -> None:
     """'1796123746213' is a range to XRANGE and XPENDING: it found the entry read itself,
     pending, and dropped the job's only entry as a duplicate of itself."""
-    tr = make_runner(queue="ranged")
-
-    @tr.task
-    async def one() -> int:
-        return 1
+    tr, one = runner_with_one(make_runner, queue="ranged")
 
     async with tr:
         keys = tr.client.keys("ranged")
@@ -543,22 +536,15 @@ async def test_a_duplicate_entry_with_extra_fields_does_not_take_a_running_jobs_
     """A claims the job and runs it; a hand-written entry {job: X, extra: y} read by B is
     a duplicate of the live, pending entry: B must not claim it (two runs at once, A's
     commit refused)."""
-    tr = make_runner(queue="twice")
-
-    @tr.task
-    async def one() -> int:
-        return 1
+    tr, one = runner_with_one(make_runner, queue="twice")
 
     async with tr:
         keys = tr.client.keys("twice")
-        env = tr.client.env
         job = await one.enqueue()
         await redis.xgroup_create(keys.stream, GROUP, id="0", mkstream=True)
-        [(_, entry, _)] = await lua.run(redis, lua.fetch(env, keys, [keys.stream], "A", 1, 0))
-        claim_a = lua.claim(env, keys, keys.stream, job.id, "A", entry, "tokA", 5, 1 << 20)
-        assert (await lua.run(redis, claim_a))[0] == "ok"
+        entry, reply = await fetched_and_claimed(tr, redis, job.id, "A", "tokA")
+        assert reply[0] == "ok"
         await redis.xadd(keys.stream, {"job": job.id, "extra": "y"})
-        [(_, other, _)] = await lua.run(redis, lua.fetch(env, keys, [keys.stream], "B", 1, 0))
-        claim_b = lua.claim(env, keys, keys.stream, job.id, "B", other, "tokB", 5, 1 << 20)
-        assert await lua.run(redis, claim_b) == ["stray", entry]
+        _, reply = await fetched_and_claimed(tr, redis, job.id, "B", "tokB")
+        assert reply == ["stray", entry]
         assert await redis.hget(keys.job(job.id), "lease") == "tokA"
