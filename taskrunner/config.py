@@ -136,9 +136,10 @@ _READABLE = {
     "less_than_equal": "it must be {le:g} or less",
     "bool_type": "it must be True or False",
     "tuple_type": "it must be a list of names",
-    "string_type": "it must be a str",
     "finite_number": "it must be a finite number",
 }
+# Only for settings: a task argument keeps pydantic's "input should be a valid string".
+_SETTING_READABLE = {"string_type": "it must be a str"}
 
 
 def describe(exc: ValidationError, what: str = "TaskRunner setting") -> str:
@@ -146,16 +147,16 @@ def describe(exc: ValidationError, what: str = "TaskRunner setting") -> str:
     return "; ".join(_one(error, what) for error in exc.errors()) + "."
 
 
-def reason(error: ErrorDetails) -> str:
+def reason(error: ErrorDetails, readable: dict[str, str] = _READABLE) -> str:
     """What a value must be, in words (``it must be 0.05 or more``)."""
     ctx = error.get("ctx") or {}
-    template = _READABLE.get(error["type"])
+    template = readable.get(error["type"])
     return template.format(**ctx) if template else str(error["msg"]).removeprefix("Value error, ")
 
 
 def _one(error: ErrorDetails, what: str) -> str:
     location = [str(part) for part in error["loc"] if isinstance(part, str)]
-    why = reason(error)
+    why = reason(error, _READABLE | _SETTING_READABLE)
     if not location:  # a rule over several settings: its message names them
         return f"invalid {what}s: {why}"
     value = error["input"]
