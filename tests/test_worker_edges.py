@@ -554,3 +554,34 @@ async def test_leaving_an_embedded_worker_by_an_error_or_a_cancel_stops_it_grace
         )
         info = await job.info()
         assert (info.status, info.attempts) == (JobStatus.QUEUED, 0)
+
+
+async def test_one_worker_object_runs_again_after_it_stopped_and_refuses_two_runs_at_once(
+    make_runner: Callable[..., TaskRunner],
+) -> None:
+    # a FastAPI lifespan that builds its worker once: the second TestClient started the
+    # same Worker, which was still "stopping" from the first and ran nothing
+    tr = make_runner()
+
+    @tr.task
+    async def double(x: int) -> int:
+        return 2 * x
+
+    async with tr:
+        worker = tr.worker(concurrency=2, handle_signals=False)
+        ids = []
+        for x in (1, 2):
+            async with worker:
+                ids.append(worker.id)
+                job = await double.enqueue(x)
+                assert await job.result(timeout=DEADLINE) == 2 * x
+                with pytest.raises(RuntimeError, match="already running"):
+                    async with worker:
+                        pass
+        assert ids[0] != ids[1]  # a fresh consumer name for each run
+
+        burst = tr.worker(burst=True, handle_signals=False)
+        for x in (3, 4):
+            job = await double.enqueue(x)
+            await burst.run()
+            assert await job.result(timeout=0) == 2 * x

@@ -119,9 +119,12 @@ class Worker:
         self.handle_signals = checked.handle_signals
         """None (default): SIGINT/SIGTERM stop ``run()``; ``async with`` leaves them alone."""
         self.max_deliveries = checked.max_deliveries
-        self._id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(16)}"
+        self._id = _new_id()
         self.queues: list[Queue] = []
         self._stopping = anyio.Event()
+        self._active = False
+        self._finished = False
+        self._kept = (0, 0)
         self._handlers: list[tuple[str, EventHandler]] = []
         self._moved_seen = (0, 0)
         """Promotions and relays counted at the last burst look (see ``_drained``)."""
@@ -146,7 +149,9 @@ class Worker:
 
     async def run(self) -> None:
         """Run until stopped (a signal, ``stop()``) or, in burst mode, until drained.
-        An error is raised as itself (a lost Redis, a bad setting), not in a group."""
+        An error is raised as itself (a lost Redis, a bad setting), not in a group.
+        A worker runs once at a time; after it stopped it may run again."""
+        self._begin()
         try:
             async with anyio.create_task_group() as tg:
                 if self.handle_signals is not False:  # before the runner opens: a signal
@@ -157,8 +162,28 @@ class Worker:
         except BaseExceptionGroup as group:
             _raise_sole(group)
             raise
+        finally:
+            self._end()
+
+    def _begin(self) -> None:
+        """Start a run: refused while one is under way; after one ended, a fresh start
+        (a new id, not stopping, no hooks left from the last run's middleware)."""
+        if self._active:
+            raise RuntimeError(f"{self!r} is already running; make another with tr.worker()")
+        if self._finished:
+            self._stopping = anyio.Event()
+            self._id = _new_id()
+            self._moved_seen = (0, 0)
+        self._active = True
+        self._kept = (len(self._handlers), len(self._drained_hooks))
+
+    def _end(self) -> None:
+        handlers, hooks = self._kept  # the ones middleware added while starting this run
+        del self._handlers[handlers:], self._drained_hooks[hooks:]
+        self._active, self._finished = False, True
 
     async def __aenter__(self) -> Worker:
+        self._begin()
         self._serve_scope = anyio.CancelScope(shield=True)
         self._background = anyio.create_task_group()
         await self._background.__aenter__()
@@ -167,7 +192,10 @@ class Worker:
                 self._background.start_soon(self._signals, self._background.cancel_scope)
             await self._background.start(self._serve_started)
         except BaseException as exc:  # close the task group, then report the real error
-            await self._close_after_failed_start(exc)
+            try:
+                await self._close_after_failed_start(exc)
+            finally:
+                self._end()
             raise
         return self
 
@@ -182,6 +210,12 @@ class Worker:
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> bool | None:
+        try:
+            return await self._stop_embedded(et)
+        finally:
+            self._end()
+
+    async def _stop_embedded(self, et: type[BaseException] | None) -> bool | None:
         self.stop()
         assert self._background is not None
         if et is None:
@@ -563,6 +597,11 @@ class Worker:
                     self.grace_period,
                 )
                 self.stop()
+
+
+def _new_id() -> str:
+    """A consumer name no other worker (nor this one's last run) has: host, pid, token."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(16)}"
 
 
 def _raise_sole(group: BaseExceptionGroup[BaseException]) -> None:
