@@ -177,6 +177,23 @@ async def test_run_until_idle_times_out_saying_what_is_left(make_runner: MakeRun
         await job.result(timeout=DEADLINE)
 
 
+async def test_run_until_idle_with_no_time_on_idle_queues_returns_nothing(
+    make_runner: MakeRunner,
+) -> None:
+    # timeout=0 on queues with nothing to do raised "not idle after 0s: the queues
+    # emptied as the time ran out"
+    tr = make_runner()
+
+    @tr.task
+    async def later() -> None:
+        pass
+
+    async with tr:
+        assert await tr.run_until_idle(timeout=0) == []
+        await later.options(delay=3600).enqueue()  # due after the deadline: left scheduled
+        assert await tr.run_until_idle(timeout=0) == []
+
+
 async def test_run_until_idle_hands_back_the_job_it_runs_when_the_time_runs_out(
     make_runner: MakeRunner,
 ) -> None:
