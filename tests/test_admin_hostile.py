@@ -293,6 +293,42 @@ async def test_dashboard_answers_without_500_when_a_structural_key_has_the_wrong
             assert "WRONGTYPE" in answer.text
 
 
+@pytest.mark.parametrize(
+    ("status", "which"),
+    [("succeeded", "succeeded"), ("dead", "dead"), ("queued", "stream"), ("running", "stream")],
+)
+async def test_jobs_listing_reports_an_index_of_the_wrong_type_instead_of_listing_nothing(
+    make_runner: MakeRunner,
+    env: dict[str, str],
+    redis: Redis,
+    keys: QueueKeys,
+    status: str,
+    which: str,
+) -> None:
+    # the listing read its index with errors ignored: "no jobs" and 200 for a key
+    # another program had overwritten
+    await redis.set(getattr(keys, which), "x")
+    for args in (["jobs", APP, "--status", status], ["jobs", APP, "--status", status, "--json"]):
+        done = cli(env, *args)
+        assert_no_traceback(done)
+        assert done.returncode == 1, done.stdout
+        assert done.stderr.count("\n") == 1, done.stderr
+        assert "WRONGTYPE" in done.stderr
+    async with dashboard_client(build(make_runner)) as client:
+        answer = await client.get("/jobs", params={"status": status})
+    assert answer.status_code == 502
+    assert "WRONGTYPE" in answer.text
+
+
+async def test_jobs_listing_of_a_queue_nobody_has_used_is_empty(env: dict[str, str]) -> None:
+    # no stream and no consumer group yet: nothing to list, not an error
+    for status in ("queued", "running", "succeeded"):
+        done = cli(env, "jobs", APP, "--status", status, "--json")
+        assert_no_traceback(done)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["jobs"] == []
+
+
 # -- the workers set ----------------------------------------------------------------------
 
 

@@ -223,7 +223,7 @@ async def read(redis: Redis, wanted: list[tuple[Source, str, int]]) -> None:
             pipe.xpending_range(source.key, GROUP, f"({position}" if position else "-", "+", count)
         else:
             _sorted_read(pipe, source, position, count)
-    replies = await pipe.execute(raise_on_error=False)
+    replies = _absent_as_none(await pipe.execute(raise_on_error=False))
     running = [
         (source, reply)
         for (source, _, _), reply in zip(wanted, replies, strict=True)
@@ -255,12 +255,27 @@ async def _unread_starts(redis: Redis, wanted: list[tuple[Source, str]]) -> dict
     for source in first:
         pipe.xinfo_groups(source.key)
     starts = {}
-    for source, groups in zip(first, await pipe.execute(raise_on_error=False), strict=True):
+    replies = _absent_as_none(await pipe.execute(raise_on_error=False))
+    for source, groups in zip(first, replies, strict=True):
         starts[source.name] = "0-0"  # no stream or no group yet: every entry is unread
         for group in groups if isinstance(groups, list) else []:
             if group.get("name") == GROUP:
                 starts[source.name] = str(group.get("last-delivered-id") or "0-0")
     return starts
+
+
+def _absent_as_none(replies: list[Any]) -> list[Any]:
+    """Replies with a missing stream or group (nothing there yet) as None; any other
+    error, a key of the wrong type above all, is raised: an empty listing would hide it."""
+    for reply in replies:
+        if isinstance(reply, Exception) and not _absent(reply):
+            raise reply
+    return [None if isinstance(reply, Exception) else reply for reply in replies]
+
+
+def _absent(error: Exception) -> bool:
+    text = str(error)
+    return text.startswith("NOGROUP") or "no such key" in text.lower()
 
 
 async def _pending_jobs(
