@@ -164,6 +164,23 @@ async def test_queue_pause_and_resume_set_the_key_workers_follow(
     assert await redis.hget(keys.job(job_id), "status") == "succeeded"
 
 
+async def test_queue_pause_of_a_queue_no_task_uses_is_done_with_a_note(
+    env: dict[str, str], redis: Redis, namespace: str
+) -> None:
+    # a typo ("defualt") paused a queue nobody uses and said nothing
+    paused = cli(env, "queue", "pause", APP, "defualt")
+    assert (paused.returncode, paused.stdout) == (0, "queue defualt paused\n")
+    assert paused.stderr == (
+        "taskrunner: note: no task of this app uses queue 'defualt' (its queues: default, other)\n"
+    )
+    assert await redis.exists(QueueKeys(namespace, "defualt").paused)
+    resumed = cli(env, "queue", "resume", APP, "defualt")
+    assert resumed.returncode == 0
+    assert "no task of this app uses queue 'defualt'" in resumed.stderr
+    known = cli(env, "queue", "pause", APP, "other")
+    assert (known.returncode, known.stderr) == (0, "")
+
+
 async def test_jobs_filters_by_priority_and_refuses_an_unknown_level(
     env: dict[str, str], make_runner: Callable[..., TaskRunner]
 ) -> None:

@@ -34,6 +34,7 @@ def pause(app: str, queue_name: str) -> None:
     async def body(runner: TaskRunner) -> None:
         await runner.pause(queue_name)
         click.echo(f"queue {queue_name} paused")
+        _note_unknown(runner, queue_name)
 
     _run(app, body)
 
@@ -45,5 +46,18 @@ def resume(app: str, queue_name: str) -> None:
     async def body(runner: TaskRunner) -> None:
         await runner.resume(queue_name)
         click.echo(f"queue {queue_name} resumed")
+        _note_unknown(runner, queue_name)
 
     _run(app, body)
+
+
+def _note_unknown(runner: TaskRunner, queue_name: str) -> None:
+    """A queue none of the app's tasks uses is likely a typo: done (another app may
+    use it), with a note on stderr naming the app's queues."""
+    known = runner.queues()
+    if queue_name not in known:
+        click.echo(
+            f"taskrunner: note: no task of this app uses queue {queue_name!r} "
+            f"(its queues: {', '.join(known)})",
+            err=True,
+        )
