@@ -148,7 +148,8 @@ def describe(exc: ValidationError, what: str = "TaskRunner setting") -> str:
 
 
 def reason(error: ErrorDetails, readable: dict[str, str] = _READABLE) -> str:
-    """What a value must be, in words (``it must be 0.05 or more``)."""
+    """What a value must be, in words (``it must be 0.05 or more``). The words are
+    for settings and options; for a task's arguments pass ``{}``: pydantic's own."""
     ctx = error.get("ctx") or {}
     template = readable.get(error["type"])
     return template.format(**ctx) if template else str(error["msg"]).removeprefix("Value error, ")

@@ -105,6 +105,11 @@ def test_bad_settings_of_a_schedule_are_refused_in_one_sentence() -> None:
         (lambda: tr.cron("* * * * *", report.call("a"), max_drift=math.inf), "at most"),
         (lambda: tr.cron("* * * * *", report.call("a"), max_drift=math.nan), "at most"),
         (lambda: tr.cron("* * * * *", report.call(3)), "kind: input should be a valid string"),  # type: ignore[arg-type]
+        # a setting's words ("a number of seconds or a timedelta") are not an argument's
+        (
+            lambda: tr.cron("* * * * *", report.call("a", "x")),  # type: ignore[arg-type]
+            "days: input should be a valid integer",
+        ),
         (lambda: tr.cron("* * * * *", report.call("a"), name="a b"), "invalid cron schedule"),
         (lambda: tr.cron("* * * * *", report.options(delay=5).call("a")), "delay cannot be set"),
         (lambda: tr.cron("* * * * *", report.options(priority="top").call("a")), "priority"),

@@ -207,7 +207,7 @@ def _payload(call: Call[Any]) -> str:
         ) from None
     except pydantic.ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in error['loc']) or 'arguments'}: {_lower(reason(error))}"
+            f"{'.'.join(str(p) for p in error['loc']) or 'arguments'}: {_lower(reason(error, {}))}"
             for error in exc.errors(include_url=False)
         )
         raise ConfigurationError(
