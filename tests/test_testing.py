@@ -520,6 +520,15 @@ def test_plugin_is_not_loaded_twice_by_the_entry_point_and_pytest_plugins(tmp_pa
     assert "1 passed" in done.stdout
 
 
+def test_plugin_named_by_its_module_beside_the_entry_point_loads_once(tmp_path: Path) -> None:
+    # -p taskrunner.testing.plugin next to the autoloaded entry point: "option names
+    # {'--taskrunner-redis-url'} already added", and no test ran
+    write_project(tmp_path, "taskrunner_app = examples.signup:tr\n", APP_TEST)
+    done = run_pytest(tmp_path, "-p", "taskrunner.testing.plugin", "test_app.py")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 passed" in done.stdout
+
+
 def test_taskrunner_fixture_binds_the_configured_app(tmp_path: Path) -> None:
     write_project(tmp_path, "taskrunner_app = examples.signup:tr\n", APP_TEST)
     done = run_pytest(tmp_path, "test_app.py")

@@ -42,6 +42,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "(each test still gets its own namespace)"
     )
     group = parser.getgroup("taskrunner")
+    if any(option.dest == URL_OPTION for option in group.options):
+        return  # loaded twice (the entry point, and -p taskrunner.testing.plugin): once
     group.addoption("--taskrunner-redis-url", dest=URL_OPTION, default=None, help=help_url)
     parser.addini(URL_OPTION, help_url, default="")
     parser.addini(
