@@ -27,9 +27,19 @@ they are, because callers already know them)::
 
 from __future__ import annotations
 
+import functools
 from datetime import timedelta
+from typing import Any
 
 from taskrunner.options import signed_seconds
+
+
+def _rebuilt(exc: BaseException, *args: object, **kwargs: object) -> tuple[Any, ...]:
+    """How ``copy`` and ``pickle`` remake an error whose ``__init__`` takes other
+    arguments than its message (by default they call it with the message alone):
+    call it with these arguments again, then restore its attributes (notes included)."""
+    make = functools.partial(type(exc), **kwargs) if kwargs else type(exc)
+    return (make, args, vars(exc))
 
 
 class TaskrunnerError(Exception):
@@ -59,12 +69,18 @@ class JobError(TaskrunnerError):
         super().__init__(message)
         self.job_id = job_id
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _rebuilt(self, self.job_id, str(self))
+
 
 class JobNotFound(JobError):
     """No job with this id exists (it never did, or its result expired)."""
 
     def __init__(self, job_id: str) -> None:
         super().__init__(job_id, f"no job {job_id!r}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _rebuilt(self, self.job_id)
 
 
 class JobFailed(JobError):
@@ -76,12 +92,18 @@ class JobFailed(JobError):
         self.exc_message = exc_message
         self.traceback = traceback
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _rebuilt(self, self.job_id, self.exc_type, self.exc_message, self.traceback)
+
 
 class JobAborted(JobError):
     """The job was aborted before it finished."""
 
     def __init__(self, job_id: str) -> None:
         super().__init__(job_id, f"job {job_id} was aborted")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _rebuilt(self, self.job_id)
 
 
 class JobRejected(JobError):
@@ -90,6 +112,9 @@ class JobRejected(JobError):
     def __init__(self, job_id: str) -> None:
         super().__init__(job_id, f"job {job_id} was rejected by its unique lock")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _rebuilt(self, self.job_id)
+
 
 class JobDeadLettered(JobError):
     """The job went to the dead letters; ``reason`` says why."""
@@ -97,6 +122,9 @@ class JobDeadLettered(JobError):
     def __init__(self, job_id: str, reason: str) -> None:
         super().__init__(job_id, f"job {job_id} was dead-lettered: {reason}")
         self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _rebuilt(self, self.job_id, self.reason)
 
 
 class PayloadTooLarge(TaskrunnerError, ValueError):
@@ -110,8 +138,13 @@ class PayloadTooLarge(TaskrunnerError, ValueError):
             f"{what} is {size:,} bytes as JSON, over {setting} ({limit:,} bytes); "
             f"pass a reference (a key, a URL) instead of the data{fix}"
         )
+        self.what = what
         self.size = size
         self.limit = limit
+        self.setting = setting
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _rebuilt(self, self.what, self.size, self.limit, setting=self.setting)
 
 
 class NotReplicated(TaskrunnerError):
@@ -127,6 +160,10 @@ class NotReplicated(TaskrunnerError):
         )
         self.wanted = wanted
         self.confirmed = confirmed
+        self.timeout_ms = timeout_ms
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _rebuilt(self, self.wanted, self.confirmed, self.timeout_ms)
 
 
 class MiddlewareError(TaskrunnerError):
@@ -141,6 +178,9 @@ class LockConflictError(TaskrunnerError):
         super().__init__(f"unique lock {lock} is held by job {holder}")
         self.lock = lock
         self.holder = holder
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _rebuilt(self, self.lock, self.holder)
 
 
 class LostLease(TaskrunnerError):

@@ -25,11 +25,20 @@ from taskrunner import (
     ConfigurationError,
     EnqueueContext,
     Job,
+    JobAborted,
+    JobDeadLettered,
+    JobError,
     JobFailed,
+    JobNotFound,
+    JobRejected,
     JobStatus,
+    LockConflictError,
     Middleware,
+    NotReplicated,
+    PayloadTooLarge,
     Retry,
     TaskRunner,
+    TaskrunnerError,
 )
 from taskrunner.middleware.base import EnqueueNext
 from taskrunner.options import MAX_SECONDS
@@ -492,3 +501,46 @@ async def test_a_zero_timeout_looks_once_for_groups_and_chains_too(
         await tr.run_until_idle()
         assert await group.results(timeout=0) == [2, 3]
         assert await chain.result(timeout=0) == 3
+
+
+def _same_error(exc: BaseException, other: BaseException) -> bool:
+    return (type(other), str(other), other.args, vars(other)) == (
+        type(exc),
+        str(exc),
+        exc.args,
+        vars(exc),
+    )
+
+
+async def test_job_errors_and_the_other_errors_copy_and_pickle_as_themselves(
+    make_runner: MakeRunner,
+) -> None:
+    # a caller in a process pool (or anything that copies) gets the error back whole:
+    # it was rebuilt from its message alone, which its __init__ did not take
+    tr = make_runner(max_retries=0)
+
+    @tr.task
+    async def fail() -> None:
+        raise ValueError("boom")
+
+    async with tr:
+        job = await fail.enqueue()
+        await tr.run_until_idle(raise_failures=False)
+        with pytest.raises(JobFailed) as failed:
+            await job.result(timeout=DEADLINE)
+    failed.value.add_note("seen by the caller")
+    errors: list[TaskrunnerError] = [
+        failed.value,
+        JobError("j1", "something"),
+        JobNotFound("j1"),
+        JobAborted("j1"),
+        JobRejected("j1"),
+        JobDeadLettered("j1", "unknown task 'x'"),
+        PayloadTooLarge("the result of t", 10, 5, setting="64 KiB"),
+        NotReplicated(2, 1, 500),
+        LockConflictError("ns:{q}:lock:abc", "j1"),
+    ]
+    for exc in errors:
+        assert _same_error(exc, pickle.loads(pickle.dumps(exc))), exc
+        assert _same_error(exc, copy.copy(exc)), exc
+    assert pickle.loads(pickle.dumps(failed.value)).__notes__ == ["seen by the caller"]
