@@ -17,7 +17,7 @@ import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import anyio
 
@@ -34,6 +34,9 @@ from taskrunner.middleware.base import (
     build_enqueue_chain,
 )
 from taskrunner.subscriber import Subscriber, handler
+
+if TYPE_CHECKING:
+    from taskrunner.codec import ResultCodec
 
 logger = logging.getLogger("taskrunner")
 
@@ -81,6 +84,9 @@ class Client:
         self.partitions = partitions
         self.max_payload = max_payload
         self.clock = Clock()
+        self.codecs: Callable[[str], ResultCodec | None] = _no_codec
+        """A task's result codec by its name (the runner's tasks): how the handle of a
+        deduplicated enqueue reads the existing job, which may be another task's."""
         self._queues: dict[str, Queue] = {}
         self._subscriber: Subscriber | None = None
         self._subscriber_task: asyncio.Task[None] | None = None
@@ -199,7 +205,9 @@ class Client:
         code = int(reply[0])
         if code == 2:
             raise LockConflictError(str(reply[2]), str(reply[1]))
-        return Job(self, ctx.job_id, ctx.queue, ctx.task.codec.result, deduplicated=code == 0)
+        if code == 0:  # an existing job, perhaps of another task (one job_id given to two)
+            return Job(self, ctx.job_id, ctx.queue, deduplicated=True, codecs=self.codecs)
+        return Job(self, ctx.job_id, ctx.queue, ctx.task.codec.result)
 
     async def write(self, ctx: EnqueueContext) -> Job[Any]:
         """The innermost enqueue layer: one atomic write."""
@@ -417,6 +425,11 @@ class Client:
             with anyio.CancelScope(shield=True):
                 await asyncio.gather(task, return_exceptions=True)
         await self.connection.aclose()
+
+
+def _no_codec(task: str) -> ResultCodec | None:
+    """No task is known: a result is read as plain JSON."""
+    return None
 
 
 async def _woken(wake: asyncio.Event, recheck: float) -> float:

@@ -505,6 +505,7 @@ class TaskRunner:
             replicas=self.replicas,
         )
         self._client.clock = self.clock
+        self._client.codecs = self._result_codec
 
     async def _disconnect(self) -> None:
         if self._client is not None:

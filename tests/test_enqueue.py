@@ -162,6 +162,32 @@ async def test_same_job_id_is_idempotent_and_writes_nothing_the_second_time(
     assert await redis.xlen(keys.stream) == 1
 
 
+async def test_a_job_id_taken_by_another_task_gives_a_handle_that_reads_that_tasks_result(
+    make_runner: MakeRunner,
+) -> None:
+    """A job id given to two tasks names one job (ids are per queue): the second enqueue
+    is deduplicated onto the first task's job, and its handle rebuilds that job's result
+    (it decoded it with the second task's type: "stored result unreadable")."""
+    tr = make_runner()
+    add = declare_add(tr)
+
+    @tr.task
+    async def stamp(label: str) -> datetime:
+        return datetime(2030, 1, 1, tzinfo=UTC)
+
+    async with tr:
+        first = await stamp.options(job_id="order-7").enqueue("charge")
+        again = await add.options(job_id="order-7").enqueue(1, 2)
+        [many] = await add.enqueue_many([add.options(job_id="order-7").call(3, 4)])
+        assert again.deduplicated
+        assert many.deduplicated
+        await tr.run_until_idle()
+        expected = datetime(2030, 1, 1, tzinfo=UTC)
+        assert await first.result(timeout=DEADLINE) == expected
+        assert await again.result(timeout=DEADLINE) == expected
+        assert await many.result(timeout=DEADLINE) == expected
+
+
 async def test_delay_schedules_the_job_in_the_delayed_set(
     tr: TaskRunner, redis: Redis, namespace: str
 ) -> None:
