@@ -35,6 +35,7 @@ The lifespan may also yield ``{"taskrunner": tr}`` (lifespan state) instead of s
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Annotated, Any
@@ -69,7 +70,11 @@ def lifespan(
 ) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     """A lifespan that opens ``runner`` for the app's lifetime and sets
     ``app.state.taskrunner``; with ``worker=True`` it also runs
-    ``runner.worker(**worker_options)`` in the background of the app."""
+    ``runner.worker(**worker_options)`` in the background of the app.
+
+    Worker options without ``worker=True``, or that ``runner.worker`` does not take,
+    raise ``TypeError`` here (not at the app's startup; never dropped)."""
+    _check_worker_options(runner, worker, worker_options)
 
     @asynccontextmanager
     async def run(app: FastAPI) -> AsyncIterator[None]:
@@ -85,3 +90,12 @@ def lifespan(
                 del app.state.taskrunner
 
     return run
+
+
+def _check_worker_options(runner: TaskRunner, worker: bool, options: dict[str, Any]) -> None:
+    if options and not worker:
+        raise TypeError(
+            f"lifespan(): worker options ({', '.join(options)}) need worker=True; "
+            "without it the app runs no worker"
+        )
+    inspect.signature(runner.worker).bind(**options)  # TypeError naming an unknown one

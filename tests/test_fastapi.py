@@ -260,6 +260,18 @@ async def test_ready_made_lifespan_runs_a_worker_and_routes_get_the_runner(
     assert not hasattr(app.state, "taskrunner")
 
 
+def test_ready_made_lifespan_refuses_worker_options_it_would_not_use_at_once(
+    make_runner: Callable[..., TaskRunner],
+) -> None:
+    # worker options without worker=True were dropped: the app served, and no job ran
+    runner = make_runner()
+    with pytest.raises(TypeError, match=r"concurrency.*need worker=True"):
+        lifespan(runner, concurrency=10)
+    with pytest.raises(TypeError, match="concurency"):  # not at the app's startup
+        lifespan(runner, worker=True, concurency=10)
+    lifespan(runner, worker=True, concurrency=10, queues=["default"])
+
+
 async def test_dependency_prefers_lifespan_state_over_app_state(
     make_runner: Callable[..., TaskRunner],
 ) -> None:
