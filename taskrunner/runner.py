@@ -557,6 +557,11 @@ class TaskRunner:
     ) -> tuple[Job[R1], Job[R2], Job[R3], Job[R4], Job[R5], Job[R6]]: ...
 
     @overload
+    async def enqueue_many(  # type: ignore[overload-overlap]
+        self, calls: tuple[Call[R], ...], /
+    ) -> tuple[Job[R], ...]: ...
+
+    @overload
     async def enqueue_many(self, calls: Iterable[Call[R]], /) -> list[Job[R]]: ...
 
     async def enqueue_many(
@@ -564,9 +569,10 @@ class TaskRunner:
     ) -> list[Job[Any]] | tuple[Job[Any], ...]:
         """Validate every call, then write them in pipelined batches (order kept).
 
-        Calls of different tasks may go together. A list (any iterable) of calls returns
-        a list of handles typed by the calls' common result type; a tuple of up to six
-        calls returns a tuple with one handle per call, each typed by its own task:
+        Calls of different tasks may go together. A list (any iterable but a tuple) of
+        calls returns a list of handles typed by the calls' common result type; a tuple
+        returns a tuple: of up to six calls, with one handle per call, each typed by its
+        own task; longer, or of unknown length, typed by the common result type:
         ``a, s = await tr.enqueue_many((add.call(1, 2), send.call("x")))`` gives
         ``Job[int]`` and ``Job[Receipt]``.
         """

@@ -196,6 +196,11 @@ async def check_mixed_batches() -> None:
     assert_type(s, Job[Receipt])
     triple = await tr.enqueue_many((add.call(1, 2), audited_task.call(), rebuild.call(3)))
     assert_type(triple, tuple[Job[int], Job[str], Job[None]])
+    # A longer tuple, or one of unknown length, gives a tuple too (it was typed a list).
+    assert_type(await tr.enqueue_many((add.call(1, 2),) * 7), tuple[Job[int], ...])
+    assert_type(
+        await tr.enqueue_many(tuple(add.call(n, n) for n in range(9))), tuple[Job[int], ...]
+    )
     # A list of calls of different tasks: handles of the common result type.
     mixed: list[Job[int | Receipt]] = await tr.enqueue_many(
         [add.call(1, 2), send.call("a", datetime.now())]
