@@ -182,6 +182,7 @@ RELEASE = Script("release")
 RENEW = Script("renew")
 HASTEN = Script("hasten")
 TICK = Script("tick", uses=("enqueue",))
+UNPAUSE = Script("unpause")
 RELAYED = Script("relayed")
 ALL = (
     ENQUEUE,
@@ -216,6 +217,7 @@ ALL = (
     RENEW,
     HASTEN,
     TICK,
+    UNPAUSE,
     RELAYED,
 )
 
@@ -928,6 +930,12 @@ def hasten(env: Env, keys: QueueKeys, job_id: str) -> ScriptCall:
     return ScriptCall(
         HASTEN, [keys.job(job_id), keys.delayed], [env.clock, env.publish, keys.events]
     )
+
+
+def unpause(state: str, tick_ms: int, now_ms: int) -> ScriptCall:
+    """Resume a paused cron schedule (its ``state`` key): the ticks up to ``tick_ms``
+    (its latest at or before ``now_ms``) count as handled (see unpause.lua)."""
+    return ScriptCall(UNPAUSE, [state], [tick_ms, now_ms])
 
 
 def relayed(

@@ -259,6 +259,30 @@ async def test_paused_ticks_are_skipped_and_resume_starts_at_the_next_tick(
     )
 
 
+async def test_resume_does_not_replay_the_ticks_that_fell_while_paused_without_a_worker(
+    make_runner: MakeRunner, redis: Redis, namespace: str
+) -> None:
+    tr = make_runner()
+
+    @tr.cron("0 * * * * *", name="minutely", max_drift=3600)
+    async def minutely() -> None: ...
+
+    async with frozen_time(tr, start=T0) as clock, tr:
+        assert [c.id for c in await tr.run_until_idle()] == [f"cron:minutely:{at(10, 0)}"]
+        await tr.crontab.pause("minutely")
+        await clock.advance(120)  # 10:01 and 10:02 fall while paused, and no worker runs
+        await tr.crontab.resume("minutely")
+        assert await tr.run_until_idle() == []  # within max_drift, but paused: not replayed
+        await tr.crontab.resume("minutely")  # not paused: changes nothing
+        await clock.advance(60)
+        assert [c.id for c in await tr.run_until_idle()] == [f"cron:minutely:{at(10, 3)}"]
+        await clock.advance(120)  # 10:04 and 10:05: missed by the workers, not paused
+        await tr.crontab.resume("minutely")  # so a resume does not skip them
+        done = await tr.run_until_idle()
+        assert sorted(c.id for c in done) == [f"cron:minutely:{at(10, m)}" for m in (4, 5)]
+    assert len(await cron_jobs(redis, namespace, "minutely")) == 4
+
+
 async def test_max_drift_skips_older_ticks_after_a_restart_and_logs_them_once(
     make_runner: MakeRunner, redis: Redis, namespace: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -471,7 +495,8 @@ async def test_the_cli_lists_pauses_and_resumes_schedules(
 
     resumed = await anyio.to_thread.run_sync(cli, "cron", "resume", app, "nightly")
     assert (resumed.returncode, resumed.stdout) == (0, "resumed nightly\n")
-    assert await redis.hgetall(f"{namespace}:{{default}}:cron:nightly") == {}
+    state = await redis.hgetall(f"{namespace}:{{default}}:cron:nightly")
+    assert list(state) == ["last"]  # the ticks that fell while it was paused count as handled
 
     for args in (("cron", "pause", app, "nope"), ("cron", "resume", app, "a b")):
         bad = await anyio.to_thread.run_sync(cli, *args)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import pydantic
 
+from taskrunner import scripts
 from taskrunner.config import reason
 from taskrunner.cron.expression import CronExpression
 from taskrunner.cron.schedule import (
@@ -168,10 +169,15 @@ class CronTab:
         await self._runner.client.redis.hset(key, "paused", "1")
 
     async def resume(self, name: str) -> None:
-        """Resume a paused schedule from its next tick."""
+        """Resume a paused schedule from its next tick: the ticks that fell while it was
+        paused are not run, even by workers that were away then (a schedule that is not
+        paused is left alone)."""
         schedule = self.get(name)
         key = (await self.location(schedule)).cron(schedule.name)
-        await self._runner.client.redis.hdel(key, "paused")
+        redis = self._runner.client.redis
+        now = self._runner.clock.shift(await server_ms(redis))
+        latest = schedule.expression.at_or_before(now) or 0
+        await scripts.run(redis, scripts.unpause(key, latest, now))
 
     async def trigger(self, name: str) -> Job[Any]:
         """Enqueue the schedule's job now, outside its ticks (paused or not), under a
