@@ -113,6 +113,12 @@ def test_bad_settings_of_a_schedule_are_refused_in_one_sentence() -> None:
         (lambda: tr.cron("* * * * *", report.call("a"), name="a b"), "invalid cron schedule"),
         (lambda: tr.cron("* * * * *", report.options(delay=5).call("a")), "delay cannot be set"),
         (lambda: tr.cron("* * * * *", report.options(priority="top").call("a")), "priority"),
+        # the task instead of a call of it: was an AttributeError about 'delay'
+        (
+            lambda: tr.cron("* * * * *", report),  # type: ignore[call-overload]
+            "report': tr.cron(expression, call) takes a call such as task.call(",
+        ),
+        (lambda: tr.cron("* * * * *", report.call), "got <bound method"),  # type: ignore[call-overload]
     ]
     for declare, expected in cases:
         with pytest.raises(ConfigurationError) as caught:

@@ -29,6 +29,7 @@ from taskrunner.cron.schedule import (
 )
 from taskrunner.exceptions import ConfigurationError, ScheduleNotFound
 from taskrunner.keys import QueueKeys, check_name
+from taskrunner.logs import excerpt
 from taskrunner.task import Call, EnqueueOptions
 from taskrunner.worker.scheduler import server_ms
 
@@ -80,6 +81,7 @@ class CronTab:
         max_drift: float | timedelta = 60.0,
     ) -> CronSchedule:
         """Declare a schedule of ``call`` (see ``TaskRunner.cron``)."""
+        _check_call(call, name)
         label = name if name is not None else call.task.name
         try:
             schedule = self._build(label, expression, call, tz, max_drift)
@@ -191,6 +193,19 @@ class CronTab:
         call: Call[Any] = Call(schedule.task, schedule.args, schedule.kwargs, options)
         jobs = await self._runner.enqueue_many([call])
         return jobs[0]
+
+
+def _check_call(call: object, name: str | None) -> None:
+    """``tr.cron(expression, call)`` takes a call: ``task.call(...)``, not the task."""
+    if isinstance(call, Call):
+        return
+    label = name or getattr(call, "name", None)  # a task's
+    which = f"cron schedule {label!r}: " if isinstance(label, str) else ""
+    raise ConfigurationError(
+        f"{which}tr.cron(expression, call) takes a call such as task.call(...) (with the "
+        f"task's arguments), got {excerpt(repr(call), 100)}; a task without arguments can "
+        "also be scheduled with @tr.cron(expression) above it"
+    )
 
 
 def _check_options(options: EnqueueOptions) -> None:
