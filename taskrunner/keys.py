@@ -84,6 +84,11 @@ def check_name(kind: str, name: str) -> str:
 
 def check_levels(levels: Sequence[str]) -> tuple[str, ...]:
     """Priority level names: at least one, unique, and usable in keys and members."""
+    if isinstance(levels, str | bytes):  # a string is a sequence: of one-letter levels
+        raise ConfigurationError(
+            f"priorities must be a sequence of level names, highest first, e.g. "
+            f"('high', 'default', 'low'), got the string {levels!r}"
+        )
     found = tuple(levels)
     if not found:
         raise ConfigurationError("priorities must name at least one level")

@@ -236,6 +236,22 @@ async def test_aged_low_jobs_get_one_take_in_ten_and_the_high_ones_the_rest(
     assert len(found) == 70
 
 
+def test_bad_priorities_are_refused_where_the_runner_is_made() -> None:
+    cases: list[tuple[object, str]] = [
+        # a string is a sequence too: "abc" was taken as the levels a, b and c
+        ("abc", "must be a sequence of level names, highest first, e.g. ('high', 'default'"),
+        ("high", "got the string 'high'"),  # was "priority levels must be unique" ('h' twice)
+        ((), "at least one level"),
+        (("high", "high"), "must be unique"),
+        (("a:b",), "invalid priority level 'a:b'"),
+    ]
+    for priorities, expected in cases:
+        with pytest.raises(ConfigurationError) as caught:
+            TaskRunner("redis://localhost:1/0", priorities=priorities)  # type: ignore[arg-type]
+        assert expected in str(caught.value)
+    assert TaskRunner("redis://localhost:1/0", priorities=["a", "b"]).priorities == ("a", "b")
+
+
 async def test_the_level_comes_from_the_task_or_the_call_and_an_unknown_one_writes_nothing(
     make_runner: Callable[..., TaskRunner], redis_url: str, namespace: str
 ) -> None:
