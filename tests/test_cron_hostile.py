@@ -93,6 +93,23 @@ async def test_a_far_future_last_at_start_up_is_read_as_a_lost_state_with_one_wa
     assert problems(caplog) == []
 
 
+@pytest.mark.parametrize("last", [*HOSTILE_LAST, pytest.param("1e3", id="not-digits")])
+async def test_resume_overwrites_a_hostile_last_with_the_latest_tick(
+    make_runner: MakeRunner, redis: Redis, last: str
+) -> None:
+    tr = make_runner()
+    declare(tr)
+    async with frozen_time(tr, start=T0) as clock, tr:
+        key = (await tr.crontab.location(tr.crontab.get("minutely"))).cron("minutely")
+        await tr.crontab.pause("minutely")
+        await redis.hset(key, "last", last)
+        await tr.crontab.resume("minutely")
+        assert await redis.hgetall(key) == {"last": str(tick_s(0) * 1000)}
+        assert await tr.run_until_idle() == []  # 10:00 fell while paused
+        await clock.advance(30)
+        assert [c.id for c in await tr.run_until_idle()] == [job_id(1)]
+
+
 @pytest.mark.parametrize("last", HOSTILE_LAST)
 async def test_a_far_future_last_written_while_a_worker_runs_does_not_stop_the_schedule(
     make_runner: MakeRunner, redis: Redis, last: str, caplog: pytest.LogCaptureFixture
