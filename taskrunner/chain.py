@@ -19,11 +19,13 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, Protocol, TypeVar, cast
 
 from taskrunner.definition import Call, Calls
 from taskrunner.job import Job, JobStore, deadline, safe_text
 from taskrunner.keys import check_name
+from taskrunner.options import wait_seconds
 
 if TYPE_CHECKING:
     from taskrunner.codec import ResultCodec
@@ -111,14 +113,16 @@ class ChainJob(Generic[R]):
     def __repr__(self) -> str:
         return f"ChainJob(id={self.id!r}, steps={len(self.jobs)})"
 
-    async def result(self, timeout: float | None = None) -> R:
+    async def result(self, timeout: float | timedelta | None = None) -> R:
         """Wait for the last step and return its result.
 
         The chain stops at the first step that does not succeed: this raises that
         step's error (``JobFailed``, ``JobAborted``, ``JobRejected``,
         ``JobDeadLettered``; a follow-up whose spec was unreadable is dead-lettered as
         ``next-<id of the step before>``), and the later steps never exist.
-        ``TimeoutError`` when ``timeout`` seconds pass first (the chain goes on)."""
+        ``TimeoutError`` when ``timeout`` (seconds or a ``timedelta``) passes first (the
+        chain goes on)."""
+        timeout = wait_seconds(timeout)
         once = 0.0 if timeout is not None and timeout <= 0 else None  # look once, no wait
         with deadline(None if once == 0 else timeout, f"chain {self.jobs[0].id} is not done"):
             for job in self.jobs[:-1]:

@@ -15,12 +15,14 @@ instead.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any, Generic, Literal, TypeVar, overload
 
 import anyio
 
 from taskrunner.exceptions import JobError
 from taskrunner.job import Job, deadline
+from taskrunner.options import wait_seconds
 
 R = TypeVar("R")
 
@@ -44,16 +46,16 @@ class Group(Generic[R]):
 
     @overload
     async def results(
-        self, timeout: float | None = None, *, return_exceptions: Literal[False] = False
+        self, timeout: float | timedelta | None = None, *, return_exceptions: Literal[False] = False
     ) -> list[R]: ...
 
     @overload
     async def results(
-        self, timeout: float | None = None, *, return_exceptions: Literal[True]
+        self, timeout: float | timedelta | None = None, *, return_exceptions: Literal[True]
     ) -> list[R | JobError]: ...
 
     async def results(
-        self, timeout: float | None = None, *, return_exceptions: bool = False
+        self, timeout: float | timedelta | None = None, *, return_exceptions: bool = False
     ) -> list[R] | list[R | JobError]:
         """Wait until every job is final; their results in the order of the jobs.
 
@@ -61,7 +63,8 @@ class Group(Generic[R]):
         (``JobFailed``, ``JobAborted``, ``JobRejected``, ``JobDeadLettered``,
         ``JobNotFound``), after all are final; with ``return_exceptions=True`` the
         errors are returned in their places instead. ``TimeoutError`` when ``timeout``
-        seconds pass first (the jobs go on)."""
+        (seconds or a ``timedelta``) passes first (the jobs go on)."""
+        timeout = wait_seconds(timeout)
         found: list[Any] = [None] * len(self.jobs)
         limiter = anyio.CapacityLimiter(WAITS)
         look_once = timeout is not None and timeout <= 0  # as job.result(timeout=0)

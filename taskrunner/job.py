@@ -9,7 +9,7 @@ import json
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
@@ -24,6 +24,7 @@ from taskrunner.exceptions import (
     JobRejected,
     TaskrunnerError,
 )
+from taskrunner.options import wait_seconds
 from taskrunner.urls import redact
 
 if TYPE_CHECKING:
@@ -290,15 +291,16 @@ class Job(Generic[R]):
         """Everything Redis knows about the job."""
         return JobInfo.from_hash(self.id, await self._client.state(self.queue, self.id))
 
-    async def result(self, timeout: float | None = None) -> R:
+    async def result(self, timeout: float | timedelta | None = None) -> R:
         """Wait for the job to finish and return its result.
 
-        Raises ``TimeoutError`` when ``timeout`` seconds pass first, ``JobFailed`` when
-        it failed for good, ``JobAborted``, ``JobRejected`` or ``JobDeadLettered``.
+        Raises ``TimeoutError`` when ``timeout`` (seconds or a ``timedelta``; 0: look
+        once) passes first, ``JobFailed`` when it failed for good, ``JobAborted``,
+        ``JobRejected`` or ``JobDeadLettered``.
         Waiting is a pub/sub subscription, not a polling loop; without a message the
         job is read again after 1 s, then at doubling intervals up to every 10 s.
         """
-        state = await self._client.wait(self.queue, self.id, timeout)
+        state = await self._client.wait(self.queue, self.id, wait_seconds(timeout))
         return self._outcome(state)
 
     def progress(self) -> AsyncIterator[Any]:

@@ -48,6 +48,18 @@ def signed_seconds(value: object) -> float | None:
     return seconds
 
 
+def wait_seconds(value: object) -> float | None:
+    """A wait's ``timeout`` (``job.result``, ``group.results``, ``run_until_idle``...)
+    in seconds: a number or a ``timedelta`` (0 or less: look once, do not wait); None
+    and infinity: no bound. ValueError naming ``timeout`` for anything else."""
+    if isinstance(value, float) and value == math.inf:
+        return None
+    try:
+        return signed_seconds(value)
+    except ValueError as exc:
+        raise ValueError(f"timeout {exc}") from None
+
+
 OptionalSeconds = Annotated[float | None, BeforeValidator(to_seconds), AfterValidator(at_most_max)]
 """A task option in seconds that also takes a ``timedelta``; None means "not set"."""
 

@@ -825,7 +825,7 @@ class TaskRunner:
         self,
         *,
         queues: Sequence[str] | None = None,
-        timeout: float = 30.0,
+        timeout: float | timedelta = 30.0,
         concurrency: int = 10,
         raise_failures: bool = True,
     ) -> list[Committed]:

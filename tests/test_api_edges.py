@@ -503,6 +503,42 @@ async def test_a_zero_timeout_looks_once_for_groups_and_chains_too(
         assert await chain.result(timeout=0) == 3
 
 
+async def test_every_wait_takes_its_timeout_as_a_timedelta_and_refuses_what_is_no_duration(
+    make_runner: MakeRunner,
+) -> None:
+    tr = make_runner()
+
+    @tr.task
+    async def inc(x: int) -> int:
+        return x + 1
+
+    async with tr:
+        job = await inc.enqueue(0)
+        group = await tr.group([inc.call(1), inc.call(2)])
+        chain = await inc.chain(3).then(inc).enqueue()
+        with pytest.raises(TimeoutError, match=r"job \S+ is not final after 0.05s"):
+            await job.result(timeout=timedelta(milliseconds=50))
+        with pytest.raises(TimeoutError, match="a group of 2 jobs is not done after 0s"):
+            await group.results(timeout=timedelta(0))
+        with pytest.raises(TimeoutError, match="is not final"):
+            await chain.result(timeout=timedelta(seconds=-1))
+        done = await tr.run_until_idle(timeout=timedelta(seconds=DEADLINE))
+        assert len(done) == 5
+        assert await job.result(timeout=timedelta(seconds=DEADLINE)) == 1
+        assert await group.results(timedelta(seconds=DEADLINE)) == [2, 3]
+        assert await chain.result(timeout=timedelta(seconds=DEADLINE)) == 5
+        assert await job.result(timeout=math.inf) == 1
+        for bad in ("5", True, math.nan, -math.inf):
+            with pytest.raises(ValueError, match="timeout must be a finite number of seconds"):
+                await job.result(timeout=cast(Any, bad))
+            with pytest.raises(ValueError, match="timeout must be a finite number of seconds"):
+                await group.results(timeout=cast(Any, bad))
+            with pytest.raises(ValueError, match="timeout must be a finite number of seconds"):
+                await chain.result(timeout=cast(Any, bad))
+            with pytest.raises(ValueError, match="timeout must be a finite number of seconds"):
+                await tr.run_until_idle(timeout=cast(Any, bad))
+
+
 def _same_error(exc: BaseException, other: BaseException) -> bool:
     return (type(other), str(other), other.args, vars(other)) == (
         type(exc),

@@ -17,9 +17,11 @@ raised at the end (``JobFailed``, ``JobDeadLettered``) unless ``raise_failures=F
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
@@ -29,6 +31,7 @@ from taskrunner.counts import QueueCounts, queue_counts, resolve
 from taskrunner.exceptions import JobDeadLettered, JobFailed
 from taskrunner.job import ErrorInfo, JobContext
 from taskrunner.middleware.base import Middleware, Outcome, OutcomeKind
+from taskrunner.options import wait_seconds
 
 if TYPE_CHECKING:
     from taskrunner.client import Client
@@ -108,7 +111,7 @@ async def run_until_idle(
     runner: Runner,
     *,
     queues: Sequence[str] | None = None,
-    timeout: float = 30.0,
+    timeout: float | timedelta = 30.0,
     concurrency: int = 10,
     raise_failures: bool = True,
 ) -> list[Committed]:
@@ -119,12 +122,15 @@ async def run_until_idle(
     ``timeout`` seconds, and the first job that failed for good (``JobFailed``) or was
     dead-lettered (``JobDeadLettered``) unless ``raise_failures`` is false.
     """
+    seconds = wait_seconds(timeout)
+    if seconds is None:  # infinity
+        seconds = math.inf
     names = list(queues) if queues else runner.queues()
     recorder = _Recorder()
     runner.middleware.append(recorder)
     try:
         async with runner:
-            await _run(runner, names, timeout, concurrency)
+            await _run(runner, names, seconds, concurrency)
     finally:
         runner.middleware.remove(recorder)
     if raise_failures:
