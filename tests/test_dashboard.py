@@ -493,3 +493,34 @@ async def test_the_job_page_hides_a_password_in_the_jobs_arguments(
         page = (await client.get(f"/ops/jobs/default/{job_id}")).text
     assert secret not in page
     assert "redis://:***@cache:6379/0" in page
+
+
+async def test_a_queue_and_a_job_id_with_a_slash_have_working_pages_and_actions(
+    make_runner: MakeRunner, redis: Redis
+) -> None:
+    tr = build(make_runner)
+    queue, job_id = "eu/emails", "invoice/42%2F"  # sent as eu%2Femails, invoice%2F42%252F
+
+    @tr.task(queue=queue)
+    async def mail(to: str) -> str:
+        return to
+
+    async with client_for(tr, worker=False) as client:
+        await mail.options(job_id=job_id).enqueue("ann@example.com")
+        listed = (await client.get("/ops/jobs", params={"queue": queue})).text
+        link = re.search(r'href="(/ops/jobs/eu%2Femails/[^"]+)"', listed)
+        assert link is not None, listed
+        page = await client.get(link.group(1))
+        assert page.status_code == 200, page.text
+        found = await client.get("/ops/jobs", params={"id": job_id})
+        aborted = await client.post(f"{link.group(1)}/abort", data={"csrf": csrf_of(page.text)})
+        paused = await client.post(
+            "/ops/queues/eu%2Femails/pause", data={"csrf": csrf_of(page.text)}
+        )
+        status = await tr.job(job_id, queue).status()
+    assert job_id in page.text
+    assert found.headers["location"] == link.group(1)
+    assert aborted.status_code == 303
+    assert status == JobStatus.ABORTED
+    assert paused.status_code == 303
+    assert await redis.exists(QueueKeys(tr.namespace, queue).paused)

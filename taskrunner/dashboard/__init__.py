@@ -42,7 +42,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from taskrunner.dashboard.guard import Auth, AuthResult, Guard
-from taskrunner.dashboard.pages import ROUTES
+from taskrunner.dashboard.pages import ROUTES, Segments
 from taskrunner.exceptions import TaskrunnerError
 from taskrunner.job import safe_text
 from taskrunner.runner import TaskRunner
@@ -70,7 +70,12 @@ def dashboard(
     """
     app = Starlette(
         routes=[*ROUTES, Mount("/static", StaticFiles(directory=STATIC), name="static")],
-        middleware=[*(middleware or []), Middleware(Guard, auth=auth), Middleware(_Opener)],
+        middleware=[
+            *(middleware or []),
+            Middleware(Guard, auth=auth),
+            Middleware(_Opener),
+            Middleware(Segments),
+        ],
         lifespan=_lifespan(runner) if open_runner else None,
         exception_handlers={ResponseError: _refused},
     )

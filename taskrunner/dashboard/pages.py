@@ -13,7 +13,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, unquote, urlencode
 
 from jinja2 import pass_eval_context
 from jinja2.nodes import EvalContext
@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 from starlette.templating import Jinja2Templates
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from taskrunner.admin import CursorError
 from taskrunner.admin.listing import MAX_LIMIT, STATUS_ORDER
@@ -81,6 +82,42 @@ def path(request: Request, name: str, query: dict[str, Any] | None = None, **par
     url = str(request.scope.get("root_path", "")) + template
     wanted = {k: v for k, v in (query or {}).items() if v not in (None, "")}
     return f"{url}?{urlencode(wanted)}" if wanted else url
+
+
+_KEPT = re.compile(r"(%2[fF]|%25)")
+
+
+class Segments:
+    """ASGI middleware: routes on the path as it was sent, so that a queue name or a job
+    id with a ``/`` in it (``eu/emails``, ``invoice/42``: ``path`` sends it as ``%2F``)
+    stays one path segment instead of a 404; ``param`` decodes it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope = {**scope, "path": route_path(scope)}
+        await self.app(scope, receive, send)
+
+
+def route_path(scope: Scope) -> str:
+    """The request's path with every escape decoded but ``%2F`` and ``%25`` (so that
+    ``param`` reads each segment back exactly), from ``raw_path`` when the server gives
+    it and it agrees with ``path``."""
+    path = str(scope["path"])
+    raw = scope.get("raw_path")
+    if isinstance(raw, bytes) and raw.isascii():
+        parts = _KEPT.split(raw.decode("ascii"))
+        kept = "".join(part if index % 2 else unquote(part) for index, part in enumerate(parts))
+        if unquote(kept) == path:
+            return kept
+    return path.replace("%", "%25")
+
+
+def param(request: Request, name: str) -> str:
+    """A path parameter as given to ``path`` (a ``/`` or ``%`` in it included)."""
+    return unquote(str(request.path_params[name]))
 
 
 def render(request: Request, template: str, **context: Any) -> Response:
@@ -155,7 +192,7 @@ async def jobs_page(request: Request) -> Response:
 
 async def job_page(request: Request) -> Response:
     runner = runner_of(request)
-    queue, job_id = request.path_params["queue"], request.path_params["job_id"]
+    queue, job_id = param(request, "queue"), param(request, "job_id")
     try:
         detail = await runner.admin.job(job_id, queue)
     except JobNotFound:
@@ -219,7 +256,7 @@ def _back(request: Request, fallback: str, notice: str) -> RedirectResponse:
 
 async def retry_job(request: Request) -> Response:
     await _form(request)
-    queue, job_id = request.path_params["queue"], request.path_params["job_id"]
+    queue, job_id = param(request, "queue"), param(request, "job_id")
     try:
         done = await runner_of(request).admin.retry(job_id, queue)
     except JobNotFound:
@@ -234,7 +271,7 @@ async def retry_job(request: Request) -> Response:
 
 async def abort_job(request: Request) -> Response:
     await _form(request)
-    queue, job_id = request.path_params["queue"], request.path_params["job_id"]
+    queue, job_id = param(request, "queue"), param(request, "job_id")
     try:
         status = await runner_of(request).admin.abort(job_id, queue)
     except JobNotFound:
@@ -249,14 +286,14 @@ async def abort_job(request: Request) -> Response:
 
 async def pause_queue(request: Request) -> Response:
     await _form(request)
-    queue = request.path_params["queue"]
+    queue = param(request, "queue")
     await _queue_action(runner_of(request).admin.pause, queue)
     return _back(request, path(request, "queues"), f"queue {queue} paused")
 
 
 async def resume_queue(request: Request) -> Response:
     await _form(request)
-    queue = request.path_params["queue"]
+    queue = param(request, "queue")
     await _queue_action(runner_of(request).admin.resume, queue)
     return _back(request, path(request, "queues"), f"queue {queue} resumed")
 
@@ -269,7 +306,7 @@ async def _queue_action(action: Any, queue: str) -> None:
 
 
 async def dead_action(request: Request) -> Response:
-    queue, action = request.path_params["queue"], request.path_params["action"]
+    queue, action = param(request, "queue"), param(request, "action")
     if action not in ("retry", "delete", "purge"):
         raise HTTPException(404, f"no dead-letter action {action!r}")
     form = await _form(request)
@@ -289,7 +326,7 @@ async def dead_action(request: Request) -> Response:
 
 async def cron_action(request: Request) -> Response:
     """Pause, resume or trigger a cron schedule (``tr.crontab``)."""
-    name, action = request.path_params["schedule"], request.path_params["action"]
+    name, action = param(request, "schedule"), param(request, "action")
     if action not in ("pause", "resume", "trigger"):
         raise HTTPException(404, f"no cron action {action!r}")
     await _form(request)
