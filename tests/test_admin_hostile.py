@@ -1,6 +1,6 @@
 """The operations surfaces on hostile data in Redis (anything there may be hostile):
-``taskrunner job``, ``jobs``, ``dead-letters``, ``retry-dead``, ``purge-dead`` and
-``info`` print one line and exit non-zero on errors (never a traceback), listings show
+``taskrunner job``, ``jobs``, ``dead-letters``, ``retry-dead``, ``purge-dead``,
+``info`` and ``cron`` print one line and exit non-zero on errors (never a traceback), listings show
 a bad row sanely, and the dashboard never answers 500 because of data. Real
 redis-server, real ``taskrunner`` processes, the dashboard over httpx."""
 
@@ -437,3 +437,19 @@ def test_a_deeply_nested_cursor_is_a_usage_error(env: dict[str, str], command: s
     assert_no_traceback(done)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1, done.stderr[-2000:]
+
+
+async def test_cron_commands_print_one_line_when_a_schedules_state_is_not_a_hash(
+    env: dict[str, str], redis: Redis, namespace: str
+) -> None:
+    # the state of "nightly" (queue "default", one partition) overwritten by a string:
+    # each cron command printed redis-py's traceback
+    await redis.set(QueueKeys(namespace, "default").cron("nightly"), "x")
+    app = "apps.cron_app:tr"
+    for args in (["list", app], ["list", app, "--json"], ["pause", app, "nightly"]):
+        done = cli(env, "cron", *args)
+        assert_no_traceback(done)
+        assert done.returncode == 1, done.stdout
+        assert done.stderr.count("\n") == 1, done.stderr
+        assert done.stderr.startswith("taskrunner: error: ")
+        assert "WRONGTYPE" in done.stderr

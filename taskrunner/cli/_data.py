@@ -3,7 +3,7 @@
 Anything in Redis may be hostile: a key of the wrong type (a string where a queue's
 meta hash, a finished-job index or the dead letters belong) makes Redis answer
 WRONGTYPE to the command that reads it. The operations commands (``job``, ``jobs``,
-``retry``, ``abort``, ``info``, the dead-letter commands) read through
+``retry``, ``abort``, ``info``, ``cron``, the dead-letter commands) read through
 ``data_errors()``: such an answer prints one line and exits 1, like any other
 runtime failure (docs/workers.md). Errors about the URL or the credentials keep their
 own line and exit code (``taskrunner.cli._common``).

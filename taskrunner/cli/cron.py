@@ -1,7 +1,9 @@
 """``taskrunner cron list|pause|resume``: the cron schedules of an app (``tr.crontab``).
 
 A schedule named on the command line that the app does not declare is a usage error:
-one line, exit 2, before anything connects.
+one line, exit 2, before anything connects. A schedule's state key that Redis refuses
+to read (another type: WRONGTYPE) is one line and exit 1, as in every operations
+command.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import click
 
 from taskrunner.cli._common import USAGE_ERROR, example, fail, load_app, run_async, settings_for
+from taskrunner.cli._data import data_errors
 from taskrunner.cron.schedule import CronInfo
 from taskrunner.runner import TaskRunner
 
@@ -67,7 +70,8 @@ def list_schedules(app: str, as_json: bool) -> None:
 
     async def main() -> None:
         async with runner:
-            found.extend(await runner.crontab.list())
+            with data_errors():  # a schedule's state key of another type: one line
+                found.extend(await runner.crontab.list())
 
     run_async(main)
     if as_json:
@@ -93,7 +97,8 @@ def pause(app: str, name: str) -> None:
 
     async def main() -> None:
         async with runner:
-            await runner.crontab.pause(name)
+            with data_errors():
+                await runner.crontab.pause(name)
 
     run_async(main)
     click.echo(f"paused {name}")
@@ -107,7 +112,8 @@ def resume(app: str, name: str) -> None:
 
     async def main() -> None:
         async with runner:
-            await runner.crontab.resume(name)
+            with data_errors():
+                await runner.crontab.resume(name)
 
     run_async(main)
     click.echo(f"resumed {name}")
