@@ -16,6 +16,7 @@ including those kept only for reading after N was lowered):
 * failed: jobs that failed for good within the last ``result_ttl``;
 * dead: jobs in the dead letters;
 * workers: every consumer that registered a heartbeat, with its last one;
+* paused partitions: those whose ``paused`` key exists (``taskrunner queue pause``);
 * next_due: the earliest due time in the delayed sets (by the scripts' clock).
 
 Used by ``taskrunner info``, the Prometheus exporter's queue gauges
@@ -68,6 +69,8 @@ class QueueCounts:
     ``TaskRunner.clock``), None when none is."""
     partitions: list[dict[str, int]] = field(default_factory=list)
     """The same five counts for each partition, in partition order."""
+    paused_partitions: int = 0
+    """How many of its partitions are paused (all of them after ``tr.pause``)."""
 
     def by_status(self) -> dict[str, int]:
         """The five job counts by status name (``queued``, ``scheduled``, ...)."""
@@ -122,6 +125,7 @@ async def queue_counts(
             pipe.zrange(keys.delayed, 0, 0, withscores=True)
             pipe.zcount(keys.failed, since, "+inf")
             pipe.zcard(keys.dead)
+            pipe.exists(keys.paused)
         pipe.zrange(queue.parts[0].workers, 0, -1, withscores=True)
     replies = iter(await pipe.execute(raise_on_error=False))
     return [_counted(queue, replies) for queue in queues]
@@ -131,6 +135,7 @@ def _counted(queue: Partitioned, replies: Iterator[Any]) -> QueueCounts:
     """One queue's counts from its replies, in the order ``queue_counts`` sent them."""
     parts: list[dict[str, int]] = []
     dues: list[float] = []
+    paused = 0
     for keys in queue.parts:
         part = dict.fromkeys(("queued", "scheduled", "running", "failed", "dead"), 0)
         for _ in queue.streams(keys):
@@ -144,6 +149,7 @@ def _counted(queue: Partitioned, replies: Iterator[Any]) -> QueueCounts:
             dues.append(float(first[0][1]) / 1000)
         part["failed"] = int(_checked(next(replies)))
         part["dead"] = int(_checked(next(replies)))
+        paused += int(_checked(next(replies)))
         parts.append(part)
     queued, scheduled, running, failed, dead = (
         sum(p[name] for p in parts) for name in ("queued", "scheduled", "running", "failed", "dead")
@@ -159,6 +165,7 @@ def _counted(queue: Partitioned, replies: Iterator[Any]) -> QueueCounts:
         workers=[(str(w), float(score) / 1000) for w, score in workers],
         next_due=min(dues) if dues else None,
         partitions=parts,
+        paused_partitions=paused,
     )
 
 

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,8 @@ import pytest
 from conftest import subprocess_env, wait_until
 from redis.asyncio import Redis
 
+from taskrunner import TaskRunner
+from taskrunner.cli.info import gather, table
 from taskrunner.keys import GROUP, QueueKeys
 
 APP = "apps.cli_app:tr"
@@ -411,6 +413,8 @@ async def test_info_on_an_empty_namespace_shows_zeros(env: dict[str, str]) -> No
             "failed": 0,
             "dead": 0,
             "partitions": [zeros],
+            "paused": False,
+            "paused_partitions": 0,
             "workers": [],
             "stale_workers": [],
         }
@@ -418,6 +422,36 @@ async def test_info_on_an_empty_namespace_shows_zeros(env: dict[str, str]) -> No
     assert done.returncode == 0
     assert "no live workers" in done.stdout
     assert "other" not in done.stdout
+
+
+async def test_info_shows_a_paused_queue_until_it_is_resumed(env: dict[str, str]) -> None:
+    # a paused queue looked like a stuck one: jobs queued, a live worker, no word of why
+    assert (await run_cli_async(env, "queue", "pause", APP, "other")).returncode == 0
+    paused = await info_json(env)
+    table = await run_cli_async(env, "info", APP)
+    assert (await run_cli_async(env, "queue", "resume", APP, "other")).returncode == 0
+    resumed = await info_json(env)
+    assert (paused["queues"]["other"]["paused"], paused["queues"]["default"]["paused"]) == (
+        True,
+        False,
+    )
+    assert paused["queues"]["other"]["paused_partitions"] == 1
+    rows = {line.split()[0]: line for line in table.stdout.splitlines()[1:3]}
+    assert rows["other"].split()[:2] == ["other", "(paused)"]
+    assert "paused" not in rows["default"]
+    assert resumed["queues"]["other"]["paused"] is False
+
+
+async def test_info_shows_a_queue_paused_in_some_partitions_only(
+    make_runner: Callable[..., TaskRunner], redis: Redis
+) -> None:
+    tr = make_runner(partitions=2)
+    async with tr:
+        await tr.pause("default")
+        await redis.delete(tr.client.keys("default", 1).paused)  # an interrupted pause
+        found = await gather(tr, ["default"])
+    assert (found.queues["default"].paused, found.queues["default"].paused_partitions) == (True, 1)
+    assert table(found).splitlines()[1].split()[:3] == ["default", "(paused", "1/2)"]
 
 
 # -- --processes: a supervisor ---------------------------------------------------------------

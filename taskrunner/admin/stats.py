@@ -1,11 +1,11 @@
 """Queue counts and jobs finished per minute, from structures kept for them.
 
 Counts: ``taskrunner.counts`` reads what every queue holds unfinished (queued,
-running, scheduled), the failed jobs within ``result_ttl``, the dead letters and the
-workers' heartbeats, summed over the partitions; a second pipeline, sent alongside,
-adds what only the admin API keeps: the succeeded, aborted and rejected jobs within
-``result_ttl`` (ZCOUNT of their indexes: O(log n)) and the paused keys. Nothing is
-scanned: the cost is the same with a million jobs.
+running, scheduled), the failed jobs within ``result_ttl``, the dead letters, the
+workers' heartbeats and the paused partitions, summed over the partitions; a second
+pipeline, sent alongside, adds what only the admin API keeps: the succeeded, aborted
+and rejected jobs within ``result_ttl`` (ZCOUNT of their indexes: O(log n)). Nothing
+is scanned: the cost is the same with a million jobs.
 
 Jobs finished per minute come from the same finished-job indexes (minutes.lua: a
 ZCOUNT per index and minute, one script call per partition), so the commit path keeps
@@ -64,7 +64,7 @@ async def counts(client: Client, queues: Sequence[Queue], stale_after: float) ->
         raise extra
     live_since = time.time() - stale_after  # heartbeats are written by the workers' clocks
     found = []
-    for q, core, (succeeded, aborted, rejected, paused) in zip(parts, base, extra, strict=True):
+    for q, core, (succeeded, aborted, rejected) in zip(parts, base, extra, strict=True):
         found.append(
             QueueCounts(
                 queue=q.name,
@@ -77,8 +77,8 @@ async def counts(client: Client, queues: Sequence[Queue], stale_after: float) ->
                 aborted=aborted,
                 rejected=rejected,
                 dead=core.dead,
-                paused=paused > 0,
-                paused_partitions=paused,
+                paused=core.paused_partitions > 0,
+                paused_partitions=core.paused_partitions,
                 workers=sum(1 for _, beat in core.workers if beat >= live_since),
             )
         )
@@ -87,22 +87,21 @@ async def counts(client: Client, queues: Sequence[Queue], stale_after: float) ->
 
 async def _finished(
     client: Client, queues: Sequence[_Parts], floor: int
-) -> list[tuple[int, int, int, int]]:
-    """Per queue: succeeded, aborted and rejected within result_ttl, paused partitions."""
+) -> list[tuple[int, int, int]]:
+    """Per queue: succeeded, aborted and rejected within result_ttl."""
     pipe = cast(Any, client.redis.pipeline(transaction=False))
     for q in queues:
         for keys in q.parts:
             for index in (keys.succeeded, keys.aborted, keys.rejected):
                 pipe.zcount(index, floor, "+inf")
-            pipe.exists(keys.paused)
     replies = iter(await pipe.execute())
     found = []
     for q in queues:
-        totals = [0, 0, 0, 0]
+        totals = [0, 0, 0]
         for _ in q.parts:
-            for i in range(4):
+            for i in range(3):
                 totals[i] += int(next(replies))
-        found.append((totals[0], totals[1], totals[2], totals[3]))
+        found.append((totals[0], totals[1], totals[2]))
     return found
 
 

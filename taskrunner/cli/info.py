@@ -2,9 +2,10 @@
 
 The counts of every queue, summed over its partitions and priority levels, come from
 ``taskrunner.counts`` in one pipelined round trip (queued, scheduled, running,
-failed, dead; see there how each is computed); a partitioned queue also shows each
-partition's counts (``#0``, ``#1``, ... under it); workers are the consumers whose
-heartbeat is at most ``stale_after`` old, with its age, and the stale ones apart.
+failed, dead, and whether it is paused; see there how each is computed); a
+partitioned queue also shows each partition's counts (``#0``, ``#1``, ... under it);
+workers are the consumers whose heartbeat is at most ``stale_after`` old, with its
+age, and the stale ones apart.
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ class QueueInfo(BaseModel):
     dead: int
     partitions: list[dict[str, int]]
     """The same counts per partition (one entry on a queue that is not partitioned)."""
+    paused: bool
+    """Whether its workers take no new jobs (``taskrunner queue pause``; a partition)."""
+    paused_partitions: int
+    """How many of its partitions are paused (all of them after a ``queue pause``)."""
     workers: list[WorkerInfo]
     stale_workers: list[WorkerInfo]
     """Consumers whose heartbeat is older than ``stale_after`` (crashed or stalled)."""
@@ -92,7 +97,12 @@ async def gather(runner: TaskRunner, queues: list[str]) -> Info:
     for found in counts:
         live, stale = _workers(found.workers, now, runner.lease.stale_after)
         result[found.queue] = QueueInfo(
-            **found.by_status(), partitions=found.partitions, workers=live, stale_workers=stale
+            **found.by_status(),
+            partitions=found.partitions,
+            paused=found.paused_partitions > 0,
+            paused_partitions=found.paused_partitions,
+            workers=live,
+            stale_workers=stale,
         )
     schedules = [i for i in await runner.crontab.list() if i.queue in result]
     return Info(namespace=runner.namespace, queues=result, cron=schedules)
@@ -117,7 +127,7 @@ def table(found: Info) -> str:
     rows: list[tuple[str, ...]] = [("QUEUE", *(c.upper() for c in COLUMNS), "WORKERS")]
     for name, q in found.queues.items():
         counts = (q.queued, q.scheduled, q.running, q.failed, q.dead, len(q.workers))
-        rows.append((name, *(str(n) for n in counts)))
+        rows.append((name + _paused(q), *(str(n) for n in counts)))
         if len(q.partitions) > 1:  # each partition's share, indented under the queue
             for index, part in enumerate(q.partitions):
                 cells = (str(part[c]) for c in COLUMNS)
@@ -131,6 +141,16 @@ def table(found: Info) -> str:
     if found.cron:
         lines.append(cron_table(found.cron))
     return "\n\n".join(lines)
+
+
+def _paused(q: QueueInfo) -> str:
+    """`` (paused)`` after a paused queue's name; `` (paused 1/4)`` when only some of
+    its partitions are (an interrupted pause: pause it again)."""
+    if not q.paused:
+        return ""
+    if q.paused_partitions < len(q.partitions):
+        return f" (paused {q.paused_partitions}/{len(q.partitions)})"
+    return " (paused)"
 
 
 def _align(rows: list[tuple[str, ...]]) -> str:
