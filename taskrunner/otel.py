@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from taskrunner.job import ErrorInfo
 from taskrunner.keys import GROUP
 from taskrunner.middleware.base import (
     EnqueueContext,
@@ -179,15 +180,15 @@ async def _traced_call(span: Span, ctx: ExecutionContext, call_next: ExecuteNext
 
 
 def _failed(span: Span, exc: Exception) -> None:
-    kind = type(exc)
-    name = (
-        kind.__qualname__
-        if kind.__module__ == "builtins"
-        else f"{kind.__module__}.{kind.__qualname__}"
+    """Record the exception as the job's stored error is (``ErrorInfo``): a password
+    in a URL of its message or traceback is masked, taskrunner's own frames left out."""
+    error = ErrorInfo.from_exception(exc)
+    span.record_exception(
+        exc,
+        attributes={"exception.message": error.message, "exception.stacktrace": error.traceback},
     )
-    span.record_exception(exc)
-    span.set_attribute("error.type", name)
-    span.set_status(Status(StatusCode.ERROR, f"{kind.__name__}: {exc}"))
+    span.set_attribute("error.type", error.type)
+    span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {error.message}"))
 
 
 __all__ = ["OpenTelemetryMiddleware"]

@@ -239,6 +239,32 @@ async def test_cancelled_attempt_and_refused_enqueue_are_errors(
     assert attrs(refused)["taskrunner.job.delay"] == pytest.approx(3600, abs=1)
 
 
+async def test_a_password_in_an_error_is_masked_in_the_span_as_in_the_stored_error(
+    make_runner: MakeRunner, provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    secret = "hunter2-otel"
+    tr = make_runner(middleware=[OpenTelemetryMiddleware(provider)])
+
+    @tr.task(name="leaky", max_retries=0)
+    async def leaky() -> None:
+        raise ConnectionError(f"cannot reach redis://app:{secret}@db.internal:6379/0")
+
+    async with tr, tr.worker(concurrency=1):
+        with pytest.raises(JobFailed) as failed:
+            await (await leaky.enqueue()).result(timeout=DEADLINE)
+        (span,) = await finished(exporter, "process default", 1)
+    assert secret not in str(failed.value)  # the stored error, masked before
+    (event,) = span.events
+    recorded = dict(event.attributes or {})
+    assert recorded["exception.type"] == "ConnectionError"
+    assert recorded["exception.message"] == "cannot reach redis://app:***@db.internal:6379/0"
+    assert "redis://app:***@db.internal" in str(recorded["exception.stacktrace"])
+    assert span.status.description == (
+        "ConnectionError: cannot reach redis://app:***@db.internal:6379/0"
+    )
+    assert secret not in span.to_json()
+
+
 async def test_deduplicated_enqueue_is_marked_and_keeps_the_first_context(
     make_runner: MakeRunner, provider: TracerProvider, exporter: InMemorySpanExporter
 ) -> None:
