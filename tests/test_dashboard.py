@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import httpx
@@ -24,6 +25,7 @@ from fastapi.security import HTTPBasic
 from redis.asyncio import Redis
 from starlette.applications import Starlette
 from starlette.routing import Mount
+from tcpproxy import MakeProxy
 
 from taskrunner import JobStatus, TaskRunner
 from taskrunner.dashboard import dashboard
@@ -524,3 +526,32 @@ async def test_a_queue_and_a_job_id_with_a_slash_have_working_pages_and_actions(
     assert status == JobStatus.ABORTED
     assert paused.status_code == 303
     assert await redis.exists(QueueKeys(tr.namespace, queue).paused)
+
+
+async def test_dashboard_answers_503_in_one_line_while_redis_is_unreachable(
+    unreachable_port: int, namespace: str, redis_url: str, make_proxy: MakeProxy
+) -> None:
+    # a bare 500 before, from the first request's opening of the runner as from a page
+    secret = "s3cret-dash"
+    tr = TaskRunner(f"redis://:{secret}@127.0.0.1:{unreachable_port}/0", pool_timeout=1)
+    transport = httpx.ASGITransport(app=dashboard(tr, poll_seconds=0))
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        for url in ("/", "/jobs", "/workers"):
+            answer = await client.get(url)
+            assert answer.status_code == 503, url
+            assert answer.text.startswith("Redis is unavailable: "), answer.text
+            assert answer.text.count("\n") == 0
+            assert secret not in answer.text
+            assert answer.headers["retry-after"] == "5"
+    parts = urlsplit(redis_url)
+    proxy = make_proxy(parts.hostname or "127.0.0.1", parts.port or 6379)
+    proxied = TaskRunner(f"redis://127.0.0.1:{proxy.port}/0", namespace=namespace, pool_timeout=1)
+    async with client_for(proxied, worker=False) as client:
+        assert (await client.get("/ops/")).status_code == 200
+        proxy.refuse()
+        proxy.cut()
+        for url in ("/ops/", "/ops/jobs", "/ops/dead"):
+            answer = await client.get(url)
+            assert answer.status_code == 503, url
+            assert answer.text.startswith("Redis is unavailable: "), answer.text
+        proxy.resume()

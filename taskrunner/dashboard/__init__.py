@@ -32,7 +32,9 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
-from redis.exceptions import ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -41,11 +43,13 @@ from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from taskrunner.connection import unavailable
 from taskrunner.dashboard.guard import Auth, AuthResult, Guard
 from taskrunner.dashboard.pages import ROUTES, Segments
 from taskrunner.exceptions import TaskrunnerError
 from taskrunner.job import safe_text
 from taskrunner.runner import TaskRunner
+from taskrunner.urls import redact
 
 STATIC = Path(__file__).parent / "static"
 
@@ -77,7 +81,12 @@ def dashboard(
             Middleware(Segments),
         ],
         lifespan=_lifespan(runner) if open_runner else None,
-        exception_handlers={ResponseError: _refused},
+        exception_handlers={
+            ResponseError: _refused,
+            RedisConnectionError: _refused,
+            RedisTimeoutError: _refused,
+            OSError: _refused,
+        },
     )
     app.state.taskrunner = runner
     app.state.title = title
@@ -86,9 +95,16 @@ def dashboard(
 
 
 async def _refused(request: Request, exc: Exception) -> Response:
-    """What Redis holds broke a page (a key of the wrong type: WRONGTYPE): say so in
-    one line, 502 (the data behind the dashboard is bad), never 500."""
-    line = " ".join(safe_text(str(exc), 500).split())
+    return _failure(exc)
+
+
+def _failure(exc: BaseException) -> Response:
+    """A page that Redis broke, in one line (never a bare 500, never a password): 503
+    while Redis is unreachable or unavailable (down, loading, failing over: try again),
+    502 when what it holds is bad (a key of the wrong type: WRONGTYPE)."""
+    line = redact(" ".join(safe_text(str(exc), 500).split()))
+    if unavailable(exc):
+        return PlainTextResponse(f"Redis is unavailable: {line}", 503, {"Retry-After": "5"})
     return PlainTextResponse(f"Redis refused a read: {line}", 502)
 
 
@@ -112,10 +128,19 @@ class _Opener:
         if scope["type"] == "http":
             runner: TaskRunner = scope["app"].state.taskrunner
             if not _is_open(runner):
-                async with self._lock:
-                    if not _is_open(runner):
-                        await runner.__aenter__()
+                try:
+                    await self._open(runner)
+                except (RedisError, OSError) as exc:  # this request fails; the next retries
+                    if not unavailable(exc):
+                        raise
+                    await _failure(exc)(scope, receive, send)
+                    return
         await self.app(scope, receive, send)
+
+    async def _open(self, runner: TaskRunner) -> None:
+        async with self._lock:
+            if not _is_open(runner):
+                await runner.__aenter__()
 
 
 def _is_open(runner: TaskRunner) -> bool:
