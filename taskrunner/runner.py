@@ -9,7 +9,7 @@ import logging
 import math
 import os
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from datetime import timedelta, tzinfo
+from datetime import datetime, timedelta, tzinfo
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, Unpack, cast, overload
 
@@ -82,6 +82,18 @@ logger = logging.getLogger("taskrunner")
 
 ENQUEUE_BATCH = 1000
 """Calls per pipeline in ``enqueue_many``."""
+
+
+def _timestamp(at: datetime) -> float:
+    """``at`` in seconds since the epoch; a naive ``at`` is local time, and one the
+    system cannot place in local time (year 1, say) is a ConfigurationError."""
+    try:
+        return at.timestamp()
+    except (ValueError, OverflowError, OSError) as exc:
+        raise ConfigurationError(
+            f"at {at.isoformat()} cannot be placed in local time ({exc}): "
+            "give a timezone-aware datetime"
+        ) from None
 
 
 def _seconds(value: float | timedelta) -> float:
@@ -669,7 +681,7 @@ class TaskRunner:
         now = self.clock.now()
         due: float | None = None
         if opts.at is not None:
-            due = opts.at.timestamp()
+            due = _timestamp(opts.at)
             if due - now > MAX_SECONDS:
                 raise ConfigurationError(f"at is more than 100 years ahead: {opts.at.isoformat()}")
         elif opts.delay is not None:

@@ -71,6 +71,7 @@ async def namespace_keys(redis: Redis, namespace: str) -> list[str]:
         {"priority": ""},
         {"at": "2030-01-01"},
         {"at": datetime(9999, 12, 31, tzinfo=UTC)},  # beyond the 100 years a delay has
+        {"at": datetime(1, 1, 1)},  # naive: local time, which year 1 has none of
     ],
 )
 async def test_a_bad_enqueue_option_is_refused_where_it_is_given_and_writes_nothing(
