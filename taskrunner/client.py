@@ -88,6 +88,7 @@ class Client:
         """A task's result codec by its name (the runner's tasks): how the handle of a
         deduplicated enqueue reads the existing job, which may be another task's."""
         self._queues: dict[str, Queue] = {}
+        self._closed = False
         self._subscriber: Subscriber | None = None
         self._subscriber_task: asyncio.Task[None] | None = None
         self._env = scripts.Env()
@@ -156,6 +157,7 @@ class Client:
 
     async def locate(self, queue: str, job_id: str) -> QueueKeys:
         """The partition holding job ``job_id`` (JobNotFound if none does)."""
+        self._check_open()
         q = await self.resolve(queue)
         home = q.for_id(job_id)
         if q.read == 1:
@@ -319,6 +321,7 @@ class Client:
 
     def subscriber(self) -> Subscriber:
         """The process's pub/sub (started on first use, stopped by ``aclose``)."""
+        self._check_open()
         if self._subscriber is None:
             self._subscriber = Subscriber(self.connection)
             self._subscriber_task = asyncio.get_running_loop().create_task(
@@ -417,7 +420,17 @@ class Client:
             raise JobNotFound(job_id)
         return JobStatus.RUNNING if reply == "aborting" else parse_status(reply)
 
+    def _check_open(self) -> None:
+        """A job handle outlives its runner's ``async with`` block: used after it, it
+        raises instead of opening connections (and a pub/sub task) nobody closes."""
+        if self._closed:
+            raise TaskrunnerError(
+                "the runner this job handle came from was closed (its `async with tr:` "
+                "ended): open the runner again and get the job with tr.job(job_id)"
+            )
+
     async def aclose(self) -> None:
+        self._closed = True
         task, self._subscriber_task = self._subscriber_task, None
         self._subscriber = None
         if task is not None:

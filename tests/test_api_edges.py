@@ -6,6 +6,7 @@ on a function names the task as ``@tr.task`` does."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import math
 import pickle
@@ -538,6 +539,33 @@ async def test_every_wait_takes_its_timeout_as_a_timedelta_and_refuses_what_is_n
                 await chain.result(timeout=cast(Any, bad))
             with pytest.raises(ValueError, match="timeout must be a finite number of seconds"):
                 await tr.run_until_idle(timeout=cast(Any, bad))
+
+
+async def test_a_job_handle_used_after_its_runner_closed_raises_and_opens_nothing(
+    make_runner: MakeRunner,
+) -> None:
+    # it used to reconnect the closed pool and start a pub/sub task nobody stopped (or,
+    # on the embedded server, stopped with the runner, fail with a bare ConnectionError)
+    tr = make_runner()
+
+    @tr.task
+    async def inc(x: int) -> int:
+        return x + 1
+
+    async with tr:
+        job = await inc.enqueue(1)
+        chain = await inc.chain(1).then(inc).enqueue()
+        await tr.run_until_idle()
+    before = {task.get_name() for task in asyncio.all_tasks()}
+    closed = "the runner this job handle came from was closed"
+    for use in (job.status, job.info, job.result, job.abort, chain.result):
+        with pytest.raises(TaskrunnerError, match=closed):
+            await use()
+    with pytest.raises(TaskrunnerError, match=closed):
+        await anext(aiter(job.progress()))
+    assert {task.get_name() for task in asyncio.all_tasks()} == before
+    async with tr:  # open again: a new handle of the same job works
+        assert await tr.job(job.id).result(timeout=DEADLINE) == 2
 
 
 def _same_error(exc: BaseException, other: BaseException) -> bool:
