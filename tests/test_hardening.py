@@ -5,8 +5,10 @@ committable, payload limits, lease tokens, lock TTLs that never shrink, bounded 
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -15,6 +17,7 @@ from conftest import wait_until
 from redis.asyncio import Redis
 
 from taskrunner import (
+    ErrorInfo,
     ExecutionContext,
     JobAborted,
     JobDeadLettered,
@@ -225,7 +228,28 @@ class HandsBack(Middleware):
         return Outcome(OutcomeKind.HANDBACK)
 
 
-@pytest.mark.parametrize("culprit", [Forgetful, HandsBack])
+class ReschedulesNever(Middleware):
+    """An infinite due time (it once stopped the worker: OverflowError at commit)."""
+
+    async def execute(self, ctx: ExecutionContext, call_next: ExecuteNext) -> Outcome:
+        return Outcome.reschedule(math.inf)
+
+
+class RetriesAtNaN(Middleware):
+    """A NaN due time (it once ran the job again at once, without end)."""
+
+    async def execute(self, ctx: ExecutionContext, call_next: ExecuteNext) -> Outcome:
+        return Outcome.retry(math.nan, ErrorInfo(type="X", message="again"))
+
+
+class ReschedulesToADatetime(Middleware):
+    async def execute(self, ctx: ExecutionContext, call_next: ExecuteNext) -> Outcome:
+        return Outcome.reschedule(datetime.now(UTC))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "culprit", [Forgetful, HandsBack, ReschedulesNever, RetriesAtNaN, ReschedulesToADatetime]
+)
 async def test_an_invalid_outcome_fails_the_attempt_naming_the_middleware(
     make_runner: MakeRunner, culprit: type[Middleware]
 ) -> None:

@@ -12,6 +12,8 @@ Never catch cancellation (``BaseException``) in a middleware: catch ``Exception`
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -20,7 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from taskrunner.exceptions import MiddlewareError
 from taskrunner.job import ErrorInfo, JobContext
-from taskrunner.options import OptionalSeconds, OptionsT, TaskOptions, to_seconds
+from taskrunner.options import MAX_SECONDS, OptionalSeconds, OptionsT, TaskOptions, to_seconds
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -335,13 +337,34 @@ def check_outcome(mw: object, value: object) -> Outcome:
     """``value`` if it is an Outcome a chain may return, else a MiddlewareError that
     names the middleware (the attempt fails, under the retry policy)."""
     if isinstance(value, Outcome) and value.kind in _COMMITTABLE:
-        if value.kind in (OutcomeKind.RETRY, OutcomeKind.RESCHEDULE) and value.due is None:
-            raise MiddlewareError(f"{_name(mw)}.execute returned {value.kind} without a due time")
+        if value.kind in (OutcomeKind.RETRY, OutcomeKind.RESCHEDULE):
+            problem = _due_problem(value.due)
+            if problem is not None:
+                raise MiddlewareError(f"{_name(mw)}.execute returned {value.kind} {problem}")
         return value
     raise MiddlewareError(
         f"{_name(mw)}.execute returned {_excerpt(value)}, not an Outcome it may return "
         "(a forgotten `return await call_next(ctx)`?)"
     )
+
+
+def _due_problem(due: object) -> str | None:
+    """What is wrong with a retry's or reschedule's due time, None if nothing: it must
+    be epoch seconds, finite and at most ``MAX_SECONDS`` ahead (an infinite one once
+    stopped the worker, a NaN one ran the job again at once, without end)."""
+    if due is None:
+        return "without a due time"
+    if (
+        isinstance(due, bool)
+        or not isinstance(due, int | float)
+        or not math.isfinite(due)
+        or due - time.time() > MAX_SECONDS
+    ):
+        return (
+            f"with due={_excerpt(due)}, not a time in epoch seconds at most 100 years "
+            "ahead (time.time() + delay)"
+        )
+    return None
 
 
 def _name(mw: object) -> str:
