@@ -425,6 +425,50 @@ async def test_unique_args_selects_a_subset_of_the_arguments(
         assert len(await job_keys(redis, namespace)) == 2
 
 
+def differently_ordered(differ: Callable[[list[str], list[str]], bool]) -> list[str]:
+    """Two words such that ``differ(words, reversed words)``: a set of strings lists its
+    items in the order of their hashes (which differ from process to process) and, for
+    two words that want one slot of its table, in the order they were added."""
+    for n in itertools.count():
+        words = [f"tag-{n}", f"tag-{n + 1}"]
+        if differ(words, words[::-1]):
+            return words
+    raise AssertionError("unreachable")
+
+
+@ALL
+async def test_a_set_is_one_job_whatever_the_order_of_its_items(
+    make_runner: MakeRunner, redis: Redis, namespace: str
+) -> None:
+    tr = make_runner()
+
+    @tr.task(lock="until_executed")
+    async def tag(tags: set[str]) -> None: ...
+
+    @tr.task(lock="until_executed", unique_args=set)
+    async def label(tags: list[str]) -> None: ...
+
+    def stored(a: list[str], b: list[str]) -> bool:
+        encode = tag.definition.codec.encode
+        return encode((set(a),), {}) != encode((set(b),), {})
+
+    def iterated(a: list[str], b: list[str]) -> bool:
+        return list(set(a)) != list(set(b))
+
+    async with tr:
+        words = differently_ordered(stored)  # as another process would store them
+        first = await tag.enqueue(set(words))
+        again = await tag.enqueue(set(words[::-1]))
+        assert again.deduplicated
+        assert again.id == first.id
+        words = differently_ordered(iterated)
+        first = await label.enqueue(words)
+        again = await label.enqueue(words[::-1])
+        assert again.deduplicated
+        assert again.id == first.id
+        assert len(await job_keys(redis, namespace)) == 2
+
+
 class Order(BaseModel):
     customer: str
     amount: int

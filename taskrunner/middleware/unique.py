@@ -58,7 +58,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Self
 
 import anyio
-from pydantic import Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 from pydantic_core import to_jsonable_python
 
 from taskrunner import scripts
@@ -156,9 +156,57 @@ class UniqueOptions(TaskOptions):
 
 
 def lock_digest(task_name: str, unique_value: Any) -> str:
-    """The digest naming a lock: the task name and the canonical JSON of the value."""
-    text = f"{task_name}\n{canonical_json(to_jsonable_python(unique_value))}"
+    """The digest naming a lock: the task name and the canonical JSON of the value
+    (its sets in a fixed order: see ``sets_ordered``)."""
+    text = f"{task_name}\n{canonical_json(to_jsonable_python(sets_ordered(unique_value)))}"
     return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def sets_ordered(value: Any) -> Any:
+    """``value`` with every set in it (also in lists, dicts and models) made a list sorted
+    by its items' canonical JSON; ``value`` itself when it holds no set. A set's own
+    order follows string hashes, which differ from process to process, so the same
+    set would name another lock in each producer."""
+    if isinstance(value, set | frozenset):
+        items = [sets_ordered(item) for item in value]
+        return sorted(items, key=lambda item: canonical_json(to_jsonable_python(item)))
+    if isinstance(value, BaseModel):
+        dumped = value.model_dump()
+        ordered = sets_ordered(dumped)
+        return value if ordered is dumped else ordered
+    if isinstance(value, dict):
+        pairs = {key: sets_ordered(item) for key, item in value.items()}
+        changed = any(pairs[key] is not item for key, item in value.items())
+        return pairs if changed else value
+    if isinstance(value, list | tuple):
+        items = [sets_ordered(item) for item in value]
+        changed = any(new is not old for new, old in zip(items, value, strict=True))
+        return items if changed else value
+    return value
+
+
+def _stored_arguments(task: TaskDefinition, payload: str) -> Any:
+    """The arguments as stored (JSON keyed by parameter name); for arguments that hold a
+    set, as validated with their sets ordered (the stored JSON lists a set's items in
+    the order of the process that wrote it)."""
+    stored = json.loads(payload)
+    if not _may_hold_sets(stored):
+        return stored
+    try:
+        validated = task.codec.model.model_validate_json(payload).model_dump(by_alias=True)
+    except ValueError:  # not readable back here: the worker dead-letters it
+        return stored
+    ordered = sets_ordered(validated)
+    return stored if ordered is validated else ordered
+
+
+def _may_hold_sets(stored: Any) -> bool:
+    """Whether stored arguments have a list of two or more items (as a set is stored)."""
+    if isinstance(stored, list):
+        return len(stored) > 1 or any(_may_hold_sets(item) for item in stored)
+    if isinstance(stored, dict):
+        return any(_may_hold_sets(item) for item in stored.values())
+    return False
 
 
 def _ms(seconds: float) -> int:
@@ -222,7 +270,7 @@ class UniqueMiddleware(Middleware):
     def _unique_value(task: TaskDefinition, payload: str) -> Any:
         opts = task.options_for(UniqueOptions)
         if opts.unique_args is None:
-            return json.loads(payload)
+            return _stored_arguments(task, payload)
         args, kwargs = task.codec.decode(payload)
         return opts.unique_args(*args, **kwargs)
 
