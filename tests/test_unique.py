@@ -23,6 +23,7 @@ from apps.unique_app import Settings, build, events_key, gate_key
 from conftest import subprocess_env, wait_until
 from pydantic import BaseModel
 from redis.asyncio import Redis
+from topology import Topology
 
 from taskrunner import (
     ConfigurationError,
@@ -467,6 +468,24 @@ async def test_a_set_is_one_job_whatever_the_order_of_its_items(
         assert again.deduplicated
         assert again.id == first.id
         assert len(await job_keys(redis, namespace)) == 2
+
+
+@ALL
+async def test_lock_key_names_the_lock_a_call_takes_before_its_queue_was_used(
+    make_runner: MakeRunner, redis: Redis, topology: Topology
+) -> None:
+    """A fresh process asks before it enqueues anything: on a Cluster, where a queue
+    has one partition per master, the key must be the call's partition's. (The test
+    names ``topology``: without it, redis_url stays the standalone server's.)"""
+    tr = make_runner()
+
+    @tr.task(lock="until_executed")
+    async def touch(x: int) -> None: ...
+
+    async with tr:
+        keys = [tr.unique.lock_key(touch, (x,)) for x in range(8)]
+        jobs = [await touch.enqueue(x) for x in range(8)]
+        assert [await redis.get(key) for key in keys] == [job.id for job in jobs]
 
 
 class Order(BaseModel):

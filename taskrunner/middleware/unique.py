@@ -255,8 +255,8 @@ class UniqueMiddleware(Middleware):
         client = self._client()
         try:
             partitions = client.cached(name).partitions
-        except Exception:  # noqa: BLE001 - not resolved yet: one partition
-            partitions = 1
+        except Exception:  # noqa: BLE001 - not resolved yet: what resolving would give
+            partitions = client.partitions or client.default_partitions()
         return client.keys(name, home_partition(digest, partitions)).lock(digest)
 
     def partition_for(self, task: TaskDefinition, payload: str, partitions: int) -> int | None:
