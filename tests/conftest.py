@@ -54,10 +54,21 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProc
         yield server
 
 
+def on_topology(request: pytest.FixtureRequest) -> bool:
+    """Whether the test runs on a topology: it asks for the fixture, or the marker
+    parametrized it (the marker alone adds ``topology`` to the parameters, not to
+    ``request.fixturenames``: without this check such a test ran on the session's
+    standalone server under every topology's id)."""
+    callspec = getattr(request.node, "callspec", None)
+    return "topology" in request.fixturenames or (
+        callspec is not None and "topology" in callspec.params
+    )
+
+
 @pytest.fixture
 def redis_url(request: pytest.FixtureRequest) -> str:
     """The session's redis-server, or the test's topology when it has one."""
-    if "topology" in request.fixturenames:
+    if on_topology(request):
         return str(request.getfixturevalue("topology").url)
     server: RedisProcess = request.getfixturevalue("redis_server")
     return server.url
@@ -93,7 +104,7 @@ def make_runner(redis_url: str, namespace: str) -> Callable[..., TaskRunner]:
 async def redis(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterator[Redis]:
     """A client (decode_responses) of the test's Redis: on a topology, one of its kind
     (a cluster client routes each command by its key, so tests use single-slot commands)."""
-    if "topology" not in request.fixturenames:
+    if not on_topology(request):
         client = Redis.from_url(redis_url, decode_responses=True)
         yield client
         await client.aclose()

@@ -25,8 +25,10 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError
+from redis.sentinel import Sentinel
 
 from taskrunner import TaskRunner, current_job
+from taskrunner.urls import parse_url
 
 if os.environ.get("TEST_CLOCK_SHIFT"):  # a host whose clock is wrong by that many seconds
     _shift = float(os.environ["TEST_CLOCK_SHIFT"])
@@ -123,8 +125,32 @@ async def blocker(mode: str) -> str:
     return f"second:{os.getpid()}"
 
 
+def _sync_client() -> redis.Redis | redis.RedisCluster:
+    """A blocking client of the test's Redis, whatever its topology."""
+    target = parse_url(URL or "")
+    auth = {"username": target.username, "password": target.password, **target.ssl_kwargs}
+    if target.topology == "cluster":
+        host, port = target.nodes[0]
+        return redis.RedisCluster(host=host, port=port, **auth)
+    if target.topology == "sentinel":
+        sentinels = Sentinel(  # type: ignore[no-untyped-call]
+            list(target.nodes),
+            sentinel_kwargs={
+                "username": target.sentinel_username,
+                "password": target.sentinel_password,
+                **target.ssl_kwargs,
+            },
+            **auth,
+        )
+        master: redis.Redis = sentinels.master_for(  # type: ignore[no-untyped-call]
+            target.master_name or "", db=target.db
+        )
+        return master
+    return redis.Redis.from_url(URL or "")
+
+
 def _block_until(name: str, timeout: float = 60.0) -> None:
-    sync = redis.Redis.from_url(URL or "")
+    sync = _sync_client()
     deadline = time.monotonic() + timeout
     try:
         while not sync.exists(name) and time.monotonic() < deadline:
