@@ -10,7 +10,7 @@ import asyncio
 import copy
 import math
 import pickle
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
@@ -43,6 +43,7 @@ from taskrunner import (
 )
 from taskrunner.middleware.base import EnqueueNext
 from taskrunner.options import MAX_SECONDS
+from taskrunner.task import Task
 
 DEADLINE = 30.0
 MakeRunner = Callable[..., TaskRunner]
@@ -484,14 +485,21 @@ async def test_a_zero_timeout_returns_the_result_of_a_final_job_without_waiting(
         assert await job.result(timeout=-1) == 1
 
 
-async def test_a_zero_timeout_looks_once_for_groups_and_chains_too(
-    make_runner: MakeRunner,
-) -> None:
+def with_inc(make_runner: MakeRunner) -> tuple[TaskRunner, Task[[int], int]]:
+    """A runner with one task, ``inc(x) = x + 1``."""
     tr = make_runner()
 
     @tr.task
     async def inc(x: int) -> int:
         return x + 1
+
+    return tr, inc
+
+
+async def test_a_zero_timeout_looks_once_for_groups_and_chains_too(
+    make_runner: MakeRunner,
+) -> None:
+    tr, inc = with_inc(make_runner)
 
     async with tr:
         group = await tr.group([inc.call(1), inc.call(2)])
@@ -508,11 +516,7 @@ async def test_a_zero_timeout_looks_once_for_groups_and_chains_too(
 async def test_every_wait_takes_its_timeout_as_a_timedelta_and_refuses_what_is_no_duration(
     make_runner: MakeRunner,
 ) -> None:
-    tr = make_runner()
-
-    @tr.task
-    async def inc(x: int) -> int:
-        return x + 1
+    tr, inc = with_inc(make_runner)
 
     async with tr:
         job = await inc.enqueue(0)
@@ -530,15 +534,16 @@ async def test_every_wait_takes_its_timeout_as_a_timedelta_and_refuses_what_is_n
         assert await group.results(timedelta(seconds=DEADLINE)) == [2, 3]
         assert await chain.result(timeout=timedelta(seconds=DEADLINE)) == 5
         assert await job.result(timeout=math.inf) == 1
+        waits: list[Callable[[Any], Awaitable[object]]] = [
+            lambda t: job.result(timeout=t),
+            lambda t: group.results(timeout=t),
+            lambda t: chain.result(timeout=t),
+            lambda t: tr.run_until_idle(timeout=t),
+        ]
         for bad in ("5", True, math.nan, -math.inf):
-            with pytest.raises(ValueError, match="timeout must be a finite number of seconds"):
-                await job.result(timeout=cast(Any, bad))
-            with pytest.raises(ValueError, match="timeout must be a finite number of seconds"):
-                await group.results(timeout=cast(Any, bad))
-            with pytest.raises(ValueError, match="timeout must be a finite number of seconds"):
-                await chain.result(timeout=cast(Any, bad))
-            with pytest.raises(ValueError, match="timeout must be a finite number of seconds"):
-                await tr.run_until_idle(timeout=cast(Any, bad))
+            for wait in waits:
+                with pytest.raises(ValueError, match="timeout must be a finite number of seconds"):
+                    await wait(bad)
 
 
 async def test_a_job_handle_used_after_its_runner_closed_raises_and_opens_nothing(
@@ -546,11 +551,7 @@ async def test_a_job_handle_used_after_its_runner_closed_raises_and_opens_nothin
 ) -> None:
     # it used to reconnect the closed pool and start a pub/sub task nobody stopped (or,
     # on the embedded server, stopped with the runner, fail with a bare ConnectionError)
-    tr = make_runner()
-
-    @tr.task
-    async def inc(x: int) -> int:
-        return x + 1
+    tr, inc = with_inc(make_runner)
 
     async with tr:
         job = await inc.enqueue(1)
