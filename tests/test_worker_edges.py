@@ -585,3 +585,12 @@ async def test_one_worker_object_runs_again_after_it_stopped_and_refuses_two_run
             job = await double.enqueue(x)
             await burst.run()
             assert await job.result(timeout=0) == 2 * x
+        # a stop() between two runs, as one before the first, stops the next run as soon
+        # as it starts (it used to be forgotten: this run went on until the deadline)
+        assert not worker.stopping
+        worker.stop()
+        job = await double.enqueue(5)
+        with anyio.fail_after(DEADLINE):
+            await worker.run()
+        assert await job.status() == JobStatus.QUEUED
+        assert not worker.stopping

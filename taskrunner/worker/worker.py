@@ -167,20 +167,22 @@ class Worker:
 
     def _begin(self) -> None:
         """Start a run: refused while one is under way; after one ended, a fresh start
-        (a new id, not stopping, no hooks left from the last run's middleware)."""
+        (a new id, no hooks left from the last run's middleware)."""
         if self._active:
             raise RuntimeError(f"{self!r} is already running; make another with tr.worker()")
         if self._finished:
-            self._stopping = anyio.Event()
             self._id = _new_id()
             self._moved_seen = (0, 0)
         self._active = True
         self._kept = (len(self._handlers), len(self._drained_hooks))
 
     def _end(self) -> None:
+        """A run ended: not stopping any more, so that a ``stop()`` between two runs (as
+        one before the first) stops the next one as soon as it starts."""
         handlers, hooks = self._kept  # the ones middleware added while starting this run
         del self._handlers[handlers:], self._drained_hooks[hooks:]
         self._active, self._finished = False, True
+        self._stopping = anyio.Event()
 
     async def __aenter__(self) -> Worker:
         self._begin()
