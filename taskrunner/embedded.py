@@ -55,6 +55,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from urllib.parse import quote
 
 from taskrunner.exceptions import EmbeddedRedisError
 
@@ -188,8 +189,9 @@ class EmbeddedRedis:
 
     @property
     def url(self) -> str:
-        """``unix:///abs/path/redis.sock``."""
-        return f"unix://{self._socket}"
+        """``unix:///abs/path/redis.sock``, the path percent-encoded (a space, ``#``, ``?``
+        or ``%`` in the directory's name would otherwise make it an invalid URL)."""
+        return f"unix://{quote(str(self._socket))}"
 
     @property
     def pidfile(self) -> Path:

@@ -13,13 +13,17 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import unquote
 
+import anyio
 import pytest
 import redis
 
+from taskrunner import TaskRunner
 from taskrunner.embedded import (
     EmbeddedRedis,
     EmbeddedRedisError,
@@ -27,6 +31,7 @@ from taskrunner.embedded import (
     default_url,
     find_redis_server,
 )
+from taskrunner.urls import parse_url
 
 REPO = Path(__file__).resolve().parents[1]
 DEADLINE = 15.0
@@ -64,7 +69,7 @@ def ping(sock_path: Path) -> str | None:
 
 def socket_of(url: str) -> Path:
     assert url.startswith("unix:///"), url
-    return Path(url.removeprefix("unix://"))
+    return Path(unquote(url.removeprefix("unix://")))
 
 
 def server_pid(directory: Path) -> int | None:
@@ -244,6 +249,31 @@ def test_acquire_is_idempotent_and_one_release_stops(directory: Path) -> None:
         assert len(clients(directory)) == 1
     wait_until(lambda: is_stopped(directory, socket_of(url)), "the server stops")
     embedded.release()  # a second release is harmless
+
+
+def test_a_directory_with_a_space_hash_or_percent_in_its_name_works(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    project = Path(tempfile.mkdtemp(prefix="My Project #2 (100%) "))
+    monkeypatch.chdir(project)
+    monkeypatch.delenv("TASKRUNNER_REDIS_URL", raising=False)
+    embedded = EmbeddedRedis()
+    sock = embedded.socket_path
+    assert sock == project / ".taskrunner" / "redis.sock", "a short path, in the directory"
+    assert parse_url(embedded.url).unix_path == str(sock)
+
+    async def main() -> bool:
+        async with TaskRunner() as tr:
+            return bool(await tr.client.connection.redis.ping())
+
+    try:
+        assert anyio.run(main) is True
+        wait_until(lambda: is_stopped(embedded.directory, sock), "the server stops")
+    finally:
+        pid = server_pid(embedded.directory)
+        if pid is not None and ping(sock) is not None:
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(project, ignore_errors=True)
 
 
 def test_too_long_directory_uses_a_short_socket_path(
