@@ -31,6 +31,7 @@ from redis.exceptions import (
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from taskrunner.exceptions import NotReplicated
 from taskrunner.keys import GROUP, MAX_PARTITIONS, LimitKeys, QueueKeys
@@ -388,7 +389,9 @@ async def _cluster_pipeline(
             client = cast(Any, cluster).node_redis(node)
             try:
                 partial = await _node_pipeline(client, calls, node_groups, replicas)
-            except (RedisConnectionError, OSError) as exc:  # a node that just died
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                # a node that just died (retried below) or does not answer (its client
+                # retried already): the error in place, not in an ExceptionGroup
                 partial = [exc] * len(calls)
             for group in node_groups:
                 for index in group:

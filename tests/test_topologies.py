@@ -5,10 +5,13 @@ per topology through the ``topologies`` marker (tests/topology.py)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import anyio
 import pytest
 from conftest import wait_until
+from redis.asyncio import RedisCluster
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from topology import Topology
 
 from taskrunner import (
@@ -20,6 +23,7 @@ from taskrunner import (
     current_job,
 )
 from taskrunner.cli.info import gather, table
+from taskrunner.connection import unavailable
 
 MakeRunner = Callable[..., TaskRunner]
 DEADLINE = 60.0
@@ -200,3 +204,31 @@ async def test_changing_the_partition_count_strands_nothing(make_runner: MakeRun
         found = (await gather(narrow, ["default"])).queues["default"]
         assert len(found.partitions) == 4  # the old partitions are still shown (empty)
         assert (found.queued, found.running) == (0, 0)
+
+
+@pytest.mark.topologies("standalone", "cluster")
+async def test_a_server_that_does_not_answer_fails_enqueue_many_with_a_timeout_error(
+    make_runner: MakeRunner, topology: Topology
+) -> None:
+    """A node that stalls (CLIENT PAUSE here; a stopped process, an overloaded server)
+    fails a pipelined call with redis-py's TimeoutError on every topology, which
+    callers and the outage log know, not an ExceptionGroup from the cluster's per-node
+    task group."""
+    tr = make_runner(socket_timeout=0.3)
+
+    @tr.task
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    async with tr, topology.connect() as admin:
+        await tr.enqueue_many([add.call(1, 1), add.call(2, 2)])  # resolves the queue
+        pause: dict[str, Any] = {}
+        if isinstance(admin, RedisCluster):
+            pause["target_nodes"] = RedisCluster.PRIMARIES
+        await admin.execute_command("CLIENT PAUSE", 60000, "WRITE", **pause)
+        try:
+            with pytest.raises(RedisTimeoutError) as caught:
+                await tr.enqueue_many([add.call(3, 3), add.call(4, 4)])
+            assert unavailable(caught.value)
+        finally:
+            await admin.execute_command("CLIENT UNPAUSE", **pause)
