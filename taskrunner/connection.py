@@ -17,12 +17,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar, cast
 
 import hiredis
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
-from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline
 from redis.asyncio.connection import AbstractConnection, SSLConnection
 from redis.asyncio.connection import Connection as RedisConnection
 from redis.asyncio.retry import Retry
@@ -524,10 +525,11 @@ def _sentinel(target: RedisTarget, options: PoolOptions) -> tuple[Redis, list[Re
 
 
 class _WaitingCluster(RedisCluster):
-    """A cluster client whose callers wait for a free connection, as a blocking pool's
-    do: redis-py's cluster client raises MaxConnectionsError at a node's limit. It also
-    keeps a plain client per node (``node_redis``) for what redis-py's cluster pipeline
-    refuses: pipelined EVALSHA (taskrunner.scripts routes script calls by slot)."""
+    """A cluster client whose callers (commands and pipelines) wait for a free
+    connection, as a blocking pool's do: redis-py's cluster client raises
+    MaxConnectionsError at a node's limit. It also keeps a plain client per node
+    (``node_redis``) for what redis-py's cluster pipeline refuses: pipelined EVALSHA
+    (taskrunner.scripts routes script calls by slot)."""
 
     _gate: asyncio.Semaphore
     _gate_timeout: float
@@ -553,8 +555,33 @@ class _WaitingCluster(RedisCluster):
             self, lambda: super(_WaitingCluster, self).execute_command(*args, **kwargs)
         )
 
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> Any:
+        if shard_hint:  # refused by redis-py's
+            return super().pipeline(transaction, shard_hint)
+        return _WaitingPipeline(self, transaction)  # type: ignore[abstract] # redis-py's typing
+
+
+class _WaitingPipeline(ClusterPipeline):
+    """A cluster pipeline whose ``execute`` waits for a free connection as the cluster
+    client's commands do (redis-py's raises MaxConnectionsError at a node's limit). It
+    holds one permit: it uses at most one connection per node at a time."""
+
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> Any:
+        cluster = cast(_WaitingCluster, self.cluster_client)
+        return await _gated(
+            cluster,
+            lambda: super(_WaitingPipeline, self).execute(raise_on_error, allow_redirections),
+        )
+
+
+_HOLDING: ContextVar[bool] = ContextVar("taskrunner_gate_held", default=False)
+"""Whether this task holds a permit of the gate: a pipeline re-sends a redirected
+command through the cluster client once its own connections are back, under its permit."""
+
 
 async def _gated(cluster: _WaitingCluster, call: Callable[[], Awaitable[T]]) -> T:
+    if _HOLDING.get():
+        return await call()
     try:
         await asyncio.wait_for(cluster._gate.acquire(), cluster._gate_timeout)
     except TimeoutError:
@@ -563,9 +590,11 @@ async def _gated(cluster: _WaitingCluster, call: Callable[[], Awaitable[T]]) -> 
         raise RedisConnectionError(
             f"no free connection within {cluster._gate_timeout:g}s (max_connections)"
         ) from None
+    holding = _HOLDING.set(True)
     try:
         return await call()
     finally:
+        _HOLDING.reset(holding)
         cluster._gate.release()
 
 

@@ -4,6 +4,7 @@ per topology through the ``topologies`` marker (tests/topology.py)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -232,3 +233,31 @@ async def test_a_server_that_does_not_answer_fails_enqueue_many_with_a_timeout_e
             assert unavailable(caught.value)
         finally:
             await admin.execute_command("CLIENT UNPAUSE", **pause)
+
+
+@pytest.mark.topologies("standalone", "cluster")
+async def test_pipelines_wait_for_a_free_connection_like_commands_do(
+    make_runner: MakeRunner, topology: Topology, namespace: str
+) -> None:
+    """``max_connections`` bounds the shared client; more callers wait (up to
+    ``pool_timeout``) on every topology, pipelines too: redis-py's cluster pipeline
+    raised MaxConnectionsError at a node's limit."""
+    tr = make_runner(max_connections=2)
+    key = f"{namespace}:{{pool}}:k"
+
+    async with tr:
+        redis = tr.client.redis
+
+        async def piped() -> list[Any]:
+            pipe = redis.pipeline(transaction=False)
+            pipe.incr(key)
+            pipe.get(key)
+            return await pipe.execute()
+
+        async def single() -> Any:
+            return await redis.incr(key)
+
+        calls = [piped() if i % 2 else single() for i in range(200)]
+        replies = await asyncio.gather(*calls, return_exceptions=True)
+        assert [r for r in replies if isinstance(r, BaseException)] == []
+        assert await redis.get(key) == "200"
