@@ -24,7 +24,8 @@ Query parameters (``?name=value&...``), each at most once:
 * ``unix://`` only: ``db``.
 
 A user name, password or master name with reserved characters (``@ : / ? # % ,``) is
-percent-encoded (``p%40ss`` for ``p@ss``). Anything else is refused with a
+percent-encoded (``p%40ss`` for ``p@ss``), and so is a ``&`` or ``%`` in a query
+parameter's value, where ``+`` is a plus sign (not a space). Anything else is refused with a
 ``ConfigurationError`` whose message is one sentence quoting the URL with every secret
 replaced by ``***`` (see :func:`redact`).
 """
@@ -291,8 +292,8 @@ def _query(text: str) -> dict[str, str]:
     params: dict[str, str] = {}
     if not text:
         return params
-    try:
-        pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=True)
+    try:  # "+" is a plus sign, as in the user info: a generated password has them
+        pairs = parse_qsl(text.replace("+", "%2B"), keep_blank_values=True, strict_parsing=True)
     except ValueError:
         raise _Invalid("its query string is not name=value pairs joined by '&'") from None
     for name, value in pairs:

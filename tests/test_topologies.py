@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import pytest
 from conftest import wait_until
 from redis.asyncio import RedisCluster
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from topology import Topology
+from topology import SentinelTopology, Topology
 
 from taskrunner import (
     JobAborted,
@@ -261,3 +261,28 @@ async def test_pipelines_wait_for_a_free_connection_like_commands_do(
         replies = await asyncio.gather(*calls, return_exceptions=True)
         assert [r for r in replies if isinstance(r, BaseException)] == []
         assert await redis.get(key) == "200"
+
+
+@pytest.mark.topologies("sentinel")
+async def test_a_sentinel_password_with_a_plus_sign_authenticates(
+    make_runner: MakeRunner, topology: Topology, namespace: str
+) -> None:
+    """``?sentinel_password=`` is taken as written: a ``+`` stays a plus sign, as in the
+    master's password before ``@`` (query-string decoding made it a space: WRONGPASS)."""
+    assert isinstance(topology, SentinelTopology)
+    user, password = f"{namespace}-watcher", "s3+cr+t"
+    rule = [user, "on", f">{password}", "+@all"]
+    for sentinel in topology.group.sentinels:
+        with topology.group.admin(sentinel) as admin:
+            cast(Any, admin).execute_command("ACL", "SETUSER", *rule)
+    try:
+        query = f"sentinel_username={user}&sentinel_password={password}"
+        url = topology.url + ("&" if "?" in topology.url else "?") + query
+        tr = TaskRunner(url, namespace=namespace)
+        async with tr:
+            assert tr.client.connection.target.sentinel_password == password
+            assert await tr.client.connection.redis.ping()
+    finally:
+        for sentinel in topology.group.sentinels:
+            with topology.group.admin(sentinel) as admin:
+                cast(Any, admin).execute_command("ACL", "DELUSER", user)
