@@ -124,12 +124,13 @@ def env(redis_url: str, namespace: str) -> dict[str, str]:
 
 @contextmanager
 def worker_process(
-    env: dict[str, str], log: Path, *args: str, app: str = APP
+    env: dict[str, str], log: Path, *args: str, app: str = APP, cwd: Path | None = None
 ) -> Iterator[subprocess.Popen[str]]:
     with log.open("w") as out:
         proc = subprocess.Popen(
             [TASKRUNNER, "worker", app, *args],
             env=env,
+            cwd=cwd,
             stdout=out,
             stderr=subprocess.STDOUT,
             text=True,
@@ -355,6 +356,30 @@ def _metrics_directory(log: Path) -> Path:
 async def _logged_twice(log: Path, text: str) -> bool:
     content = await anyio.to_thread.run_sync(log.read_text)
     return content.count(text) >= 2
+
+
+# -- with --reload ---------------------------------------------------------------------------
+
+
+async def test_reloaded_worker_serves_its_metrics(
+    app: tuple[TaskRunner, Tasks], env: dict[str, str], tmp_path: Path
+) -> None:
+    # The reloader serves nothing itself: its worker child must (it once left that to a
+    # supervisor that --reload without --processes does not have, and nothing served).
+    _, tasks = app
+    watched = tmp_path / "project"
+    watched.mkdir()
+    log = tmp_path / "reload.log"
+    with worker_process(env, log, "--reload", *ANY_PORT, cwd=watched) as proc:
+        port = await served_port(proc, log)
+        job = await tasks.ok.enqueue(7)
+        assert await job.result(timeout=DEADLINE) == 7
+        await scrape_until(
+            port,
+            lambda s: value(s, "taskrunner_jobs_succeeded_total", task="ok", queue="default") == 1,
+        )
+        assert await stop(proc) == 0
+    assert log.read_text().count("serving metrics on ") == 1
 
 
 # -- reclaim ---------------------------------------------------------------------------------

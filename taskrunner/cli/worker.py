@@ -86,6 +86,7 @@ taskrunner worker myapp.tasks:tr -q emails -q reports --processes 4
 )
 @click.option("--metrics-host", help="Address the metrics port binds. [default: 0.0.0.0]")
 @click.option("--supervised", is_flag=True, hidden=True)
+@click.option("--metrics-to-supervisor", is_flag=True, hidden=True)
 def worker(
     app: str,
     queues: tuple[str, ...],
@@ -100,6 +101,7 @@ def worker(
     metrics_port: int | None,
     metrics_host: str | None,
     supervised: bool,
+    metrics_to_supervisor: bool,
 ) -> None:
     flags: dict[str, Any] = {
         "queues": list(queues),
@@ -122,12 +124,12 @@ def worker(
     if base.processes > 1:  # the supervisor imports nothing of the app: its children do
         if supervised:  # the child of --reload: stop when the reloader is gone
             _stop_when_parent_exits()
-        argv = child_argv(app, base, processes=1, supervised=True)
+        argv = child_argv(app, base, processes=1, supervised=True, metrics_to_supervisor=True)
         sys.exit(supervise_workers(argv, base))
     runner = load_app(app)
     settings = with_runner_defaults(base, runner)
     use_url(runner, settings)
-    run_worker(runner, settings, supervised=supervised)
+    run_worker(runner, settings, supervised=supervised, metrics_to_supervisor=metrics_to_supervisor)
 
 
 def supervise_workers(argv: list[str], settings: Settings) -> int:
@@ -148,8 +150,17 @@ def supervise_workers(argv: list[str], settings: Settings) -> int:
         )
 
 
-def run_worker(runner: TaskRunner, settings: Settings, *, supervised: bool = False) -> None:
-    """Run one worker in this process until SIGTERM/SIGINT (or drained, with --burst)."""
+def run_worker(
+    runner: TaskRunner,
+    settings: Settings,
+    *,
+    supervised: bool = False,
+    metrics_to_supervisor: bool = False,
+) -> None:
+    """Run one worker in this process until SIGTERM/SIGINT (or drained, with --burst).
+    ``supervised``: stop when the parent (a supervisor or a reloader) is gone;
+    ``metrics_to_supervisor``: record metrics for a ``--processes`` supervisor to serve,
+    instead of serving them here."""
     w = runner.worker(
         queues=settings.queues or None,
         concurrency=settings.concurrency,
@@ -158,7 +169,7 @@ def run_worker(runner: TaskRunner, settings: Settings, *, supervised: bool = Fal
         max_deliveries=settings.max_deliveries,
         handle_signals=True,
     )
-    server = _serve_metrics(runner, settings, supervised=supervised)
+    server = _serve_metrics(runner, settings, to_supervisor=metrics_to_supervisor)
     if supervised:
         _stop_when_parent_exits()
     try:
@@ -169,15 +180,16 @@ def run_worker(runner: TaskRunner, settings: Settings, *, supervised: bool = Fal
 
 
 def _serve_metrics(
-    runner: TaskRunner, settings: Settings, *, supervised: bool
+    runner: TaskRunner, settings: Settings, *, to_supervisor: bool
 ) -> MetricsServer | None:
     """With ``--metrics-port``: make sure the runner has the Prometheus middleware and,
-    unless a supervisor serves the children's sum, serve it from this process."""
+    unless a ``--processes`` supervisor serves the children's sum, serve it from this
+    process (also as the child of ``--reload``, whose reloader serves nothing)."""
     if settings.metrics_port is None:
         return None
     metrics = _metrics_module()
     middleware = metrics.install(runner)
-    if supervised:  # the supervisor serves what this child writes to its directory
+    if to_supervisor:  # the supervisor serves what this child writes to its directory
         return None
     registry = metrics.exposed_registry(middleware.registry)
     try:
@@ -198,10 +210,17 @@ def _metrics_module() -> ModuleType:
 
 
 def child_argv(
-    app: str, settings: Settings, *, processes: int, supervised: bool = False
+    app: str,
+    settings: Settings,
+    *,
+    processes: int,
+    supervised: bool = False,
+    metrics_to_supervisor: bool = False,
 ) -> list[str]:
     """The command line of a child worker: the settings made explicit as flags (queues
-    only when a flag or the environment chose them, so a reloaded app's queues apply)."""
+    only when a flag or the environment chose them, so a reloaded app's queues apply).
+    ``metrics_to_supervisor``: a ``--processes`` supervisor's child, which leaves
+    serving the metrics to it."""
     argv = [sys.executable, "-m", "taskrunner.cli", "worker", app]
     argv += ["--processes", str(processes), "--concurrency", str(settings.concurrency)]
     argv += ["--grace-period", repr(settings.grace_period), "--log-level", settings.log_level]
@@ -216,6 +235,8 @@ def child_argv(
         argv.append("--burst")
     if supervised:
         argv.append("--supervised")
+    if metrics_to_supervisor and settings.metrics_port is not None:
+        argv.append("--metrics-to-supervisor")
     return argv
 
 
