@@ -23,7 +23,7 @@ from conftest import subprocess_env, wait_until
 from ports import start_uvicorn
 from redisproc import RedisProcess
 
-from taskrunner import JobDeadLettered, JobFailed, Retry, TaskRunner, current_job
+from taskrunner import JobDeadLettered, JobFailed, JobRejected, Retry, TaskRunner, current_job
 from taskrunner.logs import JsonFormatter
 
 MakeRunner = Callable[..., TaskRunner]
@@ -113,6 +113,33 @@ async def test_every_dead_letter_is_an_error_with_its_reason(
         await wait_until(logged, DEADLINE)
     [error] = [r for r in job_records(caplog, job.id) if r.levelno == logging.ERROR]
     assert "dead-lettered: unknown task 'ghost'" in error.getMessage()
+
+
+async def test_a_unique_lock_conflict_line_carries_the_job_fields(
+    make_runner: MakeRunner, caplog: pytest.LogCaptureFixture
+) -> None:
+    tr = make_runner()
+    holding = anyio.Event()
+    release = anyio.Event()
+
+    @tr.task(lock="while_executing", unique_args=lambda: [])
+    async def solo() -> None:
+        holding.set()
+        await release.wait()
+
+    caplog.set_level(logging.INFO, logger="taskrunner")
+    async with tr, tr.worker(handle_signals=False):
+        holder = await solo.enqueue()
+        with anyio.fail_after(DEADLINE):
+            await holding.wait()
+        rejected = await solo.enqueue()
+        with pytest.raises(JobRejected):
+            await rejected.result(timeout=DEADLINE)
+        release.set()
+        await holder.result(timeout=DEADLINE)
+    [line] = [r for r in caplog.records if f"unique lock held by job {holder.id}" in r.message]
+    fields = (line.job_id, line.task, line.queue, line.attempt)  # type: ignore[attr-defined]
+    assert fields == (rejected.id, solo.name, "default", 1)
 
 
 async def test_an_outage_is_one_warning_and_one_line_when_it_ends(

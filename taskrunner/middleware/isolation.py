@@ -62,7 +62,12 @@ class IsolationMiddleware(Middleware):
         try:
             marked = await scripts.run(ctx.worker.redis, call)
         except REDIS_ERRORS as exc:  # run it anyway; a crash now is not charged
-            logger.warning("job %s: could not mark it as running alone (%s)", ctx.job.id, exc)
+            logger.warning(
+                "job %s: could not mark it as running alone (%s)",
+                ctx.job.id,
+                exc,
+                extra=job_extra(ctx.job),
+            )
             return
         if marked != 1:
             raise LostLease(f"job {ctx.job.id}: lease lost while it waited to run alone")

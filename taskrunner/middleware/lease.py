@@ -577,4 +577,11 @@ def _handle_beat(ctx: ExecutionContext, reply: Any) -> None:
         )
         ctx.cancel(CancelReason.ABORTED)
     elif isinstance(reply, Exception):
-        logger.warning("heartbeat of job %s failed: %s", ctx.job.id, reply)
+        logger.warning(
+            "job %s %s attempt %d: heartbeat failed: %s",
+            ctx.job.id,
+            ctx.job.task,
+            ctx.job.attempt,
+            reply,
+            extra=job_extra(ctx.job),
+        )

@@ -412,6 +412,7 @@ class LimitsMiddleware(Middleware):
                 ctx.job.task,
                 exc,
                 worker.stale_after,
+                extra=job_extra(ctx.job),
             )
 
     # -- the worker's services ---------------------------------------------------------

@@ -67,6 +67,7 @@ from taskrunner.connection import REDIS_ERRORS, wrong_type
 from taskrunner.exceptions import ConfigurationError, LockConflictError, LostLease
 from taskrunner.job import ErrorInfo, Job
 from taskrunner.keys import home_partition
+from taskrunner.logs import job_extra
 from taskrunner.middleware.base import (
     EnqueueContext,
     EnqueueNext,
@@ -333,6 +334,7 @@ class UniqueMiddleware(Middleware):
             ctx.job.task,
             ctx.job.attempt,
             problem,
+            extra=job_extra(ctx.job),
         )
         ctx.locks.clear()
 
@@ -382,6 +384,7 @@ class UniqueMiddleware(Middleware):
             ctx.job.attempt,
             problem,
             ctx.lock_ttl_ms / 1000,
+            extra=job_extra(ctx.job),
         )
 
     # -- conflicts -----------------------------------------------------------------------
@@ -401,6 +404,7 @@ class UniqueMiddleware(Middleware):
                 ctx.job.task,
                 ctx.job.attempt,
                 exc,
+                extra=job_extra(ctx.job),
             )
             return Outcome.reschedule(time.time() + _RETRY_AFTER_REDIS_ERROR)
         if conflict is None:
@@ -413,6 +417,7 @@ class UniqueMiddleware(Middleware):
             ctx.job.attempt,
             conflict.holder,
             strategy,
+            extra=job_extra(ctx.job),
         )
         if strategy == "reschedule":
             delay = opts.reschedule_delay

@@ -214,6 +214,7 @@ class Consumers:
                     "job %s %s: internal error; it will be reclaimed",
                     excerpt(item.job_id),
                     excerpt(item.task_name),
+                    extra=job_extra(context_of(item)),
                 )
                 outcome = None
             if outcome is None:  # lost lease: commit nothing
