@@ -82,8 +82,10 @@ class Settings(BaseSettings):
     @field_validator("queues", mode="before")
     @classmethod
     def _split_queues(cls, value: object) -> object:
-        if isinstance(value, str):
+        if isinstance(value, str):  # TASKRUNNER_QUEUES=a,b
             return [q.strip() for q in value.split(",") if q.strip()]
+        if isinstance(value, list):  # -q a,b is -q a -q b ("-q ''" stays, refused)
+            return [q.strip() for item in value for q in str(item).split(",")]
         return value
 
     @field_validator("log_level", mode="before")

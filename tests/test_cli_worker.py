@@ -115,6 +115,20 @@ async def test_burst_worker_subprocess_drains_jobs_and_exits_zero(
     assert await other.result(timeout=1) == 5
 
 
+async def test_a_comma_in_queue_separates_queues_as_in_taskrunner_queues(
+    app: tuple[TaskRunner, Tasks], env: dict[str, str]
+) -> None:
+    # Celery's -Q a,b habit: not a queue named "a,b" that no job is ever sent to.
+    _, tasks = app
+    here, there = await tasks.add.enqueue(1, 2), await tasks.elsewhere.enqueue(5)
+    done = await run_cli_async(env, "worker", APP, "--burst", "-q", "default,other")
+    assert done.returncode == 0, done.stderr
+    assert (await here.result(timeout=1), await there.result(timeout=1)) == (3, 5)
+    empty = await run_cli_async(env, "worker", APP, "--burst", "-q", "default,")
+    assert empty.returncode == 2
+    assert "invalid queue name ''" in empty.stderr
+
+
 async def test_burst_worker_with_nothing_to_do_exits_zero(env: dict[str, str]) -> None:
     done = await run_cli_async(env, "worker", APP, "--burst", "--log-level", "warning")
     assert done.returncode == 0, done.stderr
