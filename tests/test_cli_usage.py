@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import anyio
 import pytest
 from redis.asyncio import Redis
 from test_cli import APP, assert_one_line_error, background, env, run_cli, run_cli_async
@@ -17,6 +18,27 @@ from taskrunner.keys import QueueKeys
 __all__ = ["env"]  # the fixture, shared with test_cli
 
 WARNING = "taskrunner: warning: no task is declared on queue"
+
+
+async def test_python_dash_m_taskrunner_is_the_command(env: dict[str, str]) -> None:
+    async def python_m(*args: str) -> subprocess.CompletedProcess[str]:
+        return await anyio.to_thread.run_sync(
+            lambda: subprocess.run(
+                [sys.executable, "-m", "taskrunner", *args],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+        )
+
+    sent = await python_m("enqueue", APP, "add", "[1, 2]")
+    assert sent.returncode == 0, sent.stderr
+    job_id = sent.stdout.strip()
+    drained = await python_m("worker", APP, "--burst")
+    assert drained.returncode == 0, drained.stderr
+    assert f"job {job_id} add attempt 1 succeeded" in drained.stderr
 
 
 def test_enqueue_timeout_without_wait_is_a_usage_error(env: dict[str, str]) -> None:
