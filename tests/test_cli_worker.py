@@ -79,6 +79,15 @@ async def logged(tmp_path: Path, text: str) -> bool:
     return await anyio.to_thread.run_sync(_logged, tmp_path, text)
 
 
+async def all_ready(tmp_path: Path, count: int) -> bool:
+    """Whether ``count`` worker logs say their worker is ready (it reads and waits)."""
+
+    def ready() -> int:
+        return sum(" ready: queues " in log.read_text() for log in tmp_path.glob("worker-*.log"))
+
+    return await anyio.to_thread.run_sync(ready) >= count
+
+
 async def exited(proc: subprocess.Popen[str]) -> bool:
     return proc.poll() is not None
 
@@ -255,7 +264,10 @@ async def test_two_worker_processes_run_each_delayed_job_exactly_once(
         worker_process(env, tmp_path, "-c", "20") as one,
         worker_process(env, tmp_path, "-c", "20") as two,
     ):
-        due = time.time() + 2.0  # both workers are up and waiting by then
+        # both workers waiting before the jobs fall due: they race for every one (a worker
+        # slow to start under load used to leave the race, and the deadline, to the other)
+        await wait_until(lambda: all_ready(tmp_path, 2), DEADLINE)
+        due = time.time() + 0.5
         calls = [
             tasks.record.options(delay=due - time.time() + (i % 10) * 0.01).call(i)
             for i in range(300)
