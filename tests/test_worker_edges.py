@@ -594,3 +594,35 @@ async def test_one_worker_object_runs_again_after_it_stopped_and_refuses_two_run
             await worker.run()
         assert await job.status() == JobStatus.QUEUED
         assert not worker.stopping
+
+
+async def test_a_failing_drained_hook_is_logged_and_the_burst_worker_ends_as_usual(
+    make_runner: Callable[..., TaskRunner], caplog: pytest.LogCaptureFixture
+) -> None:
+    # a middleware's broken hook stopped the burst worker with its error; a failing
+    # on_commit or event handler is logged and skipped, and so is this now
+    tr = make_runner()
+    calls = 0
+
+    @tr.task
+    async def double(x: int) -> int:
+        return 2 * x
+
+    async def broken() -> bool:
+        nonlocal calls
+        calls += 1
+        raise ValueError("a bug in a middleware's hook")
+
+    caplog.set_level(logging.ERROR, logger="taskrunner")
+    async with tr:
+        job = await double.enqueue(4)
+        worker = tr.worker(burst=True, handle_signals=False)
+        worker.on_drained(broken)
+        with anyio.fail_after(DEADLINE):
+            await worker.run()
+        assert await job.result(timeout=0) == 8
+    assert calls == 1
+    failed = [r for r in caplog.records if r.getMessage().startswith("drained hook ")]
+    assert len(failed) == 1
+    assert "broken failed" in failed[0].getMessage()
+    assert failed[0].exc_info is not None

@@ -500,7 +500,7 @@ class Worker:
             self._moved_seen = moved
             return False
         for hook in self._drained_hooks:
-            if await hook():
+            if await _more_work(hook):
                 return False
         return True
 
@@ -599,6 +599,19 @@ class Worker:
                     self.grace_period,
                 )
                 self.stop()
+
+
+async def _more_work(hook: Callable[[], Awaitable[bool]]) -> bool:
+    """A drained hook's answer; one that fails (a bug in a middleware) is logged and
+    brings nothing, as a failing on_commit or event handler is logged and skipped: the
+    burst worker goes on. A Redis error goes to the caller (an outage: read again)."""
+    try:
+        return await hook()
+    except REDIS_ERRORS:
+        raise
+    except Exception:
+        logger.exception("drained hook %s failed", getattr(hook, "__qualname__", repr(hook)))
+        return False
 
 
 def _new_id() -> str:
