@@ -29,15 +29,21 @@ from __future__ import annotations
 
 import functools
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 from taskrunner.options import signed_seconds
 
 
-def _rebuilt(exc: BaseException, *args: object, **kwargs: object) -> tuple[Any, ...]:
-    """How ``copy`` and ``pickle`` remake an error whose ``__init__`` takes other
-    arguments than its message (by default they call it with the message alone):
-    call it with these arguments again, then restore its attributes (notes included)."""
+def _rebuilt(
+    owner: type[BaseException], exc: BaseException, *args: object, **kwargs: object
+) -> tuple[Any, ...]:
+    """How ``copy`` and ``pickle`` remake an error of ``owner`` (or of a subclass that
+    keeps its ``__init__``), whose ``__init__`` takes other arguments than its message
+    (by default they call it with the message alone): call it with these arguments
+    again, then restore its attributes (notes included). A subclass with an ``__init__``
+    of its own is remade as Python does by default (its ``args``)."""
+    if type(exc).__init__ is not owner.__init__:
+        return cast(tuple[Any, ...], BaseException.__reduce__(exc))
     make = functools.partial(type(exc), **kwargs) if kwargs else type(exc)
     return (make, args, vars(exc))
 
@@ -70,7 +76,7 @@ class JobError(TaskrunnerError):
         self.job_id = job_id
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return _rebuilt(self, self.job_id, str(self))
+        return _rebuilt(JobError, self, self.job_id, str(self))
 
 
 class JobNotFound(JobError):
@@ -80,7 +86,7 @@ class JobNotFound(JobError):
         super().__init__(job_id, f"no job {job_id!r}")
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return _rebuilt(self, self.job_id)
+        return _rebuilt(JobNotFound, self, self.job_id)
 
 
 class JobFailed(JobError):
@@ -93,7 +99,9 @@ class JobFailed(JobError):
         self.traceback = traceback
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return _rebuilt(self, self.job_id, self.exc_type, self.exc_message, self.traceback)
+        return _rebuilt(
+            JobFailed, self, self.job_id, self.exc_type, self.exc_message, self.traceback
+        )
 
 
 class JobAborted(JobError):
@@ -103,7 +111,7 @@ class JobAborted(JobError):
         super().__init__(job_id, f"job {job_id} was aborted")
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return _rebuilt(self, self.job_id)
+        return _rebuilt(JobAborted, self, self.job_id)
 
 
 class JobRejected(JobError):
@@ -113,7 +121,7 @@ class JobRejected(JobError):
         super().__init__(job_id, f"job {job_id} was rejected by its unique lock")
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return _rebuilt(self, self.job_id)
+        return _rebuilt(JobRejected, self, self.job_id)
 
 
 class JobDeadLettered(JobError):
@@ -124,7 +132,7 @@ class JobDeadLettered(JobError):
         self.reason = reason
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return _rebuilt(self, self.job_id, self.reason)
+        return _rebuilt(JobDeadLettered, self, self.job_id, self.reason)
 
 
 class PayloadTooLarge(TaskrunnerError, ValueError):
@@ -144,7 +152,9 @@ class PayloadTooLarge(TaskrunnerError, ValueError):
         self.setting = setting
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return _rebuilt(self, self.what, self.size, self.limit, setting=self.setting)
+        return _rebuilt(
+            PayloadTooLarge, self, self.what, self.size, self.limit, setting=self.setting
+        )
 
 
 class NotReplicated(TaskrunnerError):
@@ -163,7 +173,7 @@ class NotReplicated(TaskrunnerError):
         self.timeout_ms = timeout_ms
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return _rebuilt(self, self.wanted, self.confirmed, self.timeout_ms)
+        return _rebuilt(NotReplicated, self, self.wanted, self.confirmed, self.timeout_ms)
 
 
 class MiddlewareError(TaskrunnerError):
@@ -180,7 +190,7 @@ class LockConflictError(TaskrunnerError):
         self.holder = holder
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return _rebuilt(self, self.lock, self.holder)
+        return _rebuilt(LockConflictError, self, self.lock, self.holder)
 
 
 class LostLease(TaskrunnerError):

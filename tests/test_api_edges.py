@@ -610,3 +610,28 @@ async def test_job_errors_and_the_other_errors_copy_and_pickle_as_themselves(
         assert _same_error(exc, pickle.loads(pickle.dumps(exc))), exc
         assert _same_error(exc, copy.copy(exc)), exc
     assert pickle.loads(pickle.dumps(failed.value)).__notes__ == ["seen by the caller"]
+
+
+class OrderMissing(JobNotFound):
+    """A user's subclass that keeps JobNotFound's constructor."""
+
+
+class PaymentFailed(JobError):
+    """A user's subclass with a constructor of its own (one argument)."""
+
+    def __init__(self, order: str) -> None:
+        super().__init__(f"pay-{order}", f"payment for {order} failed")
+        self.order = order
+
+
+def test_users_subclasses_of_the_errors_copy_and_pickle_too() -> None:
+    # a subclass whose __init__ taskrunner does not know is remade as Python does by
+    # default (from its args, then its attributes): with the rebuild made for the base
+    # class's constructor, unpickling it raised TypeError
+    kept = OrderMissing("o-1")
+    for copied in (pickle.loads(pickle.dumps(kept)), copy.copy(kept)):
+        assert _same_error(kept, copied)
+    own = PaymentFailed("o-2")
+    for copied in (pickle.loads(pickle.dumps(own)), copy.copy(own)):
+        assert type(copied) is PaymentFailed
+        assert (copied.job_id, copied.order) == ("pay-o-2", "o-2")
