@@ -50,14 +50,24 @@ def signed_seconds(value: object) -> float | None:
 
 def wait_seconds(value: object) -> float | None:
     """A wait's ``timeout`` (``job.result``, ``group.results``, ``run_until_idle``...)
-    in seconds: a number or a ``timedelta`` (0 or less: look once, do not wait); None
-    and infinity: no bound. ValueError naming ``timeout`` for anything else."""
-    if isinstance(value, float) and value == math.inf:
+    in seconds: a number or a ``timedelta`` (0 or less: look once, do not wait); None,
+    infinity and anything longer than ``MAX_SECONDS`` (``timedelta.max``): no bound.
+    ValueError naming ``timeout`` for anything else."""
+    if _beyond_max(value):
         return None
     try:
         return signed_seconds(value)
     except ValueError as exc:
         raise ValueError(f"timeout {exc}") from None
+
+
+def _beyond_max(value: object) -> bool:
+    """Whether ``value`` is a duration longer than ``MAX_SECONDS`` (infinity too)."""
+    if isinstance(value, timedelta):
+        return value.total_seconds() > MAX_SECONDS
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return value > MAX_SECONDS
+    return False
 
 
 OptionalSeconds = Annotated[float | None, BeforeValidator(to_seconds), AfterValidator(at_most_max)]

@@ -533,7 +533,8 @@ async def test_every_wait_takes_its_timeout_as_a_timedelta_and_refuses_what_is_n
         assert await job.result(timeout=timedelta(seconds=DEADLINE)) == 1
         assert await group.results(timedelta(seconds=DEADLINE)) == [2, 3]
         assert await chain.result(timeout=timedelta(seconds=DEADLINE)) == 5
-        assert await job.result(timeout=math.inf) == 1
+        for unbounded in (math.inf, timedelta.max, 10**400, MAX_SECONDS * 2):
+            assert await job.result(timeout=unbounded) == 1
         waits: list[Callable[[Any], Awaitable[object]]] = [
             lambda t: job.result(timeout=t),
             lambda t: group.results(timeout=t),
