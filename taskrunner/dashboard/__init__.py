@@ -85,7 +85,8 @@ def dashboard(
             ResponseError: _refused,
             RedisConnectionError: _refused,
             RedisTimeoutError: _refused,
-            OSError: _refused,
+            ConnectionError: _refused,  # the builtin ones (reset, refused) a socket raises
+            TimeoutError: _refused,
         },
     )
     app.state.taskrunner = runner
