@@ -138,6 +138,20 @@ async def test_a_comma_in_queue_separates_queues_as_in_taskrunner_queues(
     assert "invalid queue name ''" in empty.stderr
 
 
+async def test_a_queue_no_task_uses_is_consumed_with_a_warning_naming_the_apps_queues(
+    app: tuple[TaskRunner, Tasks], env: dict[str, str]
+) -> None:
+    # a typo (-q emials) waited on a queue nobody sends to, without a word
+    _, tasks = app
+    job = await tasks.add.options(queue="adhoc").enqueue(2, 2)
+    done = await run_cli_async(env, "worker", APP, "--burst", "-q", "adhoc,default")
+    assert done.returncode == 0, done.stderr
+    assert await job.result(timeout=1) == 4  # consumed all the same
+    warned = [line for line in done.stderr.splitlines() if "no task of this app uses" in line]
+    assert len(warned) == 1, done.stderr
+    assert "queue 'adhoc' (its queues: default, other); consuming it anyway" in warned[0]
+
+
 async def test_burst_worker_with_nothing_to_do_exits_zero(env: dict[str, str]) -> None:
     done = await run_cli_async(env, "worker", APP, "--burst", "--log-level", "warning")
     assert done.returncode == 0, done.stderr

@@ -162,6 +162,7 @@ def run_worker(
     ``supervised``: stop when the parent (a supervisor or a reloader) is gone;
     ``metrics_to_supervisor``: record metrics for a ``--processes`` supervisor to serve,
     instead of serving them here."""
+    _warn_unknown_queues(runner, settings.queues)
     w = runner.worker(
         queues=settings.queues or None,
         concurrency=settings.concurrency,
@@ -178,6 +179,20 @@ def run_worker(
     finally:
         if server is not None:
             server.close()
+
+
+def _warn_unknown_queues(runner: TaskRunner, queues: list[str]) -> None:
+    """A ``-q`` queue that none of the app's tasks uses is likely a typo (the worker
+    would wait on it forever): consumed anyway (jobs may be sent to it with
+    ``options(queue=...)``), with a warning naming the app's queues."""
+    known = runner.queues()
+    for name in queues:
+        if name not in known:
+            logger.warning(
+                "no task of this app uses queue %r (its queues: %s); consuming it anyway",
+                name,
+                ", ".join(known),
+            )
 
 
 def _serve_metrics(
