@@ -119,10 +119,13 @@ def test_jobs_pages_with_a_cursor_and_abort_ends_a_queued_job(env: dict[str, str
     assert aborted.stdout.strip() == f"job {ids[0]}: aborted"
     again = cli(env, "abort", APP, ids[0])  # an aborted job's abort: the same answer
     assert (again.returncode, again.stdout.strip()) == (0, f"job {ids[0]}: aborted")
-    by_task = json.loads(
-        cli(env, "jobs", APP, "--task", "add", "--status", "aborted", "--json").stdout
-    )
-    assert [j["id"] for j in by_task["jobs"]] == [ids[0]]
+    listed = cli(env, "jobs", APP, "--task", "add", "--status", "aborted", "--json")
+    assert [j["id"] for j in json.loads(listed.stdout)["jobs"]] == [ids[0]]
+    assert "note" not in listed.stderr
+    typo = cli(env, "jobs", APP, "--task", "ad")  # listed all the same, with a note
+    assert (typo.returncode, typo.stdout.strip()) == (0, "no jobs")
+    assert typo.stderr.startswith("taskrunner: note: this app declares no task 'ad' (its tasks: ")
+    assert "add" in typo.stderr
 
 
 @pytest.mark.parametrize(

@@ -194,8 +194,20 @@ def jobs(
             queue=queue, status=status, task=task, priority=priority, limit=limit, cursor=cursor
         )
         click.echo(redact(page.model_dump_json(indent=2) if as_json else page_text(page)))
+        _note_unknown_task(runner, task)
 
     _run(app, body)
+
+
+def _note_unknown_task(runner: TaskRunner, task: str | None) -> None:
+    """A ``--task`` the app does not declare is likely a typo (another app's jobs may
+    still be there, so the listing stands): a note on stderr naming the app's tasks."""
+    if task is not None and task not in runner.registry:
+        click.echo(
+            f"taskrunner: note: this app declares no task {task!r} "
+            f"(its tasks: {', '.join(sorted(runner.registry)) or 'none'})",
+            err=True,
+        )
 
 
 def page_text(page: JobPage) -> str:
