@@ -170,7 +170,7 @@ class Client:
         for part, found in zip(q.parts, await pipe.execute(), strict=True):
             if found:
                 return part
-        raise JobNotFound(job_id)
+        raise JobNotFound(job_id, queue)
 
     @staticmethod
     def id_for(partition: int, partitions: int) -> str:
@@ -309,14 +309,14 @@ class Client:
         keys = await self.locate(queue, job_id)
         state = cast(dict[str, str], await self.redis.hgetall(keys.job(job_id)))
         if not state:
-            raise JobNotFound(job_id)
+            raise JobNotFound(job_id, queue)
         return state
 
     async def field(self, queue: str, job_id: str, name: str) -> str:
         keys = await self.locate(queue, job_id)
         value = cast(str | None, await self.redis.hget(keys.job(job_id), name))
         if value is None:
-            raise JobNotFound(job_id)
+            raise JobNotFound(job_id, queue)
         return value
 
     def subscriber(self) -> Subscriber:
@@ -367,7 +367,7 @@ class Client:
     async def _watch(self, keys: QueueKeys, job_id: str) -> dict[str, str]:
         reply = await scripts.run(self.redis, scripts.watch(keys, job_id))
         if not reply:
-            raise JobNotFound(job_id)
+            raise JobNotFound(job_id, keys.queue)
         names = ("status", "task", "result", "error", "progress", "next", "relayed")
         return {n: str(v) for n, v in zip(names, reply, strict=True) if v is not None}
 
@@ -417,7 +417,7 @@ class Client:
         )
         reply = str(await scripts.run(self.redis, call))
         if reply == "missing":
-            raise JobNotFound(job_id)
+            raise JobNotFound(job_id, queue)
         return JobStatus.RUNNING if reply == "aborting" else parse_status(reply)
 
     def _check_open(self) -> None:

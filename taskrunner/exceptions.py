@@ -80,13 +80,16 @@ class JobError(TaskrunnerError):
 
 
 class JobNotFound(JobError):
-    """No job with this id exists (it never did, or its result expired)."""
+    """No job with this id exists (it never did, or its result expired) in ``queue``,
+    the queue looked in (None: every queue of the app)."""
 
-    def __init__(self, job_id: str) -> None:
-        super().__init__(job_id, f"no job {job_id!r}")
+    def __init__(self, job_id: str, queue: str | None = None) -> None:
+        where = f" in queue {queue!r}" if queue is not None else ""
+        super().__init__(job_id, f"no job {job_id!r}{where}")
+        self.queue = queue
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return _rebuilt(JobNotFound, self, self.job_id)
+        return _rebuilt(JobNotFound, self, self.job_id, self.queue)
 
 
 class JobFailed(JobError):

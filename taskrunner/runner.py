@@ -702,7 +702,9 @@ class TaskRunner:
         )
 
     def job(self, job_id: str, queue: str | None = None) -> Job[Any]:
-        """A handle to an existing job by id (results decode by its task when declared)."""
+        """A handle to an existing job by id, in ``queue`` (default: this runner's
+        default queue; ``await tr.admin.find(job_id)`` finds a job's queue among the
+        app's). Results decode by its task when declared."""
         return Job(self.client, job_id, queue or self.queue, codecs=self._result_codec)
 
     def _result_codec(self, task: str) -> ResultCodec | None:

@@ -600,6 +600,7 @@ async def test_job_errors_and_the_other_errors_copy_and_pickle_as_themselves(
         failed.value,
         JobError("j1", "something"),
         JobNotFound("j1"),
+        JobNotFound("j1", "emails"),
         JobAborted("j1"),
         JobRejected("j1"),
         JobDeadLettered("j1", "unknown task 'x'"),

@@ -274,6 +274,30 @@ async def test_unknown_job_raises_job_not_found(tr: TaskRunner) -> None:
         await job.abort()
 
 
+async def test_a_handle_without_a_queue_looks_in_the_default_queue_and_says_so(
+    tr: TaskRunner,
+) -> None:
+    # tr.job(id) is a handle on the runner's default queue: a job of a task on another
+    # queue is not there, and the error names the queue it was looked for in
+    @tr.task(queue="emails")
+    async def send(to: str) -> str:
+        return to
+
+    job = await send.enqueue("ann@example.com")
+    handle = tr.job(job.id)
+    assert handle.queue == "default"
+    for call in (handle.status, handle.info, handle.abort, lambda: handle.result(timeout=0)):
+        with pytest.raises(JobNotFound, match=f"^no job '{job.id}' in queue 'default'$") as err:
+            await call()
+        assert err.value.queue == "default"
+    assert await tr.job(job.id, queue="emails").status() == JobStatus.QUEUED
+    assert await tr.job(job.id, queue=await tr.admin.find(job.id)).status() == JobStatus.QUEUED
+    with pytest.raises(JobNotFound, match=r"^no job 'nope' in queue 'emails'$"):
+        await tr.admin.job("nope", queue="emails")
+    with pytest.raises(JobNotFound, match=r"^no job 'nope'$"):
+        await tr.admin.job("nope")
+
+
 async def test_abort_before_running_finishes_the_job_as_aborted(
     tr: TaskRunner, redis: Redis, namespace: str
 ) -> None:

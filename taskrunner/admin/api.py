@@ -92,7 +92,7 @@ class Admin:
     async def _locate(self, job_id: str, queue: str | None) -> QueueKeys:
         keys = await scope.locate(self._client, self._names([queue] if queue else None), job_id)
         if keys is None:
-            raise JobNotFound(job_id)
+            raise JobNotFound(job_id, queue)
         return keys
 
     async def job(self, job_id: str, queue: str | None = None) -> JobDetail:
