@@ -36,9 +36,10 @@ The lifespan may also yield ``{"taskrunner": tr}`` (lifespan state) instead of s
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
-from typing import Annotated, Any
+from datetime import timedelta
+from typing import Annotated, Any, TypedDict, Unpack
 
 from fastapi import Depends, FastAPI, Request
 
@@ -65,8 +66,20 @@ TaskRunnerDep = Annotated[TaskRunner, Depends(get_taskrunner)]
 """A route parameter annotated with this receives the app's TaskRunner."""
 
 
+class WorkerOptions(TypedDict, total=False):
+    """The keywords of ``TaskRunner.worker``, typed: a misspelt or mistyped worker
+    option of ``lifespan(...)`` is a mypy and pyright error, not only a TypeError."""
+
+    queues: Sequence[str] | None
+    concurrency: int
+    burst: bool
+    grace_period: float | timedelta
+    handle_signals: bool | None
+    max_deliveries: int
+
+
 def lifespan(
-    runner: TaskRunner, *, worker: bool = False, **worker_options: Any
+    runner: TaskRunner, *, worker: bool = False, **worker_options: Unpack[WorkerOptions]
 ) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     """A lifespan that opens ``runner`` for the app's lifetime and sets
     ``app.state.taskrunner``; with ``worker=True`` it also runs
@@ -74,7 +87,7 @@ def lifespan(
 
     Worker options without ``worker=True``, or that ``runner.worker`` does not take,
     raise ``TypeError`` here (not at the app's startup; never dropped)."""
-    _check_worker_options(runner, worker, worker_options)
+    _check_worker_options(runner, worker, dict(worker_options))
 
     @asynccontextmanager
     async def run(app: FastAPI) -> AsyncIterator[None]:

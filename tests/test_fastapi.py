@@ -9,6 +9,7 @@ The example uses the default namespace, so it gets a redis-server of its own.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import signal
@@ -28,7 +29,7 @@ from redis.asyncio import Redis
 from redisproc import RedisProcess
 
 from taskrunner import TaskRunner
-from taskrunner.fastapi import TaskRunnerDep, get_taskrunner, lifespan
+from taskrunner.fastapi import TaskRunnerDep, WorkerOptions, get_taskrunner, lifespan
 from taskrunner.keys import DEFAULT_NAMESPACE, GROUP, QueueKeys
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -268,8 +269,16 @@ def test_ready_made_lifespan_refuses_worker_options_it_would_not_use_at_once(
     with pytest.raises(TypeError, match=r"concurrency.*need worker=True"):
         lifespan(runner, concurrency=10)
     with pytest.raises(TypeError, match="concurency"):  # not at the app's startup
-        lifespan(runner, worker=True, concurency=10)
+        lifespan(runner, worker=True, concurency=10)  # type: ignore[call-arg]
     lifespan(runner, worker=True, concurrency=10, queues=["default"])
+
+
+def test_ready_made_lifespan_types_every_worker_option_and_only_those() -> None:
+    # mypy and pyright check lifespan(tr, worker=True, ...) against WorkerOptions
+    # (tests/typing_errors.py): it must name exactly what tr.worker takes
+    taken = set(inspect.signature(TaskRunner.worker).parameters) - {"self"}
+    assert set(WorkerOptions.__annotations__) == taken
+    assert WorkerOptions.__required_keys__ == frozenset()
 
 
 async def test_dependency_prefers_lifespan_state_over_app_state(

@@ -15,6 +15,7 @@ from typing import TypedDict
 from pydantic import BaseModel
 
 from taskrunner import Job, TaskRunner
+from taskrunner.fastapi import lifespan
 
 tr = TaskRunner("redis://127.0.0.1:6379/0")
 
@@ -168,3 +169,10 @@ async def wrong_group_result() -> None:
     # E: mypy[assignment] pyright[reportAssignmentType]
     texts: list[str] = await group.results()
     print(texts)
+
+
+# The ready-made FastAPI lifespan's worker options are tr.worker's keywords, typed.
+# E: mypy[call-arg] pyright[reportCallIssue]
+lifespan(tr, worker=True, concurency=10)
+# E: mypy[arg-type] pyright[reportArgumentType]
+lifespan(tr, worker=True, concurrency="10")
