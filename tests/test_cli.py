@@ -176,6 +176,9 @@ def test_help_lists_every_command(env: dict[str, str]) -> None:
         (["enqueue", "no_such_module_xyz:tr", "add"], ["no_such_module_xyz"]),
         (["info", "apps.cli_app:not_a_runner"], ["not a TaskRunner"]),
         (["info", "apps.cli_app"], ["module:attribute"]),
+        (["info", "apps/cli_app.py:tr"], ["a module, not a file", "module path: apps.cli_app:tr"]),
+        (["worker", "./apps/cli_app.py:tr"], ["a module, not a file", "path: apps.cli_app:tr"]),
+        (["info", "cli_app:tr"], ["No module named 'cli_app'", "from the current directory"]),
     ],
 )
 def test_bad_argument_prints_one_line_and_exits_2(

@@ -111,6 +111,7 @@ def load_app(path: str) -> TaskRunner:
     module_name, sep, attribute = path.partition(":")
     if not sep or not module_name or not attribute:
         fail(f"APP must look like module:attribute, got {path!r}", USAGE_ERROR)
+    _refuse_a_file_path(path, module_name, attribute)
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     if not logging.getLogger().handlers:  # what the app logs on import is redacted too
@@ -118,7 +119,10 @@ def load_app(path: str) -> TaskRunner:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        fail(f"cannot import module {module_name!r}: {exc}", USAGE_ERROR)
+        fail(
+            f"cannot import module {module_name!r}: {exc}{_where_hint(exc, module_name)}",
+            USAGE_ERROR,
+        )
     except ConfigurationError as exc:  # e.g. TaskRunner(url=...) with a bad URL
         fail(f"cannot load {path}: {exc}", USAGE_ERROR)
     except Exception as exc:  # noqa: BLE001 - the app's own error: one line, no source lines
@@ -129,6 +133,36 @@ def load_app(path: str) -> TaskRunner:
     if not isinstance(app, TaskRunner):
         fail(f"{path} is a {type(app).__name__}, not a TaskRunner", USAGE_ERROR)
     return app
+
+
+def _refuse_a_file_path(path: str, module_name: str, attribute: str) -> None:
+    """``shop/tasks.py:tr`` (a file, as python takes it) is a usage error that names
+    the module path to write instead."""
+    is_file = module_name.endswith(".py") and os.path.isfile(module_name)
+    if is_file or "/" in module_name or "\\" in module_name:
+        fail(
+            f"APP names a module, not a file: got {path!r}; "
+            f"write it as a dotted module path: {_as_module(module_name)}:{attribute}",
+            USAGE_ERROR,
+        )
+
+
+def _where_hint(exc: ImportError, module_name: str) -> str:
+    """Where modules are looked for, when the app's top-level package is not found
+    (the command run from another directory than the project's)."""
+    top = module_name.split(".", maxsplit=1)[0]
+    if not isinstance(exc, ModuleNotFoundError) or exc.name != top:
+        return ""
+    return (
+        f" (modules are imported from the current directory, {os.getcwd()}, and "
+        f"PYTHONPATH: run the command from the directory that holds {top}/ or {top}.py)"
+    )
+
+
+def _as_module(file_path: str) -> str:
+    """``shop/tasks.py`` (or ``./shop/tasks.py``) as the module path ``shop.tasks``."""
+    parts = file_path.removesuffix(".py").replace("\\", "/").split("/")
+    return ".".join(part for part in parts if part not in ("", "."))
 
 
 def _describe(exc: BaseException) -> str:
