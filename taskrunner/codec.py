@@ -49,7 +49,13 @@ class ArgsCodec:
         try:
             # an object whose __call__ is the task: its method's annotations
             hints = get_type_hints(fn if inspect.isroutine(fn) else type(fn).__call__)
-        except (NameError, TypeError) as exc:
+        except NameError as exc:  # a type defined further down, or only for type checkers
+            raise ConfigurationError(
+                f"task {name}: cannot resolve annotations: {exc}: a task's types are "
+                "resolved when it is declared, so define or import them before @tr.task "
+                "(not only under `if TYPE_CHECKING:`)"
+            ) from exc
+        except TypeError as exc:
             raise ConfigurationError(f"task {name}: cannot resolve annotations: {exc}") from exc
         fields: dict[str, Any] = {}
         for index, param in enumerate(self.signature.parameters.values()):

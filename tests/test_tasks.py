@@ -114,6 +114,19 @@ def test_two_middleware_claiming_one_option_are_refused() -> None:
         TaskRunner("redis://127.0.0.1:1/0", middleware=[Clashing()])
 
 
+def test_a_type_defined_after_the_task_is_refused_saying_to_define_it_first() -> None:
+    # under `from __future__ import annotations` the annotations are text until the task
+    # resolves them, at its declaration: a model further down the module is not there yet
+    tr = TaskRunner("redis://127.0.0.1:1/0")
+    with pytest.raises(ConfigurationError, match=r"before @tr\.task") as refused:
+
+        @tr.task
+        async def make(spec: LaterSpec) -> None:  # type: ignore[name-defined]  # noqa: F821
+            return None
+
+    assert "name 'LaterSpec' is not defined" in str(refused.value)
+
+
 def test_sync_function_is_refused() -> None:
     tr = TaskRunner("redis://127.0.0.1:1/0")
     with pytest.raises(ConfigurationError, match="async"):
