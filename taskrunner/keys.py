@@ -82,6 +82,16 @@ def check_name(kind: str, name: str) -> str:
     return name
 
 
+def check_many(kind: str, values: Sequence[str], example: str) -> list[str]:
+    """A list of names or ids given as a sequence: a string is refused, not read as a
+    sequence of one-letter ``kind`` (``counts("emails")`` would count queue ``e``...)."""
+    if isinstance(values, str | bytes):
+        raise ConfigurationError(
+            f"{kind} must be a sequence, e.g. [{example!r}], got the string {values!r}"
+        )
+    return list(values)
+
+
 def check_levels(levels: Sequence[str]) -> tuple[str, ...]:
     """Priority level names: at least one, unique, and usable in keys and members."""
     if isinstance(levels, str | bytes):  # a string is a sequence: of one-letter levels

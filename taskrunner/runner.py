@@ -51,6 +51,7 @@ from taskrunner.keys import (
     DEFAULT_PRIORITIES,
     QueueKeys,
     check_levels,
+    check_many,
     check_name,
 )
 from taskrunner.middleware.base import EnqueueContext, Middleware, enqueue_layers
@@ -738,15 +739,14 @@ class TaskRunner:
         """Put dead-lettered jobs (``job_ids``, or ``all=True``) back on their queue under
         the same id with attempts reset, in bounded batches; returns how many were
         revived."""
+        job_ids = check_many("job_ids", job_ids, "5c2e0d5b...") if job_ids is not None else None
         if all == bool(job_ids):
             raise ValueError("retry_dead needs either job ids or all=True (not both)")
         revived = 0
         redis, env, levels = self.client.redis, self.client.env, self.priorities
         for keys in await self._dead_keys(queue):
             if job_ids:
-                revived += await deadletters.retry_ids(
-                    redis, keys, list(job_ids), env=env, levels=levels
-                )
+                revived += await deadletters.retry_ids(redis, keys, job_ids, env=env, levels=levels)
             else:
                 revived += await deadletters.retry_all(redis, keys, env=env, levels=levels)
         return revived
@@ -754,9 +754,10 @@ class TaskRunner:
     async def delete_dead(self, job_ids: Sequence[str], *, queue: str | None = None) -> int:
         """Remove these dead letters and their job info for good; returns how many
         were dead letters."""
+        job_ids = check_many("job_ids", job_ids, "5c2e0d5b...")
         removed = 0
         for keys in await self._dead_keys(queue):
-            removed += await deadletters.delete_dead(self.client.redis, keys, list(job_ids))
+            removed += await deadletters.delete_dead(self.client.redis, keys, job_ids)
         return removed
 
     async def purge_dead(

@@ -19,6 +19,7 @@ from conftest import wait_until
 from redis.asyncio import Redis
 
 from taskrunner import (
+    ConfigurationError,
     JobFailed,
     JobInfo,
     JobNotFound,
@@ -611,6 +612,34 @@ async def test_dead_letters_page_retry_delete_and_purge(
         assert await redis.zcard(keys.dead) == 0
         assert not await redis.exists(keys.job("dead5"))
         assert await redis.exists(keys.job("dead6"))  # revived: no longer a dead letter
+
+
+async def test_a_string_given_for_queues_or_job_ids_is_refused_not_read_as_its_letters(
+    make_runner: MakeRunner, redis: Redis
+) -> None:
+    tr = build(make_runner)
+    keys = QueueKeys(tr.namespace, "default")
+    for job_id in ("a", "b"):  # "ab" read as letters would name both
+        await redis.hset(keys.job(job_id), mapping={"status": "dead", "task": "add"})
+        await redis.zadd(keys.dead, {job_id: 1000})
+    async with tr:
+        calls = [
+            tr.admin.counts("default"),
+            tr.admin.throughput("default"),
+            tr.admin.workers("default"),
+            tr.admin.paused("default"),
+            tr.admin.find("a", "default"),
+            tr.admin.delete_dead("ab", "default"),
+            tr.admin.retry_dead("ab", "default"),
+            tr.delete_dead("ab"),
+            tr.retry_dead("ab"),
+        ]
+        for call in calls:
+            with pytest.raises(ConfigurationError, match="got the string"):
+                await call
+        assert await redis.zcard(keys.dead) == 2
+        assert await tr.admin.find("a", ["default"]) == "default"
+        assert [c.queue for c in await tr.admin.counts(["default"])] == ["default"]
 
 
 def _error(message: str) -> str:

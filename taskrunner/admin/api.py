@@ -29,7 +29,7 @@ from taskrunner.admin.models import (
 from taskrunner.client import Client
 from taskrunner.exceptions import JobNotFound, TaskrunnerError
 from taskrunner.job import JobStatus, safe_text
-from taskrunner.keys import Queue, QueueKeys, check_name
+from taskrunner.keys import Queue, QueueKeys, check_many, check_name
 
 if TYPE_CHECKING:
     from taskrunner.job import Job
@@ -77,7 +77,8 @@ class Admin:
         return self.runner.client
 
     def _names(self, queues: Sequence[str] | None) -> list[str]:
-        return [check_name("queue", q) for q in (queues or self.runner.queues())]
+        names = check_many("queues", queues, "emails") if queues is not None else []
+        return [check_name("queue", q) for q in names or self.runner.queues()]
 
     async def _queues(self, queues: Sequence[str] | None) -> list[Queue]:
         return [await scope.queue(self._client, name) for name in self._names(queues)]
@@ -243,7 +244,7 @@ class Admin:
     async def _dead(self, job_ids: Sequence[str], queue: str) -> list[tuple[QueueKeys, str]]:
         """Where each of these jobs of ``queue`` lives (those found)."""
         found = []
-        for job_id in job_ids:
+        for job_id in check_many("job_ids", job_ids, "5c2e0d5b..."):
             keys = await scope.locate(self._client, [check_name("queue", queue)], job_id)
             if keys is not None:
                 found.append((keys, job_id))
