@@ -30,6 +30,7 @@ from taskrunner import (
     scripts,
 )
 from taskrunner.admin import CursorError, JobPage
+from taskrunner.admin.workers import MAX_WORKERS
 from taskrunner.client import now_ms
 from taskrunner.keys import Queue, QueueKeys
 from taskrunner.task import Task
@@ -476,6 +477,23 @@ async def test_a_consumer_that_left_the_workers_set_is_listed_with_what_it_holds
         ("host:1:gone", True, None, 1)
     ]
     assert [r.id for r in found[0].running] == [job_id]
+
+
+async def test_gone_consumers_beyond_the_workers_limit_are_not_listed(
+    make_runner: MakeRunner, redis: Redis
+) -> None:
+    tr = build(make_runner)
+    keys = QueueKeys(tr.namespace, "default")
+    ghosts = MAX_WORKERS + 50
+    async with tr:
+        ids = [await _enqueue(tr, "add", x=i, y=1) for i in range(ghosts)]
+        await redis.xgroup_create(keys.stream, "taskrunner", "0")
+        for i in range(ghosts):  # each holds one entry, none beats
+            await redis.xreadgroup("taskrunner", f"host:{i}:gone", {keys.stream: ">"}, count=1)
+        found = await tr.admin.workers(["default"])
+    assert len(found) == MAX_WORKERS
+    assert all(w.stale and w.holding == 1 and len(w.running) == 1 for w in found)
+    assert {w.running[0].id for w in found} <= set(ids)
 
 
 # -- queues: counts, throughput, pause ------------------------------------------------------

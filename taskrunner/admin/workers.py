@@ -6,7 +6,8 @@ group of every level stream of every partition: XPENDING's summary per stream gi
 how many each consumer holds, then XPENDING per consumer (bounded) lists them, each
 mapped to its job by the entry's ``job`` field. A consumer that holds entries but left
 the workers set (it stopped beating long ago; a reclaim will take them) is listed too,
-as stale. At most ``MAX_WORKERS`` per queue, most recent heartbeat first.
+as gone. At most ``MAX_WORKERS`` per queue: the most recent heartbeats first, then
+gone consumers while there is room; the jobs of them all are read in three round trips.
 """
 
 from __future__ import annotations
@@ -50,12 +51,19 @@ async def workers(
         worker_id: _detail(worker_id, score, sorted(set(names)), now, stale_after)
         for worker_id, (score, names) in seen.beats.items()
     }
+    room = MAX_WORKERS * len(queues) - len(found)  # gone consumers: as many as fit
+    shown: dict[str, dict[tuple[str, str], tuple[QueueKeys, int]]] = {}
     for worker_id, held in seen.holding.items():
         detail = found.get(worker_id)
         if detail is None:
+            if room <= 0:
+                continue
+            room -= 1
             detail = found[worker_id] = _gone(worker_id, sorted({q for q, _ in held}))
         detail.holding = sum(n for _, n in held.values())
-        detail.running = await _running(client.redis, worker_id, held)
+        shown[worker_id] = held
+    for worker_id, jobs in (await _running(client.redis, shown)).items():
+        found[worker_id].running = jobs
     return sorted(found.values(), key=lambda w: (w.age is None, w.age or 0.0))
 
 
@@ -140,34 +148,40 @@ def _gone(worker_id: str, queues: list[str]) -> WorkerDetail:
 
 
 async def _running(
-    redis: Redis, worker_id: str, held: dict[tuple[str, str], tuple[QueueKeys, int]]
-) -> list[RunningJob]:
-    """Up to ``RUNNING_SHOWN`` of the jobs ``worker_id`` holds (three round trips)."""
-    where = list(held.items())
+    redis: Redis, shown: dict[str, dict[tuple[str, str], tuple[QueueKeys, int]]]
+) -> dict[str, list[RunningJob]]:
+    """Up to ``RUNNING_SHOWN`` of the jobs each worker holds (three round trips for
+    them all, however many workers)."""
+    where = [
+        (w, stream, keys) for w, held in shown.items() for (_, stream), (keys, _) in held.items()
+    ]
     pipe = cast(Any, redis.pipeline(transaction=False))
-    for (_, stream), _ in where:
+    for worker_id, stream, _ in where:
         pipe.xpending_range(stream, GROUP, "-", "+", RUNNING_SHOWN, consumername=worker_id)
-    entries: list[tuple[str, QueueKeys, str]] = []
-    for ((_, stream), (keys, _)), pending in zip(
+    entries: dict[str, list[tuple[str, QueueKeys, str]]] = {}
+    for (worker_id, stream, keys), pending in zip(
         where, await pipe.execute(raise_on_error=False), strict=True
     ):
+        mine = entries.setdefault(worker_id, [])
         for p in pending if isinstance(pending, list) else []:
-            entries.append((stream, keys, str(p["message_id"])))
-    entries = entries[:RUNNING_SHOWN]
+            if len(mine) < RUNNING_SHOWN:
+                mine.append((stream, keys, str(p["message_id"])))
+    flat = [(w, stream, keys, entry) for w, mine in entries.items() for stream, keys, entry in mine]
     pipe = redis.pipeline(transaction=False)
-    for stream, _, entry_id in entries:
+    for _, stream, _, entry_id in flat:
         pipe.xrange(stream, entry_id, entry_id)
     rows = await pipe.execute()
     jobs = [
-        (keys, r[0][1].get("job", ""))
-        for (_, keys, _), r in zip(entries, rows, strict=True)
+        (worker_id, keys, r[0][1].get("job", ""))
+        for (worker_id, _, keys, _), r in zip(flat, rows, strict=True)
         if r and r[0][1].get("job")
     ]
-    found = []
-    for (keys, job_id), state in zip(jobs, await states(redis, jobs), strict=True):
+    found: dict[str, list[RunningJob]] = {}
+    states_of = await states(redis, [(keys, job_id) for _, keys, job_id in jobs])
+    for (worker_id, keys, job_id), state in zip(jobs, states_of, strict=True):
         info = to_info(job_id, state)
         if info is not None:
-            found.append(
+            found.setdefault(worker_id, []).append(
                 RunningJob(
                     id=info.id,
                     queue=keys.queue,
