@@ -660,6 +660,21 @@ async def test_a_string_given_for_queues_or_job_ids_is_refused_not_read_as_its_l
         assert [c.queue for c in await tr.admin.counts(["default"])] == ["default"]
 
 
+async def test_a_limit_or_a_number_of_minutes_that_is_no_whole_number_is_refused(
+    make_runner: MakeRunner,
+) -> None:
+    # limit=True listed one job; minutes=1.5 failed inside with a TypeError
+    tr = build(make_runner)
+    async with tr:
+        for limit in (True, 1.5, "10"):
+            with pytest.raises(ValueError, match="limit must be a whole number between 1 and"):
+                await tr.admin.jobs(limit=cast(Any, limit))
+        for minutes in (True, 1.5, "5"):
+            with pytest.raises(ValueError, match="minutes must be a whole number"):
+                await tr.admin.throughput(minutes=cast(Any, minutes))
+        assert len(await tr.admin.throughput(minutes=5)) == 5
+
+
 def _error(message: str) -> str:
     return json.dumps({"type": "DeadLetter", "message": message, "traceback": ""})
 

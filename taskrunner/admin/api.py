@@ -169,8 +169,10 @@ class Admin:
         the returned ``cursor`` to get the next page (with the same filters). Raises
         ``ValueError`` for a bad status, limit or cursor (``CursorError``). See
         ``taskrunner.admin.listing``."""
-        if not 1 <= limit <= listing.MAX_LIMIT:
-            raise ValueError(f"limit must be between 1 and {listing.MAX_LIMIT}, got {limit}")
+        if not _whole(limit) or not 1 <= limit <= listing.MAX_LIMIT:
+            raise ValueError(
+                f"limit must be a whole number between 1 and {listing.MAX_LIMIT}, got {limit!r}"
+            )
         statuses = [JobStatus(status)] if status is not None else list(listing.STATUS_ORDER)
         if priority is not None and priority not in self.runner.priorities:
             raise ValueError(
@@ -202,6 +204,8 @@ class Admin:
     ) -> list[MinuteCounts]:
         """Jobs finished per minute over the last ``minutes`` (at most 60), summed over
         ``queues``, oldest first."""
+        if not _whole(minutes):
+            raise ValueError(f"minutes must be a whole number (1 to 60), got {minutes!r}")
         return await stats.throughput(self._client, await self._queues(queues), minutes)
 
     async def pause(self, queue: str) -> None:
@@ -274,3 +278,8 @@ class Admin:
         for keys in scope.partitions(client, q):
             deleted += await deadletters.purge_dead(client.redis, keys, clock=client.clock)
         return deleted
+
+
+def _whole(value: object) -> bool:
+    """Whether ``value`` is an int and not a bool (``True`` is an int to Python)."""
+    return isinstance(value, int) and not isinstance(value, bool)
