@@ -8,6 +8,7 @@ are in tests/test_limits_processes.py.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -388,3 +389,41 @@ async def test_keyed_limits_use_the_stored_arguments_with_defaults(
         assert await (await charge.enqueue(2, account_id="x")).result(timeout=DEADLINE) == 2
         assert await holders(tr, "charge", {"account_id": "main"}) == 0
     assert seen == ["main", "x"]
+
+
+async def test_keyed_limits_key_a_set_by_its_items_whatever_order_it_was_stored_in(
+    make_runner: MakeRunner,
+) -> None:
+    """A set is stored in the order of the process that enqueued it (string hashes differ
+    from process to process): two producers' jobs for the same set share one limit."""
+    tr = make_runner()
+    tenants = frozenset({"alpha", "beta", "gamma", "delta"})
+    release = anyio.Event()
+    started: list[int] = []
+
+    @tr.task(name="sync", concurrency_limit=1, limit_args=["tenants"])
+    async def sync(tenants: frozenset[str], run: int) -> int:
+        started.append(run)
+        if len(started) == 1:  # the first to start holds the slot until released
+            await release.wait()
+        return run
+
+    async with tr:
+        jobs = [await sync.enqueue(tenants, run) for run in (1, 2)]
+        orders = (sorted(tenants), sorted(tenants, reverse=True))
+        for run, (job, order) in enumerate(zip(jobs, orders, strict=True), start=1):
+            keys = await tr.client.locate(job.queue, job.id)  # as another producer wrote it
+            payload = json.dumps({"tenants": order, "run": run}, separators=(",", ":"))
+            await tr.client.redis.hset(keys.job(job.id), "args", payload)
+
+        async def both_checked() -> bool:
+            if not started:
+                return False
+            other = jobs[2 - started[0]]  # the job that did not start first
+            return len(started) == 2 or (await other.info()).reschedules > 0
+
+        async with tr.worker(concurrency=4):
+            await wait_until(both_checked)
+            assert len(started) == 1  # the other waits for the slot the first holds
+            release.set()
+            assert [await job.result(timeout=DEADLINE) for job in jobs] == [1, 2]

@@ -56,7 +56,6 @@ starts when the slot is taken.
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import random
 import re
@@ -81,7 +80,7 @@ from taskrunner.middleware.base import (
     WorkerPort,
 )
 from taskrunner.middleware.pipeline import Undo, WorkerPipelines
-from taskrunner.middleware.unique import lock_digest
+from taskrunner.middleware.unique import lock_digest, stored_arguments
 from taskrunner.options import FUNCTION, MAX_SECONDS, TaskOptions
 from taskrunner.task import TaskDefinition
 
@@ -267,7 +266,9 @@ class LimitsMiddleware(Middleware):
             if found is None:
                 found = limit.keys[namespace] = LimitKeys(namespace, limit.digest)
             return found
-        stored = json.loads(ctx.payload)  # validated JSON keyed by parameter name
+        # validated JSON keyed by parameter name, with its sets in a fixed order (the
+        # stored JSON lists a set's items in the order of the process that enqueued it)
+        stored = stored_arguments(ctx.task, ctx.payload)
         values = {name: stored.get(name) for name in limit.args}
         return LimitKeys(namespace, limit_digest(ctx.task.name, values))
 

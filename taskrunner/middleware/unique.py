@@ -186,7 +186,7 @@ def sets_ordered(value: Any) -> Any:
     return value
 
 
-def _stored_arguments(task: TaskDefinition, payload: str) -> Any:
+def stored_arguments(task: TaskDefinition, payload: str) -> Any:
     """The arguments as stored (JSON keyed by parameter name); for arguments that hold a
     set, as validated with their sets ordered (the stored JSON lists a set's items in
     the order of the process that wrote it)."""
@@ -271,7 +271,7 @@ class UniqueMiddleware(Middleware):
     def _unique_value(task: TaskDefinition, payload: str) -> Any:
         opts = task.options_for(UniqueOptions)
         if opts.unique_args is None:
-            return _stored_arguments(task, payload)
+            return stored_arguments(task, payload)
         args, kwargs = task.codec.decode(payload)
         return opts.unique_args(*args, **kwargs)
 
