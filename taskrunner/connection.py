@@ -35,6 +35,7 @@ from redis.exceptions import (
     ClusterDownError,
     DataError,
     MasterDownError,
+    OutOfMemoryError,
     ReadOnlyError,
     RedisError,
     ResponseError,
@@ -74,6 +75,14 @@ def unavailable(exc: BaseException) -> bool:
         return False
     text = str(exc)
     return text.startswith(_UNAVAILABLE_REPLIES) or _refused_in_script(text, _UNAVAILABLE_REPLIES)
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is Redis refusing a write because ``maxmemory`` is reached (OOM,
+    also inside a script): it passes when memory frees, so the write is tried again."""
+    return isinstance(exc, OutOfMemoryError) or (
+        isinstance(exc, ResponseError) and "used memory > 'maxmemory'" in str(exc)
+    )
 
 
 def wrong_type(exc: BaseException) -> bool:

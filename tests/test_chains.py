@@ -5,6 +5,7 @@ a chain on every topology. Worker processes and SIGKILL: tests/test_chains_proce
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import anyio
 import anyio.lowlevel
@@ -12,6 +13,7 @@ import pytest
 from conftest import wait_until
 from pydantic import ValidationError
 from redis.asyncio import Redis
+from redisproc import RedisProcess
 from topology import Topology
 
 from taskrunner import (
@@ -334,3 +336,44 @@ async def test_a_chain_and_a_group_on_each_topology(
                 f"{4 * i} x" for i in range(6)
             ]
             assert await group.results(timeout=DEADLINE) == [2 * i for i in range(12)]
+
+
+async def test_a_follow_up_refused_for_memory_is_written_once_memory_frees(
+    tmp_path: Path,
+) -> None:
+    """Out of memory (maxmemory, noeviction), the step's commit still records its success
+    (and its outbox entry), but the follow-up's write is refused: the relay tries again
+    later instead of dead-lettering the rest of the chain."""
+    with RedisProcess(tmp_path / "redis") as server:
+        tr = TaskRunner(server.url, namespace="oom", retry_delay=0.01)
+        admin = Redis.from_url(server.url, decode_responses=True)
+
+        @tr.task
+        async def first() -> int:
+            await admin.config_set("maxmemory-policy", "noeviction")
+            await admin.config_set("maxmemory", 1)  # every memory-growing first write is refused
+            return 1
+
+        @tr.task
+        async def second(x: int) -> int:
+            return x + 1
+
+        async def refused_for_memory() -> bool:
+            stats = await admin.info("errorstats")
+            return int(stats.get("errorstat_OOM", {}).get("count", 0)) > 0
+
+        try:
+            async with tr:
+                chain = await first.chain().then(second).enqueue()
+                async with tr.worker():
+
+                    async def first_succeeded() -> bool:
+                        return await chain.jobs[0].status() == JobStatus.SUCCEEDED
+
+                    await wait_until(first_succeeded)
+                    await wait_until(refused_for_memory)
+                    await admin.config_set("maxmemory", 0)
+                    assert await chain.result(timeout=DEADLINE) == 2
+        finally:
+            await admin.config_set("maxmemory", 0)
+            await admin.aclose()

@@ -36,7 +36,14 @@ from redis.asyncio import Redis
 
 from taskrunner import scripts
 from taskrunner.chain import Spec, SpecError, Step, follow_meta, follow_payload
-from taskrunner.connection import REDIS_ERRORS, reachable, report, unavailable, wrong_type
+from taskrunner.connection import (
+    REDIS_ERRORS,
+    out_of_memory,
+    reachable,
+    report,
+    unavailable,
+    wrong_type,
+)
 from taskrunner.job import ErrorInfo, safe_text
 from taskrunner.keys import QueueKeys
 
@@ -120,8 +127,8 @@ class Relay:
                     count = await self._relay(keys, cast(list[str], ids))
                     handled += count
                     self.handled += count
-                if len(ids) == RELAY_BATCH:
-                    full.append(keys)
+                    if len(ids) == RELAY_BATCH and count == len(ids):  # more may wait
+                        full.append(keys)
             pending = full
         return handled
 
@@ -138,8 +145,9 @@ class Relay:
         done: list[_Plan] = [p for p in plans if p.write is None]
         for plan, reply in zip(writes, replies, strict=True):
             if isinstance(reply, Exception):
-                if unavailable(reply):
-                    continue  # the target's slot is away: the next round tries again
+                if unavailable(reply) or out_of_memory(reply):
+                    report("the chain relay", reply)
+                    continue  # the target's slot is away or full: the next round tries again
                 plan.dead = f"the follow-up could not be written: {safe_text(str(reply), 200)}"
             done.append(plan)
         calls = [self._finish(keys, plan) for plan in done]
