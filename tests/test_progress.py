@@ -84,6 +84,7 @@ async def test_values_that_are_not_json_or_over_64_kib_are_refused_and_change_no
         "stored True",  # {"ok": 1}
         "TypeError",  # object(): no JSON form
         "TypeError",  # NaN is not JSON
+        "TypeError",  # nested deeper than JSON encoding goes (a RecursionError before)
         "stored True",  # exactly 64 KiB
         "PayloadTooLarge",  # one byte more
     ]

@@ -333,7 +333,7 @@ def progress_json(value: Any) -> str:
     for a value that has no JSON form, PayloadTooLarge above the limit."""
     try:
         text = json.dumps(value, separators=(",", ":"), allow_nan=False, default=_jsonable)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:  # Recursion: nested too deep
         raise TypeError(f"set_progress() needs a JSON-serialisable value: {exc}") from None
     check_size("the progress value", text, PROGRESS_LIMIT, setting="the progress limit")
     return text

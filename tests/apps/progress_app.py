@@ -59,10 +59,14 @@ async def attempt_bounds() -> list[str]:
     """Set values that cannot be stored between ones that can; say what happened."""
     job = current_job()
     happened = []
+    deep: list[Any] = []
+    for _ in range(5000):  # 10 KB of JSON, nested deeper than the encoder recurses
+        deep = [deep]
     for value in [
         {"ok": 1},
         object(),
         float("nan"),
+        deep,
         "x" * (LIMIT - 2),  # exactly LIMIT bytes as JSON, quotes included
         "x" * (LIMIT - 1),
     ]:
