@@ -383,8 +383,9 @@ class Client:
             return result
 
     async def progress(self, queue: str, job_id: str) -> AsyncIterator[Any]:
-        """Each new progress value of a job, until it is final."""
-        keys = await self.locate(queue, job_id)
+        """Each new progress value of a job, until it is final. Redis outages are ridden
+        out, from the first lookup on, as ``wait`` does."""
+        keys = await self._retrying(lambda: self.locate(queue, job_id))
         wake = asyncio.Event()
         listener = handler(lambda data: wake.set(), wake.set)
         channel = keys.done(job_id)

@@ -14,12 +14,14 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import pytest
 from apps.progress_app import Tasks, declare, go_key, notes_key, runner
 from conftest import StartWorker, subprocess_env, wait_until
 from redis.asyncio import Redis
+from tcpproxy import MakeProxy
 
 from taskrunner import Job, JobAborted, JobFailed, JobStatus, TaskRunner
 
@@ -188,6 +190,41 @@ async def test_following_survives_a_pubsub_reconnect(
     finally:
         await admin.aclose()
     assert seen == ["one", "two", "three"]
+
+
+async def test_following_that_starts_during_an_outage_waits_for_redis(
+    cli_workers: StartWorker, redis_url: str, namespace: str, make_proxy: MakeProxy
+) -> None:
+    # job.result() rode out an outage at its start; job.progress() raised the
+    # connection error of its first lookup (the job's queue not known to it yet)
+    parts = urlsplit(redis_url)
+    proxy = make_proxy(parts.hostname or "127.0.0.1", parts.port or 6379)
+    tr, tasks = app_runner(redis_url, namespace)
+    proxied = TaskRunner(f"redis://127.0.0.1:{proxy.port}/0", namespace=namespace)
+    seen: list[Any] = []
+
+    async def follow(job_id: str) -> None:
+        async for value in proxied.job(job_id).progress():
+            seen.append(value)
+
+    async with tr, proxied:
+        job = await tasks.stepped.enqueue(["one", "two"], False, False)
+        proxy.refuse()
+        proxy.cut()
+        refused = proxy.stats.refused
+        with anyio.fail_after(DEADLINE):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(follow, job.id)
+                # past the connection's own retries (3 attempts): the follower's rounds
+                await wait_until(lambda: _more(proxy.stats.refused, refused + 9), DEADLINE)
+                proxy.accept()  # Redis is back for the follower: then the job runs
+                await cli_workers(APP).ready()
+        assert await job.result(timeout=DEADLINE) == 2
+    assert seen[-1] == "two"  # it followed until the job was final
+
+
+async def _more(now: int, before: int) -> bool:
+    return now > before
 
 
 async def test_hostile_progress_reads_as_absent(
