@@ -179,3 +179,18 @@ async def test_a_garbage_cron_event_is_ignored_by_every_subscribed_worker(
         await written(tr, 2)
         assert await redis.hget(keys.cron("minutely"), "last") == str(tick_s(2) * 1000)
     assert problems(caplog) == []
+
+
+@pytest.mark.parametrize("paused", ["0", "", "yes", "\xff"])
+async def test_resume_of_a_schedule_whose_paused_field_is_not_1_skips_no_tick(
+    make_runner: MakeRunner, redis: Redis, paused: str
+) -> None:
+    tr = make_runner()
+    declare(tr)
+    async with frozen_time(tr, start=T0), tr:
+        key = (await tr.crontab.location(tr.crontab.get("minutely"))).cron("minutely")
+        await redis.hset(key, "paused", paused)  # not paused, for tick.lua and list()
+        assert [i.paused for i in await tr.crontab.list()] == [False]
+        await tr.crontab.resume("minutely")  # not paused: left alone (10:00 still due)
+        assert await redis.hget(key, "last") is None
+        assert [c.id for c in await tr.run_until_idle()] == [job_id(0)]
