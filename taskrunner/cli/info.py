@@ -63,11 +63,18 @@ class Info(BaseModel):
 
 @click.command(
     help="Show, per queue of APP, how many jobs are queued, scheduled, running, failed "
-    "and dead-lettered, the live workers with their last heartbeat, and the cron "
-    "schedules with their next run." + example(EXAMPLE)
+    "and dead-lettered, whether it is paused, the live workers with their last heartbeat, "
+    "and the cron schedules with their next run." + example(EXAMPLE)
 )
 @click.argument("app")
-@click.option("--queue", "-q", "queues", multiple=True, help="Queue to show (repeatable).")
+@click.option(
+    "--queue",
+    "-q",
+    "queues",
+    multiple=True,
+    help="Queue to show (repeatable; -q a,b is -q a -q b). "
+    "[default: every queue of the app]",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (for scripts).")
 def info(app: str, queues: tuple[str, ...], as_json: bool) -> None:
     runner = load_app(app)

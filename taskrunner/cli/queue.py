@@ -1,8 +1,9 @@
 """``taskrunner queue pause|resume APP QUEUE``: stop and restart a queue's consumption.
 
 A paused queue keeps accepting jobs; its workers take no new ones from the moment the
-pause is recorded (every partition of the queue; jobs they hold run to the end). The
-dashboard and ``tr.admin.counts()`` show which queues are paused.
+pause is recorded (every partition of the queue; jobs they hold run to the end).
+``taskrunner info``, the dashboard and ``tr.admin.counts()`` show which queues are
+paused.
 """
 
 from __future__ import annotations

@@ -44,8 +44,9 @@ taskrunner worker myapp.tasks:tr -q emails -q reports --processes 4
     "-q",
     "queues",
     multiple=True,
-    help="Queue to consume (repeatable; -q a,b is -q a -q b). "
-    "[default: every queue the app's tasks use]",
+    help="Queue to consume (repeatable; -q a,b is -q a -q b). A queue none of the "
+    "app's tasks uses is consumed with a warning. "
+    "[default: every queue the app's tasks use, plus the runner's default queue]",
 )
 @click.option("--concurrency", "-c", type=int, help="Jobs run at once per process. [default: 100]")
 @click.option(
