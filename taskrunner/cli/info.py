@@ -72,8 +72,7 @@ class Info(BaseModel):
     "-q",
     "queues",
     multiple=True,
-    help="Queue to show (repeatable; -q a,b is -q a -q b). "
-    "[default: every queue of the app]",
+    help="Queue to show (repeatable; -q a,b is -q a -q b). [default: every queue of the app]",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (for scripts).")
 def info(app: str, queues: tuple[str, ...], as_json: bool) -> None:
