@@ -25,8 +25,10 @@ installs no signal handlers: the server (uvicorn) owns SIGINT/SIGTERM and runs t
 lifespan's exit, where the worker stops reading and lets running jobs finish within
 its ``grace_period`` before handing the rest back to the queue.
 
-``lifespan(tr, worker=True, concurrency=10)`` below is the same lifespan, ready-made;
-it also routes taskrunner's log records to uvicorn's handlers (under ``uvicorn app:app``
+``lifespan(tr, worker=True, concurrency=10)`` below is the same lifespan, ready-made
+(its worker options are typed as ``WorkerOptions``; one it does not take, or any
+without ``worker=True``, raises ``TypeError`` when ``lifespan(...)`` is called); it
+also routes taskrunner's log records to uvicorn's handlers (under ``uvicorn app:app``
 the root logger has none). In a lifespan of your own, call
 ``taskrunner.logs.log_through_uvicorn()`` first for the same.
 The lifespan may also yield ``{"taskrunner": tr}`` (lifespan state) instead of setting

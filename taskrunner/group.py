@@ -3,7 +3,8 @@
 A group is its jobs' handles and nothing else: no record of its own in Redis, so it
 survives whatever its jobs survive (each is an ordinary job: retried, reclaimed from a
 dead worker, dead-lettered), and a process that lost the handle rebuilds it from the
-ids with ``Group([tr.job(i) for i in ids])``.
+ids and their queue with ``Group([tr.job(i, queue) for i in ids])`` (a handle without a
+queue looks in the runner's default queue).
 
 The failure rule is the one of ``asyncio.gather(..., return_exceptions=True)``
 followed by a raise: ``results()`` waits until every job is final, then returns the

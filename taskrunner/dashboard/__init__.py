@@ -21,6 +21,9 @@ POST requests with CSRF protection. The runner must be open (``async with tr:`` 
 the host app's lifespan, as for ``TaskRunnerDep``); if it is not, the dashboard opens
 it at its first request and keeps it open. ``open_runner=True`` gives the dashboard
 app its own lifespan that opens and closes it (the standalone command uses that).
+While Redis is unreachable or unavailable, every page answers 503 in one line with
+``Retry-After: 5``; a job id or queue name with a ``/`` (``invoice/42``) is one part of
+the page's address (``%2F``).
 
 Needs the ``dashboard`` extra: ``pip install 'taskrunner-streams[dashboard]'``.
 """
