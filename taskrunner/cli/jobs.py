@@ -165,7 +165,12 @@ taskrunner jobs myapp:tr --status failed --cursor WyJkZWZhdWx0IiwiZmFpbGVkIiwiMT
 @click.option(
     "--status", "-s", type=click.Choice([s.value for s in STATUS_ORDER]), help="Only this status."
 )
-@click.option("--task", "-t", default=None, help="Only jobs of this task.")
+@click.option(
+    "--task",
+    "-t",
+    default=None,
+    help="Only jobs of this task (one the app does not declare gets a note on stderr).",
+)
 @click.option(
     "--priority", "-p", default=None, help="Only jobs of this priority level (e.g. high)."
 )
