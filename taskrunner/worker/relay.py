@@ -15,7 +15,9 @@ A crash between 2 and 3 repeats 2 (a no-op) and then 3; two relays racing both f
 the follow-up written and only one ZREM removes the id. A spec that cannot be used
 (hostile data: not JSON, unknown level, an args object that is not one) is
 dead-lettered in the step's partition as ``next-<id>`` with the reason, by relayed.lua,
-and the relay goes on.
+and the relay goes on. A write Redis refuses for a while (the target's slot away, or
+``maxmemory`` reached with ``noeviction``) leaves the id in the outbox for a later
+round: it is never dead-lettered for that.
 
 Every worker runs one. It is woken by its own commits of chain steps (no Redis work
 for other jobs), after a resubscription, and every ``max_wait`` seconds as a fallback
