@@ -30,17 +30,17 @@ outcome (in ``finally``, shielded from cancellation). A killed worker's slots ex
 leak. A rate start is a member of a sorted set scored by its start time; it counts for
 one period.
 
-Keys (taskrunner.keys.LimitKeys): ``{ns}:limit:{digest}:running|starts|waiting``, where the
-digest covers the task name and the canonical JSON of the ``limit_args`` values (none:
-one limit for the task, whatever its queue). The hash tag is the digest, so a limit is
-one Cluster slot apart from every queue's, and each limit script touches only the
-limit's keys. So taking or giving back a slot is not atomic with the job's commit. It
-is still safe: a slot taken by an attempt that then dies, or whose reply was lost, is a
-lease that expires after ``stale_after``; giving back is idempotent (removing a holder
-that is gone changes nothing); a wake-up that goes astray (the job finished, was
-aborted, or was already woken) changes nothing but the job's due time, at worst making
-it check again early; and a start counted for an attempt that did not run only makes
-the rate limit stricter for one period.
+Keys (taskrunner.keys.LimitKeys): ``{ns}:limit:{digest}:running|starts|waiting``, where
+the digest covers the task name and the canonical JSON of the ``limit_args`` values, a
+set's items sorted (none: one limit for the task, whatever its queue). The hash tag is
+the digest, so a limit is one Cluster slot apart from every queue's, and each limit
+script touches only the limit's keys. So taking or giving back a slot is not atomic with
+the job's commit. It is still safe: a slot taken by an attempt that then dies, or whose
+reply was lost, is a lease that expires after ``stale_after``; giving back is idempotent
+(removing a holder that is gone changes nothing); a wake-up that goes astray (the job
+finished, was aborted, or was already woken) changes nothing but the job's due time, at
+worst making it check again early; and a start counted for an attempt that did not run
+only makes the rate limit stricter for one period.
 
 Order in the chain: lease, isolation, limits, unique, retry, timeout, user. Inside lease
 (the attempt is heartbeated, and cancelled on a lost lease, while it holds a slot) and

@@ -9,8 +9,8 @@ The model and names are Cloudtasker's (``lock`` and ``on_conflict``)::
                                           failed, aborted, rejected, dead)
 
 The lock is ``{ns}:{queue}:lock:{digest}``, where the digest covers the task name
-and the canonical JSON of the unique arguments (by default every argument bound
-to the signature with defaults applied, so ``f(1)``, ``f(x=1)`` and
+and the canonical JSON of the unique arguments, a set's items sorted (by default every
+argument bound to the signature with defaults applied, so ``f(1)``, ``f(x=1)`` and
 ``f(1, full=False)`` are one job). Its value is the holder's job id.
 
 - Enqueue side (``until_executing``, ``until_executed``): the lock goes into the
