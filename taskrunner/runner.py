@@ -124,10 +124,11 @@ class TaskRunner:
     in ten of each worker goes to the oldest lower-level job that has waited longer
     than ``priority_aging`` seconds (docs/scheduling.md, "Priorities").
 
-    Connections: ``max_connections`` per client (and per node on a cluster); a caller
-    beyond it waits up to ``pool_timeout`` seconds. ``max_payload`` bounds a job's
-    arguments and its result, as JSON bytes. ``wait_replicas`` (default 0): every
-    enqueue waits (Redis WAIT) until that many replicas have its write, up to
+    Connections: ``max_connections`` per client (on a cluster: calls in flight across all
+    nodes, and a pool of that size per node for batched script calls, so up to twice that
+    per node); a caller beyond it waits up to ``pool_timeout`` seconds. ``max_payload``
+    bounds a job's arguments and its result, as JSON bytes. ``wait_replicas`` (default 0):
+    every enqueue waits (Redis WAIT) until that many replicas have its write, up to
     ``wait_timeout`` seconds, else raises ``NotReplicated`` (see docs/deployment.md).
     """
 
