@@ -119,8 +119,9 @@ async def run_until_idle(
     return the outcomes recorded meanwhile, in order.
 
     Raises ``TimeoutError`` (saying what is left) if that takes longer than
-    ``timeout`` seconds, and the first job that failed for good (``JobFailed``) or was
-    dead-lettered (``JobDeadLettered``) unless ``raise_failures`` is false.
+    ``timeout`` (seconds or a ``timedelta``), and the first job that failed for good
+    (``JobFailed``) or was dead-lettered (``JobDeadLettered``) unless ``raise_failures``
+    is false.
     """
     seconds = wait_seconds(timeout)
     if seconds is None:  # infinity
