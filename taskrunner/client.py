@@ -427,7 +427,7 @@ class Client:
         if self._closed:
             raise TaskrunnerError(
                 "the runner this job handle came from was closed (its `async with tr:` "
-                "ended): open the runner again and get the job with tr.job(job_id)"
+                "ended): open the runner again and get the job again with tr.job(job.id, job.queue)"
             )
 
     async def aclose(self) -> None:
