@@ -427,7 +427,8 @@ class Client:
         if self._closed:
             raise TaskrunnerError(
                 "the runner this job handle came from was closed (its `async with tr:` "
-                "ended): open the runner again and get the job again with tr.job(job.id, job.queue)"
+                "ended): open the runner again and get the job again with "
+                "tr.job(job.id, job.queue)"
             )
 
     async def aclose(self) -> None:
